@@ -1,0 +1,3 @@
+//! One module per `brisk` subcommand: its clap `Args` and its `run`.
+
+pub mod models;

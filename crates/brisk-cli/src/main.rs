@@ -1,0 +1,41 @@
+//! The `brisk` command line: parses flags and hands the work to the brisk crates.
+//!
+//! Exit status: 0 on success, 1 on a runtime error (message on stderr), 2 on a usage error.
+
+mod commands;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// brisk: pack image datasets, train ResNets fast, shrink them, and measure what each
+/// technique bought.
+///
+/// Every command that reports figures accepts --json and then prints exactly one JSON
+/// object on stdout; progress and human text go to stderr.
+#[derive(Debug, Parser)]
+#[command(name = "brisk", version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// List the model presets (or given spec files) with parameters, MACs and size on disk.
+    Models(commands::models::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Models(args) => commands::models::run(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,81 @@
+//! The `brisk` binary as a user meets it: output, JSON contract, exit codes, errors.
+
+use std::process::{Command, Output};
+
+use anyhow::Result;
+
+fn brisk(args: &[&str]) -> Result<Output> {
+    Ok(Command::new(env!("CARGO_BIN_EXE_brisk")).args(args).output()?)
+}
+
+#[test]
+fn models_table_lists_presets_with_exact_counts() -> Result<()> {
+    let out = brisk(&["models"])?;
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout)?;
+    for (name, params) in [
+        ("resnet18 ", "11,689,512"),
+        ("resnet34 ", "21,797,672"),
+        ("resnet18-cifar ", "11,173,962"),
+        ("seresnet18-cifar ", "11,263,042"),
+    ] {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("no row {name}:\n{text}"));
+        assert!(line.contains(params), "{line}");
+    }
+    Ok(())
+}
+
+#[test]
+fn models_json_is_one_object() -> Result<()> {
+    let out = brisk(&["models", "--json"])?;
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let models = v["models"].as_array().expect("models array");
+    let r18 = models.iter().find(|m| m["name"] == "resnet18").expect("resnet18");
+    assert_eq!(r18["params"], 11_689_512);
+    assert_eq!(r18["macs"], 1_814_073_344u64);
+    assert!(r18["bytes"].as_u64().expect("bytes") > 4 * 11_689_512);
+    Ok(())
+}
+
+#[test]
+fn models_reads_a_spec_file() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("narrow.toml");
+    std::fs::write(
+        &path,
+        "arch = \"resnet18\"\nstem = \"cifar\"\nclasses = 10\nwidth = 0.25\nimage_size = 32\n",
+    )?;
+    let out = brisk(&["models", "--json", "--spec", path.to_str().expect("utf8")])?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(v["models"][0]["name"], "narrow");
+    assert_eq!(v["models"][0]["input"], 32);
+    Ok(())
+}
+
+#[test]
+fn bad_spec_is_a_runtime_error_naming_file_and_field() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("bad.json");
+    std::fs::write(&path, r#"{"arch": "resnet50", "classes": 10}"#)?;
+    let out = brisk(&["models", "--spec", path.to_str().expect("utf8")])?;
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8(out.stderr)?;
+    assert!(
+        err.contains("bad.json") && err.contains("arch") && err.contains("resnet50"),
+        "{err}"
+    );
+    Ok(())
+}
+
+#[test]
+fn usage_errors_exit_2() -> Result<()> {
+    assert_eq!(brisk(&["models", "--no-such-flag"])?.status.code(), Some(2));
+    assert_eq!(brisk(&["models", "--image", "0"])?.status.code(), Some(2));
+    assert_eq!(brisk(&["frobnicate"])?.status.code(), Some(2));
+    Ok(())
+}

@@ -1,0 +1,1 @@
+//! Pruning, knowledge distillation and int8 weight quantisation (filled by the compression issue).

@@ -1,0 +1,1 @@
+//! Shard format, dataset importers, sampler, augmentations and the prefetching `Loader` (filled by the data issue).

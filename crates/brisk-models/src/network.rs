@@ -1,0 +1,258 @@
+//! `Network`: a spec, its weights (a candle `VarMap`) and the built model, with
+//! checkpoints in safetensors under torchvision names plus a JSON sidecar holding the spec.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::init::{init_rng, initial_value};
+use crate::resnet::ResNet;
+use crate::spec::ModelSpec;
+use crate::tensors::{is_buffer_name, is_ignored_name};
+
+/// What the JSON sidecar beside a checkpoint holds.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Sidecar {
+    format: String,
+    version: u32,
+    spec: ModelSpec,
+}
+
+const SIDECAR_FORMAT: &str = "brisk-model";
+
+/// The sidecar path of a checkpoint: `model.safetensors` → `model.json`.
+pub fn sidecar_path(checkpoint: &Path) -> PathBuf {
+    checkpoint.with_extension("json")
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file in the same folder, fsync, rename.
+/// A crash leaves either the old file or the new one, never a torn one.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{file_name}.tmp{}", std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    result.map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::io("cannot write", path, e)
+    })
+}
+
+/// A model ready to run or train: its spec, its variables and the network built on them.
+pub struct Network {
+    spec: ModelSpec,
+    varmap: VarMap,
+    model: ResNet,
+}
+
+impl std::fmt::Debug for Network {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Network")
+            .field("spec", &self.spec)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Network {
+    /// A freshly initialised network (torchvision's initialisation), reproducible from `seed`.
+    pub fn new(spec: ModelSpec, seed: u64, device: &Device) -> Result<Self> {
+        spec.validate()?;
+        let mut rng = init_rng(seed);
+        let mut values = HashMap::new();
+        for info in spec.tensors() {
+            let value = initial_value(&info, &mut rng, device)?;
+            values.insert(info.name, value);
+        }
+        Self::from_tensors(spec, values, device)
+    }
+
+    /// Builds a network from tensors already checked against the spec's tensor table.
+    fn from_tensors(spec: ModelSpec, values: HashMap<String, Tensor>, device: &Device) -> Result<Self> {
+        let varmap = VarMap::new();
+        {
+            let mut data = varmap
+                .data()
+                .lock()
+                .map_err(|_| candle_core::Error::Msg("variable map lock poisoned".into()))?;
+            for (name, value) in values {
+                data.insert(name, Var::from_tensor(&value)?);
+            }
+        }
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+        let model = ResNet::new(&spec, vb)?;
+        Ok(Self { spec, varmap, model })
+    }
+
+    /// Loads a checkpoint written by [`Network::save`] (or by PyTorch, given a sidecar).
+    /// The spec comes from the sidecar `<file>.json`.
+    pub fn load(path: &Path, device: &Device) -> Result<Self> {
+        let spec = read_sidecar(path)?;
+        Self::load_with_spec(path, spec, device)
+    }
+
+    /// Loads a checkpoint's weights for a given spec. Every tensor the spec implies must be
+    /// present as f32 with the right shape; any other tensor is an error, except
+    /// torchvision's `num_batches_tracked`, which is accepted and dropped.
+    pub fn load_with_spec(path: &Path, spec: ModelSpec, device: &Device) -> Result<Self> {
+        spec.validate()?;
+        let bytes = std::fs::read(path).map_err(|e| Error::io("cannot read checkpoint", path, e))?;
+        let file = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| Error::CheckpointFormat {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        let expected: HashMap<String, Vec<usize>> =
+            spec.tensors().into_iter().map(|t| (t.name, t.shape)).collect();
+        let mut names = file.names();
+        names.sort();
+        let mut values = HashMap::new();
+        for name in names {
+            let view = file.tensor(name).map_err(|e| Error::CheckpointFormat {
+                path: path.to_path_buf(),
+                message: format!("tensor `{name}`: {e}"),
+            })?;
+            if is_ignored_name(name) {
+                continue;
+            }
+            let Some(shape) = expected.get(name) else {
+                return Err(Error::UnexpectedTensor {
+                    path: path.to_path_buf(),
+                    name: name.to_string(),
+                    shape: view.shape().to_vec(),
+                });
+            };
+            if view.shape() != shape.as_slice() {
+                return Err(Error::ShapeMismatch {
+                    path: path.to_path_buf(),
+                    name: name.to_string(),
+                    found: view.shape().to_vec(),
+                    expected: shape.clone(),
+                });
+            }
+            if view.dtype() != safetensors::Dtype::F32 {
+                return Err(Error::DtypeMismatch {
+                    path: path.to_path_buf(),
+                    name: name.to_string(),
+                    found: format!("{:?}", view.dtype()),
+                    expected: "F32",
+                });
+            }
+            let tensor = Tensor::from_raw_buffer(view.data(), DType::F32, shape, device)?;
+            values.insert(name.to_string(), tensor);
+        }
+        for info in spec.tensors() {
+            if !values.contains_key(&info.name) {
+                return Err(Error::MissingTensor {
+                    path: path.to_path_buf(),
+                    name: info.name,
+                    expected: info.shape,
+                });
+            }
+        }
+        Self::from_tensors(spec, values, device)
+    }
+
+    /// Writes the weights (safetensors, torchvision names) and the sidecar `<file>.json`,
+    /// each atomically.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let tensors = self.named_tensors()?;
+        let bytes =
+            safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), None).map_err(|e| {
+                Error::CheckpointFormat {
+                    path: path.to_path_buf(),
+                    message: e.to_string(),
+                }
+            })?;
+        write_atomic(path, &bytes)?;
+        let sidecar = Sidecar {
+            format: SIDECAR_FORMAT.into(),
+            version: 1,
+            spec: self.spec.clone(),
+        };
+        let json =
+            serde_json::to_string_pretty(&sidecar).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        write_atomic(&sidecar_path(path), json.as_bytes())
+    }
+
+    /// Every tensor (parameters and buffers) by torchvision name, sorted by name.
+    pub fn named_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        let data = self
+            .varmap
+            .data()
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("variable map lock poisoned".into()))?;
+        let mut out: Vec<(String, Tensor)> = data
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+
+    /// The trainable variables (everything but batch-norm running statistics), by name.
+    pub fn trainable_vars(&self) -> Result<Vec<(String, Var)>> {
+        let data = self
+            .varmap
+            .data()
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("variable map lock poisoned".into()))?;
+        let mut out: Vec<(String, Var)> = data
+            .iter()
+            .filter(|(n, _)| !is_buffer_name(n))
+            .map(|(n, v)| (n.clone(), v.clone()))
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+
+    /// Logits for a batch of f32 images `[N, C, H, W]`.
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.model.forward_t(x, train)
+    }
+
+    pub fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    pub fn model(&self) -> &ResNet {
+        &self.model
+    }
+}
+
+/// Reads the `ModelSpec` from a checkpoint's sidecar.
+pub fn read_sidecar(checkpoint: &Path) -> Result<ModelSpec> {
+    let path = sidecar_path(checkpoint);
+    let text =
+        std::fs::read_to_string(&path).map_err(|e| Error::io("cannot read checkpoint sidecar", &path, e))?;
+    let de = &mut serde_json::Deserializer::from_str(&text);
+    let sidecar: Sidecar = serde_path_to_error::deserialize(de).map_err(|e| Error::SpecParse {
+        path: path.clone(),
+        field: e.path().to_string(),
+        message: e.inner().to_string(),
+    })?;
+    if sidecar.format != SIDECAR_FORMAT {
+        return Err(Error::SpecParse {
+            path,
+            field: "format".into(),
+            message: format!("expected \"{SIDECAR_FORMAT}\", found {:?}", sidecar.format),
+        });
+    }
+    sidecar.spec.validate()?;
+    Ok(sidecar.spec)
+}

@@ -1,0 +1,278 @@
+//! The ResNet itself: BasicBlocks, batch-norm, squeeze-and-excitation, stems and head,
+//! built from a `ModelSpec` and a candle `VarBuilder` under torchvision's tensor names.
+
+use candle_core::{DType, Module, ModuleT, Tensor, Var, D};
+use candle_nn::VarBuilder;
+
+use crate::error::{Error, Result};
+use crate::spec::{BlockPlan, ModelSpec, Stem};
+
+/// Momentum of the running statistics, as PyTorch's default (new = 0.9 old + 0.1 batch).
+const BN_MOMENTUM: f64 = 0.1;
+/// Added to the variance before the square root, as PyTorch's default.
+const BN_EPS: f64 = 1e-5;
+
+/// A 2-D convolution without bias (every ResNet convolution but SE's).
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    weight: Tensor,
+    stride: usize,
+    padding: usize,
+}
+
+impl Conv2d {
+    fn new(vb: VarBuilder, cin: usize, cout: usize, k: usize, stride: usize, padding: usize) -> Result<Self> {
+        let weight = vb.get((cout, cin, k, k), "weight")?;
+        Ok(Self {
+            weight,
+            stride,
+            padding,
+        })
+    }
+
+    /// The weight tensor, `[out, in, k, k]`.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        x.conv2d(&self.weight, self.padding, self.stride, 1, 1)
+    }
+}
+
+/// Batch normalisation over (N, H, W) per channel, with PyTorch's semantics: training
+/// normalises with the batch's biased variance and updates the running statistics with
+/// the unbiased one; evaluation uses the running statistics.
+#[derive(Debug, Clone)]
+pub struct BatchNorm2d {
+    name: String,
+    weight: Tensor,
+    bias: Tensor,
+    running_mean: Var,
+    running_var: Var,
+}
+
+impl BatchNorm2d {
+    fn new(vb: VarBuilder, c: usize) -> Result<Self> {
+        let name = vb.prefix();
+        let weight = vb.get(c, "weight")?;
+        let bias = vb.get(c, "bias")?;
+        let running_mean = Var::from_tensor(&vb.get(c, "running_mean")?)?;
+        let running_var = Var::from_tensor(&vb.get(c, "running_var")?)?;
+        Ok(Self {
+            name,
+            weight,
+            bias,
+            running_mean,
+            running_var,
+        })
+    }
+
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let c = self.weight.dim(0)?;
+        let (mean, var) = if train {
+            let (n, _, h, w) = x.dims4()?;
+            let count = n * h * w;
+            if count < 2 {
+                return Err(Error::BatchTooSmall {
+                    layer: self.name.clone(),
+                    shape: x.dims().to_vec(),
+                });
+            }
+            let mean = x.mean_keepdim((0, 2, 3))?;
+            let var = x.broadcast_sub(&mean)?.sqr()?.mean_keepdim((0, 2, 3))?;
+            let unbiased = (var.detach().flatten_all()? * (count as f64 / (count - 1) as f64))?;
+            let new_mean = ((self.running_mean.as_tensor() * (1.0 - BN_MOMENTUM))?
+                + (mean.detach().flatten_all()? * BN_MOMENTUM)?)?;
+            let new_var =
+                ((self.running_var.as_tensor() * (1.0 - BN_MOMENTUM))? + (unbiased * BN_MOMENTUM)?)?;
+            self.running_mean.set(&new_mean)?;
+            self.running_var.set(&new_var)?;
+            (mean, var)
+        } else {
+            (
+                self.running_mean.as_tensor().reshape((1, c, 1, 1))?,
+                self.running_var.as_tensor().reshape((1, c, 1, 1))?,
+            )
+        };
+        // y = (x - mean) * (weight / sqrt(var + eps)) + bias, with the per-channel factors
+        // folded first so that the large tensor sees one multiply and one add.
+        let scale = self
+            .weight
+            .reshape((1, c, 1, 1))?
+            .broadcast_div(&(var + BN_EPS)?.sqrt()?)?;
+        let y = x.broadcast_sub(&mean)?.broadcast_mul(&scale)?;
+        Ok(y.broadcast_add(&self.bias.reshape((1, c, 1, 1))?)?)
+    }
+}
+
+/// Squeeze-and-excitation (Hu et al.): global average pool, 1x1 conv C→h with bias, ReLU,
+/// 1x1 conv h→C with bias, sigmoid, channel-wise scale.
+#[derive(Debug, Clone)]
+pub struct SqueezeExcite {
+    fc1_weight: Tensor,
+    fc1_bias: Tensor,
+    fc2_weight: Tensor,
+    fc2_bias: Tensor,
+}
+
+impl SqueezeExcite {
+    fn new(vb: VarBuilder, c: usize, hidden: usize) -> Result<Self> {
+        // The 1x1 convolutions act on a 1x1 map: they are linear layers, stored with
+        // torchvision's conv shapes and applied as matrix products.
+        let fc1 = vb.pp("fc1");
+        let fc2 = vb.pp("fc2");
+        Ok(Self {
+            fc1_weight: fc1.get((hidden, c, 1, 1), "weight")?.reshape((hidden, c))?,
+            fc1_bias: fc1.get(hidden, "bias")?,
+            fc2_weight: fc2.get((c, hidden, 1, 1), "weight")?.reshape((c, hidden))?,
+            fc2_bias: fc2.get(c, "bias")?,
+        })
+    }
+}
+
+impl Module for SqueezeExcite {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (n, c, _, _) = x.dims4()?;
+        let s = x.mean((2, 3))?;
+        let s = s
+            .matmul(&self.fc1_weight.t()?)?
+            .broadcast_add(&self.fc1_bias)?
+            .relu()?;
+        let s = s.matmul(&self.fc2_weight.t()?)?.broadcast_add(&self.fc2_bias)?;
+        let s = candle_nn::ops::sigmoid(&s)?.reshape((n, c, 1, 1))?;
+        x.broadcast_mul(&s)
+    }
+}
+
+/// A ResNet BasicBlock: two 3x3 convolutions with batch-norm, an optional SE unit, and
+/// an identity or projection (1x1 conv + BN) shortcut.
+#[derive(Debug, Clone)]
+pub struct BasicBlock {
+    conv1: Conv2d,
+    bn1: BatchNorm2d,
+    conv2: Conv2d,
+    bn2: BatchNorm2d,
+    se: Option<SqueezeExcite>,
+    downsample: Option<(Conv2d, BatchNorm2d)>,
+}
+
+impl BasicBlock {
+    fn new(vb: VarBuilder, plan: &BlockPlan) -> Result<Self> {
+        let se = match plan.se {
+            Some(h) => Some(SqueezeExcite::new(vb.pp("se"), plan.out, h)?),
+            None => None,
+        };
+        let downsample = if plan.downsample {
+            let d = vb.pp("downsample");
+            Some((
+                Conv2d::new(d.pp("0"), plan.in_channels, plan.out, 1, plan.stride, 0)?,
+                BatchNorm2d::new(d.pp("1"), plan.out)?,
+            ))
+        } else {
+            None
+        };
+        Ok(Self {
+            conv1: Conv2d::new(vb.pp("conv1"), plan.in_channels, plan.mid, 3, plan.stride, 1)?,
+            bn1: BatchNorm2d::new(vb.pp("bn1"), plan.mid)?,
+            conv2: Conv2d::new(vb.pp("conv2"), plan.mid, plan.out, 3, 1, 1)?,
+            bn2: BatchNorm2d::new(vb.pp("bn2"), plan.out)?,
+            se,
+            downsample,
+        })
+    }
+
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let y = self.bn1.forward_t(&self.conv1.forward(x)?, train)?.relu()?;
+        let mut y = self.bn2.forward_t(&self.conv2.forward(&y)?, train)?;
+        if let Some(se) = &self.se {
+            y = se.forward(&y)?;
+        }
+        let shortcut = match &self.downsample {
+            Some((conv, bn)) => bn.forward_t(&conv.forward(x)?, train)?,
+            None => x.clone(),
+        };
+        Ok((y + shortcut)?.relu()?)
+    }
+}
+
+/// A BasicBlock ResNet (18 or 34 layers, optionally with SE) as described by a `ModelSpec`.
+#[derive(Debug, Clone)]
+pub struct ResNet {
+    conv1: Conv2d,
+    bn1: BatchNorm2d,
+    max_pool: bool,
+    blocks: Vec<BasicBlock>,
+    fc_weight: Tensor,
+    fc_bias: Tensor,
+}
+
+impl ResNet {
+    /// Builds the network; every tensor is fetched from `vb` under its torchvision name.
+    pub fn new(spec: &ModelSpec, vb: VarBuilder) -> Result<Self> {
+        spec.validate()?;
+        let stem = spec.resolved_channels().stem;
+        let (conv1, max_pool) = match spec.stem {
+            Stem::Cifar => (
+                Conv2d::new(vb.pp("conv1"), spec.in_channels, stem, 3, 1, 1)?,
+                false,
+            ),
+            Stem::Imagenet => (
+                Conv2d::new(vb.pp("conv1"), spec.in_channels, stem, 7, 2, 3)?,
+                true,
+            ),
+        };
+        let blocks = spec
+            .blocks()
+            .iter()
+            .map(|plan| BasicBlock::new(vb.pp(&plan.name), plan))
+            .collect::<Result<Vec<_>>>()?;
+        let fc = vb.pp("fc");
+        let feat = spec.feature_channels();
+        Ok(Self {
+            conv1,
+            bn1: BatchNorm2d::new(vb.pp("bn1"), stem)?,
+            max_pool,
+            blocks,
+            fc_weight: fc.get((spec.classes, feat), "weight")?,
+            fc_bias: fc.get(spec.classes, "bias")?,
+        })
+    }
+
+    /// Logits `[N, classes]` for images `[N, C, H, W]` (f32). In training mode batch-norm
+    /// uses batch statistics and updates its running statistics.
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if x.dtype() != DType::F32 {
+            return Err(
+                candle_core::Error::Msg(format!("model input must be f32, got {:?}", x.dtype())).into(),
+            );
+        }
+        let mut x = self.bn1.forward_t(&self.conv1.forward(x)?, train)?.relu()?;
+        if self.max_pool {
+            // 3x3 stride-2 max-pool with padding 1. The input is post-ReLU (>= 0), so zero
+            // padding gives the same maxima as PyTorch's -inf padding.
+            x = x
+                .pad_with_zeros(D::Minus2, 1, 1)?
+                .pad_with_zeros(D::Minus1, 1, 1)?;
+            x = x.max_pool2d_with_stride(3, 2)?;
+        }
+        for block in &self.blocks {
+            x = block.forward_t(&x, train)?;
+        }
+        let pooled = x.mean((2, 3))?;
+        Ok(pooled
+            .matmul(&self.fc_weight.t()?)?
+            .broadcast_add(&self.fc_bias)?)
+    }
+}
+
+impl ModuleT for ResNet {
+    fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        ResNet::forward_t(self, x, train).map_err(|e| match e {
+            Error::Candle(e) => e,
+            other => candle_core::Error::Msg(other.to_string()),
+        })
+    }
+}

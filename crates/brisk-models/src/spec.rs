@@ -1,0 +1,469 @@
+//! `ModelSpec`: the serde description of a ResNet from which the network, its tensor
+//! names and its counts are all derived.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Base channel widths of the four stages of a torchvision ResNet.
+const STAGE_WIDTHS: [usize; 4] = [64, 128, 256, 512];
+
+/// The network family: BasicBlock ResNets, with or without squeeze-and-excitation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Arch {
+    Resnet18,
+    Resnet34,
+    Seresnet18,
+    Seresnet34,
+}
+
+impl Arch {
+    /// Every architecture, in the order `brisk models` lists them.
+    pub const ALL: [Arch; 4] = [Arch::Resnet18, Arch::Resnet34, Arch::Seresnet18, Arch::Seresnet34];
+
+    /// Number of BasicBlocks in each of the four stages.
+    pub fn blocks_per_stage(self) -> [usize; 4] {
+        match self {
+            Arch::Resnet18 | Arch::Seresnet18 => [2, 2, 2, 2],
+            Arch::Resnet34 | Arch::Seresnet34 => [3, 4, 6, 3],
+        }
+    }
+
+    /// Whether each block carries a squeeze-and-excitation unit.
+    pub fn has_se(self) -> bool {
+        matches!(self, Arch::Seresnet18 | Arch::Seresnet34)
+    }
+
+    /// The lowercase name used in specs and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::Resnet18 => "resnet18",
+            Arch::Resnet34 => "resnet34",
+            Arch::Seresnet18 => "seresnet18",
+            Arch::Seresnet34 => "seresnet34",
+        }
+    }
+}
+
+/// The first layers of the network.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stem {
+    /// 3x3 stride-1 convolution, no max-pool: for 32x32 images such as CIFAR.
+    Cifar,
+    /// 7x7 stride-2 convolution and a 3x3 stride-2 max-pool, as torchvision.
+    #[default]
+    Imagenet,
+}
+
+/// Channel counts of one BasicBlock. `out` is the block's output (the residual width),
+/// `mid` the output of its first convolution, `se` the hidden width of its
+/// squeeze-and-excitation unit (SE architectures only).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlockChannels {
+    pub mid: usize,
+    pub out: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub se: Option<usize>,
+}
+
+/// Explicit per-layer channel counts, so that a structurally pruned network can be
+/// rebuilt from its spec alone.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Channels {
+    /// Output channels of the stem convolution.
+    pub stem: usize,
+    /// One entry per BasicBlock, stage by stage (`layer1.0`, `layer1.1`, `layer2.0`, …).
+    pub blocks: Vec<BlockChannels>,
+}
+
+/// Everything needed to build a ResNet, count it and name its tensors.
+///
+/// By default the channel counts derive from `width` exactly as the PyTorch reference
+/// does (`max(1, round(c * width))`, rounding half to even); `channels` overrides them.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    pub arch: Arch,
+    #[serde(default)]
+    pub stem: Stem,
+    #[serde(default = "default_in_channels")]
+    pub in_channels: usize,
+    pub classes: usize,
+    /// Width multiplier applied to the stage widths 64/128/256/512. By default, 1.0.
+    #[serde(default = "default_width")]
+    pub width: f64,
+    /// Squeeze-and-excitation reduction ratio r (hidden width = max(1, C / r)). By default, 16.
+    #[serde(default = "default_se_ratio")]
+    pub se_ratio: usize,
+    /// Initialise each block's last batch-norm weight to zero. By default, false.
+    #[serde(default)]
+    pub zero_init_residual: bool,
+    /// The input height and width the counts (MACs) refer to. By default, 224.
+    #[serde(default = "default_image_size")]
+    pub image_size: usize,
+    /// Explicit channel counts; derived from `width` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channels: Option<Channels>,
+}
+
+fn default_in_channels() -> usize {
+    3
+}
+fn default_width() -> f64 {
+    1.0
+}
+fn default_se_ratio() -> usize {
+    16
+}
+fn default_image_size() -> usize {
+    224
+}
+
+/// One BasicBlock as built: its torchvision name prefix and resolved shape.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockPlan {
+    /// Name prefix, e.g. `layer2.0`.
+    pub name: String,
+    pub in_channels: usize,
+    pub mid: usize,
+    pub out: usize,
+    pub stride: usize,
+    /// Hidden width of the SE unit, if the block has one.
+    pub se: Option<usize>,
+    /// Whether the shortcut is a 1x1 convolution + batch-norm (shape changes).
+    pub downsample: bool,
+}
+
+impl ModelSpec {
+    fn preset(arch: Arch, stem: Stem, classes: usize, image_size: usize) -> Self {
+        ModelSpec {
+            arch,
+            stem,
+            in_channels: 3,
+            classes,
+            width: 1.0,
+            se_ratio: 16,
+            zero_init_residual: false,
+            image_size,
+            channels: None,
+        }
+    }
+
+    /// torchvision's `resnet18`: ImageNet stem, 224x224 input.
+    pub fn resnet18(classes: usize) -> Self {
+        Self::preset(Arch::Resnet18, Stem::Imagenet, classes, 224)
+    }
+
+    /// torchvision's `resnet34`: ImageNet stem, 224x224 input.
+    pub fn resnet34(classes: usize) -> Self {
+        Self::preset(Arch::Resnet34, Stem::Imagenet, classes, 224)
+    }
+
+    /// SE-ResNet-18 with the ImageNet stem, r = 16.
+    pub fn seresnet18(classes: usize) -> Self {
+        Self::preset(Arch::Seresnet18, Stem::Imagenet, classes, 224)
+    }
+
+    /// ResNet-18 with the CIFAR stem, 32x32 input.
+    pub fn resnet18_cifar(classes: usize) -> Self {
+        Self::preset(Arch::Resnet18, Stem::Cifar, classes, 32)
+    }
+
+    /// SE-ResNet-18 with the CIFAR stem, r = 16, 32x32 input.
+    pub fn seresnet18_cifar(classes: usize) -> Self {
+        Self::preset(Arch::Seresnet18, Stem::Cifar, classes, 32)
+    }
+
+    /// The named presets `brisk models` lists, with their names.
+    pub fn presets() -> Vec<(&'static str, ModelSpec)> {
+        vec![
+            ("resnet18", Self::resnet18(1000)),
+            ("resnet34", Self::resnet34(1000)),
+            ("seresnet18", Self::seresnet18(1000)),
+            ("resnet18-cifar", Self::resnet18_cifar(10)),
+            ("seresnet18-cifar", Self::seresnet18_cifar(10)),
+        ]
+    }
+
+    /// Looks a preset up by its name (as listed by [`ModelSpec::presets`]).
+    pub fn preset_named(name: &str) -> Option<ModelSpec> {
+        Self::presets()
+            .into_iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, s)| s)
+    }
+
+    /// Returns the spec with a different width multiplier.
+    pub fn with_width(mut self, width: f64) -> Self {
+        self.width = width;
+        self
+    }
+
+    /// Reads a spec from a `.json` or `.toml` file; errors name the file and the field.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io("cannot read", path, e))?;
+        let is_toml = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("toml"));
+        let spec = if is_toml {
+            Self::from_toml_str(&text)
+        } else {
+            Self::from_json_str(&text)
+        };
+        let spec = spec.map_err(|(field, message)| Error::SpecParse {
+            path: path.to_path_buf(),
+            field,
+            message,
+        })?;
+        spec.validate().map_err(|e| match e {
+            Error::InvalidSpec { field, problem } => Error::SpecParse {
+                path: path.to_path_buf(),
+                field,
+                message: problem,
+            },
+            other => other,
+        })?;
+        Ok(spec)
+    }
+
+    fn from_json_str(text: &str) -> std::result::Result<Self, (String, String)> {
+        let de = &mut serde_json::Deserializer::from_str(text);
+        serde_path_to_error::deserialize(de).map_err(|e| (e.path().to_string(), e.inner().to_string()))
+    }
+
+    fn from_toml_str(text: &str) -> std::result::Result<Self, (String, String)> {
+        let de = toml::Deserializer::new(text);
+        serde_path_to_error::deserialize(de)
+            .map_err(|e| (e.path().to_string(), e.inner().message().to_string()))
+    }
+
+    /// Checks every field; the error names the first field that is wrong.
+    pub fn validate(&self) -> Result<()> {
+        if self.classes == 0 {
+            return Err(Error::spec("classes", "must be at least 1"));
+        }
+        if self.in_channels == 0 {
+            return Err(Error::spec("in_channels", "must be at least 1"));
+        }
+        if !(self.width.is_finite() && self.width > 0.0) {
+            return Err(Error::spec(
+                "width",
+                format!("must be a positive number, got {}", self.width),
+            ));
+        }
+        if self.se_ratio == 0 {
+            return Err(Error::spec("se_ratio", "must be at least 1"));
+        }
+        if self.image_size == 0 {
+            return Err(Error::spec("image_size", "must be at least 1"));
+        }
+        if let Some(ch) = &self.channels {
+            let expected: usize = self.arch.blocks_per_stage().iter().sum();
+            if ch.stem == 0 {
+                return Err(Error::spec("channels.stem", "must be at least 1"));
+            }
+            if ch.blocks.len() != expected {
+                return Err(Error::spec(
+                    "channels.blocks",
+                    format!(
+                        "has {} entries but {} has {} blocks",
+                        ch.blocks.len(),
+                        self.arch.name(),
+                        expected
+                    ),
+                ));
+            }
+            for (i, b) in ch.blocks.iter().enumerate() {
+                if b.mid == 0 {
+                    return Err(Error::spec(
+                        format!("channels.blocks[{i}].mid"),
+                        "must be at least 1",
+                    ));
+                }
+                if b.out == 0 {
+                    return Err(Error::spec(
+                        format!("channels.blocks[{i}].out"),
+                        "must be at least 1",
+                    ));
+                }
+                match (self.arch.has_se(), b.se) {
+                    (true, Some(0)) => {
+                        return Err(Error::spec(
+                            format!("channels.blocks[{i}].se"),
+                            "must be at least 1",
+                        ))
+                    }
+                    (false, Some(_)) => {
+                        return Err(Error::spec(
+                            format!("channels.blocks[{i}].se"),
+                            format!("is set but {} has no squeeze-and-excitation", self.arch.name()),
+                        ))
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Channel counts: the explicit ones, or those derived from `width`.
+    pub fn resolved_channels(&self) -> Channels {
+        if let Some(ch) = &self.channels {
+            let mut ch = ch.clone();
+            for b in &mut ch.blocks {
+                if self.arch.has_se() && b.se.is_none() {
+                    b.se = Some(self.se_hidden(b.out));
+                }
+            }
+            return ch;
+        }
+        let widths = STAGE_WIDTHS.map(|c| scaled(c, self.width));
+        let blocks = self
+            .arch
+            .blocks_per_stage()
+            .iter()
+            .zip(widths)
+            .flat_map(|(&n, w)| {
+                std::iter::repeat_n(
+                    BlockChannels {
+                        mid: w,
+                        out: w,
+                        se: self.arch.has_se().then(|| self.se_hidden(w)),
+                    },
+                    n,
+                )
+            })
+            .collect();
+        Channels {
+            stem: widths[0],
+            blocks,
+        }
+    }
+
+    fn se_hidden(&self, channels: usize) -> usize {
+        (channels / self.se_ratio).max(1)
+    }
+
+    /// The blocks as built, with names, strides and shortcut kinds. Call after `validate`.
+    pub fn blocks(&self) -> Vec<BlockPlan> {
+        let ch = self.resolved_channels();
+        let mut plans = Vec::with_capacity(ch.blocks.len());
+        let mut in_channels = ch.stem;
+        let mut next = ch.blocks.iter();
+        for (stage, &n) in self.arch.blocks_per_stage().iter().enumerate() {
+            for i in 0..n {
+                let Some(b) = next.next() else { break };
+                let stride = if stage > 0 && i == 0 { 2 } else { 1 };
+                plans.push(BlockPlan {
+                    name: format!("layer{}.{}", stage + 1, i),
+                    in_channels,
+                    mid: b.mid,
+                    out: b.out,
+                    stride,
+                    se: b.se,
+                    downsample: stride != 1 || in_channels != b.out,
+                });
+                in_channels = b.out;
+            }
+        }
+        plans
+    }
+
+    /// Output channels of the last block: the width the linear head reads.
+    pub fn feature_channels(&self) -> usize {
+        let ch = self.resolved_channels();
+        ch.blocks.last().map_or(ch.stem, |b| b.out)
+    }
+}
+
+/// `max(1, round(c * width))` with Python's round-half-to-even, as the reference does.
+fn scaled(c: usize, width: f64) -> usize {
+    ((c as f64 * width).round_ties_even() as usize).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check_parse_error(json: &str, field: &str) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("spec.json");
+        std::fs::write(&path, json).expect("write");
+        let err = ModelSpec::from_file(&path).expect_err("spec must be rejected");
+        let msg = err.to_string();
+        assert!(msg.contains(field), "error `{msg}` should name `{field}`");
+        assert!(msg.contains("spec.json"), "error `{msg}` should name the file");
+    }
+
+    #[test]
+    fn bad_specs_name_the_field() {
+        check_parse_error(r#"{"arch": "resnet50", "classes": 10}"#, "arch");
+        check_parse_error(r#"{"arch": "resnet18", "classes": 0}"#, "classes");
+        check_parse_error(r#"{"arch": "resnet18", "classes": 10, "width": -1}"#, "width");
+        check_parse_error(r#"{"arch": "resnet18", "classes": 10, "colour": 1}"#, "colour");
+        check_parse_error(
+            r#"{"arch": "resnet18", "classes": 10, "channels": {"stem": 0, "blocks": []}}"#,
+            "channels.stem",
+        );
+        let mut blocks = [r#"{"mid": 8, "out": 8}"#; 8];
+        blocks[3] = r#"{"mid": 0, "out": 8}"#;
+        check_parse_error(
+            &format!(
+                r#"{{"arch": "resnet18", "classes": 10, "channels": {{"stem": 8, "blocks": [{}]}}}}"#,
+                blocks.join(",")
+            ),
+            "channels.blocks[3].mid",
+        );
+    }
+
+    #[test]
+    fn toml_and_json_agree() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let toml_path = dir.path().join("s.toml");
+        std::fs::write(
+            &toml_path,
+            "arch = \"seresnet18\"\nstem = \"cifar\"\nclasses = 10\nwidth = 0.5\n",
+        )
+        .expect("write");
+        let json_path = dir.path().join("s.json");
+        std::fs::write(
+            &json_path,
+            r#"{"arch":"seresnet18","stem":"cifar","classes":10,"width":0.5}"#,
+        )
+        .expect("write");
+        let a = ModelSpec::from_file(&toml_path).expect("toml");
+        let b = ModelSpec::from_file(&json_path).expect("json");
+        assert_eq!(a, b);
+        assert_eq!(a.resolved_channels().stem, 32);
+    }
+
+    #[test]
+    fn widths_round_like_python() {
+        // 64 * 0.125 = 8; 128 * 0.3 = 38.4 -> 38; 64 * 0.0078125 = 0.5 -> 0, clamped to 1.
+        assert_eq!(scaled(64, 0.125), 8);
+        assert_eq!(scaled(128, 0.3), 38);
+        assert_eq!(scaled(64, 0.0078125), 1);
+        // 80 * 0.03125 = 2.5 exactly: half to even gives 2, as Python's round().
+        assert_eq!(scaled(80, 0.03125), 2);
+    }
+
+    #[test]
+    fn explicit_channels_rebuild_blocks() {
+        let mut spec = ModelSpec::resnet18_cifar(10);
+        let mut ch = spec.resolved_channels();
+        ch.blocks[0].mid = 13;
+        ch.blocks[1].out = 60;
+        spec.channels = Some(ch);
+        spec.validate().expect("valid");
+        let blocks = spec.blocks();
+        assert_eq!(blocks[0].mid, 13);
+        assert!(!blocks[0].downsample);
+        // layer1.1 changes width: it needs a projection shortcut, and layer2.0 reads 60 channels.
+        assert!(blocks[1].downsample);
+        assert_eq!(blocks[2].in_channels, 60);
+    }
+}

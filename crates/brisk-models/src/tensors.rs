@@ -1,0 +1,251 @@
+//! The tensor table of a spec (torchvision names, shapes, roles) and the counts derived
+//! from it: parameters, buffers, multiply-accumulates and checkpoint bytes.
+
+use crate::spec::{ModelSpec, Stem};
+
+/// What a tensor is for; decides its initialisation and whether it is trained.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    ConvWeight,
+    /// A convolution's bias; `fan_in` sets its default initialisation range.
+    ConvBias {
+        fan_in: usize,
+    },
+    BnWeight {
+        /// Initialised to zero rather than one (`zero_init_residual`).
+        zero: bool,
+    },
+    BnBias,
+    RunningMean,
+    RunningVar,
+    LinearWeight,
+    /// The linear head's bias; `fan_in` sets its default initialisation range.
+    LinearBias {
+        fan_in: usize,
+    },
+}
+
+impl Role {
+    /// Buffers are state, not parameters: they are saved but never trained.
+    pub fn is_buffer(self) -> bool {
+        matches!(self, Role::RunningMean | Role::RunningVar)
+    }
+}
+
+/// One named tensor of the model, as stored in a checkpoint.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TensorInfo {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub role: Role,
+}
+
+impl TensorInfo {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// True for the names of buffers (`running_mean`, `running_var`), false for parameters.
+pub fn is_buffer_name(name: &str) -> bool {
+    name.ends_with(".running_mean") || name.ends_with(".running_var")
+}
+
+/// torchvision's per-batch-norm counter, which brisk accepts on load and does not keep.
+pub fn is_ignored_name(name: &str) -> bool {
+    name.ends_with(".num_batches_tracked")
+}
+
+struct Table(Vec<TensorInfo>);
+
+impl Table {
+    fn push(&mut self, name: String, shape: Vec<usize>, role: Role) {
+        self.0.push(TensorInfo { name, shape, role });
+    }
+
+    fn conv(&mut self, name: &str, cout: usize, cin: usize, k: usize) {
+        self.push(format!("{name}.weight"), vec![cout, cin, k, k], Role::ConvWeight);
+    }
+
+    fn bn(&mut self, name: &str, c: usize, zero: bool) {
+        self.push(format!("{name}.weight"), vec![c], Role::BnWeight { zero });
+        self.push(format!("{name}.bias"), vec![c], Role::BnBias);
+        self.push(format!("{name}.running_mean"), vec![c], Role::RunningMean);
+        self.push(format!("{name}.running_var"), vec![c], Role::RunningVar);
+    }
+}
+
+/// Size of a convolution's output along one spatial axis.
+pub(crate) fn conv_out(size: usize, kernel: usize, stride: usize, padding: usize) -> usize {
+    (size + 2 * padding).saturating_sub(kernel) / stride + 1
+}
+
+impl ModelSpec {
+    /// Every tensor of the model in torchvision's `state_dict` order (without
+    /// `num_batches_tracked`). Call after `validate`.
+    pub fn tensors(&self) -> Vec<TensorInfo> {
+        let ch = self.resolved_channels();
+        let mut t = Table(Vec::new());
+        let k = match self.stem {
+            Stem::Cifar => 3,
+            Stem::Imagenet => 7,
+        };
+        t.conv("conv1", ch.stem, self.in_channels, k);
+        t.bn("bn1", ch.stem, false);
+        for b in self.blocks() {
+            let n = &b.name;
+            t.conv(&format!("{n}.conv1"), b.mid, b.in_channels, 3);
+            t.bn(&format!("{n}.bn1"), b.mid, false);
+            t.conv(&format!("{n}.conv2"), b.out, b.mid, 3);
+            t.bn(&format!("{n}.bn2"), b.out, self.zero_init_residual);
+            if let Some(h) = b.se {
+                t.conv(&format!("{n}.se.fc1"), h, b.out, 1);
+                t.push(
+                    format!("{n}.se.fc1.bias"),
+                    vec![h],
+                    Role::ConvBias { fan_in: b.out },
+                );
+                t.conv(&format!("{n}.se.fc2"), b.out, h, 1);
+                t.push(
+                    format!("{n}.se.fc2.bias"),
+                    vec![b.out],
+                    Role::ConvBias { fan_in: h },
+                );
+            }
+            if b.downsample {
+                t.conv(&format!("{n}.downsample.0"), b.out, b.in_channels, 1);
+                t.bn(&format!("{n}.downsample.1"), b.out, false);
+            }
+        }
+        let feat = self.feature_channels();
+        t.push("fc.weight".into(), vec![self.classes, feat], Role::LinearWeight);
+        t.push(
+            "fc.bias".into(),
+            vec![self.classes],
+            Role::LinearBias { fan_in: feat },
+        );
+        t.0
+    }
+
+    /// Trainable parameters (what PyTorch's `sum(p.numel() for p in model.parameters())` gives).
+    pub fn param_count(&self) -> usize {
+        self.tensors()
+            .iter()
+            .filter(|t| !t.role.is_buffer())
+            .map(TensorInfo::numel)
+            .sum()
+    }
+
+    /// Batch-norm running statistics (without torchvision's `num_batches_tracked`).
+    pub fn buffer_count(&self) -> usize {
+        self.tensors()
+            .iter()
+            .filter(|t| t.role.is_buffer())
+            .map(TensorInfo::numel)
+            .sum()
+    }
+
+    /// Multiply-accumulates of one forward pass of one image of `size`x`size`: every
+    /// convolution (SE's included) and the linear head; batch-norm, ReLU and pooling,
+    /// which are not multiply-accumulates, are left out as in the usual ResNet figures.
+    pub fn macs(&self, size: usize) -> u64 {
+        let ch = self.resolved_channels();
+        let conv = |cout: usize, cin: usize, k: usize, hw: usize| (cout * cin * k * k * hw * hw) as u64;
+        let (mut hw, mut macs) = match self.stem {
+            Stem::Cifar => (size, conv(ch.stem, self.in_channels, 3, size)),
+            Stem::Imagenet => {
+                let h = conv_out(size, 7, 2, 3);
+                (conv_out(h, 3, 2, 1), conv(ch.stem, self.in_channels, 7, h))
+            }
+        };
+        for b in self.blocks() {
+            let out = conv_out(hw, 3, b.stride, 1);
+            macs += conv(b.mid, b.in_channels, 3, out) + conv(b.out, b.mid, 3, out);
+            if let Some(h) = b.se {
+                macs += 2 * (h * b.out) as u64;
+            }
+            if b.downsample {
+                macs += conv(b.out, b.in_channels, 1, out);
+            }
+            hw = out;
+        }
+        macs + (self.feature_channels() * self.classes) as u64
+    }
+
+    /// Exact size in bytes of the model's f32 safetensors checkpoint as brisk writes it.
+    pub fn checkpoint_bytes(&self) -> u64 {
+        // The safetensors layout: an 8-byte header length, a compact JSON header padded
+        // with spaces to a multiple of 8, then the data. Tensors of one dtype are laid out
+        // in name order, which fixes the offsets written in the header.
+        let mut tensors = self.tensors();
+        tensors.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut header = serde_json::Map::new();
+        let mut offset = 0usize;
+        for t in &tensors {
+            let end = offset + 4 * t.numel();
+            header.insert(
+                t.name.clone(),
+                serde_json::json!({"dtype": "F32", "shape": t.shape, "data_offsets": [offset, end]}),
+            );
+            offset = end;
+        }
+        let header_len = serde_json::Value::Object(header).to_string().len().div_ceil(8) * 8;
+        (8 + header_len + offset) as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(spec: ModelSpec, params: usize) {
+        assert_eq!(spec.param_count(), params, "{spec:?}");
+    }
+
+    #[test]
+    fn parameter_counts_match_torchvision() {
+        check(ModelSpec::resnet18(1000), 11_689_512);
+        check(ModelSpec::resnet34(1000), 21_797_672);
+        check(ModelSpec::resnet18_cifar(10), 11_173_962);
+        check(ModelSpec::seresnet18_cifar(10), 11_263_042);
+    }
+
+    #[test]
+    fn buffers_are_two_per_bn_channel() {
+        // ResNet-18: bn1 64 + blocks (64*2*2 + 128*2*2 + 256*2*2 + 512*2*2) + downsample BNs (128+256+512).
+        let bn_channels = 64 + 4 * (64 + 128 + 256 + 512) + (128 + 256 + 512);
+        assert_eq!(ModelSpec::resnet18(1000).buffer_count(), 2 * bn_channels);
+    }
+
+    #[test]
+    fn resnet18_macs_at_224_are_1_82_g() {
+        let macs = ModelSpec::resnet18(1000).macs(224);
+        // Computed independently (Python, same rules): 1,814,073,344.
+        assert_eq!(macs, 1_814_073_344, "{macs}");
+        // CIFAR ResNet-18 at 32x32 is the well-known 0.56 G.
+        let cifar = ModelSpec::resnet18_cifar(10).macs(32);
+        assert!((550_000_000..560_000_000).contains(&cifar), "{cifar}");
+    }
+
+    #[test]
+    fn names_follow_torchvision() {
+        let names: Vec<String> = ModelSpec::seresnet18_cifar(10)
+            .tensors()
+            .into_iter()
+            .map(|t| t.name)
+            .collect();
+        for n in [
+            "conv1.weight",
+            "bn1.running_var",
+            "layer1.0.conv1.weight",
+            "layer2.0.downsample.0.weight",
+            "layer2.0.downsample.1.running_var",
+            "layer4.1.se.fc2.bias",
+            "fc.weight",
+            "fc.bias",
+        ] {
+            assert!(names.iter().any(|x| x == n), "missing {n}");
+        }
+        assert!(!names.iter().any(|x| x == "layer1.0.downsample.0.weight"));
+    }
+}

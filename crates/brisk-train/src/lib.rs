@@ -1,0 +1,1 @@
+//! The `Trainer`: optimisers, schedules, losses, metrics, checkpoints (filled by the training issue).

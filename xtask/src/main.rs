@@ -1,0 +1,56 @@
+//! Project tasks run with `cargo xtask TASK`: the test gate CI runs, and (later) experiments.
+
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+const TASKS: &str = "\
+Usage: cargo xtask <TASK>
+
+Tasks:
+  test    cargo fmt --check, cargo clippy -D warnings and the whole test suite
+          (what CI runs; the README's test command)
+";
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        None | Some("help" | "--help" | "-h") => {
+            print!("{TASKS}");
+            Ok(())
+        }
+        Some("test") => test(&args[1..]),
+        Some(other) => {
+            eprint!("unknown task `{other}`\n\n{TASKS}");
+            std::process::exit(2);
+        }
+    }
+}
+
+/// Runs `cargo ARGS` from the workspace root, failing with the command line on error.
+fn cargo(args: &[&str]) -> Result<()> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("xtask has no parent folder")?;
+    eprintln!("xtask: cargo {}", args.join(" "));
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(args)
+        .current_dir(root)
+        .status()
+        .with_context(|| format!("cannot run cargo {}", args.join(" ")))?;
+    if !status.success() {
+        bail!("`cargo {}` failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+fn test(extra: &[String]) -> Result<()> {
+    if let Some(flag) = extra.first() {
+        bail!("`cargo xtask test` takes no arguments (got `{flag}`)");
+    }
+    cargo(&["fmt", "--all", "--", "--check"])?;
+    cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
+    cargo(&["test", "--workspace"])?;
+    eprintln!("xtask: all checks passed");
+    Ok(())
+}
