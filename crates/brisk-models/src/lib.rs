@@ -18,6 +18,6 @@ pub mod tensors;
 
 pub use error::{Error, Result};
 pub use network::{read_sidecar, sidecar_path, write_atomic, Network};
-pub use resnet::ResNet;
+pub use resnet::{Kernels, ResNet};
 pub use spec::{Arch, BlockChannels, BlockPlan, Channels, ModelSpec, Stem};
 pub use tensors::{Role, TensorInfo};

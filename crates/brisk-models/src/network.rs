@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::init::{init_rng, initial_value};
-use crate::resnet::ResNet;
+use crate::resnet::{Kernels, ResNet};
 use crate::spec::ModelSpec;
 use crate::tensors::{is_buffer_name, is_ignored_name};
 
@@ -98,6 +98,14 @@ impl Network {
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
         let model = ResNet::new(&spec, vb)?;
         Ok(Self { spec, varmap, model })
+    }
+
+    /// Switches the convolution kernels (brisk's or candle's reference), keeping the weights.
+    pub fn set_kernels(&mut self, kernels: Kernels) -> Result<()> {
+        let device = self.model.device().clone();
+        let vb = VarBuilder::from_varmap(&self.varmap, DType::F32, &device);
+        self.model = ResNet::with_kernels(&self.spec, vb, kernels)?;
+        Ok(())
     }
 
     /// Loads a checkpoint written by [`Network::save`] (or by PyTorch, given a sidecar).

@@ -12,21 +12,44 @@ const BN_MOMENTUM: f64 = 0.1;
 /// Added to the variance before the square root, as PyTorch's default.
 const BN_EPS: f64 = 1e-5;
 
+/// Which implementation runs the convolutions.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Kernels {
+    /// brisk-ops' CPU kernels (im2col + AVX-512 GEMM, own backward). By default on the CPU.
+    #[default]
+    Brisk,
+    /// candle's own ops: the reference, and the only choice on a GPU.
+    Candle,
+}
+
+impl Kernels {
+    /// brisk's kernels on the CPU, candle's elsewhere.
+    pub fn for_device(device: &candle_core::Device) -> Self {
+        if device.is_cpu() {
+            Kernels::Brisk
+        } else {
+            Kernels::Candle
+        }
+    }
+}
+
 /// A 2-D convolution without bias (every ResNet convolution but SE's).
 #[derive(Debug, Clone)]
 pub struct Conv2d {
     weight: Tensor,
     stride: usize,
     padding: usize,
+    kernels: Kernels,
 }
 
 impl Conv2d {
-    fn new(vb: VarBuilder, cin: usize, cout: usize, k: usize, stride: usize, padding: usize) -> Result<Self> {
-        let weight = vb.get((cout, cin, k, k), "weight")?;
+    fn new(b: &Builder, cin: usize, cout: usize, k: usize, stride: usize, padding: usize) -> Result<Self> {
+        let weight = b.vb.get((cout, cin, k, k), "weight")?;
         Ok(Self {
             weight,
             stride,
             padding,
+            kernels: b.kernels,
         })
     }
 
@@ -38,7 +61,26 @@ impl Conv2d {
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        x.conv2d(&self.weight, self.padding, self.stride, 1, 1)
+        match self.kernels {
+            Kernels::Brisk => brisk_ops::conv2d(x, &self.weight, self.stride, self.padding),
+            Kernels::Candle => x.conv2d(&self.weight, self.padding, self.stride, 1, 1),
+        }
+    }
+}
+
+/// A `VarBuilder` at some prefix, with the kernel choice carried along.
+#[derive(Clone)]
+struct Builder<'a> {
+    vb: VarBuilder<'a>,
+    kernels: Kernels,
+}
+
+impl Builder<'_> {
+    fn pp(&self, name: &str) -> Self {
+        Builder {
+            vb: self.vb.pp(name),
+            kernels: self.kernels,
+        }
     }
 }
 
@@ -55,7 +97,8 @@ pub struct BatchNorm2d {
 }
 
 impl BatchNorm2d {
-    fn new(vb: VarBuilder, c: usize) -> Result<Self> {
+    fn new(b: &Builder, c: usize) -> Result<Self> {
+        let vb = &b.vb;
         let name = vb.prefix();
         let weight = vb.get(c, "weight")?;
         let bias = vb.get(c, "bias")?;
@@ -119,7 +162,8 @@ pub struct SqueezeExcite {
 }
 
 impl SqueezeExcite {
-    fn new(vb: VarBuilder, c: usize, hidden: usize) -> Result<Self> {
+    fn new(b: &Builder, c: usize, hidden: usize) -> Result<Self> {
+        let vb = &b.vb;
         // The 1x1 convolutions act on a 1x1 map: they are linear layers, stored with
         // torchvision's conv shapes and applied as matrix products.
         let fc1 = vb.pp("fc1");
@@ -160,25 +204,25 @@ pub struct BasicBlock {
 }
 
 impl BasicBlock {
-    fn new(vb: VarBuilder, plan: &BlockPlan) -> Result<Self> {
+    fn new(vb: &Builder, plan: &BlockPlan) -> Result<Self> {
         let se = match plan.se {
-            Some(h) => Some(SqueezeExcite::new(vb.pp("se"), plan.out, h)?),
+            Some(h) => Some(SqueezeExcite::new(&vb.pp("se"), plan.out, h)?),
             None => None,
         };
         let downsample = if plan.downsample {
             let d = vb.pp("downsample");
             Some((
-                Conv2d::new(d.pp("0"), plan.in_channels, plan.out, 1, plan.stride, 0)?,
-                BatchNorm2d::new(d.pp("1"), plan.out)?,
+                Conv2d::new(&d.pp("0"), plan.in_channels, plan.out, 1, plan.stride, 0)?,
+                BatchNorm2d::new(&d.pp("1"), plan.out)?,
             ))
         } else {
             None
         };
         Ok(Self {
-            conv1: Conv2d::new(vb.pp("conv1"), plan.in_channels, plan.mid, 3, plan.stride, 1)?,
-            bn1: BatchNorm2d::new(vb.pp("bn1"), plan.mid)?,
-            conv2: Conv2d::new(vb.pp("conv2"), plan.mid, plan.out, 3, 1, 1)?,
-            bn2: BatchNorm2d::new(vb.pp("bn2"), plan.out)?,
+            conv1: Conv2d::new(&vb.pp("conv1"), plan.in_channels, plan.mid, 3, plan.stride, 1)?,
+            bn1: BatchNorm2d::new(&vb.pp("bn1"), plan.mid)?,
+            conv2: Conv2d::new(&vb.pp("conv2"), plan.mid, plan.out, 3, 1, 1)?,
+            bn2: BatchNorm2d::new(&vb.pp("bn2"), plan.out)?,
             se,
             downsample,
         })
@@ -211,34 +255,47 @@ pub struct ResNet {
 
 impl ResNet {
     /// Builds the network; every tensor is fetched from `vb` under its torchvision name.
+    /// Convolutions run on brisk's kernels on the CPU and candle's elsewhere.
     pub fn new(spec: &ModelSpec, vb: VarBuilder) -> Result<Self> {
+        let kernels = Kernels::for_device(vb.device());
+        Self::with_kernels(spec, vb, kernels)
+    }
+
+    /// Builds the network with an explicit choice of convolution kernels.
+    pub fn with_kernels(spec: &ModelSpec, vb: VarBuilder, kernels: Kernels) -> Result<Self> {
         spec.validate()?;
+        let vb = Builder { vb, kernels };
         let stem = spec.resolved_channels().stem;
         let (conv1, max_pool) = match spec.stem {
             Stem::Cifar => (
-                Conv2d::new(vb.pp("conv1"), spec.in_channels, stem, 3, 1, 1)?,
+                Conv2d::new(&vb.pp("conv1"), spec.in_channels, stem, 3, 1, 1)?,
                 false,
             ),
             Stem::Imagenet => (
-                Conv2d::new(vb.pp("conv1"), spec.in_channels, stem, 7, 2, 3)?,
+                Conv2d::new(&vb.pp("conv1"), spec.in_channels, stem, 7, 2, 3)?,
                 true,
             ),
         };
         let blocks = spec
             .blocks()
             .iter()
-            .map(|plan| BasicBlock::new(vb.pp(&plan.name), plan))
+            .map(|plan| BasicBlock::new(&vb.pp(&plan.name), plan))
             .collect::<Result<Vec<_>>>()?;
-        let fc = vb.pp("fc");
+        let fc = vb.vb.pp("fc");
         let feat = spec.feature_channels();
         Ok(Self {
             conv1,
-            bn1: BatchNorm2d::new(vb.pp("bn1"), stem)?,
+            bn1: BatchNorm2d::new(&vb.pp("bn1"), stem)?,
             max_pool,
             blocks,
             fc_weight: fc.get((spec.classes, feat), "weight")?,
             fc_bias: fc.get(spec.classes, "bias")?,
         })
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &candle_core::Device {
+        self.fc_weight.device()
     }
 
     /// Logits `[N, classes]` for images `[N, C, H, W]` (f32). In training mode batch-norm
@@ -251,12 +308,17 @@ impl ResNet {
         }
         let mut x = self.bn1.forward_t(&self.conv1.forward(x)?, train)?.relu()?;
         if self.max_pool {
-            // 3x3 stride-2 max-pool with padding 1. The input is post-ReLU (>= 0), so zero
-            // padding gives the same maxima as PyTorch's -inf padding.
-            x = x
-                .pad_with_zeros(D::Minus2, 1, 1)?
-                .pad_with_zeros(D::Minus1, 1, 1)?;
-            x = x.max_pool2d_with_stride(3, 2)?;
+            // 3x3 stride-2 max-pool with padding 1. On the CPU brisk's op, which has a
+            // backward (candle has none for a window larger than its stride). Elsewhere
+            // candle's forward on a zero-padded input: the input is post-ReLU (>= 0), so
+            // zero padding gives the same maxima as PyTorch's -inf padding.
+            x = if x.device().is_cpu() {
+                brisk_ops::max_pool2d(&x, 3, 2, 1)?
+            } else {
+                x.pad_with_zeros(D::Minus2, 1, 1)?
+                    .pad_with_zeros(D::Minus1, 1, 1)?
+                    .max_pool2d_with_stride(3, 2)?
+            };
         }
         for block in &self.blocks {
             x = block.forward_t(&x, train)?;

@@ -1,0 +1,464 @@
+//! 2-D convolution (NCHW, square kernels, any stride and padding) as a candle custom op:
+//! im2col + GEMM forward, GEMM + col2im input gradient, GEMM weight gradient.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use crate::gemm::{matmul, parallelism, Mat};
+
+/// Convolves `x` `[N, Cin, H, W]` with `weight` `[Cout, Cin, K, K]` (f32, no bias, no
+/// groups or dilation) using brisk's kernels; differentiable in both arguments. The
+/// input gradient is skipped when `x` needs none (an image batch, say).
+pub fn conv2d(x: &Tensor, weight: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
+    if stride == 0 {
+        candle_core::bail!("brisk conv2d: stride must be at least 1");
+    }
+    x.contiguous()?.apply_op2(&weight.contiguous()?, Conv2d { stride, padding })
+}
+
+/// The sizes of one convolution.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Geom {
+    n: usize,
+    cin: usize,
+    h: usize,
+    w: usize,
+    cout: usize,
+    k: usize,
+    stride: usize,
+    pad: usize,
+    ho: usize,
+    wo: usize,
+}
+
+impl Geom {
+    fn new(x: &[usize], weight: &[usize], stride: usize, pad: usize) -> Result<Self> {
+        let (&[n, cin, h, w], &[cout, cin_w, k, k2]) = (x, weight) else {
+            candle_core::bail!("brisk conv2d: expected 4-D input and weight, got {x:?} and {weight:?}");
+        };
+        if cin != cin_w || k != k2 || k == 0 {
+            candle_core::bail!("brisk conv2d: input {x:?} does not fit weight {weight:?} (square kernel, same Cin)");
+        }
+        if h + 2 * pad < k || w + 2 * pad < k {
+            candle_core::bail!("brisk conv2d: input {x:?} with padding {pad} is smaller than the {k}x{k} kernel");
+        }
+        let ho = (h + 2 * pad - k) / stride + 1;
+        let wo = (w + 2 * pad - k) / stride + 1;
+        Ok(Geom { n, cin, h, w, cout, k, stride, pad, ho, wo })
+    }
+
+    /// Rows of the im2col matrix: Cin * K * K.
+    fn kdim(&self) -> usize {
+        self.cin * self.k * self.k
+    }
+
+    fn out_hw(&self) -> usize {
+        self.ho * self.wo
+    }
+
+    fn in_len(&self) -> usize {
+        self.cin * self.h * self.w
+    }
+
+    fn out_len(&self) -> usize {
+        self.cout * self.out_hw()
+    }
+
+    /// A 1x1, stride-1, unpadded convolution reads the image itself as its im2col matrix.
+    fn is_pointwise(&self) -> bool {
+        self.k == 1 && self.stride == 1 && self.pad == 0
+    }
+
+    /// For kernel offset `kj`, the range of output columns whose input column
+    /// `ow * stride + kj - pad` lies inside the image.
+    fn valid_cols(&self, kj: usize) -> (usize, usize) {
+        let lo = self.pad.saturating_sub(kj).div_ceil(self.stride);
+        let hi = if self.w + self.pad > kj { (self.w + self.pad - kj - 1) / self.stride + 1 } else { 0 };
+        (lo.min(self.wo), hi.min(self.wo).max(lo.min(self.wo)))
+    }
+
+    fn input_row(&self, oh: usize, ki: usize) -> Option<usize> {
+        (oh * self.stride + ki).checked_sub(self.pad).filter(|&ih| ih < self.h)
+    }
+}
+
+/// Unfolds one image `[Cin, H, W]` into `col` `[Cin*K*K, Ho*Wo]`.
+fn im2col(g: &Geom, x: &[f32], col: &mut [f32]) {
+    let (k, s, howo) = (g.k, g.stride, g.out_hw());
+    for c in 0..g.cin {
+        let plane = &x[c * g.h * g.w..(c + 1) * g.h * g.w];
+        for ki in 0..k {
+            for kj in 0..k {
+                let row = &mut col[((c * k + ki) * k + kj) * howo..][..howo];
+                let (lo, hi) = g.valid_cols(kj);
+                for oh in 0..g.ho {
+                    let dst = &mut row[oh * g.wo..(oh + 1) * g.wo];
+                    let Some(ih) = g.input_row(oh, ki) else {
+                        dst.fill(0.0);
+                        continue;
+                    };
+                    let src = &plane[ih * g.w..(ih + 1) * g.w];
+                    dst[..lo].fill(0.0);
+                    dst[hi..].fill(0.0);
+                    if s == 1 {
+                        let start = lo + kj - g.pad;
+                        dst[lo..hi].copy_from_slice(&src[start..start + (hi - lo)]);
+                    } else {
+                        for (ow, d) in dst[lo..hi].iter_mut().enumerate() {
+                            *d = src[(ow + lo) * s + kj - g.pad];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Folds `col` `[Cin*K*K, Ho*Wo]` back into one image gradient `[Cin, H, W]`, adding.
+fn col2im(g: &Geom, col: &[f32], dx: &mut [f32]) {
+    let (k, s, howo) = (g.k, g.stride, g.out_hw());
+    for c in 0..g.cin {
+        let plane = &mut dx[c * g.h * g.w..(c + 1) * g.h * g.w];
+        for ki in 0..k {
+            for kj in 0..k {
+                let row = &col[((c * k + ki) * k + kj) * howo..][..howo];
+                let (lo, hi) = g.valid_cols(kj);
+                for oh in 0..g.ho {
+                    let Some(ih) = g.input_row(oh, ki) else { continue };
+                    let src = &row[oh * g.wo..(oh + 1) * g.wo];
+                    let dst = &mut plane[ih * g.w..(ih + 1) * g.w];
+                    if s == 1 {
+                        let start = lo + kj - g.pad;
+                        for (d, v) in dst[start..start + (hi - lo)].iter_mut().zip(&src[lo..hi]) {
+                            *d += v;
+                        }
+                    } else {
+                        for ow in lo..hi {
+                            dst[ow * s + kj - g.pad] += src[ow];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
+    let CpuStorage::F32(data) = storage else {
+        candle_core::bail!("brisk conv2d: {what} must be f32, got {:?}", storage.dtype());
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("brisk conv2d: {what} must be contiguous");
+    };
+    Ok(&data[start..end])
+}
+
+fn threads() -> usize {
+    rayon::current_num_threads()
+}
+
+/// Runs `f(image index, image output, scratch)` for every image: in parallel over images
+/// with single-threaded GEMMs when the batch can keep every thread busy, otherwise one
+/// image at a time with multi-threaded GEMMs.
+fn for_each_image<F>(out: &mut [f32], per_image: usize, scratch: usize, f: F)
+where
+    F: Fn(usize, &mut [f32], &mut [f32], gemm::Parallelism) + Sync,
+{
+    let n = out.len() / per_image.max(1);
+    let t = threads();
+    if n >= t && t > 1 {
+        out.par_chunks_mut(per_image)
+            .enumerate()
+            .for_each_init(|| vec![0f32; scratch], |buf, (i, o)| f(i, o, buf, gemm::Parallelism::None));
+    } else {
+        let mut buf = vec![0f32; scratch];
+        for (i, o) in out.chunks_mut(per_image).enumerate() {
+            f(i, o, &mut buf, parallelism(t));
+        }
+    }
+}
+
+fn forward(g: &Geom, x: &[f32], w: &[f32]) -> Vec<f32> {
+    let mut out = vec![0f32; g.n * g.out_len()];
+    let scratch = if g.is_pointwise() { 0 } else { g.kdim() * g.out_hw() };
+    for_each_image(&mut out, g.out_len(), scratch, |i, o, col, par| {
+        let img = &x[i * g.in_len()..(i + 1) * g.in_len()];
+        let col: &[f32] = if g.is_pointwise() {
+            img
+        } else {
+            im2col(g, img, col);
+            col
+        };
+        matmul(g.cout, g.out_hw(), g.kdim(), o, Mat::rows(w, g.kdim()), Mat::rows(col, g.out_hw()), false, par);
+    });
+    out
+}
+
+fn input_grad(g: &Geom, dy: &[f32], w: &[f32]) -> Vec<f32> {
+    let mut dx = vec![0f32; g.n * g.in_len()];
+    let scratch = if g.is_pointwise() { 0 } else { g.kdim() * g.out_hw() };
+    for_each_image(&mut dx, g.in_len(), scratch, |i, dxi, dcol, par| {
+        let dyi = &dy[i * g.out_len()..(i + 1) * g.out_len()];
+        let wt = Mat::transposed(w, g.kdim());
+        if g.is_pointwise() {
+            matmul(g.kdim(), g.out_hw(), g.cout, dxi, wt, Mat::rows(dyi, g.out_hw()), false, par);
+        } else {
+            matmul(g.kdim(), g.out_hw(), g.cout, dcol, wt, Mat::rows(dyi, g.out_hw()), false, par);
+            col2im(g, dcol, dxi);
+        }
+    });
+    dx
+}
+
+fn weight_grad(g: &Geom, x: &[f32], dy: &[f32]) -> Vec<f32> {
+    let wlen = g.cout * g.kdim();
+    // A fixed split of the batch into one chunk per thread keeps the summation order,
+    // and so the result, independent of scheduling.
+    let chunks = threads().min(g.n).max(1);
+    let per_chunk = g.n.div_ceil(chunks);
+    let par = if chunks == 1 { parallelism(threads()) } else { gemm::Parallelism::None };
+    let partials: Vec<Vec<f32>> = (0..chunks)
+        .into_par_iter()
+        .map(|c| {
+            let mut dw = vec![0f32; wlen];
+            let mut col = vec![0f32; if g.is_pointwise() { 0 } else { g.kdim() * g.out_hw() }];
+            for i in c * per_chunk..((c + 1) * per_chunk).min(g.n) {
+                let img = &x[i * g.in_len()..(i + 1) * g.in_len()];
+                let dyi = &dy[i * g.out_len()..(i + 1) * g.out_len()];
+                let colv: &[f32] = if g.is_pointwise() {
+                    img
+                } else {
+                    im2col(g, img, &mut col);
+                    &col
+                };
+                let col_t = Mat::transposed(colv, g.out_hw());
+                matmul(g.cout, g.kdim(), g.out_hw(), &mut dw, Mat::rows(dyi, g.out_hw()), col_t, true, par);
+            }
+            dw
+        })
+        .collect();
+    let mut iter = partials.into_iter();
+    let mut total = iter.next().unwrap_or_else(|| vec![0f32; wlen]);
+    for p in iter {
+        for (t, v) in total.iter_mut().zip(&p) {
+            *t += v;
+        }
+    }
+    total
+}
+
+/// The differentiable convolution: (input, weight) → output.
+#[derive(Clone, Copy, Debug)]
+struct Conv2d {
+    stride: usize,
+    padding: usize,
+}
+
+impl CustomOp2 for Conv2d {
+    fn name(&self) -> &'static str {
+        "brisk-conv2d"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = Geom::new(l1.dims(), l2.dims(), self.stride, self.padding)?;
+        let out = forward(&g, f32_slice(s1, l1, "input")?, f32_slice(s2, l2, "weight")?);
+        Ok((CpuStorage::F32(out), Shape::from((g.n, g.cout, g.ho, g.wo))))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dy = grad.contiguous()?;
+        let (_, _, h, wd) = x.dims4()?;
+        let dx = if x.track_op() {
+            Some(dy.apply_op2_no_bwd(w, &Conv2dInputGrad { stride: self.stride, padding: self.padding, h, w: wd })?)
+        } else {
+            None
+        };
+        let (_, _, k, _) = w.dims4()?;
+        let dw = x.apply_op2_no_bwd(&dy, &Conv2dWeightGrad { stride: self.stride, padding: self.padding, k })?;
+        Ok((dx, Some(dw)))
+    }
+}
+
+/// (output gradient, weight) → input gradient. `h`, `w` fix the input size, which a
+/// strided convolution's output does not determine.
+#[derive(Clone, Copy, Debug)]
+struct Conv2dInputGrad {
+    stride: usize,
+    padding: usize,
+    h: usize,
+    w: usize,
+}
+
+impl CustomOp2 for Conv2dInputGrad {
+    fn name(&self) -> &'static str {
+        "brisk-conv2d-input-grad"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (&[n, cout, ho, wo], &[_, cin, _, _]) = (l1.dims(), l2.dims()) else {
+            candle_core::bail!("brisk conv2d input grad: bad shapes {:?} {:?}", l1.dims(), l2.dims());
+        };
+        let g = Geom::new(&[n, cin, self.h, self.w], l2.dims(), self.stride, self.padding)?;
+        if (g.cout, g.ho, g.wo) != (cout, ho, wo) {
+            candle_core::bail!("brisk conv2d input grad: gradient {:?} does not fit {g:?}", l1.dims());
+        }
+        let dx = input_grad(&g, f32_slice(s1, l1, "gradient")?, f32_slice(s2, l2, "weight")?);
+        Ok((CpuStorage::F32(dx), Shape::from((n, cin, self.h, self.w))))
+    }
+}
+
+/// (input, output gradient) → weight gradient.
+#[derive(Clone, Copy, Debug)]
+struct Conv2dWeightGrad {
+    stride: usize,
+    padding: usize,
+    k: usize,
+}
+
+impl CustomOp2 for Conv2dWeightGrad {
+    fn name(&self) -> &'static str {
+        "brisk-conv2d-weight-grad"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (&[_, cin, _, _], &[_, cout, _, _]) = (l1.dims(), l2.dims()) else {
+            candle_core::bail!("brisk conv2d weight grad: bad shapes {:?} {:?}", l1.dims(), l2.dims());
+        };
+        let g = Geom::new(l1.dims(), &[cout, cin, self.k, self.k], self.stride, self.padding)?;
+        if l2.dims() != [g.n, g.cout, g.ho, g.wo] {
+            candle_core::bail!("brisk conv2d weight grad: gradient {:?} does not fit {g:?}", l2.dims());
+        }
+        let dw = weight_grad(&g, f32_slice(s1, l1, "input")?, f32_slice(s2, l2, "gradient")?);
+        Ok((CpuStorage::F32(dw), Shape::from((cout, cin, self.k, self.k))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device, Var};
+
+    /// (N, Cin, H, W, Cout, K, stride, padding): odd sizes, stride 2, batch 1, 1x1 and 7x7.
+    const SHAPES: [(usize, usize, usize, usize, usize, usize, usize, usize); 8] = [
+        (2, 3, 7, 9, 4, 3, 1, 1),
+        (1, 5, 8, 8, 6, 3, 2, 1),
+        (3, 4, 9, 7, 5, 1, 2, 0),
+        (2, 3, 11, 10, 4, 7, 2, 3),
+        (1, 2, 5, 5, 3, 1, 1, 0),
+        (2, 4, 6, 6, 3, 3, 1, 0),
+        (1, 3, 4, 5, 2, 3, 2, 0),
+        (5, 6, 3, 3, 7, 3, 1, 2),
+    ];
+
+    fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
+        let diff = (a - b).and_then(|d| d.abs()?.max_all()?.to_scalar::<f32>()).expect("diff");
+        let scale = b.abs().and_then(|t| t.max_all()?.to_scalar::<f32>()).expect("scale");
+        diff / scale.max(1e-6)
+    }
+
+    /// Forward and both gradients of brisk's conv against candle's own conv2d and autograd.
+    fn check(shape: (usize, usize, usize, usize, usize, usize, usize, usize)) -> Result<()> {
+        let (n, cin, h, w, cout, k, s, p) = shape;
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, cin, h, w), &dev)?)?;
+        let wt = Var::from_tensor(&Tensor::randn(0f32, 1.0, (cout, cin, k, k), &dev)?)?;
+        let ours = conv2d(&x, &wt, s, p)?;
+        let reference = x.conv2d(&wt, p, s, 1, 1)?;
+        assert_eq!(ours.dims(), reference.dims(), "{shape:?}");
+        assert!(max_rel(&ours, &reference) < 1e-5, "forward {shape:?}");
+        // candle's own backward fails when the stride does not divide (size + 2 * padding -
+        // kernel): its conv_transpose2d, run without output padding, returns an input
+        // gradient one row or column short. The finite-difference test covers those shapes.
+        if (h + 2 * p - k) % s != 0 || (w + 2 * p - k) % s != 0 {
+            return Ok(());
+        }
+        let r = Tensor::randn(0f32, 1.0, ours.dims(), &dev)?;
+        let g_ours = (ours * &r)?.sum_all()?.backward()?;
+        let g_ref = (reference * &r)?.sum_all()?.backward()?;
+        for (v, what) in [(&x, "input"), (&wt, "weight")] {
+            let a = g_ours.get(v).expect("our grad");
+            let b = g_ref.get(v).expect("reference grad");
+            assert!(max_rel(a, b) < 1e-5, "{what} gradient {shape:?}: {}", max_rel(a, b));
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn matches_candle_forward_and_backward() -> Result<()> {
+        for shape in SHAPES {
+            check(shape)?;
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn gradients_match_finite_differences() -> Result<()> {
+        // Every shape, including those whose last input row or column no output reaches
+        // (where candle's own backward fails).
+        for shape in SHAPES {
+            check_finite_differences(shape)?;
+        }
+        Ok(())
+    }
+
+    fn check_finite_differences(shape: (usize, usize, usize, usize, usize, usize, usize, usize)) -> Result<()> {
+        // The loss sum(conv(x, w) * r) is linear in each argument, so a central difference
+        // is exact up to rounding.
+        let dev = Device::Cpu;
+        let (n, cin, h, w, cout, k, s, p) = shape;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, cin, h, w), &dev)?)?;
+        let wt = Var::from_tensor(&Tensor::randn(0f32, 1.0, (cout, cin, k, k), &dev)?)?;
+        let out_dims = conv2d(&x, &wt, s, p)?.dims().to_vec();
+        let r = Tensor::randn(0f32, 1.0, out_dims, &dev)?;
+        let loss = |x: &Tensor, wt: &Tensor| -> Result<f64> {
+            Ok((conv2d(x, wt, s, p)? * &r)?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+        };
+        let grads = (conv2d(&x, &wt, s, p)? * &r)?.sum_all()?.backward()?;
+        for (var, other, is_x) in [(&x, &wt, true), (&wt, &x, false)] {
+            let g = grads.get(var).expect("grad").flatten_all()?.to_vec1::<f32>()?;
+            let base = var.flatten_all()?.to_vec1::<f32>()?;
+            for idx in (0..base.len()).step_by(base.len() / 23 + 1) {
+                let eps = 0.5f32;
+                let mut plus = base.clone();
+                plus[idx] += eps;
+                let mut minus = base.clone();
+                minus[idx] -= eps;
+                let shape = var.dims();
+                let tp = Tensor::from_vec(plus, shape, &dev)?;
+                let tm = Tensor::from_vec(minus, shape, &dev)?;
+                let (lp, lm) = if is_x {
+                    (loss(&tp, other)?, loss(&tm, other)?)
+                } else {
+                    (loss(other, &tp)?, loss(other, &tm)?)
+                };
+                let fd = (lp - lm) / (2.0 * eps as f64);
+                assert!((fd - g[idx] as f64).abs() < 1e-3 * (1.0 + fd.abs()), "{shape:?} idx {idx}: fd {fd} vs {}", g[idx]);
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn input_gradient_is_skipped_for_plain_inputs() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 6, 6), &dev)?;
+        let wt = Var::from_tensor(&Tensor::randn(0f32, 1.0, (4, 3, 3, 3), &dev)?)?;
+        let grads = conv2d(&x, &wt, 1, 1)?.sum_all()?.backward()?;
+        assert!(grads.get(&x).is_none());
+        assert!(grads.get(&wt).is_some());
+        Ok(())
+    }
+
+    #[test]
+    fn bad_shapes_are_errors() {
+        let dev = Device::Cpu;
+        let x = Tensor::zeros((1, 3, 2, 2), DType::F32, &dev).expect("x");
+        let w = Tensor::zeros((4, 3, 5, 5), DType::F32, &dev).expect("w");
+        assert!(conv2d(&x, &w, 1, 0).is_err());
+        let w2 = Tensor::zeros((4, 2, 1, 1), DType::F32, &dev).expect("w");
+        assert!(conv2d(&x, &w2, 1, 0).is_err());
+        let xh = x.to_dtype(DType::F16).expect("f16");
+        assert!(conv2d(&xh, &w, 1, 2).is_err());
+    }
+}
