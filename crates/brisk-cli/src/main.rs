@@ -24,12 +24,15 @@ struct Cli {
 enum Command {
     /// List the model presets (or given spec files) with parameters, MACs and size on disk.
     Models(commands::models::Args),
+    /// Measure speed: `brisk bench step` times training steps (or eval forwards).
+    Bench(commands::bench::Args),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Models(args) => commands::models::run(&args),
+        Command::Bench(args) => commands::bench::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -12,10 +12,11 @@ const BN_MOMENTUM: f64 = 0.1;
 /// Added to the variance before the square root, as PyTorch's default.
 const BN_EPS: f64 = 1e-5;
 
-/// Which implementation runs the convolutions.
+/// Which implementation runs the convolutions and batch-norms.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Kernels {
-    /// brisk-ops' CPU kernels (im2col + AVX-512 GEMM, own backward). By default on the CPU.
+    /// brisk-ops' CPU kernels (im2col + AVX-512 GEMM convolution, fused batch-norm + ReLU,
+    /// each with its own backward). By default on the CPU.
     #[default]
     Brisk,
     /// candle's own ops: the reference, and the only choice on a GPU.
@@ -94,6 +95,7 @@ pub struct BatchNorm2d {
     bias: Tensor,
     running_mean: Var,
     running_var: Var,
+    kernels: Kernels,
 }
 
 impl BatchNorm2d {
@@ -110,44 +112,61 @@ impl BatchNorm2d {
             bias,
             running_mean,
             running_var,
+            kernels: b.kernels,
         })
     }
 
-    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let c = self.weight.dim(0)?;
-        let (mean, var) = if train {
-            let (n, _, h, w) = x.dims4()?;
-            let count = n * h * w;
-            if count < 2 {
-                return Err(Error::BatchTooSmall {
-                    layer: self.name.clone(),
-                    shape: x.dims().to_vec(),
-                });
+    /// Normalises `x`, then applies ReLU when `relu` (fused into the same pass with
+    /// brisk's kernels).
+    fn forward_t(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
+        let (n, c, h, w) = x.dims4()?;
+        let count = n * h * w;
+        if train && count < 2 {
+            return Err(Error::BatchTooSmall {
+                layer: self.name.clone(),
+                shape: x.dims().to_vec(),
+            });
+        }
+        let (y, batch_stats) = match self.kernels {
+            Kernels::Brisk => {
+                let running = if train {
+                    None
+                } else {
+                    Some(Tensor::stack(&[self.running_mean.as_tensor(), self.running_var.as_tensor()], 0)?)
+                };
+                let out = brisk_ops::batch_norm(x, &self.weight, &self.bias, running.as_ref(), BN_EPS, relu)?;
+                let stats = train.then(|| (out.stats.get(0), out.stats.get(1)));
+                (out.y, stats)
             }
-            let mean = x.mean_keepdim((0, 2, 3))?;
-            let var = x.broadcast_sub(&mean)?.sqr()?.mean_keepdim((0, 2, 3))?;
-            let unbiased = (var.detach().flatten_all()? * (count as f64 / (count - 1) as f64))?;
-            let new_mean = ((self.running_mean.as_tensor() * (1.0 - BN_MOMENTUM))?
-                + (mean.detach().flatten_all()? * BN_MOMENTUM)?)?;
-            let new_var =
-                ((self.running_var.as_tensor() * (1.0 - BN_MOMENTUM))? + (unbiased * BN_MOMENTUM)?)?;
+            Kernels::Candle => {
+                let (mean, var) = if train {
+                    let mean = x.mean_keepdim((0, 2, 3))?;
+                    let var = x.broadcast_sub(&mean)?.sqr()?.mean_keepdim((0, 2, 3))?;
+                    (mean, var)
+                } else {
+                    (
+                        self.running_mean.as_tensor().reshape((1, c, 1, 1))?,
+                        self.running_var.as_tensor().reshape((1, c, 1, 1))?,
+                    )
+                };
+                // y = (x - mean) * (weight / sqrt(var + eps)) + bias.
+                let scale = self.weight.reshape((1, c, 1, 1))?.broadcast_div(&(&var + BN_EPS)?.sqrt()?)?;
+                let y = x.broadcast_sub(&mean)?.broadcast_mul(&scale)?;
+                let y = y.broadcast_add(&self.bias.reshape((1, c, 1, 1))?)?;
+                let y = if relu { y.relu()? } else { y };
+                let stats = train.then(|| (mean.detach().flatten_all(), var.detach().flatten_all()));
+                (y, stats)
+            }
+        };
+        if let Some((mean, var)) = batch_stats {
+            // Running statistics: momentum 0.1, and the unbiased variance, as PyTorch.
+            let unbiased = (var? * (count as f64 / (count - 1) as f64))?;
+            let new_mean = ((self.running_mean.as_tensor() * (1.0 - BN_MOMENTUM))? + (mean? * BN_MOMENTUM)?)?;
+            let new_var = ((self.running_var.as_tensor() * (1.0 - BN_MOMENTUM))? + (unbiased * BN_MOMENTUM)?)?;
             self.running_mean.set(&new_mean)?;
             self.running_var.set(&new_var)?;
-            (mean, var)
-        } else {
-            (
-                self.running_mean.as_tensor().reshape((1, c, 1, 1))?,
-                self.running_var.as_tensor().reshape((1, c, 1, 1))?,
-            )
-        };
-        // y = (x - mean) * (weight / sqrt(var + eps)) + bias, with the per-channel factors
-        // folded first so that the large tensor sees one multiply and one add.
-        let scale = self
-            .weight
-            .reshape((1, c, 1, 1))?
-            .broadcast_div(&(var + BN_EPS)?.sqrt()?)?;
-        let y = x.broadcast_sub(&mean)?.broadcast_mul(&scale)?;
-        Ok(y.broadcast_add(&self.bias.reshape((1, c, 1, 1))?)?)
+        }
+        Ok(y)
     }
 }
 
@@ -229,13 +248,13 @@ impl BasicBlock {
     }
 
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let y = self.bn1.forward_t(&self.conv1.forward(x)?, train)?.relu()?;
-        let mut y = self.bn2.forward_t(&self.conv2.forward(&y)?, train)?;
+        let y = self.bn1.forward_t(&self.conv1.forward(x)?, train, true)?;
+        let mut y = self.bn2.forward_t(&self.conv2.forward(&y)?, train, false)?;
         if let Some(se) = &self.se {
             y = se.forward(&y)?;
         }
         let shortcut = match &self.downsample {
-            Some((conv, bn)) => bn.forward_t(&conv.forward(x)?, train)?,
+            Some((conv, bn)) => bn.forward_t(&conv.forward(x)?, train, false)?,
             None => x.clone(),
         };
         Ok((y + shortcut)?.relu()?)
@@ -306,7 +325,7 @@ impl ResNet {
                 candle_core::Error::Msg(format!("model input must be f32, got {:?}", x.dtype())).into(),
             );
         }
-        let mut x = self.bn1.forward_t(&self.conv1.forward(x)?, train)?.relu()?;
+        let mut x = self.bn1.forward_t(&self.conv1.forward(x)?, train, true)?;
         if self.max_pool {
             // 3x3 stride-2 max-pool with padding 1. On the CPU brisk's op, which has a
             // backward (candle has none for a window larger than its stride). Elsewhere

@@ -1,3 +1,4 @@
 //! One module per `brisk` subcommand: its clap `Args` and its `run`.
 
+pub mod bench;
 pub mod models;

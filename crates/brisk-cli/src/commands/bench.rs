@@ -1,0 +1,146 @@
+//! `brisk bench`: measurements printed as figures (`step`: training-step or eval throughput).
+
+use anyhow::Result;
+use brisk_models::{Arch, Kernels, ModelSpec, Stem};
+use brisk_train::bench::StepBench;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(subcommand)]
+    what: What,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum What {
+    /// Time training steps (forward + cross-entropy + backward + SGD with momentum) on
+    /// random data and print images/s: median, min and max over the timed steps.
+    Step(StepArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct StepArgs {
+    /// Architecture.
+    #[arg(long, default_value = "resnet18", value_parser = parse_arch)]
+    arch: Arch,
+    /// Stem: cifar (3x3/1 conv) or imagenet (7x7/2 conv + max-pool).
+    #[arg(long, default_value = "cifar", value_parser = parse_stem)]
+    stem: Stem,
+    /// Number of classes.
+    #[arg(long, default_value_t = 10)]
+    classes: usize,
+    /// Width multiplier on the stage widths 64/128/256/512.
+    #[arg(long, default_value_t = 1.0)]
+    width: f64,
+    /// Image height and width. By default, 32 for the cifar stem and 224 for imagenet.
+    #[arg(long)]
+    image: Option<usize>,
+    /// Images per step.
+    #[arg(long, default_value_t = 32)]
+    batch: usize,
+    /// Compute threads. By default, every available core.
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Timed steps.
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
+    /// Untimed steps before them.
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    /// Compute dtype (mixed precision arrives with brisk-precision).
+    #[arg(long, default_value = "f32", value_parser = ["f32"])]
+    dtype: String,
+    /// Use candle's own convolution ops instead of brisk's kernels, for comparison.
+    #[arg(long)]
+    reference_ops: bool,
+    /// Time eval-mode forward passes instead of training steps.
+    #[arg(long)]
+    eval: bool,
+    /// Print one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_arch(s: &str) -> std::result::Result<Arch, String> {
+    Arch::ALL
+        .into_iter()
+        .find(|a| a.name() == s)
+        .ok_or_else(|| format!("unknown architecture; expected one of {}", Arch::ALL.map(Arch::name).join(", ")))
+}
+
+fn parse_stem(s: &str) -> std::result::Result<Stem, String> {
+    match s {
+        "cifar" => Ok(Stem::Cifar),
+        "imagenet" => Ok(Stem::Imagenet),
+        _ => Err("expected cifar or imagenet".into()),
+    }
+}
+
+pub fn run(args: &Args) -> Result<()> {
+    match &args.what {
+        What::Step(a) => step(a),
+    }
+}
+
+fn step(a: &StepArgs) -> Result<()> {
+    let threads = a.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    brisk_ops::set_threads(threads)?;
+    let image = a.image.unwrap_or(match a.stem {
+        Stem::Cifar => 32,
+        Stem::Imagenet => 224,
+    });
+    let spec = ModelSpec {
+        arch: a.arch,
+        stem: a.stem,
+        in_channels: 3,
+        classes: a.classes,
+        width: a.width,
+        se_ratio: 16,
+        zero_init_residual: false,
+        image_size: image,
+        channels: None,
+    };
+    spec.validate()?;
+    let kernels = if a.reference_ops { Kernels::Candle } else { Kernels::Brisk };
+    let bench = StepBench { spec, batch: a.batch, steps: a.steps, warmup: a.warmup, kernels, eval: a.eval };
+    let mode = if a.eval { "eval forward" } else { "train step" };
+    eprintln!(
+        "brisk bench step: {} {} width {} {}x{} batch {} threads {} ({} kernels, {mode}), {} warm-up + {} timed steps",
+        a.arch.name(),
+        format!("{:?}", a.stem).to_lowercase(),
+        a.width,
+        image,
+        image,
+        a.batch,
+        threads,
+        if a.reference_ops { "candle" } else { "brisk" },
+        a.warmup,
+        a.steps
+    );
+    let r = bench.run()?;
+    if a.json {
+        let mut v = serde_json::to_value(&r)?;
+        v["batch"] = a.batch.into();
+        v["threads"] = threads.into();
+        v["dtype"] = a.dtype.clone().into();
+        v["arch"] = a.arch.name().into();
+        v["width"] = a.width.into();
+        v["image"] = image.into();
+        v["mode"] = (if a.eval { "eval" } else { "train" }).into();
+        v["kernels"] = (if a.reference_ops { "candle" } else { "brisk" }).into();
+        println!("{v}");
+    } else {
+        println!(
+            "brisk {} {} batch={} img/s median {:.2} (min {:.2} max {:.2}); forward {:.1} ms, backward {:.1} ms, optimizer {:.1} ms",
+            a.arch.name(),
+            a.dtype,
+            a.batch,
+            r.img_per_s,
+            r.img_per_s_min,
+            r.img_per_s_max,
+            r.forward_ms,
+            r.backward_ms,
+            r.optimizer_ms
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,85 @@
+//! The SGD-with-momentum update as two in-place passes over each parameter, instead of
+//! candle's five allocating tensor ops.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, InplaceOp3, Layout, Result, Tensor};
+
+/// One SGD step's constants (PyTorch's SGD without dampening).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SgdStep {
+    pub lr: f32,
+    pub momentum: f32,
+    pub weight_decay: f32,
+    pub nesterov: bool,
+    /// The parameter's first step: the velocity starts as the gradient (its old contents
+    /// are ignored), as in PyTorch.
+    pub first: bool,
+}
+
+/// In place, for f32 CPU tensors of one shape:
+/// `v ← momentum·v + (g + wd·w)` (`v ← g + wd·w` on the first step), then `w ← w − lr·d` with `d = v`, or with Nesterov
+/// `d = (g + wd·w) + momentum·v`.
+pub fn sgd_update(weight: &Tensor, velocity: &Tensor, grad: &Tensor, step: SgdStep) -> Result<()> {
+    let grad = grad.contiguous()?;
+    velocity.inplace_op3(&grad, weight, &Velocity(step))?;
+    weight.inplace_op3(velocity, &grad, &Weight(step))
+}
+
+fn data<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(d), Some((a, b))) => Ok(&d[a..b]),
+        _ => candle_core::bail!("brisk sgd: tensors must be contiguous f32, got {:?}", s.dtype()),
+    }
+}
+
+fn data_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> Result<&'a mut [f32]> {
+    let dtype = s.dtype();
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(d), Some((a, b))) => Ok(&mut d[a..b]),
+        _ => candle_core::bail!("brisk sgd: tensors must be contiguous f32, got {dtype:?}"),
+    }
+}
+
+/// dst = velocity; sources (grad, weight).
+struct Velocity(SgdStep);
+
+impl InplaceOp3 for Velocity {
+    fn name(&self) -> &'static str {
+        "brisk-sgd-velocity"
+    }
+
+    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<()> {
+        let (v, g, w) = (data_mut(s1, l1)?, data(s2, l2)?, data(s3, l3)?);
+        if v.len() != g.len() || v.len() != w.len() {
+            candle_core::bail!("brisk sgd: velocity, gradient and weight differ in size");
+        }
+        let SgdStep { momentum, weight_decay, first, .. } = self.0;
+        let momentum = if first { 0.0 } else { momentum };
+        for ((v, &g), &w) in v.iter_mut().zip(g).zip(w) {
+            *v = momentum * *v + (g + weight_decay * w);
+        }
+        Ok(())
+    }
+}
+
+/// dst = weight; sources (velocity, grad).
+struct Weight(SgdStep);
+
+impl InplaceOp3 for Weight {
+    fn name(&self) -> &'static str {
+        "brisk-sgd-weight"
+    }
+
+    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<()> {
+        let (w, v, g) = (data_mut(s1, l1)?, data(s2, l2)?, data(s3, l3)?);
+        if v.len() != g.len() || v.len() != w.len() {
+            candle_core::bail!("brisk sgd: velocity, gradient and weight differ in size");
+        }
+        let SgdStep { lr, momentum, weight_decay, nesterov, .. } = self.0;
+        for ((w, &v), &g) in w.iter_mut().zip(v).zip(g) {
+            let d = if nesterov { g + weight_decay * *w + momentum * v } else { v };
+            *w -= lr * d;
+        }
+        Ok(())
+    }
+}

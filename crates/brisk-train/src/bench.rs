@@ -1,0 +1,143 @@
+//! The training-step benchmark behind `brisk bench step`: times whole SGD steps (or
+//! eval-mode forwards) on random data, as `../shared/reference/torch_train_step.py` does.
+
+use std::time::Instant;
+
+use brisk_models::{Kernels, ModelSpec, Network};
+use candle_core::{Device, Tensor};
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::optim::{Sgd, SgdConfig};
+
+/// What one benchmark run measures.
+#[derive(Clone, Debug)]
+pub struct StepBench {
+    /// The model to time.
+    pub spec: ModelSpec,
+    /// Images per step.
+    pub batch: usize,
+    /// Timed steps (after `warmup` untimed ones).
+    pub steps: usize,
+    /// Untimed steps first, so allocations and caches settle. By default, 2.
+    pub warmup: usize,
+    /// Convolution kernels: brisk's (default) or candle's reference.
+    pub kernels: Kernels,
+    /// Time eval-mode forward passes instead of training steps.
+    pub eval: bool,
+}
+
+/// Figures of one run; img/s are batch / step time.
+#[derive(Clone, Debug, Serialize)]
+pub struct StepReport {
+    /// Median images per second over the timed steps.
+    pub img_per_s: f64,
+    /// From the slowest step.
+    pub img_per_s_min: f64,
+    /// From the fastest step.
+    pub img_per_s_max: f64,
+    /// Median milliseconds of the forward pass (with the loss, in training).
+    pub forward_ms: f64,
+    /// Median milliseconds of the backward pass (0 in eval mode).
+    pub backward_ms: f64,
+    /// Median milliseconds of the optimiser update (0 in eval mode).
+    pub optimizer_ms: f64,
+    pub steps: usize,
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+impl StepBench {
+    /// Runs the benchmark on the CPU: forward, cross-entropy, backward and an SGD step
+    /// (lr 0.01, momentum 0.9, weight decay 5e-4, as the PyTorch reference) per step.
+    pub fn run(&self) -> Result<StepReport> {
+        if self.batch == 0 {
+            return Err(Error::InvalidConfig { field: "batch", problem: "must be at least 1".into() });
+        }
+        if self.steps == 0 {
+            return Err(Error::InvalidConfig { field: "steps", problem: "must be at least 1".into() });
+        }
+        let dev = Device::Cpu;
+        let mut net = Network::new(self.spec.clone(), 0, &dev)?;
+        net.set_kernels(self.kernels)?;
+        let size = self.spec.image_size;
+        let x = Tensor::randn(0f32, 1.0, (self.batch, self.spec.in_channels, size, size), &dev)?;
+        // Fixed labels spread over the classes.
+        let labels: Vec<u32> = (0..self.batch).map(|i| ((7 * i + 3) % self.spec.classes) as u32).collect();
+        let labels = Tensor::new(labels.as_slice(), &dev)?;
+        let vars = net.trainable_vars()?.into_iter().map(|(_, v)| v).collect();
+        let mut sgd = Sgd::new(vars, SgdConfig { lr: 0.01, momentum: 0.9, nesterov: false, weight_decay: 5e-4 })?;
+        let (mut total, mut fwd, mut bwd, mut opt) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for i in 0..self.warmup + self.steps {
+            let t0 = Instant::now();
+            let (t1, t2);
+            if self.eval {
+                // candle's CPU backend is eager: the logits are computed when this returns.
+                net.forward_t(&x, false)?;
+                t1 = Instant::now();
+                t2 = t1;
+            } else {
+                let logits = net.forward_t(&x, true)?;
+                let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
+                t1 = Instant::now();
+                let grads = loss.backward()?;
+                t2 = Instant::now();
+                sgd.step(&grads)?;
+            }
+            let t3 = Instant::now();
+            if i >= self.warmup {
+                total.push((t3 - t0).as_secs_f64());
+                fwd.push((t1 - t0).as_secs_f64() * 1e3);
+                bwd.push((t2 - t1).as_secs_f64() * 1e3);
+                opt.push((t3 - t2).as_secs_f64() * 1e3);
+            }
+        }
+        let b = self.batch as f64;
+        let slowest = total.iter().copied().fold(f64::MIN, f64::max);
+        let fastest = total.iter().copied().fold(f64::MAX, f64::min);
+        Ok(StepReport {
+            img_per_s: b / median(&mut total),
+            img_per_s_min: b / slowest,
+            img_per_s_max: b / fastest,
+            forward_ms: median(&mut fwd),
+            backward_ms: median(&mut bwd),
+            optimizer_ms: median(&mut opt),
+            steps: self.steps,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tiny_benchmark_reports_consistent_figures() -> Result<()> {
+        let mut spec = ModelSpec::resnet18_cifar(10).with_width(0.0625);
+        spec.image_size = 8;
+        for eval in [false, true] {
+            let r = StepBench { spec: spec.clone(), batch: 2, steps: 3, warmup: 1, kernels: Kernels::Brisk, eval }.run()?;
+            assert!(r.img_per_s_min <= r.img_per_s && r.img_per_s <= r.img_per_s_max, "{r:?}");
+            assert_eq!(r.steps, 3);
+            assert_eq!(eval, r.backward_ms == 0.0);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn zero_batch_is_an_error() {
+        let spec = ModelSpec::resnet18_cifar(10);
+        let e = StepBench { spec, batch: 0, steps: 1, warmup: 0, kernels: Kernels::Brisk, eval: false }
+            .run()
+            .expect_err("batch 0");
+        assert!(e.to_string().contains("batch"));
+    }
+}
