@@ -1,5 +1,6 @@
 //! The one criterion entry point: each subject lives in its own file beside this one.
 
+mod conv;
 mod models;
 
-criterion::criterion_main!(models::benches);
+criterion::criterion_main!(conv::benches, models::benches);

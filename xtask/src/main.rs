@@ -4,12 +4,18 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
+mod compare;
+
 const TASKS: &str = "\
 Usage: cargo xtask <TASK>
 
 Tasks:
-  test    cargo fmt --check, cargo clippy -D warnings and the whole test suite
-          (what CI runs; the README's test command)
+  test            cargo fmt --check, cargo clippy -D warnings and the whole test suite
+                  (what CI runs; the README's test command)
+  compare-torch   brisk vs PyTorch, side by side on this machine: training-step and
+                  eval-forward img/s of CIFAR ResNet-18, runs alternated, with ratios
+                  [--batches 32,128] [--threads 2] [--steps 5] [--rounds 2]
+                  (needs python3 with torch; ../shared/reference/torch_train_step.py)
 ";
 
 fn main() -> Result<()> {
@@ -20,6 +26,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Some("test") => test(&args[1..]),
+        Some("compare-torch") => compare::run(&args[1..]),
         Some(other) => {
             eprint!("unknown task `{other}`\n\n{TASKS}");
             std::process::exit(2);

@@ -116,9 +116,9 @@ impl BatchNorm2d {
         })
     }
 
-    /// Normalises `x`, then applies ReLU when `relu` (fused into the same pass with
-    /// brisk's kernels).
-    fn forward_t(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
+    /// Normalises `x`, then adds `residual` and applies ReLU when asked (fused into the
+    /// same pass with brisk's kernels).
+    fn forward_t(&self, x: &Tensor, train: bool, relu: bool, residual: Option<&Tensor>) -> Result<Tensor> {
         let (n, c, h, w) = x.dims4()?;
         let count = n * h * w;
         if train && count < 2 {
@@ -132,9 +132,14 @@ impl BatchNorm2d {
                 let running = if train {
                     None
                 } else {
-                    Some(Tensor::stack(&[self.running_mean.as_tensor(), self.running_var.as_tensor()], 0)?)
+                    Some(Tensor::stack(
+                        &[self.running_mean.as_tensor(), self.running_var.as_tensor()],
+                        0,
+                    )?)
                 };
-                let out = brisk_ops::batch_norm(x, &self.weight, &self.bias, running.as_ref(), BN_EPS, relu)?;
+                let epilogue = brisk_ops::Epilogue { residual, relu };
+                let out =
+                    brisk_ops::batch_norm(x, &self.weight, &self.bias, running.as_ref(), BN_EPS, epilogue)?;
                 let stats = train.then(|| (out.stats.get(0), out.stats.get(1)));
                 (out.y, stats)
             }
@@ -150,9 +155,16 @@ impl BatchNorm2d {
                     )
                 };
                 // y = (x - mean) * (weight / sqrt(var + eps)) + bias.
-                let scale = self.weight.reshape((1, c, 1, 1))?.broadcast_div(&(&var + BN_EPS)?.sqrt()?)?;
+                let scale = self
+                    .weight
+                    .reshape((1, c, 1, 1))?
+                    .broadcast_div(&(&var + BN_EPS)?.sqrt()?)?;
                 let y = x.broadcast_sub(&mean)?.broadcast_mul(&scale)?;
                 let y = y.broadcast_add(&self.bias.reshape((1, c, 1, 1))?)?;
+                let y = match residual {
+                    Some(r) => (y + r)?,
+                    None => y,
+                };
                 let y = if relu { y.relu()? } else { y };
                 let stats = train.then(|| (mean.detach().flatten_all(), var.detach().flatten_all()));
                 (y, stats)
@@ -162,7 +174,8 @@ impl BatchNorm2d {
             // Running statistics: momentum 0.1, and the unbiased variance, as PyTorch.
             let unbiased = (var? * (count as f64 / (count - 1) as f64))?;
             let new_mean = ((self.running_mean.as_tensor() * (1.0 - BN_MOMENTUM))? + (mean? * BN_MOMENTUM)?)?;
-            let new_var = ((self.running_var.as_tensor() * (1.0 - BN_MOMENTUM))? + (unbiased * BN_MOMENTUM)?)?;
+            let new_var =
+                ((self.running_var.as_tensor() * (1.0 - BN_MOMENTUM))? + (unbiased * BN_MOMENTUM)?)?;
             self.running_mean.set(&new_mean)?;
             self.running_var.set(&new_var)?;
         }
@@ -248,16 +261,20 @@ impl BasicBlock {
     }
 
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let y = self.bn1.forward_t(&self.conv1.forward(x)?, train, true)?;
-        let mut y = self.bn2.forward_t(&self.conv2.forward(&y)?, train, false)?;
-        if let Some(se) = &self.se {
-            y = se.forward(&y)?;
-        }
+        let y = self.bn1.forward_t(&self.conv1.forward(x)?, train, true, None)?;
         let shortcut = match &self.downsample {
-            Some((conv, bn)) => bn.forward_t(&conv.forward(x)?, train, false)?,
+            Some((conv, bn)) => bn.forward_t(&conv.forward(x)?, train, false, None)?,
             None => x.clone(),
         };
-        Ok((y + shortcut)?.relu()?)
+        let z = self.conv2.forward(&y)?;
+        match &self.se {
+            // The SE scale sits between bn2 and the shortcut, so only bn2 is fused.
+            Some(se) => {
+                let y = se.forward(&self.bn2.forward_t(&z, train, false, None)?)?;
+                Ok((y + shortcut)?.relu()?)
+            }
+            None => self.bn2.forward_t(&z, train, true, Some(&shortcut)),
+        }
     }
 }
 
@@ -325,7 +342,7 @@ impl ResNet {
                 candle_core::Error::Msg(format!("model input must be f32, got {:?}", x.dtype())).into(),
             );
         }
-        let mut x = self.bn1.forward_t(&self.conv1.forward(x)?, train, true)?;
+        let mut x = self.bn1.forward_t(&self.conv1.forward(x)?, train, true, None)?;
         if self.max_pool {
             // 3x3 stride-2 max-pool with padding 1. On the CPU brisk's op, which has a
             // backward (candle has none for a window larger than its stride). Elsewhere

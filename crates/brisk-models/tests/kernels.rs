@@ -32,7 +32,13 @@ fn check(mut spec: ModelSpec, image: usize) -> Result<()> {
         let grads = loss.backward()?;
         let mut g = Vec::new();
         for (name, var) in net.trainable_vars()? {
-            g.push((name.clone(), grads.get(&var).with_context(|| format!("no gradient for {name}"))?.clone()));
+            g.push((
+                name.clone(),
+                grads
+                    .get(&var)
+                    .with_context(|| format!("no gradient for {name}"))?
+                    .clone(),
+            ));
         }
         runs.push((logits, g));
     }

@@ -3,38 +3,57 @@
 //! each parallel over channels, instead of candle's chain of small allocating ops.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-/// Output of [`batch_norm`] in training mode.
+/// Output of [`batch_norm`].
 #[derive(Debug)]
 pub struct BatchNormOutput {
-    /// The normalised (and possibly rectified) tensor.
+    /// The normalised tensor (with the residual added and ReLU applied, if asked).
     pub y: Tensor,
-    /// `[2, C]`: the batch mean and the biased batch variance (no gradient attached),
-    /// from which the caller updates its running statistics.
+    /// `[2, C]`: the mean and biased variance used (the batch's in training, no gradient
+    /// attached), from which the caller updates its running statistics.
     pub stats: Tensor,
 }
 
-/// Batch-norm with PyTorch's semantics over `[N, C, H, W]`. With `stats = None` (training)
-/// the batch's mean and biased variance normalise, and the gradient flows through them;
-/// with `stats = Some([2, C])` (evaluation: running mean and variance) they are constants.
-/// `relu` applies max(0, ·) to the result in the same pass.
+/// What follows the normalisation in the same pass.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Epilogue<'a> {
+    /// Added after the affine transform (a ResNet block's shortcut), same shape as x.
+    pub residual: Option<&'a Tensor>,
+    /// max(0, ·) last.
+    pub relu: bool,
+}
+
+/// Batch-norm with PyTorch's semantics over `[N, C, H, W]`, then the epilogue:
+/// `y = relu?(γ (x − mean) / sqrt(var + eps) + β + residual?)`. With `stats = None`
+/// (training) the batch's mean and biased variance normalise, and the gradient flows
+/// through them; with `stats = Some([2, C])` (evaluation: running mean and variance) they
+/// are constants.
 pub fn batch_norm(
     x: &Tensor,
     weight: &Tensor,
     bias: &Tensor,
     stats: Option<&Tensor>,
     eps: f64,
-    relu: bool,
+    epilogue: Epilogue,
 ) -> Result<BatchNormOutput> {
     let x = x.contiguous()?;
     let (batch_stats, stats) = match stats {
         Some(s) => (false, s.detach().contiguous()?),
         None => (true, x.detach().apply_op1_no_bwd(&Stats)?),
     };
-    let affine = Tensor::stack(&[weight, bias], 0)?;
-    let y = x.apply_op3(&stats, &affine, Normalize { eps, relu, batch_stats })?;
+    // [mean; var; weight; bias]: one [4, C] input carries every per-channel constant.
+    let params = Tensor::cat(&[&stats, &Tensor::stack(&[weight, bias], 0)?], 0)?;
+    let op = Normalize {
+        eps,
+        relu: epilogue.relu,
+        batch_stats,
+    };
+    let y = match epilogue.residual {
+        None => x.apply_op2(&params, op)?,
+        Some(r) => x.apply_op3(&params, &r.contiguous()?, op)?,
+    };
     Ok(BatchNormOutput { y, stats })
 }
 
@@ -58,7 +77,13 @@ fn nchw(l: &Layout) -> Result<(usize, usize, usize)> {
 }
 
 /// The N contiguous `H*W` segments of channel `ch`.
-fn channel_segments<'a>(x: &'a [f32], n: usize, c: usize, hw: usize, ch: usize) -> impl Iterator<Item = &'a [f32]> {
+fn channel_segments<'a>(
+    x: &'a [f32],
+    n: usize,
+    c: usize,
+    hw: usize,
+    ch: usize,
+) -> impl Iterator<Item = &'a [f32]> {
     (0..n).map(move |i| &x[(i * c + ch) * hw..(i * c + ch + 1) * hw])
 }
 
@@ -78,7 +103,9 @@ impl CustomOp1 for Stats {
         let per_channel: Vec<(f32, f32)> = (0..c)
             .into_par_iter()
             .map(|ch| {
-                let sum: f64 = channel_segments(x, n, c, hw, ch).map(|s| s.iter().map(|&v| v as f64).sum::<f64>()).sum();
+                let sum: f64 = channel_segments(x, n, c, hw, ch)
+                    .map(|s| s.iter().map(|&v| v as f64).sum::<f64>())
+                    .sum();
                 let mean = sum / count;
                 let sq: f64 = channel_segments(x, n, c, hw, ch)
                     .map(|s| s.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>())
@@ -111,7 +138,7 @@ fn channels(stats: &[f32], affine: &[f32], c: usize, eps: f64) -> Vec<Channel> {
         .collect()
 }
 
-/// (x, stats [2, C], affine [2, C] = weight; bias) → y.
+/// (x, [mean; var; weight; bias], residual?) → y.
 #[derive(Clone, Copy, Debug)]
 struct Normalize {
     eps: f64,
@@ -121,17 +148,115 @@ struct Normalize {
 }
 
 impl Normalize {
-    fn check_params(&self, c: usize, l2: &Layout, l3: &Layout) -> Result<()> {
-        if l2.dims() != [2, c] || l3.dims() != [2, c] {
-            candle_core::bail!("brisk batch-norm: statistics {:?} and affine {:?} must be [2, {c}]", l2.dims(), l3.dims());
+    fn fwd(
+        &self,
+        x: (&CpuStorage, &Layout),
+        params: (&CpuStorage, &Layout),
+        residual: Option<(&CpuStorage, &Layout)>,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (_, c, hw) = nchw(x.1)?;
+        if params.1.dims() != [4, c] {
+            candle_core::bail!(
+                "brisk batch-norm: per-channel parameters {:?} must be [4, {c}]",
+                params.1.dims()
+            );
         }
-        Ok(())
+        let xs = f32_data(x.0, x.1, "input")?;
+        let p = f32_data(params.0, params.1, "parameters")?;
+        let ch = channels(&p[..2 * c], &p[2 * c..], c, self.eps);
+        let res = match residual {
+            Some((s, l)) if l.dims() == x.1.dims() => Some(f32_data(s, l, "residual")?),
+            Some((_, l)) => candle_core::bail!(
+                "brisk batch-norm: residual {:?} differs from input {:?}",
+                l.dims(),
+                x.1.dims()
+            ),
+            None => None,
+        };
+        let mut y = vec![0f32; xs.len()];
+        let relu = self.relu;
+        y.par_chunks_mut(hw)
+            .zip(xs.par_chunks(hw))
+            .enumerate()
+            .for_each(|(i, (yo, xi))| {
+                let p = &ch[i % c];
+                let scale = p.gamma * p.inv_std;
+                let shift = p.beta - p.mean * scale;
+                let act = |v: f32| if relu { v.max(0.0) } else { v };
+                match res {
+                    Some(r) => {
+                        for ((o, &v), &rv) in yo.iter_mut().zip(xi).zip(&r[i * hw..(i + 1) * hw]) {
+                            *o = act(v * scale + shift + rv);
+                        }
+                    }
+                    None => {
+                        for (o, &v) in yo.iter_mut().zip(xi) {
+                            *o = act(v * scale + shift);
+                        }
+                    }
+                }
+            });
+        Ok((CpuStorage::F32(y), x.1.shape().clone()))
+    }
+
+    /// Gradients for (x, params, residual) from the output `res` and its gradient.
+    fn bwd(
+        &self,
+        x: &Tensor,
+        params: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Tensor, Tensor)> {
+        // The gradient reaching the sum (affine output + residual): dy where ReLU let
+        // the output through. It is also the residual's gradient.
+        let dz = if self.relu {
+            res.apply_op2_no_bwd(grad, &ReluMask)?
+        } else {
+            grad.contiguous()?
+        };
+        // [2, C]: sum(dz · x̂) and sum(dz): the weight and bias gradients.
+        let sums = x.apply_op3_no_bwd(&dz, params, &GradSums(*self))?;
+        let dx = if x.track_op() {
+            let all = Tensor::cat(&[params, &sums], 0)?;
+            Some(x.apply_op3_no_bwd(&dz, &all, &InputGrad(*self))?)
+        } else {
+            None
+        };
+        let dparams = Tensor::cat(&[&sums.zeros_like()?, &sums], 0)?;
+        Ok((dx, dparams, dz))
+    }
+}
+
+impl CustomOp2 for Normalize {
+    fn name(&self) -> &'static str {
+        "brisk-bn-normalize"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.fwd((s1, l1), (s2, l2), None)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        params: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dparams, _) = Normalize::bwd(self, x, params, res, grad)?;
+        Ok((dx, Some(dparams)))
     }
 }
 
 impl CustomOp3 for Normalize {
     fn name(&self) -> &'static str {
-        "brisk-bn-normalize"
+        "brisk-bn-normalize-residual"
     }
 
     fn cpu_fwd(
@@ -143,61 +268,59 @@ impl CustomOp3 for Normalize {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (_, c, hw) = nchw(l1)?;
-        self.check_params(c, l2, l3)?;
-        let x = f32_data(s1, l1, "input")?;
-        let ch = channels(f32_data(s2, l2, "statistics")?, f32_data(s3, l3, "affine")?, c, self.eps);
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(hw).zip(x.par_chunks(hw)).enumerate().for_each(|(i, (yo, xi))| {
-            let p = &ch[i % c];
-            let scale = p.gamma * p.inv_std;
-            let shift = p.beta - p.mean * scale;
-            if self.relu {
-                for (o, &v) in yo.iter_mut().zip(xi) {
-                    *o = (v * scale + shift).max(0.0);
-                }
-            } else {
-                for (o, &v) in yo.iter_mut().zip(xi) {
-                    *o = v * scale + shift;
-                }
-            }
-        });
-        Ok((CpuStorage::F32(y), l1.shape().clone()))
+        self.fwd((s1, l1), (s2, l2), Some((s3, l3)))
     }
 
     fn bwd(
         &self,
         x: &Tensor,
-        stats: &Tensor,
-        affine: &Tensor,
-        _res: &Tensor,
+        params: &Tensor,
+        _residual: &Tensor,
+        res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let grad = grad.contiguous()?;
-        let params = Tensor::cat(&[stats, affine], 0)?;
-        // [2, C]: sum(dy * x_hat) and sum(dy), which are also the weight and bias gradients.
-        let sums = x.apply_op3_no_bwd(&grad, &params, &GradSums(*self))?;
-        let dx = if x.track_op() {
-            let all = Tensor::cat(&[&params, &sums], 0)?;
-            Some(x.apply_op3_no_bwd(&grad, &all, &InputGrad(*self))?)
-        } else {
-            None
-        };
-        Ok((dx, None, Some(sums)))
+        let (dx, dparams, dz) = Normalize::bwd(self, x, params, res, grad)?;
+        Ok((dx, Some(dparams), Some(dz)))
     }
 }
 
-/// The gradient reaching the affine output: dy, zeroed where ReLU cut the output.
-#[inline]
-fn masked(dy: f32, x_hat: f32, p: &Channel, relu: bool) -> f32 {
-    if relu && x_hat * p.gamma + p.beta <= 0.0 {
-        0.0
-    } else {
-        dy
+/// (output, dy) → dy where the output is positive, else 0: ReLU's backward.
+#[derive(Debug)]
+struct ReluMask;
+
+impl CustomOp2 for ReluMask {
+    fn name(&self) -> &'static str {
+        "brisk-relu-mask"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (y, dy) = (f32_data(s1, l1, "output")?, f32_data(s2, l2, "gradient")?);
+        if y.len() != dy.len() {
+            candle_core::bail!(
+                "brisk relu mask: output {:?} and gradient {:?} differ",
+                l1.dims(),
+                l2.dims()
+            );
+        }
+        let mut out = vec![0f32; y.len()];
+        out.par_chunks_mut(1 << 14)
+            .zip(y.par_chunks(1 << 14).zip(dy.par_chunks(1 << 14)))
+            .for_each(|(o, (y, g))| {
+                for ((o, &y), &g) in o.iter_mut().zip(y).zip(g) {
+                    *o = if y > 0.0 { g } else { 0.0 };
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 }
 
-/// (x, dy, [mean; var; gamma; beta]) → [2, C] = (sum dy·x̂, sum dy), f64 accumulation.
+/// (x, dz, [mean; var; gamma; beta]) → [2, C] = (sum dz·x̂, sum dz), f64 accumulation.
 #[derive(Clone, Copy, Debug)]
 struct GradSums(Normalize);
 
@@ -216,23 +339,24 @@ impl CustomOp3 for GradSums {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (n, c, hw) = nchw(l1)?;
-        let (x, dy, params) = (f32_data(s1, l1, "input")?, f32_data(s2, l2, "gradient")?, f32_data(s3, l3, "params")?);
+        let (x, dz, params) = (
+            f32_data(s1, l1, "input")?,
+            f32_data(s2, l2, "gradient")?,
+            f32_data(s3, l3, "params")?,
+        );
         if params.len() < 4 * c {
             candle_core::bail!("brisk batch-norm grad: params {:?} too small", l3.dims());
         }
         let ch = channels(&params[..2 * c], &params[2 * c..4 * c], c, self.0.eps);
-        let relu = self.0.relu;
         let sums: Vec<(f32, f32)> = (0..c)
             .into_par_iter()
             .map(|k| {
                 let p = &ch[k];
                 let (mut dg, mut db) = (0f64, 0f64);
-                for (xs, gs) in channel_segments(x, n, c, hw, k).zip(channel_segments(dy, n, c, hw, k)) {
+                for (xs, gs) in channel_segments(x, n, c, hw, k).zip(channel_segments(dz, n, c, hw, k)) {
                     let (mut a, mut b) = (0f32, 0f32);
                     for (&v, &g) in xs.iter().zip(gs) {
-                        let xh = (v - p.mean) * p.inv_std;
-                        let g = masked(g, xh, p, relu);
-                        a += g * xh;
+                        a += g * (v - p.mean) * p.inv_std;
                         b += g;
                     }
                     dg += a as f64;
@@ -247,7 +371,7 @@ impl CustomOp3 for GradSums {
     }
 }
 
-/// (x, dy, [mean; var; gamma; beta; dgamma; dbeta]) → dx.
+/// (x, dz, [mean; var; gamma; beta; dgamma; dbeta]) → dx.
 #[derive(Clone, Copy, Debug)]
 struct InputGrad(Normalize);
 
@@ -266,27 +390,34 @@ impl CustomOp3 for InputGrad {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (n, c, hw) = nchw(l1)?;
-        let (x, dy, params) = (f32_data(s1, l1, "input")?, f32_data(s2, l2, "gradient")?, f32_data(s3, l3, "params")?);
+        let (x, dz, params) = (
+            f32_data(s1, l1, "input")?,
+            f32_data(s2, l2, "gradient")?,
+            f32_data(s3, l3, "params")?,
+        );
         if params.len() < 6 * c {
             candle_core::bail!("brisk batch-norm grad: params {:?} too small", l3.dims());
         }
         let ch = channels(&params[..2 * c], &params[2 * c..4 * c], c, self.0.eps);
         let (dgamma, dbeta) = (&params[4 * c..5 * c], &params[5 * c..6 * c]);
         let m = (n * hw) as f32;
-        let (relu, batch_stats) = (self.0.relu, self.0.batch_stats);
+        let batch_stats = self.0.batch_stats;
         let mut dx = vec![0f32; x.len()];
         dx.par_chunks_mut(hw).enumerate().for_each(|(i, out)| {
             let k = i % c;
             let p = &ch[k];
             let xs = &x[i * hw..(i + 1) * hw];
-            let gs = &dy[i * hw..(i + 1) * hw];
+            let gs = &dz[i * hw..(i + 1) * hw];
             let a = p.gamma * p.inv_std;
-            // Training: dx = γ σ⁻¹ (dy − mean(dy) − x̂ · mean(dy · x̂)); evaluation: γ σ⁻¹ dy.
-            let (mean_dy, mean_dyx) = if batch_stats { (dbeta[k] / m, dgamma[k] / m) } else { (0.0, 0.0) };
+            // Training: dx = γ σ⁻¹ (dz − mean(dz) − x̂ · mean(dz · x̂)); evaluation: γ σ⁻¹ dz.
+            let (mean_dz, mean_dzx) = if batch_stats {
+                (dbeta[k] / m, dgamma[k] / m)
+            } else {
+                (0.0, 0.0)
+            };
             for ((o, &v), &g) in out.iter_mut().zip(xs).zip(gs) {
                 let xh = (v - p.mean) * p.inv_std;
-                let g = masked(g, xh, p, relu);
-                *o = a * (g - mean_dy - xh * mean_dyx);
+                *o = a * (g - mean_dz - xh * mean_dzx);
             }
         });
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
@@ -298,8 +429,8 @@ mod tests {
     use super::*;
     use candle_core::{Device, Var};
 
-    /// candle's reference batch-norm (+ReLU) built from elementary ops.
-    fn reference(x: &Tensor, w: &Tensor, b: &Tensor, stats: Option<&Tensor>, relu: bool) -> Result<Tensor> {
+    /// candle's reference batch-norm (+residual, +ReLU) built from elementary ops.
+    fn reference(x: &Tensor, w: &Tensor, b: &Tensor, stats: Option<&Tensor>, e: Epilogue) -> Result<Tensor> {
         let c = w.dim(0)?;
         let (mean, var) = match stats {
             None => {
@@ -314,7 +445,11 @@ mod tests {
             .broadcast_div(&(var + 1e-5)?.sqrt()?)?
             .broadcast_mul(&w.reshape((1, c, 1, 1))?)?
             .broadcast_add(&b.reshape((1, c, 1, 1))?)?;
-        if relu {
+        let y = match e.residual {
+            Some(r) => (y + r)?,
+            None => y,
+        };
+        if e.relu {
             y.relu()
         } else {
             Ok(y)
@@ -322,32 +457,55 @@ mod tests {
     }
 
     fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
-        let d = (a - b).and_then(|d| d.abs()?.max_all()?.to_scalar::<f32>()).expect("diff");
-        let s = b.abs().and_then(|t| t.max_all()?.to_scalar::<f32>()).expect("scale");
+        let d = (a - b)
+            .and_then(|d| d.abs()?.max_all()?.to_scalar::<f32>())
+            .expect("diff");
+        let s = b
+            .abs()
+            .and_then(|t| t.max_all()?.to_scalar::<f32>())
+            .expect("scale");
         d / s.max(1e-6)
     }
 
-    fn check(shape: (usize, usize, usize, usize), relu: bool, eval: bool) -> Result<()> {
+    fn check(shape: (usize, usize, usize, usize), relu: bool, residual: bool, eval: bool) -> Result<()> {
         let dev = Device::Cpu;
         let (_, c, _, _) = shape;
         let x = Var::from_tensor(&(Tensor::randn(0f32, 2.0, shape, &dev)? + 0.5)?)?;
         let w = Var::from_tensor(&(Tensor::rand(0.5f32, 1.5, c, &dev)?))?;
         let b = Var::from_tensor(&Tensor::randn(0f32, 0.3, c, &dev)?)?;
-        let running = Tensor::stack(&[Tensor::randn(0f32, 0.5, c, &dev)?, Tensor::rand(0.5f32, 2.0, c, &dev)?], 0)?;
+        let running = Tensor::stack(
+            &[
+                Tensor::randn(0f32, 0.5, c, &dev)?,
+                Tensor::rand(0.5f32, 2.0, c, &dev)?,
+            ],
+            0,
+        )?;
         let stats = eval.then_some(&running);
-        let ours = batch_norm(&x, &w, &b, stats, 1e-5, relu)?;
-        let theirs = reference(&x, &w, &b, stats, relu)?;
-        assert!(max_rel(&ours.y, &theirs) < 1e-5, "forward {shape:?} relu={relu} eval={eval}");
+        let r = Var::from_tensor(&Tensor::randn(0f32, 1.0, shape, &dev)?)?;
+        let e = Epilogue {
+            residual: residual.then_some(r.as_tensor()),
+            relu,
+        };
+        let ours = batch_norm(&x, &w, &b, stats, 1e-5, e)?;
+        let theirs = reference(&x, &w, &b, stats, e)?;
+        assert!(
+            max_rel(&ours.y, &theirs) < 1e-5,
+            "forward {shape:?} {e:?} eval={eval}"
+        );
         if !eval {
             let mean = x.mean((0, 2, 3))?;
             assert!(max_rel(&ours.stats.get(0)?, &mean) < 1e-5);
         }
-        let r = Tensor::randn(0f32, 1.0, shape, &dev)?;
-        let g1 = (ours.y * &r)?.sum_all()?.backward()?;
-        let g2 = (theirs * &r)?.sum_all()?.backward()?;
-        for (v, what) in [(&x, "input"), (&w, "weight"), (&b, "bias")] {
+        let probe = Tensor::randn(0f32, 1.0, shape, &dev)?;
+        let g1 = (ours.y * &probe)?.sum_all()?.backward()?;
+        let g2 = (theirs * &probe)?.sum_all()?.backward()?;
+        let mut vars = vec![(&x, "input"), (&w, "weight"), (&b, "bias")];
+        if residual {
+            vars.push((&r, "residual"));
+        }
+        for (v, what) in vars {
             let err = max_rel(g1.get(v).expect("ours"), g2.get(v).expect("reference"));
-            assert!(err < 1e-4, "{what} gradient {shape:?} relu={relu} eval={eval}: {err:e}");
+            assert!(err < 1e-4, "{what} gradient {shape:?} {e:?} eval={eval}: {err:e}");
         }
         Ok(())
     }
@@ -356,8 +514,10 @@ mod tests {
     fn matches_candle_reference_in_every_mode() -> Result<()> {
         for shape in [(4, 3, 5, 7), (1, 5, 4, 4), (7, 2, 1, 1), (2, 16, 8, 8)] {
             for relu in [false, true] {
-                for eval in [false, true] {
-                    check(shape, relu, eval)?;
+                for residual in [false, true] {
+                    for eval in [false, true] {
+                        check(shape, relu, residual, eval)?;
+                    }
                 }
             }
         }
@@ -369,6 +529,6 @@ mod tests {
         let dev = Device::Cpu;
         let x = Tensor::zeros((2, 3, 2, 2), candle_core::DType::F16, &dev).expect("x");
         let w = Tensor::ones(3, candle_core::DType::F16, &dev).expect("w");
-        assert!(batch_norm(&x, &w, &w, None, 1e-5, false).is_err());
+        assert!(batch_norm(&x, &w, &w, None, 1e-5, Epilogue::default()).is_err());
     }
 }

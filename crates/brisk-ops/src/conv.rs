@@ -14,7 +14,8 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, stride: usize, padding: usize) -> Res
     if stride == 0 {
         candle_core::bail!("brisk conv2d: stride must be at least 1");
     }
-    x.contiguous()?.apply_op2(&weight.contiguous()?, Conv2d { stride, padding })
+    x.contiguous()?
+        .apply_op2(&weight.contiguous()?, Conv2d { stride, padding })
 }
 
 /// The sizes of one convolution.
@@ -38,14 +39,29 @@ impl Geom {
             candle_core::bail!("brisk conv2d: expected 4-D input and weight, got {x:?} and {weight:?}");
         };
         if cin != cin_w || k != k2 || k == 0 {
-            candle_core::bail!("brisk conv2d: input {x:?} does not fit weight {weight:?} (square kernel, same Cin)");
+            candle_core::bail!(
+                "brisk conv2d: input {x:?} does not fit weight {weight:?} (square kernel, same Cin)"
+            );
         }
         if h + 2 * pad < k || w + 2 * pad < k {
-            candle_core::bail!("brisk conv2d: input {x:?} with padding {pad} is smaller than the {k}x{k} kernel");
+            candle_core::bail!(
+                "brisk conv2d: input {x:?} with padding {pad} is smaller than the {k}x{k} kernel"
+            );
         }
         let ho = (h + 2 * pad - k) / stride + 1;
         let wo = (w + 2 * pad - k) / stride + 1;
-        Ok(Geom { n, cin, h, w, cout, k, stride, pad, ho, wo })
+        Ok(Geom {
+            n,
+            cin,
+            h,
+            w,
+            cout,
+            k,
+            stride,
+            pad,
+            ho,
+            wo,
+        })
     }
 
     /// Rows of the im2col matrix: Cin * K * K.
@@ -74,23 +90,30 @@ impl Geom {
     /// `ow * stride + kj - pad` lies inside the image.
     fn valid_cols(&self, kj: usize) -> (usize, usize) {
         let lo = self.pad.saturating_sub(kj).div_ceil(self.stride);
-        let hi = if self.w + self.pad > kj { (self.w + self.pad - kj - 1) / self.stride + 1 } else { 0 };
+        let hi = if self.w + self.pad > kj {
+            (self.w + self.pad - kj - 1) / self.stride + 1
+        } else {
+            0
+        };
         (lo.min(self.wo), hi.min(self.wo).max(lo.min(self.wo)))
     }
 
     fn input_row(&self, oh: usize, ki: usize) -> Option<usize> {
-        (oh * self.stride + ki).checked_sub(self.pad).filter(|&ih| ih < self.h)
+        (oh * self.stride + ki)
+            .checked_sub(self.pad)
+            .filter(|&ih| ih < self.h)
     }
 }
 
-/// Unfolds one image `[Cin, H, W]` into `col` `[Cin*K*K, Ho*Wo]`.
-fn im2col(g: &Geom, x: &[f32], col: &mut [f32]) {
+/// Unfolds one image `[Cin, H, W]` into the `Ho*Wo` columns of `col` `[Cin*K*K, ld]`
+/// that start at its first element (row r at `col[r * ld..]`).
+fn im2col(g: &Geom, x: &[f32], col: &mut [f32], ld: usize) {
     let (k, s, howo) = (g.k, g.stride, g.out_hw());
     for c in 0..g.cin {
         let plane = &x[c * g.h * g.w..(c + 1) * g.h * g.w];
         for ki in 0..k {
             for kj in 0..k {
-                let row = &mut col[((c * k + ki) * k + kj) * howo..][..howo];
+                let row = &mut col[((c * k + ki) * k + kj) * ld..][..howo];
                 let (lo, hi) = g.valid_cols(kj);
                 for oh in 0..g.ho {
                     let dst = &mut row[oh * g.wo..(oh + 1) * g.wo];
@@ -115,14 +138,15 @@ fn im2col(g: &Geom, x: &[f32], col: &mut [f32]) {
     }
 }
 
-/// Folds `col` `[Cin*K*K, Ho*Wo]` back into one image gradient `[Cin, H, W]`, adding.
-fn col2im(g: &Geom, col: &[f32], dx: &mut [f32]) {
+/// Folds the `Ho*Wo` columns of `col` `[Cin*K*K, ld]` that start at its first element
+/// back into one image gradient `[Cin, H, W]`, adding.
+fn col2im(g: &Geom, col: &[f32], ld: usize, dx: &mut [f32]) {
     let (k, s, howo) = (g.k, g.stride, g.out_hw());
     for c in 0..g.cin {
         let plane = &mut dx[c * g.h * g.w..(c + 1) * g.h * g.w];
         for ki in 0..k {
             for kj in 0..k {
-                let row = &col[((c * k + ki) * k + kj) * howo..][..howo];
+                let row = &col[((c * k + ki) * k + kj) * ld..][..howo];
                 let (lo, hi) = g.valid_cols(kj);
                 for oh in 0..g.ho {
                     let Some(ih) = g.input_row(oh, ki) else { continue };
@@ -158,83 +182,204 @@ fn threads() -> usize {
     rayon::current_num_threads()
 }
 
-/// Runs `f(image index, image output, scratch)` for every image: in parallel over images
-/// with single-threaded GEMMs when the batch can keep every thread busy, otherwise one
-/// image at a time with multi-threaded GEMMs.
-fn for_each_image<F>(out: &mut [f32], per_image: usize, scratch: usize, f: F)
+thread_local! {
+    /// Per-thread im2col buffer, kept between calls: a fresh large buffer per image would
+    /// cost an mmap, page faults and an munmap (with cross-core TLB shootdowns) each time.
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with this thread's scratch buffer of at least `len` floats (contents
+/// unspecified). `f` must not call `with_scratch` again.
+fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    SCRATCH.with(|cell| {
+        let mut buf = cell.borrow_mut();
+        if buf.len() < len {
+            buf.resize(len, 0.0);
+        }
+        f(&mut buf[..len])
+    })
+}
+
+/// Columns a GEMM should have at least: below this the `gemm` crate falls back to its
+/// narrow micro-kernel (measured: layer4's 4x4 maps ran at half the speed of layer3's).
+const MIN_GEMM_COLUMNS: usize = 256;
+
+/// How many images share one GEMM: small feature maps are batched side by side so the
+/// product has at least `MIN_GEMM_COLUMNS` columns.
+fn group_size(g: &Geom) -> usize {
+    (MIN_GEMM_COLUMNS / g.out_hw().max(1)).clamp(1, g.n.max(1))
+}
+
+/// Runs `f(first image, images, output chunk, scratch, gemm parallelism)` for every group
+/// of `group` images, whose outputs are consecutive chunks of `per_image` floats: in
+/// parallel over groups with single-threaded GEMMs when there are enough groups to keep
+/// every thread busy, otherwise one group at a time with multi-threaded GEMMs.
+fn for_each_group<F>(out: &mut [f32], per_image: usize, group: usize, scratch: usize, f: F)
 where
-    F: Fn(usize, &mut [f32], &mut [f32], gemm::Parallelism) + Sync,
+    F: Fn(usize, usize, &mut [f32], &mut [f32], gemm::Parallelism) + Sync,
 {
-    let n = out.len() / per_image.max(1);
+    let chunk = per_image * group;
+    let groups = out.len().div_ceil(chunk.max(1));
     let t = threads();
-    if n >= t && t > 1 {
-        out.par_chunks_mut(per_image)
-            .enumerate()
-            .for_each_init(|| vec![0f32; scratch], |buf, (i, o)| f(i, o, buf, gemm::Parallelism::None));
+    if groups >= t && t > 1 {
+        out.par_chunks_mut(chunk).enumerate().for_each(|(i, o)| {
+            with_scratch(scratch, |buf| {
+                f(i * group, o.len() / per_image, o, buf, gemm::Parallelism::None)
+            })
+        });
     } else {
-        let mut buf = vec![0f32; scratch];
-        for (i, o) in out.chunks_mut(per_image).enumerate() {
-            f(i, o, &mut buf, parallelism(t));
+        with_scratch(scratch, |buf| {
+            for (i, o) in out.chunks_mut(chunk).enumerate() {
+                f(i * group, o.len() / per_image, o, buf, parallelism(t));
+            }
+        });
+    }
+}
+
+/// Copies images `first..first + count` of an NCHW tensor with `c` channels of `hw`
+/// values into `dst` `[c, count * hw]` (image j in columns `j*hw..`).
+fn gather(src: &[f32], first: usize, count: usize, c: usize, hw: usize, dst: &mut [f32]) {
+    let ld = count * hw;
+    for j in 0..count {
+        for ch in 0..c {
+            let from = &src[((first + j) * c + ch) * hw..][..hw];
+            dst[ch * ld + j * hw..][..hw].copy_from_slice(from);
         }
     }
 }
 
+/// The inverse of [`gather`]: `src` `[c, count * hw]` into `count` NCHW images in `dst`.
+fn scatter(src: &[f32], count: usize, c: usize, hw: usize, dst: &mut [f32]) {
+    let ld = count * hw;
+    for j in 0..count {
+        for ch in 0..c {
+            dst[(j * c + ch) * hw..][..hw].copy_from_slice(&src[ch * ld + j * hw..][..hw]);
+        }
+    }
+}
+
+/// The im2col matrix `[Cin*K*K, count*Ho*Wo]` of images `first..first + count`: the
+/// image itself for a single pointwise convolution, else unfolded into `buf`.
+fn unfold<'a>(g: &Geom, x: &'a [f32], first: usize, count: usize, buf: &'a mut [f32]) -> &'a [f32] {
+    if count == 1 && g.is_pointwise() {
+        return &x[first * g.in_len()..(first + 1) * g.in_len()];
+    }
+    let ld = count * g.out_hw();
+    for j in 0..count {
+        let img = &x[(first + j) * g.in_len()..(first + j + 1) * g.in_len()];
+        im2col(g, img, &mut buf[j * g.out_hw()..], ld);
+    }
+    &buf[..g.kdim() * ld]
+}
+
 fn forward(g: &Geom, x: &[f32], w: &[f32]) -> Vec<f32> {
     let mut out = vec![0f32; g.n * g.out_len()];
-    let scratch = if g.is_pointwise() { 0 } else { g.kdim() * g.out_hw() };
-    for_each_image(&mut out, g.out_len(), scratch, |i, o, col, par| {
-        let img = &x[i * g.in_len()..(i + 1) * g.in_len()];
-        let col: &[f32] = if g.is_pointwise() {
-            img
-        } else {
-            im2col(g, img, col);
-            col
-        };
-        matmul(g.cout, g.out_hw(), g.kdim(), o, Mat::rows(w, g.kdim()), Mat::rows(col, g.out_hw()), false, par);
-    });
+    let group = group_size(g);
+    let cols = group * g.out_hw();
+    let scratch = g.kdim() * cols + if group > 1 { g.cout * cols } else { 0 };
+    for_each_group(
+        &mut out,
+        g.out_len(),
+        group,
+        scratch,
+        |first, count, o, buf, par| {
+            let (col_buf, prod) = buf.split_at_mut(g.kdim() * cols);
+            let col = unfold(g, x, first, count, col_buf);
+            let ld = count * g.out_hw();
+            let wm = Mat::rows(w, g.kdim());
+            if count == 1 {
+                matmul(g.cout, ld, g.kdim(), o, wm, Mat::rows(col, ld), false, par);
+            } else {
+                matmul(g.cout, ld, g.kdim(), prod, wm, Mat::rows(col, ld), false, par);
+                scatter(prod, count, g.cout, g.out_hw(), o);
+            }
+        },
+    );
     out
 }
 
 fn input_grad(g: &Geom, dy: &[f32], w: &[f32]) -> Vec<f32> {
     let mut dx = vec![0f32; g.n * g.in_len()];
-    let scratch = if g.is_pointwise() { 0 } else { g.kdim() * g.out_hw() };
-    for_each_image(&mut dx, g.in_len(), scratch, |i, dxi, dcol, par| {
-        let dyi = &dy[i * g.out_len()..(i + 1) * g.out_len()];
-        let wt = Mat::transposed(w, g.kdim());
-        if g.is_pointwise() {
-            matmul(g.kdim(), g.out_hw(), g.cout, dxi, wt, Mat::rows(dyi, g.out_hw()), false, par);
-        } else {
-            matmul(g.kdim(), g.out_hw(), g.cout, dcol, wt, Mat::rows(dyi, g.out_hw()), false, par);
-            col2im(g, dcol, dxi);
-        }
-    });
+    let group = group_size(g);
+    let cols = group * g.out_hw();
+    let scratch = g.kdim() * cols + if group > 1 { g.cout * cols } else { 0 };
+    for_each_group(
+        &mut dx,
+        g.in_len(),
+        group,
+        scratch,
+        |first, count, dxo, buf, par| {
+            let (dcol, dy_buf) = buf.split_at_mut(g.kdim() * cols);
+            let ld = count * g.out_hw();
+            let dyg: &[f32] = if count == 1 {
+                &dy[first * g.out_len()..(first + 1) * g.out_len()]
+            } else {
+                gather(dy, first, count, g.cout, g.out_hw(), dy_buf);
+                &dy_buf[..g.cout * ld]
+            };
+            let wt = Mat::transposed(w, g.kdim());
+            if count == 1 && g.is_pointwise() {
+                matmul(g.kdim(), ld, g.cout, dxo, wt, Mat::rows(dyg, ld), false, par);
+                return;
+            }
+            matmul(g.kdim(), ld, g.cout, dcol, wt, Mat::rows(dyg, ld), false, par);
+            for j in 0..count {
+                col2im(
+                    g,
+                    &dcol[j * g.out_hw()..],
+                    ld,
+                    &mut dxo[j * g.in_len()..(j + 1) * g.in_len()],
+                );
+            }
+        },
+    );
     dx
 }
 
 fn weight_grad(g: &Geom, x: &[f32], dy: &[f32]) -> Vec<f32> {
     let wlen = g.cout * g.kdim();
-    // A fixed split of the batch into one chunk per thread keeps the summation order,
+    let group = group_size(g);
+    let cols = group * g.out_hw();
+    let groups = g.n.div_ceil(group);
+    // A fixed split of the groups into one chunk per thread keeps the summation order,
     // and so the result, independent of scheduling.
-    let chunks = threads().min(g.n).max(1);
-    let per_chunk = g.n.div_ceil(chunks);
-    let par = if chunks == 1 { parallelism(threads()) } else { gemm::Parallelism::None };
+    let chunks = threads().min(groups).max(1);
+    let per_chunk = groups.div_ceil(chunks);
+    let par = if chunks == 1 {
+        parallelism(threads())
+    } else {
+        gemm::Parallelism::None
+    };
+    let scratch = g.kdim() * cols + if group > 1 { g.cout * cols } else { 0 };
     let partials: Vec<Vec<f32>> = (0..chunks)
         .into_par_iter()
         .map(|c| {
             let mut dw = vec![0f32; wlen];
-            let mut col = vec![0f32; if g.is_pointwise() { 0 } else { g.kdim() * g.out_hw() }];
-            for i in c * per_chunk..((c + 1) * per_chunk).min(g.n) {
-                let img = &x[i * g.in_len()..(i + 1) * g.in_len()];
-                let dyi = &dy[i * g.out_len()..(i + 1) * g.out_len()];
-                let colv: &[f32] = if g.is_pointwise() {
-                    img
-                } else {
-                    im2col(g, img, &mut col);
-                    &col
-                };
-                let col_t = Mat::transposed(colv, g.out_hw());
-                matmul(g.cout, g.kdim(), g.out_hw(), &mut dw, Mat::rows(dyi, g.out_hw()), col_t, true, par);
-            }
+            with_scratch(scratch, |buf| {
+                let (col_buf, dy_buf) = buf.split_at_mut(g.kdim() * cols);
+                for grp in c * per_chunk..((c + 1) * per_chunk).min(groups) {
+                    let first = grp * group;
+                    let count = group.min(g.n - first);
+                    let ld = count * g.out_hw();
+                    let col = unfold(g, x, first, count, col_buf);
+                    let dyg: &[f32] = if count == 1 {
+                        &dy[first * g.out_len()..(first + 1) * g.out_len()]
+                    } else {
+                        gather(dy, first, count, g.cout, g.out_hw(), dy_buf);
+                        &dy_buf[..g.cout * ld]
+                    };
+                    matmul(
+                        g.cout,
+                        g.kdim(),
+                        ld,
+                        &mut dw,
+                        Mat::rows(dyg, ld),
+                        Mat::transposed(col, ld),
+                        true,
+                        par,
+                    );
+                }
+            });
             dw
         })
         .collect();
@@ -260,22 +405,49 @@ impl CustomOp2 for Conv2d {
         "brisk-conv2d"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let g = Geom::new(l1.dims(), l2.dims(), self.stride, self.padding)?;
         let out = forward(&g, f32_slice(s1, l1, "input")?, f32_slice(s2, l2, "weight")?);
         Ok((CpuStorage::F32(out), Shape::from((g.n, g.cout, g.ho, g.wo))))
     }
 
-    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let dy = grad.contiguous()?;
         let (_, _, h, wd) = x.dims4()?;
         let dx = if x.track_op() {
-            Some(dy.apply_op2_no_bwd(w, &Conv2dInputGrad { stride: self.stride, padding: self.padding, h, w: wd })?)
+            Some(dy.apply_op2_no_bwd(
+                w,
+                &Conv2dInputGrad {
+                    stride: self.stride,
+                    padding: self.padding,
+                    h,
+                    w: wd,
+                },
+            )?)
         } else {
             None
         };
         let (_, _, k, _) = w.dims4()?;
-        let dw = x.apply_op2_no_bwd(&dy, &Conv2dWeightGrad { stride: self.stride, padding: self.padding, k })?;
+        let dw = x.apply_op2_no_bwd(
+            &dy,
+            &Conv2dWeightGrad {
+                stride: self.stride,
+                padding: self.padding,
+                k,
+            },
+        )?;
         Ok((dx, Some(dw)))
     }
 }
@@ -295,13 +467,26 @@ impl CustomOp2 for Conv2dInputGrad {
         "brisk-conv2d-input-grad"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (&[n, cout, ho, wo], &[_, cin, _, _]) = (l1.dims(), l2.dims()) else {
-            candle_core::bail!("brisk conv2d input grad: bad shapes {:?} {:?}", l1.dims(), l2.dims());
+            candle_core::bail!(
+                "brisk conv2d input grad: bad shapes {:?} {:?}",
+                l1.dims(),
+                l2.dims()
+            );
         };
         let g = Geom::new(&[n, cin, self.h, self.w], l2.dims(), self.stride, self.padding)?;
         if (g.cout, g.ho, g.wo) != (cout, ho, wo) {
-            candle_core::bail!("brisk conv2d input grad: gradient {:?} does not fit {g:?}", l1.dims());
+            candle_core::bail!(
+                "brisk conv2d input grad: gradient {:?} does not fit {g:?}",
+                l1.dims()
+            );
         }
         let dx = input_grad(&g, f32_slice(s1, l1, "gradient")?, f32_slice(s2, l2, "weight")?);
         Ok((CpuStorage::F32(dx), Shape::from((n, cin, self.h, self.w))))
@@ -321,13 +506,26 @@ impl CustomOp2 for Conv2dWeightGrad {
         "brisk-conv2d-weight-grad"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (&[_, cin, _, _], &[_, cout, _, _]) = (l1.dims(), l2.dims()) else {
-            candle_core::bail!("brisk conv2d weight grad: bad shapes {:?} {:?}", l1.dims(), l2.dims());
+            candle_core::bail!(
+                "brisk conv2d weight grad: bad shapes {:?} {:?}",
+                l1.dims(),
+                l2.dims()
+            );
         };
         let g = Geom::new(l1.dims(), &[cout, cin, self.k, self.k], self.stride, self.padding)?;
         if l2.dims() != [g.n, g.cout, g.ho, g.wo] {
-            candle_core::bail!("brisk conv2d weight grad: gradient {:?} does not fit {g:?}", l2.dims());
+            candle_core::bail!(
+                "brisk conv2d weight grad: gradient {:?} does not fit {g:?}",
+                l2.dims()
+            );
         }
         let dw = weight_grad(&g, f32_slice(s1, l1, "input")?, f32_slice(s2, l2, "gradient")?);
         Ok((CpuStorage::F32(dw), Shape::from((cout, cin, self.k, self.k))))
@@ -339,8 +537,9 @@ mod tests {
     use super::*;
     use candle_core::{DType, Device, Var};
 
-    /// (N, Cin, H, W, Cout, K, stride, padding): odd sizes, stride 2, batch 1, 1x1 and 7x7.
-    const SHAPES: [(usize, usize, usize, usize, usize, usize, usize, usize); 8] = [
+    /// (N, Cin, H, W, Cout, K, stride, padding): odd sizes, stride 2, batch 1, 1x1 and 7x7,
+    /// small maps (several images share a GEMM) and large ones.
+    const SHAPES: [(usize, usize, usize, usize, usize, usize, usize, usize); 10] = [
         (2, 3, 7, 9, 4, 3, 1, 1),
         (1, 5, 8, 8, 6, 3, 2, 1),
         (3, 4, 9, 7, 5, 1, 2, 0),
@@ -349,11 +548,19 @@ mod tests {
         (2, 4, 6, 6, 3, 3, 1, 0),
         (1, 3, 4, 5, 2, 3, 2, 0),
         (5, 6, 3, 3, 7, 3, 1, 2),
+        // Pointwise over several images (grouped into one GEMM), and a large map (one image a GEMM).
+        (4, 3, 5, 5, 2, 1, 1, 0),
+        (2, 3, 20, 18, 4, 3, 1, 1),
     ];
 
     fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
-        let diff = (a - b).and_then(|d| d.abs()?.max_all()?.to_scalar::<f32>()).expect("diff");
-        let scale = b.abs().and_then(|t| t.max_all()?.to_scalar::<f32>()).expect("scale");
+        let diff = (a - b)
+            .and_then(|d| d.abs()?.max_all()?.to_scalar::<f32>())
+            .expect("diff");
+        let scale = b
+            .abs()
+            .and_then(|t| t.max_all()?.to_scalar::<f32>())
+            .expect("scale");
         diff / scale.max(1e-6)
     }
 
@@ -379,7 +586,11 @@ mod tests {
         for (v, what) in [(&x, "input"), (&wt, "weight")] {
             let a = g_ours.get(v).expect("our grad");
             let b = g_ref.get(v).expect("reference grad");
-            assert!(max_rel(a, b) < 1e-5, "{what} gradient {shape:?}: {}", max_rel(a, b));
+            assert!(
+                max_rel(a, b) < 1e-5,
+                "{what} gradient {shape:?}: {}",
+                max_rel(a, b)
+            );
         }
         Ok(())
     }
@@ -402,7 +613,9 @@ mod tests {
         Ok(())
     }
 
-    fn check_finite_differences(shape: (usize, usize, usize, usize, usize, usize, usize, usize)) -> Result<()> {
+    fn check_finite_differences(
+        shape: (usize, usize, usize, usize, usize, usize, usize, usize),
+    ) -> Result<()> {
         // The loss sum(conv(x, w) * r) is linear in each argument, so a central difference
         // is exact up to rounding.
         let dev = Device::Cpu;
@@ -412,7 +625,10 @@ mod tests {
         let out_dims = conv2d(&x, &wt, s, p)?.dims().to_vec();
         let r = Tensor::randn(0f32, 1.0, out_dims, &dev)?;
         let loss = |x: &Tensor, wt: &Tensor| -> Result<f64> {
-            Ok((conv2d(x, wt, s, p)? * &r)?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?)
+            Ok((conv2d(x, wt, s, p)? * &r)?
+                .sum_all()?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?)
         };
         let grads = (conv2d(&x, &wt, s, p)? * &r)?.sum_all()?.backward()?;
         for (var, other, is_x) in [(&x, &wt, true), (&wt, &x, false)] {
@@ -433,7 +649,11 @@ mod tests {
                     (loss(other, &tp)?, loss(other, &tm)?)
                 };
                 let fd = (lp - lm) / (2.0 * eps as f64);
-                assert!((fd - g[idx] as f64).abs() < 1e-3 * (1.0 + fd.abs()), "{shape:?} idx {idx}: fd {fd} vs {}", g[idx]);
+                assert!(
+                    (fd - g[idx] as f64).abs() < 1e-3 * (1.0 + fd.abs()),
+                    "{shape:?} idx {idx}: fd {fd} vs {}",
+                    g[idx]
+                );
             }
         }
         Ok(())

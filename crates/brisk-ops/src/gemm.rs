@@ -13,12 +13,20 @@ pub(crate) struct Mat<'a> {
 impl<'a> Mat<'a> {
     /// A row-major matrix with `cols` columns.
     pub fn rows(data: &'a [f32], cols: usize) -> Self {
-        Mat { data, rs: cols, cs: 1 }
+        Mat {
+            data,
+            rs: cols,
+            cs: 1,
+        }
     }
 
     /// The transpose of a row-major matrix that has `cols` columns.
     pub fn transposed(data: &'a [f32], cols: usize) -> Self {
-        Mat { data, rs: 1, cs: cols }
+        Mat {
+            data,
+            rs: 1,
+            cs: cols,
+        }
     }
 
     fn fits(&self, rows: usize, cols: usize) -> bool {
@@ -36,7 +44,16 @@ pub(crate) fn parallelism(threads: usize) -> Parallelism {
 }
 
 /// `dst (m x n, row-major) = [dst +] a (m x k) * b (k x n)`.
-pub(crate) fn matmul(m: usize, n: usize, k: usize, dst: &mut [f32], a: Mat, b: Mat, accumulate: bool, par: Parallelism) {
+pub(crate) fn matmul(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    a: Mat,
+    b: Mat,
+    accumulate: bool,
+    par: Parallelism,
+) {
     assert!(dst.len() >= m * n, "gemm destination too small");
     assert!(a.fits(m, k) && b.fits(k, n), "gemm operand too small");
     if m == 0 || n == 0 {
@@ -87,8 +104,16 @@ mod tests {
         let av = |i: usize, p: usize| if a_t { a[p * m + i] } else { a[i * k + p] };
         let bv = |p: usize, j: usize| if b_t { b[j * k + p] } else { b[p * n + j] };
         let mut dst = vec![1.0f32; m * n];
-        let am = if a_t { Mat::transposed(&a, m) } else { Mat::rows(&a, k) };
-        let bm = if b_t { Mat::transposed(&b, k) } else { Mat::rows(&b, n) };
+        let am = if a_t {
+            Mat::transposed(&a, m)
+        } else {
+            Mat::rows(&a, k)
+        };
+        let bm = if b_t {
+            Mat::transposed(&b, k)
+        } else {
+            Mat::rows(&b, n)
+        };
         matmul(m, n, k, &mut dst, am, bm, accumulate, Parallelism::None);
         for i in 0..m {
             for j in 0..n {

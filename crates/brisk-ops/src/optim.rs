@@ -48,12 +48,25 @@ impl InplaceOp3 for Velocity {
         "brisk-sgd-velocity"
     }
 
-    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<()> {
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<()> {
         let (v, g, w) = (data_mut(s1, l1)?, data(s2, l2)?, data(s3, l3)?);
         if v.len() != g.len() || v.len() != w.len() {
             candle_core::bail!("brisk sgd: velocity, gradient and weight differ in size");
         }
-        let SgdStep { momentum, weight_decay, first, .. } = self.0;
+        let SgdStep {
+            momentum,
+            weight_decay,
+            first,
+            ..
+        } = self.0;
         let momentum = if first { 0.0 } else { momentum };
         for ((v, &g), &w) in v.iter_mut().zip(g).zip(w) {
             *v = momentum * *v + (g + weight_decay * w);
@@ -70,14 +83,32 @@ impl InplaceOp3 for Weight {
         "brisk-sgd-weight"
     }
 
-    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> Result<()> {
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<()> {
         let (w, v, g) = (data_mut(s1, l1)?, data(s2, l2)?, data(s3, l3)?);
         if v.len() != g.len() || v.len() != w.len() {
             candle_core::bail!("brisk sgd: velocity, gradient and weight differ in size");
         }
-        let SgdStep { lr, momentum, weight_decay, nesterov, .. } = self.0;
+        let SgdStep {
+            lr,
+            momentum,
+            weight_decay,
+            nesterov,
+            ..
+        } = self.0;
         for ((w, &v), &g) in w.iter_mut().zip(v).zip(g) {
-            let d = if nesterov { g + weight_decay * *w + momentum * v } else { v };
+            let d = if nesterov {
+                g + weight_decay * *w + momentum * v
+            } else {
+                v
+            };
             *w -= lr * d;
         }
         Ok(())

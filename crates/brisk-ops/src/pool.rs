@@ -25,15 +25,21 @@ struct MaxPool {
 impl MaxPool {
     fn out_size(&self, size: usize) -> Result<usize> {
         if size + 2 * self.padding < self.k {
-            candle_core::bail!("brisk max_pool2d: input size {size} is smaller than the {}x{} window", self.k, self.k);
+            candle_core::bail!(
+                "brisk max_pool2d: input size {size} is smaller than the {}x{} window",
+                self.k,
+                self.k
+            );
         }
         Ok((size + 2 * self.padding - self.k) / self.stride + 1)
     }
 
     /// The input index (within one plane) of the first maximum of window (oh, ow).
     fn argmax(&self, plane: &[f32], h: usize, w: usize, oh: usize, ow: usize) -> usize {
-        let rows = (oh * self.stride).saturating_sub(self.padding)..(oh * self.stride + self.k - self.padding).min(h);
-        let cols = (ow * self.stride).saturating_sub(self.padding)..(ow * self.stride + self.k - self.padding).min(w);
+        let rows = (oh * self.stride).saturating_sub(self.padding)
+            ..(oh * self.stride + self.k - self.padding).min(h);
+        let cols = (ow * self.stride).saturating_sub(self.padding)
+            ..(ow * self.stride + self.k - self.padding).min(w);
         let mut best = (f32::NEG_INFINITY, rows.start * w + cols.start);
         for ih in rows {
             for iw in cols.clone() {
@@ -80,7 +86,9 @@ impl CustomOp1 for MaxPool {
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(x.apply_op2_no_bwd(&grad.contiguous()?, &MaxPoolGrad(*self))?))
+        Ok(Some(
+            x.apply_op2_no_bwd(&grad.contiguous()?, &MaxPoolGrad(*self))?,
+        ))
     }
 }
 
@@ -93,11 +101,21 @@ impl CustomOp2 for MaxPoolGrad {
         "brisk-max-pool2d-grad"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (n, c, h, w) = l1.shape().dims4()?;
         let (ho, wo) = (self.0.out_size(h)?, self.0.out_size(w)?);
         if l2.dims() != [n, c, ho, wo] {
-            candle_core::bail!("brisk max_pool2d grad: gradient {:?} does not fit input {:?}", l2.dims(), l1.dims());
+            candle_core::bail!(
+                "brisk max_pool2d grad: gradient {:?} does not fit input {:?}",
+                l2.dims(),
+                l1.dims()
+            );
         }
         let (x, dy) = (f32_contiguous(s1, l1)?, f32_contiguous(s2, l2)?);
         let mut dx = vec![0f32; n * c * h * w];
@@ -127,18 +145,27 @@ mod tests {
         let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, c, h, w), &Device::Cpu)?)?;
         let ours = max_pool2d(&x, 2, 2, 0)?;
         let reference = x.max_pool2d(2)?;
-        assert_eq!(ours.flatten_all()?.to_vec1::<f32>()?, reference.flatten_all()?.to_vec1::<f32>()?);
+        assert_eq!(
+            ours.flatten_all()?.to_vec1::<f32>()?,
+            reference.flatten_all()?.to_vec1::<f32>()?
+        );
         let r = Tensor::randn(0f32, 1.0, ours.dims(), &Device::Cpu)?;
         let grads = (ours * &r)?.sum_all()?.backward()?;
         let got = grads.get(&x).expect("grad").flatten_all()?.to_vec1::<f32>()?;
-        let (xv, rv) = (x.flatten_all()?.to_vec1::<f32>()?, r.flatten_all()?.to_vec1::<f32>()?);
+        let (xv, rv) = (
+            x.flatten_all()?.to_vec1::<f32>()?,
+            r.flatten_all()?.to_vec1::<f32>()?,
+        );
         let mut want = vec![0f32; xv.len()];
         let (ho, wo) = (h / 2, w / 2);
         for p in 0..n * c {
             for oh in 0..ho {
                 for ow in 0..wo {
-                    let cells = [(0, 0), (0, 1), (1, 0), (1, 1)].map(|(a, b)| p * h * w + (2 * oh + a) * w + 2 * ow + b);
-                    let best = cells.into_iter().fold(cells[0], |m, i| if xv[i] > xv[m] { i } else { m });
+                    let cells = [(0, 0), (0, 1), (1, 0), (1, 1)]
+                        .map(|(a, b)| p * h * w + (2 * oh + a) * w + 2 * ow + b);
+                    let best = cells
+                        .into_iter()
+                        .fold(cells[0], |m, i| if xv[i] > xv[m] { i } else { m });
                     want[best] += rv[p * ho * wo + oh * wo + ow];
                 }
             }
@@ -154,7 +181,10 @@ mod tests {
         let ours = max_pool2d(&x, 3, 2, 1)?;
         let padded = x.pad_with_same(D::Minus2, 1, 1)?.pad_with_same(D::Minus1, 1, 1)?;
         let reference = padded.max_pool2d_with_stride(3, 2)?;
-        assert_eq!(ours.flatten_all()?.to_vec1::<f32>()?, reference.flatten_all()?.to_vec1::<f32>()?);
+        assert_eq!(
+            ours.flatten_all()?.to_vec1::<f32>()?,
+            reference.flatten_all()?.to_vec1::<f32>()?
+        );
         // Each output's gradient lands on one input: the gradient sums to the output count.
         let xv = Var::from_tensor(&x)?;
         let g = max_pool2d(&xv, 3, 2, 1)?.sum_all()?.backward()?;

@@ -43,6 +43,16 @@ pub struct StepReport {
     /// Median milliseconds of the optimiser update (0 in eval mode).
     pub optimizer_ms: f64,
     pub steps: usize,
+    /// The process's peak resident memory in MiB (Linux; absent elsewhere).
+    pub peak_rss_mib: Option<f64>,
+}
+
+/// Peak resident set size of this process (`VmHWM`), in MiB.
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -60,10 +70,16 @@ impl StepBench {
     /// (lr 0.01, momentum 0.9, weight decay 5e-4, as the PyTorch reference) per step.
     pub fn run(&self) -> Result<StepReport> {
         if self.batch == 0 {
-            return Err(Error::InvalidConfig { field: "batch", problem: "must be at least 1".into() });
+            return Err(Error::InvalidConfig {
+                field: "batch",
+                problem: "must be at least 1".into(),
+            });
         }
         if self.steps == 0 {
-            return Err(Error::InvalidConfig { field: "steps", problem: "must be at least 1".into() });
+            return Err(Error::InvalidConfig {
+                field: "steps",
+                problem: "must be at least 1".into(),
+            });
         }
         let dev = Device::Cpu;
         let mut net = Network::new(self.spec.clone(), 0, &dev)?;
@@ -71,10 +87,20 @@ impl StepBench {
         let size = self.spec.image_size;
         let x = Tensor::randn(0f32, 1.0, (self.batch, self.spec.in_channels, size, size), &dev)?;
         // Fixed labels spread over the classes.
-        let labels: Vec<u32> = (0..self.batch).map(|i| ((7 * i + 3) % self.spec.classes) as u32).collect();
+        let labels: Vec<u32> = (0..self.batch)
+            .map(|i| ((7 * i + 3) % self.spec.classes) as u32)
+            .collect();
         let labels = Tensor::new(labels.as_slice(), &dev)?;
         let vars = net.trainable_vars()?.into_iter().map(|(_, v)| v).collect();
-        let mut sgd = Sgd::new(vars, SgdConfig { lr: 0.01, momentum: 0.9, nesterov: false, weight_decay: 5e-4 })?;
+        let mut sgd = Sgd::new(
+            vars,
+            SgdConfig {
+                lr: 0.01,
+                momentum: 0.9,
+                nesterov: false,
+                weight_decay: 5e-4,
+            },
+        )?;
         let (mut total, mut fwd, mut bwd, mut opt) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for i in 0..self.warmup + self.steps {
             let t0 = Instant::now();
@@ -111,6 +137,7 @@ impl StepBench {
             backward_ms: median(&mut bwd),
             optimizer_ms: median(&mut opt),
             steps: self.steps,
+            peak_rss_mib: peak_rss_mib(),
         })
     }
 }
@@ -124,8 +151,19 @@ mod tests {
         let mut spec = ModelSpec::resnet18_cifar(10).with_width(0.0625);
         spec.image_size = 8;
         for eval in [false, true] {
-            let r = StepBench { spec: spec.clone(), batch: 2, steps: 3, warmup: 1, kernels: Kernels::Brisk, eval }.run()?;
-            assert!(r.img_per_s_min <= r.img_per_s && r.img_per_s <= r.img_per_s_max, "{r:?}");
+            let r = StepBench {
+                spec: spec.clone(),
+                batch: 2,
+                steps: 3,
+                warmup: 1,
+                kernels: Kernels::Brisk,
+                eval,
+            }
+            .run()?;
+            assert!(
+                r.img_per_s_min <= r.img_per_s && r.img_per_s <= r.img_per_s_max,
+                "{r:?}"
+            );
             assert_eq!(r.steps, 3);
             assert_eq!(eval, r.backward_ms == 0.0);
         }
@@ -135,9 +173,16 @@ mod tests {
     #[test]
     fn zero_batch_is_an_error() {
         let spec = ModelSpec::resnet18_cifar(10);
-        let e = StepBench { spec, batch: 0, steps: 1, warmup: 0, kernels: Kernels::Brisk, eval: false }
-            .run()
-            .expect_err("batch 0");
+        let e = StepBench {
+            spec,
+            batch: 0,
+            steps: 1,
+            warmup: 0,
+            kernels: Kernels::Brisk,
+            eval: false,
+        }
+        .run()
+        .expect_err("batch 0");
         assert!(e.to_string().contains("batch"));
     }
 }

@@ -1,7 +1,7 @@
 //! Optimisers with PyTorch's update rules.
 
-use candle_core::backprop::GradStore;
 use brisk_ops::{sgd_update, SgdStep};
+use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 
 use crate::error::{Error, Result};
@@ -63,13 +63,22 @@ impl Sgd {
     /// An optimiser over `(var, apply weight decay)` pairs.
     pub fn with_decay_mask(vars: Vec<(Var, bool)>, config: SgdConfig) -> Result<Self> {
         if !(config.lr.is_finite() && config.lr >= 0.0) {
-            return Err(Error::InvalidConfig { field: "lr", problem: format!("must be a non-negative number, got {}", config.lr) });
+            return Err(Error::InvalidConfig {
+                field: "lr",
+                problem: format!("must be a non-negative number, got {}", config.lr),
+            });
         }
         if !(0.0..1.0).contains(&config.momentum) {
-            return Err(Error::InvalidConfig { field: "momentum", problem: format!("must be in [0, 1), got {}", config.momentum) });
+            return Err(Error::InvalidConfig {
+                field: "momentum",
+                problem: format!("must be in [0, 1), got {}", config.momentum),
+            });
         }
         if config.nesterov && config.momentum == 0.0 {
-            return Err(Error::InvalidConfig { field: "nesterov", problem: "needs a momentum above 0".into() });
+            return Err(Error::InvalidConfig {
+                field: "nesterov",
+                problem: "needs a momentum above 0".into(),
+            });
         }
         if !(config.weight_decay.is_finite() && config.weight_decay >= 0.0) {
             return Err(Error::InvalidConfig {
@@ -77,7 +86,14 @@ impl Sgd {
                 problem: format!("must be a non-negative number, got {}", config.weight_decay),
             });
         }
-        let params = vars.into_iter().map(|(var, decay)| Param { var, decay, velocity: None }).collect();
+        let params = vars
+            .into_iter()
+            .map(|(var, decay)| Param {
+                var,
+                decay,
+                velocity: None,
+            })
+            .collect();
         Ok(Sgd { config, params })
     }
 
@@ -144,7 +160,12 @@ mod tests {
             }
             let got = w.as_tensor().to_vec1::<f32>()?;
             for i in 0..3 {
-                assert!((got[i] as f64 - wh[i]).abs() < 1e-6, "step {step} w[{i}]: {} vs {} ({config:?})", got[i], wh[i]);
+                assert!(
+                    (got[i] as f64 - wh[i]).abs() < 1e-6,
+                    "step {step} w[{i}]: {} vs {} ({config:?})",
+                    got[i],
+                    wh[i]
+                );
             }
         }
         Ok(())
@@ -152,10 +173,30 @@ mod tests {
 
     #[test]
     fn updates_follow_pytorch_equations() -> Result<()> {
-        check(SgdConfig { lr: 0.1, momentum: 0.0, nesterov: false, weight_decay: 0.0 })?;
-        check(SgdConfig { lr: 0.1, momentum: 0.9, nesterov: false, weight_decay: 0.0 })?;
-        check(SgdConfig { lr: 0.05, momentum: 0.9, nesterov: true, weight_decay: 0.01 })?;
-        check(SgdConfig { lr: 0.2, momentum: 0.5, nesterov: false, weight_decay: 0.1 })
+        check(SgdConfig {
+            lr: 0.1,
+            momentum: 0.0,
+            nesterov: false,
+            weight_decay: 0.0,
+        })?;
+        check(SgdConfig {
+            lr: 0.1,
+            momentum: 0.9,
+            nesterov: false,
+            weight_decay: 0.0,
+        })?;
+        check(SgdConfig {
+            lr: 0.05,
+            momentum: 0.9,
+            nesterov: true,
+            weight_decay: 0.01,
+        })?;
+        check(SgdConfig {
+            lr: 0.2,
+            momentum: 0.5,
+            nesterov: false,
+            weight_decay: 0.1,
+        })
     }
 
     #[test]
@@ -164,9 +205,34 @@ mod tests {
             let e = Sgd::new(vec![], c).expect_err("must be rejected").to_string();
             assert!(e.contains(field), "{e}");
         };
-        bad(SgdConfig { lr: -1.0, ..Default::default() }, "lr");
-        bad(SgdConfig { momentum: 1.5, ..Default::default() }, "momentum");
-        bad(SgdConfig { momentum: 0.0, nesterov: true, ..Default::default() }, "nesterov");
-        bad(SgdConfig { weight_decay: f64::NAN, ..Default::default() }, "weight_decay");
+        bad(
+            SgdConfig {
+                lr: -1.0,
+                ..Default::default()
+            },
+            "lr",
+        );
+        bad(
+            SgdConfig {
+                momentum: 1.5,
+                ..Default::default()
+            },
+            "momentum",
+        );
+        bad(
+            SgdConfig {
+                momentum: 0.0,
+                nesterov: true,
+                ..Default::default()
+            },
+            "nesterov",
+        );
+        bad(
+            SgdConfig {
+                weight_decay: f64::NAN,
+                ..Default::default()
+            },
+            "weight_decay",
+        );
     }
 }

@@ -61,10 +61,12 @@ struct StepArgs {
 }
 
 fn parse_arch(s: &str) -> std::result::Result<Arch, String> {
-    Arch::ALL
-        .into_iter()
-        .find(|a| a.name() == s)
-        .ok_or_else(|| format!("unknown architecture; expected one of {}", Arch::ALL.map(Arch::name).join(", ")))
+    Arch::ALL.into_iter().find(|a| a.name() == s).ok_or_else(|| {
+        format!(
+            "unknown architecture; expected one of {}",
+            Arch::ALL.map(Arch::name).join(", ")
+        )
+    })
 }
 
 fn parse_stem(s: &str) -> std::result::Result<Stem, String> {
@@ -82,8 +84,10 @@ pub fn run(args: &Args) -> Result<()> {
 }
 
 fn step(a: &StepArgs) -> Result<()> {
-    let threads = a.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    brisk_ops::set_threads(threads)?;
+    let threads = a
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    brisk_ops::init_compute(threads)?;
     let image = a.image.unwrap_or(match a.stem {
         Stem::Cifar => 32,
         Stem::Imagenet => 224,
@@ -100,8 +104,19 @@ fn step(a: &StepArgs) -> Result<()> {
         channels: None,
     };
     spec.validate()?;
-    let kernels = if a.reference_ops { Kernels::Candle } else { Kernels::Brisk };
-    let bench = StepBench { spec, batch: a.batch, steps: a.steps, warmup: a.warmup, kernels, eval: a.eval };
+    let kernels = if a.reference_ops {
+        Kernels::Candle
+    } else {
+        Kernels::Brisk
+    };
+    let bench = StepBench {
+        spec,
+        batch: a.batch,
+        steps: a.steps,
+        warmup: a.warmup,
+        kernels,
+        eval: a.eval,
+    };
     let mode = if a.eval { "eval forward" } else { "train step" };
     eprintln!(
         "brisk bench step: {} {} width {} {}x{} batch {} threads {} ({} kernels, {mode}), {} warm-up + {} timed steps",

@@ -1,0 +1,63 @@
+//! brisk's convolution kernels on the CIFAR ResNet-18 conv shapes (batch 32): forward,
+//! input gradient and weight gradient. Throughput is in FLOPs (criterion's "elem/s" read
+//! as FLOP/s), so the distance to the machine's peak is visible.
+
+use brisk_ops::conv2d;
+use candle_core::{Device, Tensor, Var};
+use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
+
+/// (name, Cin, Cout, input size, kernel, stride).
+const SHAPES: [(&str, usize, usize, usize, usize, usize); 7] = [
+    ("layer1_64x32x32_k3", 64, 64, 32, 3, 1),
+    ("layer2_128x16x16_k3", 128, 128, 16, 3, 1),
+    ("layer3_256x8x8_k3", 256, 256, 8, 3, 1),
+    ("layer4_512x4x4_k3", 512, 512, 4, 3, 1),
+    ("layer3.0_128to256_s2_k3", 128, 256, 16, 3, 2),
+    ("layer3.ds_128to256_s2_k1", 128, 256, 16, 1, 2),
+    ("stem_3to64x32x32_k3", 3, 64, 32, 3, 1),
+];
+
+fn conv(c: &mut Criterion) {
+    brisk_ops::init_compute(2).expect("threads");
+    let dev = Device::Cpu;
+    let batch = 32;
+    let mut group = c.benchmark_group("conv2d_b32");
+    group.sample_size(10);
+    for (name, cin, cout, hw, k, s) in SHAPES {
+        let pad = k / 2;
+        let x =
+            Var::from_tensor(&Tensor::randn(0f32, 1.0, (batch, cin, hw, hw), &dev).expect("x")).expect("var");
+        let w =
+            Var::from_tensor(&Tensor::randn(0f32, 1.0, (cout, cin, k, k), &dev).expect("w")).expect("var");
+        let ho = (hw + 2 * pad - k) / s + 1;
+        let flops = 2 * (batch * cout * ho * ho * cin * k * k) as u64;
+        group.throughput(Throughput::Elements(flops));
+        group.bench_with_input(BenchmarkId::new("forward", name), &(), |b, _| {
+            b.iter(|| conv2d(&x, &w, s, pad).expect("conv"))
+        });
+        // Backward with a plain input computes the weight gradient only; with a variable
+        // input both gradients. Their difference is the input gradient's cost.
+        let plain = x.as_tensor().detach();
+        group.bench_with_input(BenchmarkId::new("forward+weight_grad", name), &(), |b, _| {
+            b.iter(|| {
+                conv2d(&plain, &w, s, pad)
+                    .and_then(|y| y.sum_all()?.backward())
+                    .expect("backward")
+            })
+        });
+        group.bench_with_input(
+            BenchmarkId::new("forward+weight_grad+input_grad", name),
+            &(),
+            |b, _| {
+                b.iter(|| {
+                    conv2d(&x, &w, s, pad)
+                        .and_then(|y| y.sum_all()?.backward())
+                        .expect("backward")
+                })
+            },
+        );
+    }
+    group.finish();
+}
+
+criterion_group!(benches, conv);
