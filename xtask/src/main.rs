@@ -34,11 +34,14 @@ fn main() -> Result<()> {
     }
 }
 
+/// The workspace root.
+fn root() -> Result<&'static std::path::Path> {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("xtask has no parent folder")
+}
+
 /// Runs `cargo ARGS` from the workspace root, failing with the command line on error.
 fn cargo(args: &[&str]) -> Result<()> {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .context("xtask has no parent folder")?;
+    let root = root()?;
     eprintln!("xtask: cargo {}", args.join(" "));
     let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
         .args(args)
