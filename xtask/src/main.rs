@@ -36,7 +36,9 @@ fn main() -> Result<()> {
 
 /// The workspace root.
 fn root() -> Result<&'static std::path::Path> {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("xtask has no parent folder")
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("xtask has no parent folder")
 }
 
 /// Runs `cargo ARGS` from the workspace root, failing with the command line on error.

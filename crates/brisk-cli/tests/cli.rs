@@ -79,3 +79,49 @@ fn usage_errors_exit_2() -> Result<()> {
     assert_eq!(brisk(&["frobnicate"])?.status.code(), Some(2));
     Ok(())
 }
+
+#[test]
+fn bench_step_json_has_the_contract_keys() -> Result<()> {
+    for extra in [&[][..], &["--eval"][..], &["--reference-ops"][..]] {
+        let mut args = vec![
+            "bench", "step", "--json", "--width", "0.0625", "--image", "8", "--batch", "2",
+        ];
+        args.extend(["--steps", "2", "--warmup", "0", "--threads", "1"]);
+        args.extend(extra);
+        let out = brisk(&args)?;
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        for key in [
+            "img_per_s",
+            "img_per_s_min",
+            "img_per_s_max",
+            "batch",
+            "threads",
+            "dtype",
+        ] {
+            assert!(!v[key].is_null(), "missing {key} in {v}");
+        }
+        assert_eq!(v["batch"], 2);
+        assert_eq!(v["threads"], 1);
+        assert_eq!(v["dtype"], "f32");
+    }
+    Ok(())
+}
+
+#[test]
+fn bench_step_rejects_bad_values() -> Result<()> {
+    assert_eq!(
+        brisk(&["bench", "step", "--dtype", "f64"])?.status.code(),
+        Some(2)
+    );
+    assert_eq!(
+        brisk(&["bench", "step", "--arch", "resnet50"])?.status.code(),
+        Some(2)
+    );
+    let out = brisk(&[
+        "bench", "step", "--batch", "0", "--width", "0.0625", "--image", "8",
+    ])?;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8(out.stderr)?.contains("batch"));
+    Ok(())
+}

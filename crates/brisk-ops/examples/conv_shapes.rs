@@ -23,7 +23,7 @@ const SHAPES: [(&str, usize, usize, usize, usize, usize, usize); 11] = [
     ("layer4.ds", 256, 512, 8, 1, 2, 1),
 ];
 
-fn time(mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+fn time<T>(mut f: impl FnMut() -> Result<T>) -> Result<f64> {
     f()?;
     let mut best = f64::MAX;
     for _ in 0..5 {
@@ -51,11 +51,11 @@ fn main() -> Result<()> {
         let y = brisk_ops::conv2d(&x, &w, s, pad)?;
         let ho = y.dim(2)?;
         let flops = 2.0 * (batch * cout * ho * ho * cin * k * k) as f64;
-        let fwd = time(|| Ok(drop(brisk_ops::conv2d(&x, &w, s, pad)?)))?;
+        let fwd = time(|| Ok(brisk_ops::conv2d(&x, &w, s, pad)?))?;
         // The whole backward (dx + dw) minus a backward with a plain input (dw only).
-        let both = time(|| Ok(drop(brisk_ops::conv2d(&x, &w, s, pad)?.sum_all()?.backward()?)))? - fwd;
+        let both = time(|| Ok(brisk_ops::conv2d(&x, &w, s, pad)?.sum_all()?.backward()?))? - fwd;
         let xp = x.as_tensor().detach();
-        let dw = time(|| Ok(drop(brisk_ops::conv2d(&xp, &w, s, pad)?.sum_all()?.backward()?)))? - fwd;
+        let dw = time(|| Ok(brisk_ops::conv2d(&xp, &w, s, pad)?.sum_all()?.backward()?))? - fwd;
         let dx = (both - dw).max(0.0);
         for (t, v) in totals.iter_mut().zip([fwd, dx, dw]) {
             *t += v * count as f64;

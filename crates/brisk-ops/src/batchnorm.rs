@@ -77,13 +77,13 @@ fn nchw(l: &Layout) -> Result<(usize, usize, usize)> {
 }
 
 /// The N contiguous `H*W` segments of channel `ch`.
-fn channel_segments<'a>(
-    x: &'a [f32],
+fn channel_segments(
+    x: &[f32],
     n: usize,
     c: usize,
     hw: usize,
     ch: usize,
-) -> impl Iterator<Item = &'a [f32]> {
+) -> impl Iterator<Item = &[f32]> + '_ {
     (0..n).map(move |i| &x[(i * c + ch) * hw..(i * c + ch + 1) * hw])
 }
 

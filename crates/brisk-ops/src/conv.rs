@@ -288,9 +288,9 @@ fn forward(g: &Geom, x: &[f32], w: &[f32]) -> Vec<f32> {
             let ld = count * g.out_hw();
             let wm = Mat::rows(w, g.kdim());
             if count == 1 {
-                matmul(g.cout, ld, g.kdim(), o, wm, Mat::rows(col, ld), false, par);
+                matmul((g.cout, ld, g.kdim()), o, wm, Mat::rows(col, ld), false, par);
             } else {
-                matmul(g.cout, ld, g.kdim(), prod, wm, Mat::rows(col, ld), false, par);
+                matmul((g.cout, ld, g.kdim()), prod, wm, Mat::rows(col, ld), false, par);
                 scatter(prod, count, g.cout, g.out_hw(), o);
             }
         },
@@ -319,10 +319,10 @@ fn input_grad(g: &Geom, dy: &[f32], w: &[f32]) -> Vec<f32> {
             };
             let wt = Mat::transposed(w, g.kdim());
             if count == 1 && g.is_pointwise() {
-                matmul(g.kdim(), ld, g.cout, dxo, wt, Mat::rows(dyg, ld), false, par);
+                matmul((g.kdim(), ld, g.cout), dxo, wt, Mat::rows(dyg, ld), false, par);
                 return;
             }
-            matmul(g.kdim(), ld, g.cout, dcol, wt, Mat::rows(dyg, ld), false, par);
+            matmul((g.kdim(), ld, g.cout), dcol, wt, Mat::rows(dyg, ld), false, par);
             for j in 0..count {
                 col2im(
                     g,
@@ -369,9 +369,7 @@ fn weight_grad(g: &Geom, x: &[f32], dy: &[f32]) -> Vec<f32> {
                         &dy_buf[..g.cout * ld]
                     };
                     matmul(
-                        g.cout,
-                        g.kdim(),
-                        ld,
+                        (g.cout, g.kdim(), ld),
                         &mut dw,
                         Mat::rows(dyg, ld),
                         Mat::transposed(col, ld),
@@ -537,9 +535,12 @@ mod tests {
     use super::*;
     use candle_core::{DType, Device, Var};
 
-    /// (N, Cin, H, W, Cout, K, stride, padding): odd sizes, stride 2, batch 1, 1x1 and 7x7,
+    /// (N, Cin, H, W, Cout, K, stride, padding).
+    type Shape8 = (usize, usize, usize, usize, usize, usize, usize, usize);
+
+    /// Odd sizes, stride 2, batch 1, 1x1 and 7x7,
     /// small maps (several images share a GEMM) and large ones.
-    const SHAPES: [(usize, usize, usize, usize, usize, usize, usize, usize); 10] = [
+    const SHAPES: [Shape8; 10] = [
         (2, 3, 7, 9, 4, 3, 1, 1),
         (1, 5, 8, 8, 6, 3, 2, 1),
         (3, 4, 9, 7, 5, 1, 2, 0),
@@ -565,7 +566,7 @@ mod tests {
     }
 
     /// Forward and both gradients of brisk's conv against candle's own conv2d and autograd.
-    fn check(shape: (usize, usize, usize, usize, usize, usize, usize, usize)) -> Result<()> {
+    fn check(shape: Shape8) -> Result<()> {
         let (n, cin, h, w, cout, k, s, p) = shape;
         let dev = Device::Cpu;
         let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, cin, h, w), &dev)?)?;
@@ -625,10 +626,10 @@ mod tests {
         let out_dims = conv2d(&x, &wt, s, p)?.dims().to_vec();
         let r = Tensor::randn(0f32, 1.0, out_dims, &dev)?;
         let loss = |x: &Tensor, wt: &Tensor| -> Result<f64> {
-            Ok((conv2d(x, wt, s, p)? * &r)?
+            (conv2d(x, wt, s, p)? * &r)?
                 .sum_all()?
                 .to_dtype(DType::F64)?
-                .to_scalar::<f64>()?)
+                .to_scalar::<f64>()
         };
         let grads = (conv2d(&x, &wt, s, p)? * &r)?.sum_all()?.backward()?;
         for (var, other, is_x) in [(&x, &wt, true), (&wt, &x, false)] {

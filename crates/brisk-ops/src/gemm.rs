@@ -43,11 +43,9 @@ pub(crate) fn parallelism(threads: usize) -> Parallelism {
     }
 }
 
-/// `dst (m x n, row-major) = [dst +] a (m x k) * b (k x n)`.
+/// `dst (m x n, row-major) = [dst +] a (m x k) * b (k x n)`, for `dims = (m, n, k)`.
 pub(crate) fn matmul(
-    m: usize,
-    n: usize,
-    k: usize,
+    (m, n, k): (usize, usize, usize),
     dst: &mut [f32],
     a: Mat,
     b: Mat,
@@ -114,7 +112,7 @@ mod tests {
         } else {
             Mat::rows(&b, n)
         };
-        matmul(m, n, k, &mut dst, am, bm, accumulate, Parallelism::None);
+        matmul((m, n, k), &mut dst, am, bm, accumulate, Parallelism::None);
         for i in 0..m {
             for j in 0..n {
                 let want: f64 = (0..k).map(|p| av(i, p) as f64 * bv(p, j) as f64).sum::<f64>()
