@@ -351,10 +351,16 @@ fn weight_grad(g: &Geom, x: &[f32], dy: &[f32]) -> Vec<f32> {
         gemm::Parallelism::None
     };
     let scratch = g.kdim() * cols + if group > 1 { g.cout * cols } else { 0 };
+    // Two orientations of the same product. The `gemm` crate packs its right operand
+    // fast only when it is row-major; here one operand must be read transposed. While the
+    // gradient is small (layers 1-3 of ResNet-18) accumulating dw^T [K, Cout] = col · dy^T
+    // reads the smaller dy transposed and measured 1.5-2.4x faster; for layer4's 512 x 4608
+    // gradient dw = dy · col^T measured 1.4x faster.
+    let transposed = wlen <= 1 << 20;
     let partials: Vec<Vec<f32>> = (0..chunks)
         .into_par_iter()
         .map(|c| {
-            let mut dw = vec![0f32; wlen];
+            let mut acc = vec![0f32; wlen];
             with_scratch(scratch, |buf| {
                 let (col_buf, dy_buf) = buf.split_at_mut(g.kdim() * cols);
                 for grp in c * per_chunk..((c + 1) * per_chunk).min(groups) {
@@ -368,17 +374,16 @@ fn weight_grad(g: &Geom, x: &[f32], dy: &[f32]) -> Vec<f32> {
                         gather(dy, first, count, g.cout, g.out_hw(), dy_buf);
                         &dy_buf[..g.cout * ld]
                     };
-                    matmul(
-                        (g.cout, g.kdim(), ld),
-                        &mut dw,
-                        Mat::rows(dyg, ld),
-                        Mat::transposed(col, ld),
-                        true,
-                        par,
-                    );
+                    if transposed {
+                        let (col, dyt) = (Mat::rows(col, ld), Mat::transposed(dyg, ld));
+                        matmul((g.kdim(), g.cout, ld), &mut acc, col, dyt, true, par);
+                    } else {
+                        let (dyg, colt) = (Mat::rows(dyg, ld), Mat::transposed(col, ld));
+                        matmul((g.cout, g.kdim(), ld), &mut acc, dyg, colt, true, par);
+                    }
                 }
             });
-            dw
+            acc
         })
         .collect();
     let mut iter = partials.into_iter();
@@ -388,7 +393,17 @@ fn weight_grad(g: &Geom, x: &[f32], dy: &[f32]) -> Vec<f32> {
             *t += v;
         }
     }
-    total
+    if !transposed {
+        return total;
+    }
+    // dw [Cout, K] from dw^T [K, Cout].
+    let mut dw = vec![0f32; wlen];
+    for (r, row) in total.chunks(g.cout).enumerate() {
+        for (co, &v) in row.iter().enumerate() {
+            dw[co * g.kdim() + r] = v;
+        }
+    }
+    dw
 }
 
 /// The differentiable convolution: (input, weight) → output.
