@@ -2,9 +2,10 @@
 //! own backward: one pass for the statistics, one for the output, two for the gradients,
 //! each parallel over channels, instead of candle's chain of small allocating ops.
 
-use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+
+use crate::storage::f32_slice;
 
 /// Output of [`batch_norm`].
 #[derive(Debug)]
@@ -58,13 +59,7 @@ pub fn batch_norm(
 }
 
 fn f32_data<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    let CpuStorage::F32(d) = s else {
-        candle_core::bail!("brisk batch-norm: {what} must be f32, got {:?}", s.dtype());
-    };
-    let Some((a, b)) = l.contiguous_offsets() else {
-        candle_core::bail!("brisk batch-norm: {what} must be contiguous");
-    };
-    Ok(&d[a..b])
+    f32_slice(s, l, "batch-norm", what)
 }
 
 /// (N, C, H*W) of a 4-D layout.

@@ -1,11 +1,11 @@
 //! 2-D convolution (NCHW, square kernels, any stride and padding) as a candle custom op:
 //! im2col + GEMM forward, GEMM + col2im input gradient, GEMM weight gradient.
 
-use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::gemm::{matmul, parallelism, Mat};
+use crate::storage::f32_slice;
 
 /// Convolves `x` `[N, Cin, H, W]` with `weight` `[Cout, Cin, K, K]` (f32, no bias, no
 /// groups or dilation) using brisk's kernels; differentiable in both arguments. The
@@ -168,16 +168,6 @@ fn col2im(g: &Geom, col: &[f32], ld: usize, dx: &mut [f32]) {
     }
 }
 
-fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
-    let CpuStorage::F32(data) = storage else {
-        candle_core::bail!("brisk conv2d: {what} must be f32, got {:?}", storage.dtype());
-    };
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        candle_core::bail!("brisk conv2d: {what} must be contiguous");
-    };
-    Ok(&data[start..end])
-}
-
 fn threads() -> usize {
     rayon::current_num_threads()
 }
@@ -208,6 +198,19 @@ const MIN_GEMM_COLUMNS: usize = 256;
 /// product has at least `MIN_GEMM_COLUMNS` columns.
 fn group_size(g: &Geom) -> usize {
     (MIN_GEMM_COLUMNS / g.out_hw().max(1)).clamp(1, g.n.max(1))
+}
+
+/// Images per GEMM, columns of the im2col buffer, and the scratch floats a thread needs:
+/// the im2col (or its gradient) buffer, plus a buffer for the gathered output-shaped
+/// operand when several images share a GEMM.
+fn group_plan(g: &Geom) -> (usize, usize, usize) {
+    let group = group_size(g);
+    let cols = group * g.out_hw();
+    (
+        group,
+        cols,
+        g.kdim() * cols + if group > 1 { g.cout * cols } else { 0 },
+    )
 }
 
 /// Runs `f(first image, images, output chunk, scratch, gemm parallelism)` for every group
@@ -274,9 +277,7 @@ fn unfold<'a>(g: &Geom, x: &'a [f32], first: usize, count: usize, buf: &'a mut [
 
 fn forward(g: &Geom, x: &[f32], w: &[f32]) -> Vec<f32> {
     let mut out = vec![0f32; g.n * g.out_len()];
-    let group = group_size(g);
-    let cols = group * g.out_hw();
-    let scratch = g.kdim() * cols + if group > 1 { g.cout * cols } else { 0 };
+    let (group, cols, scratch) = group_plan(g);
     for_each_group(
         &mut out,
         g.out_len(),
@@ -300,9 +301,7 @@ fn forward(g: &Geom, x: &[f32], w: &[f32]) -> Vec<f32> {
 
 fn input_grad(g: &Geom, dy: &[f32], w: &[f32]) -> Vec<f32> {
     let mut dx = vec![0f32; g.n * g.in_len()];
-    let group = group_size(g);
-    let cols = group * g.out_hw();
-    let scratch = g.kdim() * cols + if group > 1 { g.cout * cols } else { 0 };
+    let (group, cols, scratch) = group_plan(g);
     for_each_group(
         &mut dx,
         g.in_len(),
@@ -338,8 +337,7 @@ fn input_grad(g: &Geom, dy: &[f32], w: &[f32]) -> Vec<f32> {
 
 fn weight_grad(g: &Geom, x: &[f32], dy: &[f32]) -> Vec<f32> {
     let wlen = g.cout * g.kdim();
-    let group = group_size(g);
-    let cols = group * g.out_hw();
+    let (group, cols, scratch) = group_plan(g);
     let groups = g.n.div_ceil(group);
     // A fixed split of the groups into one chunk per thread keeps the summation order,
     // and so the result, independent of scheduling.
@@ -350,7 +348,6 @@ fn weight_grad(g: &Geom, x: &[f32], dy: &[f32]) -> Vec<f32> {
     } else {
         gemm::Parallelism::None
     };
-    let scratch = g.kdim() * cols + if group > 1 { g.cout * cols } else { 0 };
     // Two orientations of the same product. The `gemm` crate packs its right operand
     // fast only when it is row-major; here one operand must be read transposed. While the
     // gradient is small (layers 1-3 of ResNet-18) accumulating dw^T [K, Cout] = col · dy^T
@@ -426,7 +423,11 @@ impl CustomOp2 for Conv2d {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let g = Geom::new(l1.dims(), l2.dims(), self.stride, self.padding)?;
-        let out = forward(&g, f32_slice(s1, l1, "input")?, f32_slice(s2, l2, "weight")?);
+        let out = forward(
+            &g,
+            f32_slice(s1, l1, "conv2d", "input")?,
+            f32_slice(s2, l2, "conv2d", "weight")?,
+        );
         Ok((CpuStorage::F32(out), Shape::from((g.n, g.cout, g.ho, g.wo))))
     }
 
@@ -501,7 +502,11 @@ impl CustomOp2 for Conv2dInputGrad {
                 l1.dims()
             );
         }
-        let dx = input_grad(&g, f32_slice(s1, l1, "gradient")?, f32_slice(s2, l2, "weight")?);
+        let dx = input_grad(
+            &g,
+            f32_slice(s1, l1, "conv2d", "gradient")?,
+            f32_slice(s2, l2, "conv2d", "weight")?,
+        );
         Ok((CpuStorage::F32(dx), Shape::from((n, cin, self.h, self.w))))
     }
 }
@@ -540,7 +545,11 @@ impl CustomOp2 for Conv2dWeightGrad {
                 l2.dims()
             );
         }
-        let dw = weight_grad(&g, f32_slice(s1, l1, "input")?, f32_slice(s2, l2, "gradient")?);
+        let dw = weight_grad(
+            &g,
+            f32_slice(s1, l1, "conv2d", "input")?,
+            f32_slice(s2, l2, "conv2d", "gradient")?,
+        );
         Ok((CpuStorage::F32(dw), Shape::from((cout, cin, self.k, self.k))))
     }
 }

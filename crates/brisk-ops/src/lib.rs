@@ -7,6 +7,7 @@ mod conv;
 mod gemm;
 mod optim;
 mod pool;
+mod storage;
 
 pub use batchnorm::{batch_norm, BatchNormOutput, Epilogue};
 pub use conv::conv2d;

@@ -1,8 +1,9 @@
 //! The SGD-with-momentum update as two in-place passes over each parameter, instead of
 //! candle's five allocating tensor ops.
 
-use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, InplaceOp3, Layout, Result, Tensor};
+
+use crate::storage::{f32_slice, f32_slice_mut};
 
 /// One SGD step's constants (PyTorch's SGD without dampening).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -25,19 +26,24 @@ pub fn sgd_update(weight: &Tensor, velocity: &Tensor, grad: &Tensor, step: SgdSt
     weight.inplace_op3(velocity, &grad, &Weight(step))
 }
 
-fn data<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(d), Some((a, b))) => Ok(&d[a..b]),
-        _ => candle_core::bail!("brisk sgd: tensors must be contiguous f32, got {:?}", s.dtype()),
+/// Checks three same-sized operands and returns them: (mutated, a, b).
+fn operands<'a>(
+    s1: &'a mut CpuStorage,
+    l1: &Layout,
+    s2: &'a CpuStorage,
+    l2: &Layout,
+    s3: &'a CpuStorage,
+    l3: &Layout,
+) -> Result<(&'a mut [f32], &'a [f32], &'a [f32])> {
+    let dst = f32_slice_mut(s1, l1, "sgd", "destination")?;
+    let (a, b) = (
+        f32_slice(s2, l2, "sgd", "operand")?,
+        f32_slice(s3, l3, "sgd", "operand")?,
+    );
+    if dst.len() != a.len() || dst.len() != b.len() {
+        candle_core::bail!("brisk sgd: velocity, gradient and weight differ in size");
     }
-}
-
-fn data_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> Result<&'a mut [f32]> {
-    let dtype = s.dtype();
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(d), Some((a, b))) => Ok(&mut d[a..b]),
-        _ => candle_core::bail!("brisk sgd: tensors must be contiguous f32, got {dtype:?}"),
-    }
+    Ok((dst, a, b))
 }
 
 /// dst = velocity; sources (grad, weight).
@@ -57,10 +63,7 @@ impl InplaceOp3 for Velocity {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<()> {
-        let (v, g, w) = (data_mut(s1, l1)?, data(s2, l2)?, data(s3, l3)?);
-        if v.len() != g.len() || v.len() != w.len() {
-            candle_core::bail!("brisk sgd: velocity, gradient and weight differ in size");
-        }
+        let (v, g, w) = operands(s1, l1, s2, l2, s3, l3)?;
         let SgdStep {
             momentum,
             weight_decay,
@@ -92,10 +95,7 @@ impl InplaceOp3 for Weight {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<()> {
-        let (w, v, g) = (data_mut(s1, l1)?, data(s2, l2)?, data(s3, l3)?);
-        if v.len() != g.len() || v.len() != w.len() {
-            candle_core::bail!("brisk sgd: velocity, gradient and weight differ in size");
-        }
+        let (w, v, g) = operands(s1, l1, s2, l2, s3, l3)?;
         let SgdStep {
             lr,
             momentum,

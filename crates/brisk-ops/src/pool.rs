@@ -1,9 +1,10 @@
 //! Max-pooling with padding (the ImageNet stem's 3x3 stride-2 pool) as a candle custom op
 //! with its own backward, which candle lacks when the window is larger than the stride.
 
-use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+
+use crate::storage::f32_slice;
 
 /// Max-pools `x` `[N, C, H, W]` (f32) over `k`x`k` windows with the given stride and
 /// padding; padded positions never win (PyTorch's -inf padding). Differentiable: the
@@ -55,13 +56,7 @@ impl MaxPool {
 }
 
 fn f32_contiguous<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    let CpuStorage::F32(data) = s else {
-        candle_core::bail!("brisk max_pool2d: f32 only, got {:?}", s.dtype());
-    };
-    let Some((a, b)) = l.contiguous_offsets() else {
-        candle_core::bail!("brisk max_pool2d: input must be contiguous");
-    };
-    Ok(&data[a..b])
+    f32_slice(s, l, "max_pool2d", "input")
 }
 
 impl CustomOp1 for MaxPool {
