@@ -1,6 +1,6 @@
 //! brisk's data: images packed once into safetensors shards with a `manifest.json`, opened
-//! through memory maps and checked, and the built-in synthetic dataset. (The importers,
-//! sampler, augmentations and prefetching `Loader` arrive with the rest of the data issue.)
+//! through memory maps and checked; the built-in synthetic dataset; the sampler,
+//! augmentations and the prefetching `Loader` that hands the trainer plain f32 batches.
 //!
 //! ```
 //! use brisk_data::{pack_synthetic, Dataset, Split, SyntheticConfig};
@@ -12,14 +12,20 @@
 //! assert_eq!((image.len(), label), (16 * 16 * 3, 3));
 //! ```
 
+pub mod augment;
 pub mod dataset;
 pub mod error;
+pub mod loader;
 pub mod manifest;
+pub mod sampler;
 pub mod synthetic;
 pub mod writer;
 
+pub use augment::Augment;
 pub use dataset::Dataset;
 pub use error::{Error, Result};
+pub use loader::{Batch, Epoch, Loader, LoaderConfig};
 pub use manifest::{Manifest, ShardInfo, Split, MANIFEST_FILE};
+pub use sampler::Sampler;
 pub use synthetic::{pack_synthetic, SyntheticConfig, CLASSES as SYNTHETIC_CLASSES};
 pub use writer::{DatasetWriter, ImageShape};
