@@ -22,13 +22,11 @@ fn dataset() -> Result<(tempfile::TempDir, Arc<Dataset>)> {
     Ok((dir, d))
 }
 
-/// Every batch of an epoch as (index, labels, images).
-fn check_epoch(
-    loader: &Loader,
-    epoch: u64,
-    batch: usize,
-    start: usize,
-) -> Result<Vec<(usize, Vec<u32>, Vec<f32>)>> {
+/// A batch as a test sees it: (index, labels, images).
+type Seen = (usize, Vec<u32>, Vec<f32>);
+
+/// Every batch of an epoch.
+fn check_epoch(loader: &Loader, epoch: u64, batch: usize, start: usize) -> Result<Vec<Seen>> {
     let mut out = Vec::new();
     for b in loader.epoch(epoch, batch, start)? {
         let b: Batch = b?;
