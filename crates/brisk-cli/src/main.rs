@@ -24,8 +24,16 @@ struct Cli {
 enum Command {
     /// List the model presets (or given spec files) with parameters, MACs and size on disk.
     Models(commands::models::Args),
-    /// Measure speed: `brisk bench step` times training steps (or eval forwards).
+    /// Measure speed: `bench step` (training steps or eval forwards), `bench loader`.
     Bench(commands::bench::Args),
+    /// Pack a dataset into memory-mapped safetensors shards with a manifest.
+    Pack(commands::data::PackArgs),
+    /// Counts, shape, classes, per-class histogram, mean and std of a packed dataset.
+    Inspect(commands::data::InspectArgs),
+    /// Read every shard of a packed dataset and check every checksum.
+    Verify(commands::data::InspectArgs),
+    /// Write a PNG grid of sample images, one row per class.
+    Preview(commands::data::PreviewArgs),
 }
 
 fn main() -> ExitCode {
@@ -33,6 +41,10 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Models(args) => commands::models::run(&args),
         Command::Bench(args) => commands::bench::run(&args),
+        Command::Pack(args) => commands::data::pack(&args),
+        Command::Inspect(args) => commands::data::inspect(&args),
+        Command::Verify(args) => commands::data::verify(&args),
+        Command::Preview(args) => commands::data::preview(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

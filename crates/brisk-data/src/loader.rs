@@ -372,3 +372,37 @@ mod tests {
         Ok(())
     }
 }
+
+/// Throughput of a loader: images per second over whole epochs, timed from the request
+/// of the first batch to the arrival of the last.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Throughput {
+    pub images: usize,
+    pub seconds: f64,
+    pub img_per_s: f64,
+}
+
+impl Loader {
+    /// Runs `epochs` epochs at `batch_size`, touching each batch as a trainer would
+    /// (reading one value per image), and reports the rate.
+    pub fn measure(&self, batch_size: usize, epochs: u64) -> Result<Throughput> {
+        let start = std::time::Instant::now();
+        let mut images = 0;
+        let mut checksum = 0f32;
+        for e in 0..epochs {
+            for b in self.epoch(e, batch_size, 0)? {
+                let b = b?;
+                let per = b.shape.0 * b.shape.1 * b.shape.2;
+                checksum += b.images.iter().step_by(per.max(1)).sum::<f32>();
+                images += b.len();
+            }
+        }
+        let seconds = start.elapsed().as_secs_f64();
+        std::hint::black_box(checksum);
+        Ok(Throughput {
+            images,
+            seconds,
+            img_per_s: images as f64 / seconds.max(1e-9),
+        })
+    }
+}

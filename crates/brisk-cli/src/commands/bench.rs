@@ -15,6 +15,60 @@ enum What {
     /// Time training steps (forward + cross-entropy + backward + SGD with momentum) on
     /// random data and print images/s: median, min and max over the timed steps.
     Step(StepArgs),
+    /// Time the data loader alone (crop + flip + normalise into f32 batches) over whole
+    /// epochs of a packed dataset and print images/s.
+    Loader(LoaderArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct LoaderArgs {
+    /// Packed dataset folder.
+    #[arg(long, value_name = "DIR")]
+    data: std::path::PathBuf,
+    /// Images per batch.
+    #[arg(long, default_value_t = 128)]
+    batch: usize,
+    /// Worker threads.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// Make batches in the calling thread (no workers, no prefetch), for comparison.
+    #[arg(long)]
+    sync: bool,
+    /// Epochs to time.
+    #[arg(long, default_value_t = 1)]
+    epochs: u64,
+    /// Print one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+fn loader(a: &LoaderArgs) -> Result<()> {
+    let data = std::sync::Arc::new(brisk_data::Dataset::open(&a.data)?);
+    let workers = if a.sync { 0 } else { a.threads };
+    let config = brisk_data::LoaderConfig {
+        workers,
+        ..brisk_data::LoaderConfig::train(&data)
+    };
+    let loader = brisk_data::Loader::new(data.clone(), config)?;
+    let t = loader.measure(a.batch, a.epochs)?;
+    if a.json {
+        let v = serde_json::json!({
+            "img_per_s": t.img_per_s, "images": t.images, "seconds": t.seconds,
+            "batch": a.batch, "threads": workers, "sync": a.sync,
+        });
+        println!("{v}");
+    } else {
+        println!(
+            "brisk loader {} batch={} workers={}: {:.0} img/s ({} images in {:.3} s)",
+            a.data.display(),
+            a.batch,
+            workers,
+            t.img_per_s,
+            t.images,
+            t.seconds
+        );
+    }
+    Ok(())
 }
 
 #[derive(Debug, clap::Args)]
@@ -80,6 +134,7 @@ fn parse_stem(s: &str) -> std::result::Result<Stem, String> {
 pub fn run(args: &Args) -> Result<()> {
     match &args.what {
         What::Step(a) => step(a),
+        What::Loader(a) => loader(a),
     }
 }
 

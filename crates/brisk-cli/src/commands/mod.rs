@@ -1,4 +1,5 @@
 //! One module per `brisk` subcommand: its clap `Args` and its `run`.
 
 pub mod bench;
+pub mod data;
 pub mod models;
