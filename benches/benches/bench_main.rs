@@ -1,6 +1,7 @@
 //! The one criterion entry point: each subject lives in its own file beside this one.
 
 mod conv;
+mod loader;
 mod models;
 
-criterion::criterion_main!(conv::benches, models::benches);
+criterion::criterion_main!(conv::benches, loader::benches, models::benches);

@@ -125,3 +125,89 @@ fn bench_step_rejects_bad_values() -> Result<()> {
     assert!(String::from_utf8(out.stderr)?.contains("batch"));
     Ok(())
 }
+
+#[test]
+fn pack_inspect_verify_preview_and_bench_loader() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("syn");
+    let d = data.to_str().expect("utf8");
+    let out = brisk(&[
+        "pack",
+        "synthetic",
+        "--out",
+        d,
+        "--train",
+        "30",
+        "--test",
+        "10",
+        "--size",
+        "8",
+        "--shard-size",
+        "16",
+        "--json",
+    ])?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let m: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(m["shards"].as_array().map(Vec::len), Some(3));
+    let out = brisk(&["inspect", d, "--json"])?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!((v["train"].as_u64(), v["test"].as_u64()), (Some(30), Some(10)));
+    assert_eq!(v["train_per_class"][0], 3);
+    assert!(brisk(&["verify", d])?.status.success());
+    let png = dir.path().join("grid.png");
+    assert!(brisk(&[
+        "preview",
+        d,
+        "--out",
+        png.to_str().expect("utf8"),
+        "--per-class",
+        "2"
+    ])?
+    .status
+    .success());
+    assert!(std::fs::metadata(&png)?.len() > 100);
+    let out = brisk(&["bench", "loader", "--data", d, "--batch", "8", "--json"])?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(v["images"], 30);
+    assert!(v["img_per_s"].as_f64().is_some_and(|r| r > 0.0));
+    // Packing into the same folder again must not overwrite it.
+    let again = brisk(&["pack", "synthetic", "--out", d, "--train", "2", "--test", "0"])?;
+    assert_eq!(again.status.code(), Some(1));
+    assert!(String::from_utf8(again.stderr)?.contains("already exists"));
+    Ok(())
+}
+
+#[test]
+fn damaged_dataset_fails_verify_naming_the_shard() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let d = dir.path().to_str().expect("utf8");
+    assert!(brisk(&[
+        "pack",
+        "synthetic",
+        "--out",
+        d,
+        "--train",
+        "12",
+        "--test",
+        "0",
+        "--size",
+        "8",
+        "--shard-size",
+        "6"
+    ])?
+    .status
+    .success());
+    let shard = dir.path().join("train-00001.safetensors");
+    let mut bytes = std::fs::read(&shard)?;
+    let at = bytes.len() - 30;
+    bytes[at] ^= 1;
+    std::fs::write(&shard, bytes)?;
+    let out = brisk(&["verify", d])?;
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8(out.stderr)?;
+    assert!(
+        err.contains("train-00001.safetensors") && err.contains("checksum"),
+        "{err}"
+    );
+    Ok(())
+}

@@ -62,8 +62,8 @@ impl LoaderConfig {
     }
 }
 
-/// One batch: images `[n, C, H, W]` f32 (normalised) and labels. Its image buffer returns
-/// to the loader's pool when the batch is dropped.
+/// One batch: images `[n, C, H, W]` f32 (normalised) and labels. Its buffers return to
+/// the loader's pool when the batch is dropped, so a steady epoch allocates nothing.
 #[derive(Debug)]
 pub struct Batch {
     pub images: Vec<f32>,
@@ -73,8 +73,11 @@ pub struct Batch {
     pub epoch: u64,
     /// Position of the batch in its epoch.
     pub index: usize,
-    pool: Option<Sender<Vec<f32>>>,
+    pool: Option<Sender<Buffers>>,
 }
+
+/// The reusable storage of a batch.
+type Buffers = (Vec<f32>, Vec<u32>);
 
 impl Batch {
     pub fn len(&self) -> usize {
@@ -90,7 +93,7 @@ impl Drop for Batch {
     fn drop(&mut self) {
         if let Some(pool) = self.pool.take() {
             // A full or closed pool just frees the buffer.
-            let _ = pool.try_send(std::mem::take(&mut self.images));
+            let _ = pool.try_send((std::mem::take(&mut self.images), std::mem::take(&mut self.labels)));
         }
     }
 }
@@ -120,14 +123,14 @@ impl Plan {
         self.indices.len().div_ceil(self.batch_size)
     }
 
-    /// Fills `images` (resized as needed) and returns the labels of batch `b`.
-    fn make(&self, b: usize, images: &mut Vec<f32>) -> Result<Vec<u32>> {
+    /// Makes batch `b` in the given (reused) buffers.
+    fn make(&self, b: usize, (mut images, mut labels): Buffers, pool: Sender<Buffers>) -> Result<Batch> {
         let m = self.dataset.manifest();
         let dims = (m.height, m.width, m.channels);
         let per = m.image_bytes();
         let idx = &self.indices[b * self.batch_size..((b + 1) * self.batch_size).min(self.indices.len())];
         images.resize(idx.len() * per, 0.0);
-        let mut labels = Vec::with_capacity(idx.len());
+        labels.clear();
         for (slot, &i) in idx.iter().enumerate() {
             let (img, label) = self.dataset.get(self.split, i).ok_or_else(|| {
                 Error::corrupt(
@@ -143,7 +146,14 @@ impl Plan {
                 .apply(img, dims, &mut rng, &mut images[slot * per..(slot + 1) * per]);
             labels.push(label);
         }
-        Ok(labels)
+        Ok(Batch {
+            images,
+            labels,
+            shape: (m.channels, m.height, m.width),
+            epoch: self.epoch,
+            index: b,
+            pool: Some(pool),
+        })
     }
 }
 
@@ -213,11 +223,6 @@ impl Loader {
     }
 }
 
-fn shape_of(d: &Dataset) -> (usize, usize, usize) {
-    let m = d.manifest();
-    (m.channels, m.height, m.width)
-}
-
 /// The batches of one epoch, in order.
 #[derive(Debug)]
 pub struct Epoch {
@@ -228,8 +233,8 @@ pub struct Epoch {
     total: usize,
     channels: Vec<Receiver<Result<Batch>>>,
     threads: Vec<JoinHandle<()>>,
-    pool_tx: Sender<Vec<f32>>,
-    pool_rx: Receiver<Vec<f32>>,
+    pool_tx: Sender<Buffers>,
+    pool_rx: Receiver<Buffers>,
 }
 
 impl Epoch {
@@ -251,15 +256,8 @@ impl Epoch {
                     // Worker w makes batches start + w, start + w + workers, …; the
                     // consumer reads the channels in turn, so batches arrive in order.
                     for b in (start + w..total).step_by(workers) {
-                        let mut images = pool_rx.try_recv().unwrap_or_default();
-                        let batch = plan.make(b, &mut images).map(|labels| Batch {
-                            images,
-                            labels,
-                            shape: shape_of(&plan.dataset),
-                            epoch: plan.epoch,
-                            index: b,
-                            pool: Some(pool_tx.clone()),
-                        });
+                        let buffers = pool_rx.try_recv().unwrap_or_default();
+                        let batch = plan.make(b, buffers, pool_tx.clone());
                         let failed = batch.is_err();
                         if tx.send(batch).is_err() || failed {
                             return; // the consumer is gone, or it has our error
@@ -293,15 +291,8 @@ impl Iterator for Epoch {
         let b = self.next;
         self.next += 1;
         if self.channels.is_empty() {
-            let mut images = self.pool_rx.try_recv().unwrap_or_default();
-            return Some(self.plan.make(b, &mut images).map(|labels| Batch {
-                images,
-                labels,
-                shape: shape_of(&self.plan.dataset),
-                epoch: self.plan.epoch,
-                index: b,
-                pool: Some(self.pool_tx.clone()),
-            }));
+            let buffers = self.pool_rx.try_recv().unwrap_or_default();
+            return Some(self.plan.make(b, buffers, self.pool_tx.clone()));
         }
         let worker = (b - self.start) % self.channels.len();
         match self.channels[worker].recv() {

@@ -98,7 +98,7 @@ fn flipped_byte_is_found_by_verify() -> Result<()> {
     let msg = check_damage(|d| {
         let path = d.join("train-00001.safetensors");
         let mut bytes = std::fs::read(&path)?;
-        let last = bytes.len() - 40; // inside the image data, before the labels
+        let last = bytes.len() - 40; // inside the tensor data
         bytes[last] ^= 0x10;
         std::fs::write(&path, bytes)?;
         Ok(())
