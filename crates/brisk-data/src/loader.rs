@@ -292,7 +292,11 @@ impl Iterator for Epoch {
         self.next += 1;
         if self.channels.is_empty() {
             let buffers = self.pool_rx.try_recv().unwrap_or_default();
-            return Some(self.plan.make(b, buffers, self.pool_tx.clone()));
+            let batch = self.plan.make(b, buffers, self.pool_tx.clone());
+            if batch.is_err() {
+                self.next = self.total; // stop after reporting the error, as with workers
+            }
+            return Some(batch);
         }
         let worker = (b - self.start) % self.channels.len();
         match self.channels[worker].recv() {
