@@ -330,6 +330,54 @@ impl CustomOp2 for ReluMask {
     }
 }
 
+/// The inputs both gradient passes read: x, dz and the per-channel rows.
+struct GradInputs<'a> {
+    n: usize,
+    c: usize,
+    hw: usize,
+    x: &'a [f32],
+    dz: &'a [f32],
+    params: &'a [f32],
+    ch: Vec<Channel>,
+}
+
+impl<'a> GradInputs<'a> {
+    /// Checks x, dz and a params tensor of at least `rows` per-channel rows (mean, var,
+    /// gamma, beta, …).
+    fn new(
+        eps: f64,
+        x: (&'a CpuStorage, &Layout),
+        dz: (&'a CpuStorage, &Layout),
+        params: (&'a CpuStorage, &Layout),
+        rows: usize,
+    ) -> Result<Self> {
+        let (n, c, hw) = nchw(x.1)?;
+        let (xs, dzs, ps) = (
+            f32_data(x.0, x.1, "input")?,
+            f32_data(dz.0, dz.1, "gradient")?,
+            f32_data(params.0, params.1, "params")?,
+        );
+        if ps.len() < rows * c || dzs.len() != xs.len() {
+            candle_core::bail!(
+                "brisk batch-norm grad: params {:?} or gradient {:?} do not fit input {:?}",
+                params.1.dims(),
+                dz.1.dims(),
+                x.1.dims()
+            );
+        }
+        let ch = channels(&ps[..2 * c], &ps[2 * c..4 * c], c, eps);
+        Ok(GradInputs {
+            n,
+            c,
+            hw,
+            x: xs,
+            dz: dzs,
+            params: ps,
+            ch,
+        })
+    }
+}
+
 /// (x, dz, [mean; var; gamma; beta]) → [2, C] = (sum dz·x̂, sum dz), f64 accumulation.
 #[derive(Clone, Copy, Debug)]
 struct GradSums(Normalize);
@@ -348,16 +396,9 @@ impl CustomOp3 for GradSums {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (n, c, hw) = nchw(l1)?;
-        let (x, dz, params) = (
-            f32_data(s1, l1, "input")?,
-            f32_data(s2, l2, "gradient")?,
-            f32_data(s3, l3, "params")?,
-        );
-        if params.len() < 4 * c {
-            candle_core::bail!("brisk batch-norm grad: params {:?} too small", l3.dims());
-        }
-        let ch = channels(&params[..2 * c], &params[2 * c..4 * c], c, self.0.eps);
+        let GradInputs {
+            n, c, hw, x, dz, ch, ..
+        } = GradInputs::new(self.0.eps, (s1, l1), (s2, l2), (s3, l3), 4)?;
         let sums: Vec<(f32, f32)> = (0..c)
             .into_par_iter()
             .map(|k| {
@@ -408,16 +449,15 @@ impl CustomOp3 for InputGrad {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (n, c, hw) = nchw(l1)?;
-        let (x, dz, params) = (
-            f32_data(s1, l1, "input")?,
-            f32_data(s2, l2, "gradient")?,
-            f32_data(s3, l3, "params")?,
-        );
-        if params.len() < 6 * c {
-            candle_core::bail!("brisk batch-norm grad: params {:?} too small", l3.dims());
-        }
-        let ch = channels(&params[..2 * c], &params[2 * c..4 * c], c, self.0.eps);
+        let GradInputs {
+            n,
+            c,
+            hw,
+            x,
+            dz,
+            params,
+            ch,
+        } = GradInputs::new(self.0.eps, (s1, l1), (s2, l2), (s3, l3), 6)?;
         let (dgamma, dbeta) = (&params[4 * c..5 * c], &params[5 * c..6 * c]);
         let m = (n * hw) as f32;
         let batch_stats = self.0.batch_stats;
