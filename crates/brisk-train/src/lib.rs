@@ -1,9 +1,10 @@
 //! The `Trainer` and its parts: optimisers with PyTorch's semantics, learning-rate and
-//! batch-size schedules, and the training-step benchmark (the loop, losses, metrics and
-//! checkpoints arrive with the rest of the training issue).
+//! batch-size schedules, losses and accuracy, and the training-step benchmark (the loop,
+//! metrics log and checkpoints arrive with the rest of the training issue).
 
 pub mod bench;
 pub mod error;
+pub mod loss;
 pub mod optim;
 pub mod schedule;
 
