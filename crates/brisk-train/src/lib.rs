@@ -9,5 +9,5 @@ pub mod optim;
 pub mod schedule;
 
 pub use error::{Error, Result};
-pub use optim::{Sgd, SgdConfig};
+pub use optim::{AdamW, AdamWConfig, Sgd, SgdConfig};
 pub use schedule::{BatchSchedule, LrScaling, LrSchedule, LrShape};

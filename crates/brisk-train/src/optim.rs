@@ -130,6 +130,112 @@ impl Sgd {
     }
 }
 
+/// Settings of AdamW (Loshchilov & Hutter), as `torch.optim.AdamW`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamWConfig {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Decoupled weight decay: `w ← w − lr · weight_decay · w` before the Adam step.
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWConfig {
+    /// PyTorch's defaults: lr 1e-3, betas (0.9, 0.999), eps 1e-8, weight decay 0.01.
+    fn default() -> Self {
+        AdamWConfig {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+        }
+    }
+}
+
+/// AdamW with bias correction. For each parameter w with gradient g at step t:
+///
+/// ```text
+/// w ← w − lr·wd·w
+/// m ← β1·m + (1 − β1)·g        v ← β2·v + (1 − β2)·g²
+/// w ← w − lr · (m / (1 − β1ᵗ)) / (sqrt(v / (1 − β2ᵗ)) + eps)
+/// ```
+#[derive(Debug)]
+pub struct AdamW {
+    config: AdamWConfig,
+    params: Vec<AdamParam>,
+}
+
+#[derive(Debug)]
+struct AdamParam {
+    var: Var,
+    decay: bool,
+    /// First and second moments, and this parameter's step count.
+    state: Option<(Tensor, Tensor, i32)>,
+}
+
+impl AdamW {
+    /// An optimiser over `(var, apply weight decay)` pairs.
+    pub fn with_decay_mask(vars: Vec<(Var, bool)>, config: AdamWConfig) -> Result<Self> {
+        let c = config;
+        let checks = [
+            ("lr", c.lr.is_finite() && c.lr >= 0.0),
+            ("beta1", (0.0..1.0).contains(&c.beta1)),
+            ("beta2", (0.0..1.0).contains(&c.beta2)),
+            ("eps", c.eps.is_finite() && c.eps > 0.0),
+            (
+                "weight_decay",
+                c.weight_decay.is_finite() && c.weight_decay >= 0.0,
+            ),
+        ];
+        if let Some((field, _)) = checks.iter().find(|(_, ok)| !ok) {
+            return Err(Error::InvalidConfig {
+                field,
+                problem: format!("out of range in {c:?}"),
+            });
+        }
+        let params = vars
+            .into_iter()
+            .map(|(var, decay)| AdamParam {
+                var,
+                decay,
+                state: None,
+            })
+            .collect();
+        Ok(AdamW { config, params })
+    }
+
+    pub fn set_learning_rate(&mut self, lr: f64) {
+        self.config.lr = lr;
+    }
+
+    /// Applies one update; parameters without a gradient are left alone.
+    pub fn step(&mut self, grads: &GradStore) -> Result<()> {
+        let c = self.config;
+        for p in &mut self.params {
+            let Some(g) = grads.get(&p.var) else { continue };
+            let (m, v, t) = match p.state.take() {
+                Some(s) => s,
+                None => (g.zeros_like()?, g.zeros_like()?, 0),
+            };
+            let t = t + 1;
+            let m = ((m * c.beta1)? + (g * (1.0 - c.beta1))?)?;
+            let v = ((v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
+            let m_hat = (&m / (1.0 - c.beta1.powi(t)))?;
+            let v_hat = (&v / (1.0 - c.beta2.powi(t)))?;
+            let mut w = p.var.as_tensor().clone();
+            if p.decay && c.weight_decay != 0.0 {
+                w = (&w * (1.0 - c.lr * c.weight_decay))?;
+            }
+            let update = (m_hat / (v_hat.sqrt()? + c.eps)?)?;
+            p.var.set(&(w - (update * c.lr)?)?)?;
+            p.state = Some((m, v, t));
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -197,6 +303,54 @@ mod tests {
             nesterov: false,
             weight_decay: 0.1,
         })
+    }
+
+    #[test]
+    fn adamw_follows_pytorch_equations() -> Result<()> {
+        let dev = Device::Cpu;
+        let c = AdamWConfig {
+            lr: 0.01,
+            beta1: 0.9,
+            beta2: 0.99,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        };
+        let w = Var::from_tensor(&Tensor::new(&[1.0f32, -2.0, 0.5], &dev)?)?;
+        let k = [0.3f64, -0.1, 2.0];
+        let kt = Tensor::new(&[0.3f32, -0.1, 2.0], &dev)?;
+        let mut opt = AdamW::with_decay_mask(vec![(w.clone(), true)], c)?;
+        let (mut wh, mut mh, mut vh) = ([1.0f64, -2.0, 0.5], [0f64; 3], [0f64; 3]);
+        for t in 1..=3 {
+            // Gradient of sum(w * k * w) = 2 k w: depends on w, so the steps interact.
+            let grads = (w.as_tensor().sqr()? * &kt)?.sum_all()?.backward()?;
+            opt.step(&grads)?;
+            for i in 0..3 {
+                let g = 2.0 * k[i] * wh[i];
+                wh[i] *= 1.0 - c.lr * c.weight_decay;
+                mh[i] = c.beta1 * mh[i] + (1.0 - c.beta1) * g;
+                vh[i] = c.beta2 * vh[i] + (1.0 - c.beta2) * g * g;
+                let (m_hat, v_hat) = (mh[i] / (1.0 - c.beta1.powi(t)), vh[i] / (1.0 - c.beta2.powi(t)));
+                wh[i] -= c.lr * m_hat / (v_hat.sqrt() + c.eps);
+            }
+            let got = w.as_tensor().to_vec1::<f32>()?;
+            for i in 0..3 {
+                assert!(
+                    (got[i] as f64 - wh[i]).abs() < 1e-6,
+                    "step {t} w[{i}]: {} vs {}",
+                    got[i],
+                    wh[i]
+                );
+            }
+        }
+        assert!(AdamW::with_decay_mask(
+            vec![],
+            AdamWConfig {
+                beta2: 1.0,
+                ..Default::default()
+            }
+        )
+        .is_err());
+        Ok(())
     }
 
     #[test]
