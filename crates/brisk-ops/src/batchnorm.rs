@@ -486,6 +486,7 @@ impl CustomOp3 for InputGrad {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::max_rel;
     use candle_core::{Device, Var};
 
     /// candle's reference batch-norm (+residual, +ReLU) built from elementary ops.
@@ -513,17 +514,6 @@ mod tests {
         } else {
             Ok(y)
         }
-    }
-
-    fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
-        let d = (a - b)
-            .and_then(|d| d.abs()?.max_all()?.to_scalar::<f32>())
-            .expect("diff");
-        let s = b
-            .abs()
-            .and_then(|t| t.max_all()?.to_scalar::<f32>())
-            .expect("scale");
-        d / s.max(1e-6)
     }
 
     fn check(shape: (usize, usize, usize, usize), relu: bool, residual: bool, eval: bool) -> Result<()> {

@@ -557,6 +557,7 @@ impl CustomOp2 for Conv2dWeightGrad {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::max_rel;
     use candle_core::{DType, Device, Var};
 
     /// (N, Cin, H, W, Cout, K, stride, padding).
@@ -577,17 +578,6 @@ mod tests {
         (4, 3, 5, 5, 2, 1, 1, 0),
         (2, 3, 20, 18, 4, 3, 1, 1),
     ];
-
-    fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
-        let diff = (a - b)
-            .and_then(|d| d.abs()?.max_all()?.to_scalar::<f32>())
-            .expect("diff");
-        let scale = b
-            .abs()
-            .and_then(|t| t.max_all()?.to_scalar::<f32>())
-            .expect("scale");
-        diff / scale.max(1e-6)
-    }
 
     /// Forward and both gradients of brisk's conv against candle's own conv2d and autograd.
     fn check(shape: Shape8) -> Result<()> {

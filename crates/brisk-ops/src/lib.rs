@@ -8,6 +8,8 @@ mod gemm;
 mod optim;
 mod pool;
 mod storage;
+#[cfg(test)]
+mod testing;
 
 pub use batchnorm::{batch_norm, BatchNormOutput, Epilogue};
 pub use conv::conv2d;
