@@ -34,6 +34,10 @@ enum Command {
     Verify(commands::data::InspectArgs),
     /// Write a PNG grid of sample images, one row per class.
     Preview(commands::data::PreviewArgs),
+    /// Train a model on a packed dataset: checkpoints, event log, resumable (--resume).
+    Train(commands::train::TrainArgs),
+    /// Measure a model on a packed dataset: top-1/top-5 accuracy, loss, per-class accuracy.
+    Eval(commands::train::EvalArgs),
 }
 
 fn main() -> ExitCode {
@@ -45,6 +49,8 @@ fn main() -> ExitCode {
         Command::Inspect(args) => commands::data::inspect(&args),
         Command::Verify(args) => commands::data::verify(&args),
         Command::Preview(args) => commands::data::preview(&args),
+        Command::Train(args) => commands::train::train(&args),
+        Command::Eval(args) => commands::train::eval(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -8,7 +8,7 @@ use candle_core::{Device, Tensor};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::optim::{Sgd, SgdConfig};
+use crate::optim::{Param, Sgd, SgdConfig};
 
 /// What one benchmark run measures.
 #[derive(Clone, Debug)]
@@ -91,9 +91,8 @@ impl StepBench {
             .map(|i| ((7 * i + 3) % self.spec.classes) as u32)
             .collect();
         let labels = Tensor::new(labels.as_slice(), &dev)?;
-        let vars = net.trainable_vars()?.into_iter().map(|(_, v)| v).collect();
         let mut sgd = Sgd::new(
-            vars,
+            Param::from_named(net.trainable_vars()?, true),
             SgdConfig {
                 lr: 0.01,
                 momentum: 0.9,

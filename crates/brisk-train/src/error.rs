@@ -1,19 +1,95 @@
 //! The error type of brisk-train.
 
-/// Errors raised while training or benchmarking.
+use std::path::PathBuf;
+
+/// Errors raised while training, evaluating or benchmarking.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A training or benchmark setting is out of range.
     #[error("invalid setting `{field}`: {problem}")]
     InvalidConfig { field: &'static str, problem: String },
 
+    /// A configuration file or override could not be read as a training config.
+    #[error("{source_name}: `{field}`: {message}")]
+    ConfigParse {
+        /// The file (or "--set" for a command-line override).
+        source_name: String,
+        field: String,
+        message: String,
+    },
+
+    /// A file could not be read or written.
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+
+    /// Saved training state (optimiser, position, hooks) is missing or inconsistent.
+    #[error("training state: {problem}")]
+    State { problem: String },
+
+    /// The loss became NaN or infinite and nothing (such as a loss scaler) handled it.
+    #[error(
+        "the loss is {value} at step {step} (epoch {epoch}, batch {batch}); training stopped. {}",
+        advice(checkpoint)
+    )]
+    NonFiniteLoss {
+        value: f32,
+        step: u64,
+        epoch: usize,
+        batch: usize,
+        checkpoint: Option<PathBuf>,
+    },
+
+    /// A weight holds NaN or infinity; a checkpoint is never written with such weights.
+    #[error(
+        "tensor `{name}` holds NaN or infinite values at step {step}; no checkpoint was written. {}",
+        advice(checkpoint)
+    )]
+    NonFiniteWeights {
+        name: String,
+        step: u64,
+        checkpoint: Option<PathBuf>,
+    },
+
+    /// Training was stopped by a signal after saving a checkpoint.
+    #[error("interrupted at step {step}; checkpoint {} written; continue with --resume", checkpoint.display())]
+    Interrupted { step: u64, checkpoint: PathBuf },
+
     /// A model could not be built or run.
     #[error(transparent)]
     Model(#[from] brisk_models::Error),
 
+    /// The dataset could not be read.
+    #[error(transparent)]
+    Data(#[from] brisk_data::Error),
+
     /// An error from candle's tensor library.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+}
+
+/// Where to go back to after training diverged.
+fn advice(checkpoint: &Option<PathBuf>) -> String {
+    match checkpoint {
+        Some(p) => format!(
+            "The last good checkpoint is {}; lower the learning rate and resume from it.",
+            p.display()
+        ),
+        None => "No checkpoint was written yet; lower the learning rate and start again.".into(),
+    }
+}
+
+impl Error {
+    pub(crate) fn io(what: &'static str, path: &std::path::Path, source: std::io::Error) -> Self {
+        Error::Io {
+            what,
+            path: path.to_path_buf(),
+            source,
+        }
+    }
 }
 
 /// The result type of brisk-train.

@@ -1,10 +1,55 @@
 //! Optimisers with PyTorch's update rules.
 
+use std::collections::HashMap;
+
 use brisk_ops::{sgd_update, SgdStep};
 use candle_core::backprop::GradStore;
-use candle_core::{Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 
 use crate::error::{Error, Result};
+
+/// A parameter an optimiser updates: its checkpoint name, its variable, and whether
+/// weight decay applies to it (false for batch-norm and bias parameters when excluded).
+#[derive(Clone, Debug)]
+pub struct Param {
+    pub name: String,
+    pub var: Var,
+    pub decay: bool,
+}
+
+impl Param {
+    /// Parameters from `(name, var)` pairs, with weight decay on every one, or, when
+    /// `decay_norm_and_bias` is false, on every one but the 1-D ones (batch-norm scales
+    /// and shifts, biases), as the usual "no decay on BN and bias" recipe.
+    pub fn from_named(vars: Vec<(String, Var)>, decay_norm_and_bias: bool) -> Vec<Param> {
+        vars.into_iter()
+            .map(|(name, var)| {
+                let decay = decay_norm_and_bias || var.as_tensor().rank() > 1;
+                Param { name, var, decay }
+            })
+            .collect()
+    }
+}
+
+/// Checks that a loaded state tensor exists for `name` under `prefix` with `like`'s shape.
+fn state_tensor(state: &HashMap<String, Tensor>, key: &str, like: &Tensor) -> Result<Tensor> {
+    let t = state.get(key).ok_or_else(|| Error::State {
+        problem: format!("optimiser state `{key}` is missing"),
+    })?;
+    if t.dims() != like.dims() || t.dtype() != like.dtype() {
+        return Err(Error::State {
+            problem: format!(
+                "optimiser state `{key}` has shape {:?} {:?}, the parameter {:?} {:?}",
+                t.dims(),
+                t.dtype(),
+                like.dims(),
+                like.dtype()
+            ),
+        });
+    }
+    // A copy: the optimiser updates its state in place.
+    Ok(t.copy()?)
+}
 
 /// Settings of stochastic gradient descent, as `torch.optim.SGD` (without dampening).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -42,26 +87,19 @@ impl Default for SgdConfig {
 #[derive(Debug)]
 pub struct Sgd {
     config: SgdConfig,
-    params: Vec<Param>,
+    params: Vec<SgdParam>,
 }
 
 #[derive(Debug)]
-struct Param {
-    var: Var,
-    /// Weight decay applies to this parameter (false for excluded BN/bias parameters).
-    decay: bool,
+struct SgdParam {
+    param: Param,
     /// The momentum buffer (also the scratch of plain SGD), created on the first step.
     velocity: Option<Tensor>,
 }
 
 impl Sgd {
-    /// An optimiser over `vars`; weight decay applies to every one of them.
-    pub fn new(vars: Vec<Var>, config: SgdConfig) -> Result<Self> {
-        Self::with_decay_mask(vars.into_iter().map(|v| (v, true)).collect(), config)
-    }
-
-    /// An optimiser over `(var, apply weight decay)` pairs.
-    pub fn with_decay_mask(vars: Vec<(Var, bool)>, config: SgdConfig) -> Result<Self> {
+    /// An optimiser over `params`.
+    pub fn new(params: Vec<Param>, config: SgdConfig) -> Result<Self> {
         if !(config.lr.is_finite() && config.lr >= 0.0) {
             return Err(Error::InvalidConfig {
                 field: "lr",
@@ -86,11 +124,10 @@ impl Sgd {
                 problem: format!("must be a non-negative number, got {}", config.weight_decay),
             });
         }
-        let params = vars
+        let params = params
             .into_iter()
-            .map(|(var, decay)| Param {
-                var,
-                decay,
+            .map(|param| SgdParam {
+                param,
                 velocity: None,
             })
             .collect();
@@ -111,20 +148,41 @@ impl Sgd {
     pub fn step(&mut self, grads: &GradStore) -> Result<()> {
         let c = self.config;
         for p in &mut self.params {
-            let Some(g) = grads.get(&p.var) else { continue };
+            let var = &p.param.var;
+            let Some(g) = grads.get(var) else { continue };
             let (velocity, first) = match &p.velocity {
                 Some(v) => (v.clone(), false),
-                None => (p.var.as_tensor().zeros_like()?, true),
+                None => (var.as_tensor().zeros_like()?, true),
             };
             let step = SgdStep {
                 lr: c.lr as f32,
                 momentum: c.momentum as f32,
-                weight_decay: if p.decay { c.weight_decay as f32 } else { 0.0 },
+                weight_decay: if p.param.decay { c.weight_decay as f32 } else { 0.0 },
                 nesterov: c.nesterov,
                 first,
             };
-            sgd_update(p.var.as_tensor(), &velocity, g, step)?;
+            sgd_update(var.as_tensor(), &velocity, g, step)?;
             p.velocity = Some(velocity);
+        }
+        Ok(())
+    }
+
+    /// The momentum buffers by key `velocity.<parameter>` (parameters not yet updated have none).
+    pub fn state(&self) -> Vec<(String, Tensor)> {
+        self.params
+            .iter()
+            .filter_map(|p| Some((format!("velocity.{}", p.param.name), p.velocity.clone()?)))
+            .collect()
+    }
+
+    /// Restores buffers written by [`Sgd::state`]; a parameter without one starts afresh.
+    pub fn load_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
+        for p in &mut self.params {
+            let key = format!("velocity.{}", p.param.name);
+            p.velocity = match state.contains_key(&key) {
+                true => Some(state_tensor(state, &key, p.param.var.as_tensor())?),
+                false => None,
+            };
         }
         Ok(())
     }
@@ -169,15 +227,14 @@ pub struct AdamW {
 
 #[derive(Debug)]
 struct AdamParam {
-    var: Var,
-    decay: bool,
+    param: Param,
     /// First and second moments, and this parameter's step count.
     state: Option<(Tensor, Tensor, i32)>,
 }
 
 impl AdamW {
-    /// An optimiser over `(var, apply weight decay)` pairs.
-    pub fn with_decay_mask(vars: Vec<(Var, bool)>, config: AdamWConfig) -> Result<Self> {
+    /// An optimiser over `params`.
+    pub fn new(params: Vec<Param>, config: AdamWConfig) -> Result<Self> {
         let c = config;
         let checks = [
             ("lr", c.lr.is_finite() && c.lr >= 0.0),
@@ -195,13 +252,9 @@ impl AdamW {
                 problem: format!("out of range in {c:?}"),
             });
         }
-        let params = vars
+        let params = params
             .into_iter()
-            .map(|(var, decay)| AdamParam {
-                var,
-                decay,
-                state: None,
-            })
+            .map(|param| AdamParam { param, state: None })
             .collect();
         Ok(AdamW { config, params })
     }
@@ -214,7 +267,9 @@ impl AdamW {
     pub fn step(&mut self, grads: &GradStore) -> Result<()> {
         let c = self.config;
         for p in &mut self.params {
-            let Some(g) = grads.get(&p.var) else { continue };
+            let Some(g) = grads.get(&p.param.var) else {
+                continue;
+            };
             let (m, v, t) = match p.state.take() {
                 Some(s) => s,
                 None => (g.zeros_like()?, g.zeros_like()?, 0),
@@ -224,15 +279,94 @@ impl AdamW {
             let v = ((v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
             let m_hat = (&m / (1.0 - c.beta1.powi(t)))?;
             let v_hat = (&v / (1.0 - c.beta2.powi(t)))?;
-            let mut w = p.var.as_tensor().clone();
-            if p.decay && c.weight_decay != 0.0 {
+            let mut w = p.param.var.as_tensor().clone();
+            if p.param.decay && c.weight_decay != 0.0 {
                 w = (&w * (1.0 - c.lr * c.weight_decay))?;
             }
             let update = (m_hat / (v_hat.sqrt()? + c.eps)?)?;
-            p.var.set(&(w - (update * c.lr)?)?)?;
+            p.param.var.set(&(w - (update * c.lr)?)?)?;
             p.state = Some((m, v, t));
         }
         Ok(())
+    }
+
+    /// The moments and step counts by key `exp_avg.<p>`, `exp_avg_sq.<p>`, `step.<p>` (a
+    /// one-element u32 tensor), PyTorch's names for them.
+    pub fn state(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = Vec::new();
+        for p in &self.params {
+            if let Some((m, v, t)) = &p.state {
+                let n = &p.param.name;
+                out.push((format!("exp_avg.{n}"), m.clone()));
+                out.push((format!("exp_avg_sq.{n}"), v.clone()));
+                let step = Tensor::new(&[*t as u32], m.device())?;
+                out.push((format!("step.{n}"), step));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Restores state written by [`AdamW::state`]; a parameter without any starts afresh.
+    pub fn load_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
+        for p in &mut self.params {
+            let n = &p.param.name;
+            let step_key = format!("step.{n}");
+            p.state = match state.get(&step_key) {
+                None => None,
+                Some(step) => {
+                    let like = p.param.var.as_tensor();
+                    let m = state_tensor(state, &format!("exp_avg.{n}"), like)?;
+                    let v = state_tensor(state, &format!("exp_avg_sq.{n}"), like)?;
+                    let t = step.to_dtype(DType::U32)?.flatten_all()?.to_vec1::<u32>()?;
+                    let &[t] = t.as_slice() else {
+                        return Err(Error::State {
+                            problem: format!("optimiser state `{step_key}` must hold one number"),
+                        });
+                    };
+                    Some((m, v, t as i32))
+                }
+            };
+        }
+        Ok(())
+    }
+}
+
+/// The optimiser a training run uses, with its state for checkpoints.
+#[derive(Debug)]
+pub enum Optimizer {
+    Sgd(Sgd),
+    AdamW(AdamW),
+}
+
+impl Optimizer {
+    pub fn step(&mut self, grads: &GradStore) -> Result<()> {
+        match self {
+            Optimizer::Sgd(o) => o.step(grads),
+            Optimizer::AdamW(o) => o.step(grads),
+        }
+    }
+
+    pub fn set_learning_rate(&mut self, lr: f64) {
+        match self {
+            Optimizer::Sgd(o) => o.set_learning_rate(lr),
+            Optimizer::AdamW(o) => o.set_learning_rate(lr),
+        }
+    }
+
+    /// The state tensors to checkpoint, by name.
+    pub fn state(&self) -> Result<Vec<(String, Tensor)>> {
+        match self {
+            Optimizer::Sgd(o) => Ok(o.state()),
+            Optimizer::AdamW(o) => o.state(),
+        }
+    }
+
+    /// Restores the state written by [`Optimizer::state`].
+    pub fn load_state(&mut self, state: &HashMap<String, Tensor>) -> Result<()> {
+        match self {
+            Optimizer::Sgd(o) => o.load_state(state),
+            Optimizer::AdamW(o) => o.load_state(state),
+        }
     }
 }
 
@@ -249,7 +383,7 @@ mod tests {
         let k = [0.3f64, -0.1, 2.0];
         let w = Var::from_tensor(&Tensor::new(&[1.0f32, -2.0, 0.5], &dev)?)?;
         let kt = Tensor::new(&[0.3f32, -0.1, 2.0], &dev)?;
-        let mut opt = Sgd::new(vec![w.clone()], config)?;
+        let mut opt = Sgd::new(Param::from_named(vec![("w".into(), w.clone())], true), config)?;
         let (mut wh, mut vh) = (w0, [0f64; 3]);
         for step in 0..3 {
             let grads = (w.as_tensor() * &kt)?.sum_all()?.backward()?;
@@ -318,7 +452,7 @@ mod tests {
         let w = Var::from_tensor(&Tensor::new(&[1.0f32, -2.0, 0.5], &dev)?)?;
         let k = [0.3f64, -0.1, 2.0];
         let kt = Tensor::new(&[0.3f32, -0.1, 2.0], &dev)?;
-        let mut opt = AdamW::with_decay_mask(vec![(w.clone(), true)], c)?;
+        let mut opt = AdamW::new(Param::from_named(vec![("w".into(), w.clone())], true), c)?;
         let (mut wh, mut mh, mut vh) = ([1.0f64, -2.0, 0.5], [0f64; 3], [0f64; 3]);
         for t in 1..=3 {
             // Gradient of sum(w * k * w) = 2 k w: depends on w, so the steps interact.
@@ -342,7 +476,7 @@ mod tests {
                 );
             }
         }
-        assert!(AdamW::with_decay_mask(
+        assert!(AdamW::new(
             vec![],
             AdamWConfig {
                 beta2: 1.0,

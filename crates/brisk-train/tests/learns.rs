@@ -1,94 +1,188 @@
-//! The pieces compose and learn: brisk's loader, ResNet, cross-entropy, SGD and one-cycle
-//! schedule overfit a tiny synthetic set (the loop itself arrives with the training issue).
+//! The training loop end to end on tiny data: it overfits a tiny set, two runs with one
+//! seed give the same bits, batches of 1 and a growing batch work, and a diverging run
+//! stops with an error naming the step.
 
-use std::sync::Arc;
+use std::path::Path;
 
 use anyhow::Result;
-use brisk_data::{pack_synthetic, Dataset, Loader, LoaderConfig, Split, SyntheticConfig};
-use brisk_models::{ModelSpec, Network};
-use brisk_train::loss::{cross_entropy, top_k_correct};
-use brisk_train::{LrSchedule, LrShape, Sgd, SgdConfig};
-use candle_core::{Device, Tensor};
+use brisk_data::{pack_synthetic, Split, SyntheticConfig};
+use brisk_train::{evaluate, BatchSchedule, TrainConfig, Trainer};
+
+/// A tiny synthetic set in `dir`: `train` + `test` images of 16x16.
+fn pack(dir: &Path, train: usize, test: usize) -> Result<()> {
+    let config = SyntheticConfig {
+        train,
+        test,
+        seed: 1,
+        size: 16,
+    };
+    pack_synthetic(dir, &config, 64)?;
+    Ok(())
+}
+
+/// A config for a narrow CIFAR ResNet-18 on `data`, written to `out`.
+fn tiny_config(data: &Path, out: &Path, epochs: usize) -> Result<TrainConfig> {
+    let text = format!(
+        "data = {data:?}\nout = {out:?}\nepochs = {epochs}\nlog_every = 4\n\
+         [model]\nwidth = 0.125\n[batch]\nkind = \"fixed\"\nsize = 16\n[lr]\nbase = 0.05\n"
+    );
+    Ok(TrainConfig::from_toml_str(&text, "test config")?)
+}
+
+/// Every tensor of a network by name, as plain values.
+type Weights = Vec<(String, Vec<f32>)>;
+
+fn weights(trainer: &Trainer) -> Result<Weights> {
+    let mut out = Vec::new();
+    for (name, t) in trainer.network().named_tensors()? {
+        out.push((name, t.flatten_all()?.to_vec1::<f32>()?));
+    }
+    Ok(out)
+}
 
 #[test]
 fn a_tiny_model_overfits_a_tiny_set() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    pack_synthetic(
-        dir.path(),
-        &SyntheticConfig {
-            train: 64,
-            test: 0,
-            seed: 1,
-            size: 16,
-        },
-        64,
-    )?;
-    let data = Arc::new(Dataset::open(dir.path())?);
+    let data = dir.path().join("data");
+    pack(&data, 64, 16)?;
+    let mut config = tiny_config(&data, &dir.path().join("run"), 25)?;
     // No augmentation: the model must memorise these exact images.
-    let m = data.manifest();
-    let mut config = LoaderConfig::train(&data);
-    config.augment = brisk_data::Augment::eval(m.mean.clone(), m.std.clone());
-    let loader = Loader::new(data.clone(), config)?;
-
-    let dev = Device::Cpu;
-    let mut spec = ModelSpec::resnet18_cifar(10).with_width(0.125);
-    spec.image_size = 16;
-    let net = Network::new(spec, 0, &dev)?;
-    let vars = net.trainable_vars()?.into_iter().map(|(_, v)| v).collect();
-    let epochs = 25;
-    let mut sgd = Sgd::new(
-        vars,
-        SgdConfig {
-            lr: 0.05,
-            momentum: 0.9,
-            nesterov: false,
-            weight_decay: 0.0,
-        },
-    )?;
-    let schedule = LrSchedule {
-        base_lr: 0.05,
-        shape: LrShape::OneCycle {
-            pct_start: 0.2,
-            div: 10.0,
-            final_div: 10.0,
-        },
-        warmup_epochs: 0.0,
-        epochs: epochs as f64,
+    config.loader.crop_padding = 0;
+    config.loader.flip = false;
+    config.optimizer.weight_decay = 0.0;
+    config.lr.shape = brisk_train::LrShape::OneCycle {
+        pct_start: 0.2,
+        div: 10.0,
+        final_div: 10.0,
     };
-    let batches = loader.batches_per_epoch(16);
-    let mut first_loss = None;
-    for epoch in 0..epochs {
-        for batch in loader.epoch(epoch as u64, 16, 0)? {
-            let b = batch?;
-            let (c, h, w) = b.shape;
-            let x = Tensor::from_slice(&b.images, (b.len(), c, h, w), &dev)?;
-            let y = Tensor::from_slice(&b.labels, b.len(), &dev)?;
-            sgd.set_learning_rate(schedule.lr(epoch as f64 + b.index as f64 / batches as f64));
-            let loss = cross_entropy(&net.forward_t(&x, true)?, &y, 0.0)?;
-            first_loss.get_or_insert(loss.to_scalar::<f32>()?);
-            sgd.step(&loss.backward()?)?;
-        }
+    let mut trainer = Trainer::new(config)?;
+    trainer.set_quiet(true);
+    let summary = trainer.run()?;
+    assert_eq!(summary.updates, 25 * 4);
+    let ds = std::sync::Arc::new(brisk_data::Dataset::open(&data)?);
+    let train = evaluate(trainer.network(), &ds, Split::Train, 64, (0, 1), &mut |_| Ok(()))?;
+    assert_eq!(train.n, 64);
+    assert!(
+        train.top1 >= 58.0 / 64.0,
+        "only {} of 64 learned",
+        train.top1 * 64.0
+    );
+
+    // The event log tells the story: a start, 25 epochs and evaluations, an end.
+    let log = std::fs::read_to_string(dir.path().join("run/metrics.jsonl"))?;
+    let events: Vec<serde_json::Value> = log.lines().map(serde_json::from_str).collect::<Result<_, _>>()?;
+    let count = |kind: &str| events.iter().filter(|e| e["event"] == kind).count();
+    assert_eq!(
+        (count("start"), count("epoch"), count("eval"), count("end")),
+        (1, 25, 25, 1)
+    );
+    let first_step = events.iter().find(|e| e["event"] == "step").expect("step events");
+    assert!(first_step["loss"].as_f64().expect("loss") > 1.5, "{first_step}");
+    for key in ["lr", "top1", "img_per_s", "data_wait", "step", "batch_size"] {
+        assert!(!first_step[key].is_null(), "step event lacks {key}: {first_step}");
     }
-    // Train accuracy in eval mode (running statistics), on the training images.
-    let mut correct = 0;
-    for batch in Loader::new(
-        data.clone(),
-        LoaderConfig {
-            split: Split::Train,
-            shuffle: false,
-            ..LoaderConfig::eval(&data)
-        },
-    )?
-    .epoch(0, 64, 0)?
-    {
-        let b = batch?;
-        let (c, h, w) = b.shape;
-        let x = Tensor::from_slice(&b.images, (b.len(), c, h, w), &dev)?;
-        let y = Tensor::from_slice(&b.labels, b.len(), &dev)?;
-        correct += top_k_correct(&net.forward_t(&x, false)?, &y, 1)?;
+    assert!(dir.path().join("run/model.safetensors").is_file());
+    assert!(dir.path().join("run/best/model.safetensors").is_file());
+    assert!(dir.path().join("run/summary.json").is_file());
+    Ok(())
+}
+
+#[test]
+fn one_seed_gives_the_same_bits_with_batches_of_one_and_growing_batches() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    pack(&data, 24, 8)?;
+    let run = |name: &str| -> Result<(Weights, u64)> {
+        let mut config = tiny_config(&data, &dir.path().join(name), 3)?;
+        // 1, then 4, then 16 images per batch: 24 + 6 + 2 updates.
+        config.batch = BatchSchedule::Geometric {
+            start: 1,
+            factor: 4,
+            every: 1,
+            max: 16,
+        };
+        config.lr.base = 0.01;
+        let mut trainer = Trainer::new(config)?;
+        trainer.set_quiet(true);
+        let summary = trainer.run()?;
+        Ok((weights(&trainer)?, summary.updates))
+    };
+    let (a, updates) = run("a")?;
+    let (b, _) = run("b")?;
+    assert_eq!(updates, 24 + 6 + 2);
+    assert_eq!(a.len(), b.len());
+    for ((name, x), (_, y)) in a.iter().zip(&b) {
+        assert!(x == y, "{name} differs between two runs with one seed");
     }
-    let first = first_loss.expect("trained");
-    assert!(first > 1.5, "an untrained net starts near ln(10): {first}");
-    assert!(correct >= 58, "only {correct} of 64 training images learned");
+    // And the run did change the weights.
+    let fresh = brisk_models::Network::new(
+        brisk_train::TrainConfig::default()
+            .with_override("model.width", "0.125")?
+            .model_spec(10, 3, 16)?,
+        0,
+        &candle_core::Device::Cpu,
+    )?;
+    let w0 = fresh.named_tensors()?;
+    assert!(w0.iter().zip(&a).any(|((_, t), (_, x))| {
+        t.flatten_all()
+            .and_then(|t| t.to_vec1::<f32>())
+            .map(|v| &v != x)
+            .unwrap_or(true)
+    }));
+    Ok(())
+}
+
+#[test]
+fn a_diverging_run_stops_naming_the_step_and_the_last_checkpoint() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    pack(&data, 64, 8)?;
+    let mut config = tiny_config(&data, &dir.path().join("run"), 50)?;
+    config.lr.base = 1e30;
+    config.lr.shape = brisk_train::LrShape::Constant;
+    config.checkpoint.every_steps = 1;
+    let mut trainer = Trainer::new(config)?;
+    trainer.set_quiet(true);
+    let e = trainer.run().expect_err("a learning rate of 1e30 must diverge");
+    let message = e.to_string();
+    // Either the loss or, first, a weight became non-finite; both name the step.
+    assert!(
+        matches!(
+            e,
+            brisk_train::Error::NonFiniteLoss { .. } | brisk_train::Error::NonFiniteWeights { .. }
+        ),
+        "{message}"
+    );
+    assert!(message.contains("at step"), "{message}");
+    // Every checkpoint written holds finite weights: the newest one loads and is finite.
+    let root = dir.path().join("run/checkpoints");
+    let newest = brisk_train::checkpoint::list(&root)?.pop();
+    if let Some((step, path)) = newest {
+        assert!(message.contains(&path.display().to_string()), "{message}");
+        let ck = brisk_train::checkpoint::read(&path, &candle_core::Device::Cpu)?;
+        brisk_train::checkpoint::check_finite(&ck.net, step)?;
+    } else {
+        assert!(message.contains("No checkpoint"), "{message}");
+    }
+    Ok(())
+}
+
+#[test]
+fn missing_folders_and_reused_outputs_are_explained() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let e = Trainer::new(TrainConfig::default())
+        .expect_err("no out")
+        .to_string();
+    assert!(e.contains("out"), "{e}");
+    let mut config = TrainConfig::default().with_override("out", &dir.path().display().to_string())?;
+    let e = Trainer::new(config.clone()).expect_err("no data").to_string();
+    assert!(e.contains("data") && e.contains("--data"), "{e}");
+    config.data = Some(dir.path().join("nowhere"));
+    let e = Trainer::new(config).expect_err("missing data").to_string();
+    assert!(e.contains("nowhere"), "{e}");
+    let e = Trainer::resume(dir.path(), None)
+        .expect_err("nothing to resume")
+        .to_string();
+    assert!(e.contains("config.toml"), "{e}");
     Ok(())
 }

@@ -1,0 +1,305 @@
+//! `brisk train` and `brisk eval`: run the training loop from a config file and flags,
+//! resume a stopped run, and measure a model on a packed dataset.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use brisk_data::{Dataset, Split};
+use brisk_models::Network;
+use brisk_train::{evaluate, EvalReport, TrainConfig, Trainer};
+
+/// Flags that set one config field each; `--set` reaches any other.
+#[derive(Debug, clap::Args)]
+pub struct TrainArgs {
+    /// Packed dataset folder (from `brisk pack`). Overrides `data` in the config.
+    #[arg(long, value_name = "DIR")]
+    data: Option<PathBuf>,
+    /// Output folder: config.toml, metrics.jsonl, checkpoints/, best/, model.safetensors,
+    /// summary.json. Overrides `out` in the config.
+    #[arg(long, value_name = "DIR", required_unless_present = "resume")]
+    out: Option<PathBuf>,
+    /// TOML config file (see docs/training.md); flags override its values.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Continue the run in DIR from its newest checkpoint, with its own config (only
+    /// --data may be given too, if the dataset moved).
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["out", "config", "set", "epochs", "batch", "lr", "model", "width", "spec", "seed", "threads", "optimizer", "workers"])]
+    resume: Option<PathBuf>,
+    /// Model preset (`brisk models` lists them). By default, resnet18-cifar.
+    #[arg(long, value_name = "PRESET")]
+    model: Option<String>,
+    /// ModelSpec file (.json or .toml) instead of a preset.
+    #[arg(long, value_name = "FILE")]
+    spec: Option<PathBuf>,
+    /// Width multiplier of the model. By default, the preset's own (1).
+    #[arg(long)]
+    width: Option<f64>,
+    /// Epochs. By default, 30.
+    #[arg(long)]
+    epochs: Option<usize>,
+    /// Fixed batch size (use `--set batch=...` for a growing one). By default, 128.
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Peak learning rate. By default, 0.1.
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Optimiser: sgd or adamw. By default, sgd (momentum 0.9, Nesterov).
+    #[arg(long, value_parser = ["sgd", "adamw"])]
+    optimizer: Option<String>,
+    /// Seed of the weights, sample order and augmentations. By default, 0.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Compute threads. By default, every core.
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Loader worker threads (0: load in the training thread). By default, 2.
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Set any config field, dotted, to a TOML value: `--set optimizer.momentum=0.8`,
+    /// `--set 'batch={kind="geometric",start=32,factor=2,every=2,max=512}'`.
+    /// May be given several times; applied after the other flags.
+    #[arg(long, value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// No progress display (the event log is written all the same).
+    #[arg(long)]
+    quiet: bool,
+    /// Print the run's summary as one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+/// The config: the file (or defaults), then the flags, then `--set`s.
+fn build_config(a: &TrainArgs) -> Result<TrainConfig> {
+    let mut config = match &a.config {
+        Some(path) => TrainConfig::from_file(path)?,
+        None => TrainConfig::default(),
+    };
+    let mut overrides: Vec<(String, String)> = Vec::new();
+    let mut flag = |key: &str, value: Option<String>| {
+        if let Some(v) = value {
+            overrides.push((key.to_string(), v));
+        }
+    };
+    let quoted = |p: &Option<PathBuf>| p.as_ref().map(|p| format!("{:?}", p.display().to_string()));
+    flag("data", quoted(&a.data));
+    flag("out", quoted(&a.out));
+    flag("model.preset", a.model.as_ref().map(|m| format!("{m:?}")));
+    flag("model.spec_file", quoted(&a.spec));
+    flag("model.width", a.width.map(|w| w.to_string()));
+    flag("epochs", a.epochs.map(|v| v.to_string()));
+    flag(
+        "batch",
+        a.batch.map(|b| format!("{{ kind = \"fixed\", size = {b} }}")),
+    );
+    flag("lr.base", a.lr.map(|v| format!("{v:?}")));
+    flag("optimizer.kind", a.optimizer.as_ref().map(|v| format!("{v:?}")));
+    flag("seed", a.seed.map(|v| v.to_string()));
+    flag("threads", a.threads.map(|v| v.to_string()));
+    flag("loader.workers", a.workers.map(|v| v.to_string()));
+    for s in &a.set {
+        let (key, value) = s
+            .split_once('=')
+            .with_context(|| format!("--set {s:?}: expected KEY=VALUE"))?;
+        overrides.push((key.trim().to_string(), value.trim().to_string()));
+    }
+    for (key, value) in &overrides {
+        config = config.with_override(key, value)?;
+    }
+    config.validate()?;
+    Ok(config)
+}
+
+/// Ctrl-C (or SIGTERM) asks the run to checkpoint and stop; a second one exits at once.
+fn stop_on_signal() -> Result<Arc<AtomicBool>> {
+    let flag = Arc::new(AtomicBool::new(false));
+    let seen = flag.clone();
+    ctrlc::set_handler(move || {
+        if seen.swap(true, Ordering::SeqCst) {
+            eprintln!("brisk: stopping now, without a checkpoint");
+            std::process::exit(130);
+        }
+        eprintln!("brisk: stopping after this batch and writing a checkpoint (Ctrl-C again to quit now)");
+    })
+    .context("cannot install the Ctrl-C handler")?;
+    Ok(flag)
+}
+
+pub fn train(a: &TrainArgs) -> Result<()> {
+    let mut trainer = match &a.resume {
+        Some(dir) => Trainer::resume(dir, a.data.clone())
+            .with_context(|| format!("cannot resume the run in {}", dir.display()))?,
+        None => Trainer::new(build_config(a)?)?,
+    };
+    trainer.set_quiet(a.quiet);
+    trainer.set_stop_flag(stop_on_signal()?);
+    let out = trainer.config().out.clone().unwrap_or_default();
+    if !a.quiet {
+        let spec = trainer.network().spec();
+        eprintln!(
+            "brisk train: {} (width {}, {} parameters) on {} for {} epochs -> {}",
+            spec.arch.name(),
+            spec.width,
+            spec.param_count(),
+            trainer
+                .config()
+                .data
+                .as_deref()
+                .unwrap_or(Path::new("?"))
+                .display(),
+            trainer.config().epochs,
+            out.display()
+        );
+    }
+    let summary = trainer.run()?;
+    if a.json {
+        println!("{}", serde_json::to_string(&summary)?);
+    } else {
+        eprintln!(
+            "done: test top1 {:.2}% top5 {:.2}% loss {:.4} (best {:.2}% at epoch {}) | {} updates, {:.0} img/s, data wait {:.1}% | {:.0} s | model {}",
+            100.0 * summary.top1,
+            100.0 * summary.top5,
+            summary.loss,
+            100.0 * summary.best_top1,
+            summary.best_epoch + 1,
+            summary.updates,
+            summary.img_per_s,
+            100.0 * summary.data_wait,
+            summary.elapsed_s,
+            summary.model.display()
+        );
+    }
+    Ok(())
+}
+
+#[derive(Debug, clap::Args)]
+pub struct EvalArgs {
+    /// Model file (`model.safetensors` with its `model.json`), or a folder holding one
+    /// (a run's output folder, `best/`, or a checkpoint folder).
+    #[arg(long, value_name = "FILE")]
+    checkpoint: PathBuf,
+    /// Packed dataset folder.
+    #[arg(long, value_name = "DIR")]
+    data: PathBuf,
+    /// Split to measure.
+    #[arg(long, default_value = "test", value_parser = ["test", "train"])]
+    split: String,
+    /// Images per batch.
+    #[arg(long, default_value_t = 256)]
+    batch: usize,
+    /// Compute threads. By default, every core.
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Also print the confusion matrix (rows: true class, columns: predicted).
+    #[arg(long)]
+    confusion: bool,
+    /// Print one JSON object on stdout: top1, top5, loss, n, per_class (and confusion).
+    #[arg(long)]
+    json: bool,
+}
+
+/// The model file a path names: the file itself, or `model.safetensors` in a folder.
+fn model_file(path: &Path) -> PathBuf {
+    if path.is_dir() {
+        path.join(brisk_train::checkpoint::MODEL_FILE)
+    } else {
+        path.to_path_buf()
+    }
+}
+
+pub fn eval(a: &EvalArgs) -> Result<()> {
+    if a.batch == 0 {
+        bail!("--batch must be at least 1");
+    }
+    let threads = a
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    brisk_ops::init_compute(threads)?;
+    let file = model_file(&a.checkpoint);
+    let net = Network::load(&file, &candle_core::Device::Cpu)?;
+    let data = Arc::new(Dataset::open(&a.data)?);
+    let m = data.manifest();
+    let spec = net.spec();
+    if spec.classes != m.classes.len() || spec.in_channels != m.channels {
+        bail!(
+            "{} has {} classes and {} input channels, the dataset {} has {} and {}",
+            file.display(),
+            spec.classes,
+            spec.in_channels,
+            a.data.display(),
+            m.classes.len(),
+            m.channels
+        );
+    }
+    let split = if a.split == "train" {
+        Split::Train
+    } else {
+        Split::Test
+    };
+    if data.is_empty(split) {
+        bail!("{} has no {} images", a.data.display(), split.name());
+    }
+    let report = evaluate(&net, &data, split, a.batch, (0, 1), &mut |_| Ok(()))?;
+    if a.json {
+        let mut v = serde_json::to_value(&report)?;
+        if !a.confusion {
+            if let Some(o) = v.as_object_mut() {
+                o.remove("confusion");
+            }
+        }
+        println!("{v}");
+    } else {
+        print_report(&report, a.confusion);
+    }
+    Ok(())
+}
+
+fn print_report(r: &EvalReport, confusion: bool) {
+    println!(
+        "top1 {:.2}%  top5 {:.2}%  loss {:.4}  n {}",
+        100.0 * r.top1,
+        100.0 * r.top5,
+        r.loss,
+        r.n
+    );
+    let width = r
+        .per_class
+        .iter()
+        .map(|c| c.class.len())
+        .max()
+        .unwrap_or(5)
+        .max(5);
+    println!("\n{:<width$}  {:>8}  {:>7}", "class", "accuracy", "images");
+    for c in &r.per_class {
+        println!(
+            "{:<width$}  {:>7.2}%  {:>7}",
+            c.class,
+            100.0 * c.accuracy,
+            c.total
+        );
+    }
+    if confusion {
+        println!("\nconfusion (rows: true class, columns: predicted)");
+        let cell = r
+            .confusion
+            .iter()
+            .flatten()
+            .map(|v| v.to_string().len())
+            .max()
+            .unwrap_or(1)
+            .max(3);
+        print!("{:<width$}", "");
+        for j in 0..r.confusion.len() {
+            print!(" {j:>cell$}");
+        }
+        println!();
+        for (i, row) in r.confusion.iter().enumerate() {
+            print!("{:<width$}", format!("{i} {}", r.per_class[i].class));
+            for v in row {
+                print!(" {v:>cell$}");
+            }
+            println!();
+        }
+    }
+}

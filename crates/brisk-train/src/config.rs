@@ -1,0 +1,490 @@
+//! `TrainConfig`: every setting of a training run, read from TOML and overridden by
+//! dotted `key=value` pairs (the command line's flags become such overrides).
+
+use std::path::{Path, PathBuf};
+
+use brisk_models::ModelSpec;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::optim::{AdamW, AdamWConfig, Optimizer, Param, Sgd, SgdConfig};
+use crate::schedule::{BatchSchedule, LrScaling, LrSchedule, LrShape};
+
+/// Everything a training run needs. Every field has a default, so a config file names
+/// only what it changes; unknown fields are errors.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Packed dataset folder (`brisk pack …`). No default: required to train.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data: Option<PathBuf>,
+    /// Output folder: config, metrics.jsonl, checkpoints, final model. No default.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub out: Option<PathBuf>,
+    /// Seeds the initial weights, the sample order and the augmentations. By default, 0.
+    pub seed: u64,
+    /// Passes over the training split. By default, 30.
+    pub epochs: usize,
+    /// Compute threads; 0 uses every core. By default, 0.
+    pub threads: usize,
+    /// Label smoothing ε of the cross-entropy, in [0, 1). By default, 0.
+    pub label_smoothing: f64,
+    /// Steps between `step` events in metrics.jsonl and plain progress lines. By default, 50.
+    pub log_every: usize,
+    pub model: ModelChoice,
+    /// Batch size by epoch. By default, fixed at 128.
+    pub batch: BatchSchedule,
+    /// Whether the learning rate follows a growing batch. By default, held.
+    pub lr_scaling: LrScaling,
+    pub optimizer: OptimizerConfig,
+    pub lr: LrConfig,
+    pub loader: LoaderSettings,
+    pub eval: EvalSettings,
+    pub checkpoint: CheckpointSettings,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            data: None,
+            out: None,
+            seed: 0,
+            epochs: 30,
+            threads: 0,
+            label_smoothing: 0.0,
+            log_every: 50,
+            model: ModelChoice::default(),
+            batch: BatchSchedule::Fixed { size: 128 },
+            lr_scaling: LrScaling::Hold,
+            optimizer: OptimizerConfig::default(),
+            lr: LrConfig::default(),
+            loader: LoaderSettings::default(),
+            eval: EvalSettings::default(),
+            checkpoint: CheckpointSettings::default(),
+        }
+    }
+}
+
+/// Which network to train. The dataset sets its classes, input channels and image size.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelChoice {
+    /// A preset name as `brisk models` lists them. By default, "resnet18-cifar".
+    pub preset: String,
+    /// A ModelSpec file (.json or .toml) used instead of the preset.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub spec_file: Option<PathBuf>,
+    /// Width multiplier; by default the preset's or the file's own (1 for presets).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub width: Option<f64>,
+}
+
+impl Default for ModelChoice {
+    fn default() -> Self {
+        ModelChoice {
+            preset: "resnet18-cifar".into(),
+            spec_file: None,
+            width: None,
+        }
+    }
+}
+
+/// Which optimiser, with its settings (fields not used by the chosen kind are ignored).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OptimizerConfig {
+    /// "sgd" or "adamw". By default, "sgd".
+    pub kind: OptimizerKind,
+    /// SGD momentum. By default, 0.9.
+    pub momentum: f64,
+    /// SGD Nesterov momentum. By default, true.
+    pub nesterov: bool,
+    /// Weight decay (coupled L2 for SGD, decoupled for AdamW). By default, 5e-4.
+    pub weight_decay: f64,
+    /// Apply weight decay to batch-norm and bias parameters too. By default, false.
+    pub decay_norm_and_bias: bool,
+    /// AdamW β1, β2 and ε. By default, 0.9, 0.999, 1e-8.
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+}
+
+/// The optimisers brisk has.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OptimizerKind {
+    #[default]
+    Sgd,
+    #[serde(rename = "adamw")]
+    AdamW,
+}
+
+impl Default for OptimizerConfig {
+    fn default() -> Self {
+        OptimizerConfig {
+            kind: OptimizerKind::Sgd,
+            momentum: 0.9,
+            nesterov: true,
+            weight_decay: 5e-4,
+            decay_norm_and_bias: false,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+        }
+    }
+}
+
+impl OptimizerConfig {
+    /// Builds the optimiser over named variables at learning rate `lr`.
+    pub fn build(&self, vars: Vec<(String, candle_core::Var)>, lr: f64) -> Result<Optimizer> {
+        let params = Param::from_named(vars, self.decay_norm_and_bias);
+        Ok(match self.kind {
+            OptimizerKind::Sgd => Optimizer::Sgd(Sgd::new(
+                params,
+                SgdConfig {
+                    lr,
+                    momentum: self.momentum,
+                    nesterov: self.nesterov,
+                    weight_decay: self.weight_decay,
+                },
+            )?),
+            OptimizerKind::AdamW => Optimizer::AdamW(AdamW::new(
+                params,
+                AdamWConfig {
+                    lr,
+                    beta1: self.beta1,
+                    beta2: self.beta2,
+                    eps: self.eps,
+                    weight_decay: self.weight_decay,
+                },
+            )?),
+        })
+    }
+}
+
+/// The learning-rate schedule (its length is the run's `epochs`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LrConfig {
+    /// Peak (or constant) learning rate. By default, 0.1.
+    pub base: f64,
+    /// By default, one-cycle (`{ kind = "one_cycle" }`, PyTorch's defaults).
+    pub shape: LrShape,
+    /// Epochs of linear warm-up. By default, 0.
+    pub warmup_epochs: f64,
+}
+
+impl Default for LrConfig {
+    fn default() -> Self {
+        LrConfig {
+            base: 0.1,
+            shape: LrShape::OneCycle {
+                pct_start: 0.3,
+                div: 25.0,
+                final_div: 1e4,
+            },
+            warmup_epochs: 0.0,
+        }
+    }
+}
+
+/// How the training batches are made.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoaderSettings {
+    /// Worker threads making batches; 0 makes them in the training thread. By default, 2.
+    pub workers: usize,
+    /// Batches made ahead. By default, 4.
+    pub prefetch: usize,
+    /// Random-crop padding in pixels; 0 disables cropping. By default, 4.
+    pub crop_padding: usize,
+    /// Random horizontal flips. By default, true.
+    pub flip: bool,
+    /// Cutout square side; 0 disables it. By default, 0.
+    pub cutout: usize,
+}
+
+impl Default for LoaderSettings {
+    fn default() -> Self {
+        LoaderSettings {
+            workers: 2,
+            prefetch: 4,
+            crop_padding: 4,
+            flip: true,
+            cutout: 0,
+        }
+    }
+}
+
+/// When and how the test split is evaluated.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EvalSettings {
+    /// Evaluate every this many epochs (and always after the last); 0: only at the end.
+    /// By default, 1.
+    pub every_epochs: usize,
+    /// Images per evaluation batch. By default, 256.
+    pub batch: usize,
+}
+
+impl Default for EvalSettings {
+    fn default() -> Self {
+        EvalSettings {
+            every_epochs: 1,
+            batch: 256,
+        }
+    }
+}
+
+/// When checkpoints are written and how many are kept.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CheckpointSettings {
+    /// Write one at the end of every this many epochs; 0: none at epoch ends. By default, 1.
+    pub every_epochs: usize,
+    /// Also write one every this many optimiser updates; 0: never. By default, 0.
+    pub every_steps: u64,
+    /// How many recent checkpoints to keep (the best model is kept apart). By default, 2.
+    pub keep_last: usize,
+}
+
+impl Default for CheckpointSettings {
+    fn default() -> Self {
+        CheckpointSettings {
+            every_epochs: 1,
+            every_steps: 0,
+            keep_last: 2,
+        }
+    }
+}
+
+/// Turns serde_path_to_error's error into ours, naming the source and the field.
+fn parse_error<E: std::fmt::Display>(source_name: &str, e: serde_path_to_error::Error<E>) -> Error {
+    Error::ConfigParse {
+        source_name: source_name.to_string(),
+        field: e.path().to_string(),
+        message: e.inner().to_string(),
+    }
+}
+
+impl TrainConfig {
+    /// Parses TOML text; `source_name` (a file name) is used in errors.
+    pub fn from_toml_str(text: &str, source_name: &str) -> Result<Self> {
+        let de = toml::Deserializer::new(text);
+        let config: TrainConfig =
+            serde_path_to_error::deserialize(de).map_err(|e| parse_error(source_name, e))?;
+        Ok(config)
+    }
+
+    /// Reads a TOML file.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io("cannot read config", path, e))?;
+        Self::from_toml_str(&text, &path.display().to_string())
+    }
+
+    /// The config as TOML text (what `config.toml` in the output folder holds).
+    pub fn to_toml(&self) -> Result<String> {
+        toml::to_string(self).map_err(|e| Error::State {
+            problem: format!("cannot write the config as TOML: {e}"),
+        })
+    }
+
+    /// Returns the config with `key` (dotted, e.g. `optimizer.momentum` or `batch.size`)
+    /// set to `value`, a TOML value (`0.9`, `true`, `"adamw"`, `{ kind = "cosine" }`); a
+    /// value that is not valid TOML is taken as a string, so `optimizer.kind=adamw` works.
+    pub fn with_override(&self, key: &str, value: &str) -> Result<Self> {
+        let bad = |message: String| Error::ConfigParse {
+            source_name: "override".into(),
+            field: key.to_string(),
+            message,
+        };
+        let parsed = toml::from_str::<toml::Table>(&format!("v = {value}"))
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| toml::Value::String(value.to_string()));
+        let mut root = toml::Value::try_from(self).map_err(|e| bad(e.to_string()))?;
+        let parts: Vec<&str> = key.split('.').collect();
+        if parts.iter().any(|p| p.is_empty()) {
+            return Err(bad("the key must be dotted names, like optimizer.momentum".into()));
+        }
+        let mut node = &mut root;
+        for part in &parts[..parts.len() - 1] {
+            let table = node
+                .as_table_mut()
+                .ok_or_else(|| bad(format!("`{part}` is inside a value that is not a table")))?;
+            node = table
+                .entry(part.to_string())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        }
+        let table = node
+            .as_table_mut()
+            .ok_or_else(|| bad("the parent of this key is not a table".into()))?;
+        table.insert(parts[parts.len() - 1].to_string(), parsed);
+        let text = toml::to_string(&root).map_err(|e| bad(e.to_string()))?;
+        let config = Self::from_toml_str(&text, &format!("override {key}={value}"))?;
+        Ok(config)
+    }
+
+    /// Checks every setting; errors name the field and the allowed values.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |field: &'static str, problem: String| Err(Error::InvalidConfig { field, problem });
+        if self.epochs == 0 {
+            return bad("epochs", "must be at least 1".into());
+        }
+        if !(0.0..1.0).contains(&self.label_smoothing) {
+            return bad(
+                "label_smoothing",
+                format!("must be in [0, 1), got {}", self.label_smoothing),
+            );
+        }
+        if self.log_every == 0 {
+            return bad("log_every", "must be at least 1".into());
+        }
+        if let Some(w) = self.model.width {
+            if !(w.is_finite() && w > 0.0) {
+                return bad("model.width", format!("must be a positive number, got {w}"));
+            }
+        }
+        if self.model.spec_file.is_none() && ModelSpec::preset_named(&self.model.preset).is_none() {
+            let names: Vec<&str> = ModelSpec::presets().iter().map(|(n, _)| *n).collect();
+            return bad(
+                "model.preset",
+                format!(
+                    "unknown preset {:?}; one of {}",
+                    self.model.preset,
+                    names.join(", ")
+                ),
+            );
+        }
+        if self.eval.batch == 0 {
+            return bad("eval.batch", "must be at least 1".into());
+        }
+        if self.checkpoint.keep_last == 0 {
+            return bad("checkpoint.keep_last", "must be at least 1".into());
+        }
+        self.batch.validate()?;
+        self.lr_schedule().validate()?;
+        // The optimiser checks its own numbers; build one over nothing to run them.
+        self.optimizer.build(Vec::new(), self.lr.base)?;
+        Ok(())
+    }
+
+    /// The learning-rate schedule over this run's epochs.
+    pub fn lr_schedule(&self) -> LrSchedule {
+        LrSchedule {
+            base_lr: self.lr.base,
+            shape: self.lr.shape.clone(),
+            warmup_epochs: self.lr.warmup_epochs,
+            epochs: self.epochs as f64,
+        }
+    }
+
+    /// The model spec: the preset or spec file, at the configured width, with classes,
+    /// input channels and image size from the dataset.
+    pub fn model_spec(&self, classes: usize, in_channels: usize, image_size: usize) -> Result<ModelSpec> {
+        let mut spec = match &self.model.spec_file {
+            Some(path) => ModelSpec::from_file(path)?,
+            None => ModelSpec::preset_named(&self.model.preset).ok_or_else(|| Error::InvalidConfig {
+                field: "model.preset",
+                problem: format!("unknown preset {:?}", self.model.preset),
+            })?,
+        };
+        if let Some(w) = self.model.width {
+            spec = spec.with_width(w);
+        }
+        spec.classes = classes;
+        spec.in_channels = in_channels;
+        spec.image_size = image_size;
+        spec.validate()?;
+        Ok(spec)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check_error(text: &str, field: &str) {
+        let e = TrainConfig::from_toml_str(text, "test.toml")
+            .and_then(|c| c.validate().map(|()| c))
+            .expect_err("must be rejected")
+            .to_string();
+        assert!(e.contains(field), "{e} should name {field}");
+    }
+
+    #[test]
+    fn a_file_names_only_what_it_changes() -> Result<()> {
+        let c = TrainConfig::from_toml_str(
+            "epochs = 4\n[model]\nwidth = 0.25\n[batch]\nkind = \"geometric\"\nstart = 32\nfactor = 2\nevery = 1\nmax = 256\n",
+            "t",
+        )?;
+        c.validate()?;
+        assert_eq!(c.epochs, 4);
+        assert_eq!(c.model.width, Some(0.25));
+        assert_eq!(c.batch.size(3), 256);
+        assert_eq!(c.optimizer, OptimizerConfig::default());
+        // What is written reads back the same.
+        assert_eq!(TrainConfig::from_toml_str(&c.to_toml()?, "round trip")?, c);
+        Ok(())
+    }
+
+    #[test]
+    fn overrides_replace_single_fields() -> Result<()> {
+        let c = TrainConfig::default()
+            .with_override("optimizer.kind", "adamw")?
+            .with_override("optimizer.momentum", "0.5")?
+            .with_override("batch.size", "1")?
+            .with_override("lr.shape", "{ kind = \"cosine\" }")?
+            .with_override("data", "/tmp/x")?;
+        assert_eq!(c.optimizer.kind, OptimizerKind::AdamW);
+        assert_eq!(c.optimizer.momentum, 0.5);
+        assert_eq!(c.batch, BatchSchedule::Fixed { size: 1 });
+        assert_eq!(c.lr.shape, LrShape::Cosine { min_lr: 0.0 });
+        assert_eq!(c.data.as_deref(), Some(Path::new("/tmp/x")));
+        c.validate()?;
+        let e = TrainConfig::default()
+            .with_override("optimizer.moment", "0.5")
+            .expect_err("unknown field")
+            .to_string();
+        assert!(e.contains("optimizer") && e.contains("moment"), "{e}");
+        let e = TrainConfig::default()
+            .with_override("epochs", "many")
+            .expect_err("not a number")
+            .to_string();
+        assert!(e.contains("epochs"), "{e}");
+        Ok(())
+    }
+
+    #[test]
+    fn the_documented_examples_are_valid() -> Result<()> {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/examples");
+        let mut checked = 0;
+        for entry in std::fs::read_dir(&dir).map_err(|e| Error::io("cannot list", &dir, e))? {
+            let path = entry.map_err(|e| Error::io("cannot list", &dir, e))?.path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                TrainConfig::from_file(&path)?.validate()?;
+                checked += 1;
+            }
+        }
+        assert!(checked >= 2, "examples missing from {}", dir.display());
+        Ok(())
+    }
+
+    #[test]
+    fn bad_configs_name_the_field() {
+        check_error("epochs = 0", "epochs");
+        check_error("epoch = 3", "epoch");
+        check_error("label_smoothing = 1.5", "label_smoothing");
+        check_error("[model]\npreset = \"vgg\"", "model.preset");
+        check_error("[model]\nwidth = -1.0", "model.width");
+        check_error("[optimizer]\nkind = \"lbfgs\"", "optimizer.kind");
+        check_error("[optimizer]\nmomentum = 1.0", "momentum");
+        check_error("[batch]\nkind = \"fixed\"\nsize = 0", "batch");
+        check_error("[lr]\nbase = -0.1", "lr");
+        check_error("[checkpoint]\nkeep_last = 0", "keep_last");
+        check_error(
+            "[lr.shape]\nkind = \"step\"\nmilestones = [1.0]\ngamma = 0.0",
+            "gamma",
+        );
+    }
+}

@@ -1,0 +1,113 @@
+//! Evaluation: loss, top-1/top-5 accuracy, per-class accuracy and the confusion matrix of
+//! a network on one split of a packed dataset.
+
+use std::sync::Arc;
+
+use brisk_data::{Dataset, Loader, LoaderConfig, Split};
+use brisk_models::Network;
+use candle_core::{Device, Tensor};
+use serde::Serialize;
+
+use crate::error::Result;
+use crate::loss::cross_entropy;
+
+/// What an evaluation measured. Accuracies are fractions in [0, 1].
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct EvalReport {
+    pub top1: f64,
+    pub top5: f64,
+    /// Mean cross-entropy (no smoothing).
+    pub loss: f64,
+    /// Images evaluated.
+    pub n: u64,
+    pub per_class: Vec<ClassAccuracy>,
+    /// `confusion[true][predicted]` counts.
+    pub confusion: Vec<Vec<u64>>,
+}
+
+/// Accuracy on the images of one class.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ClassAccuracy {
+    pub class: String,
+    pub correct: u64,
+    pub total: u64,
+    pub accuracy: f64,
+}
+
+/// Evaluates `net` (eval mode: running statistics) on `split`, `batch` images at a time,
+/// on this rank's share (`rank` of `world`); `reduce` sums the per-rank figures across
+/// ranks in place (the identity for one process).
+pub fn evaluate(
+    net: &Network,
+    data: &Arc<Dataset>,
+    split: Split,
+    batch: usize,
+    (rank, world): (usize, usize),
+    reduce: &mut dyn FnMut(&mut [f64]) -> Result<()>,
+) -> Result<EvalReport> {
+    let classes = data.manifest().classes.len();
+    let config = LoaderConfig {
+        split,
+        rank,
+        world,
+        ..LoaderConfig::eval(data)
+    };
+    let loader = Loader::new(data.clone(), config)?;
+    let dev = Device::Cpu;
+    // Sums: loss, n, top-1, top-5, then the confusion matrix row by row.
+    let mut sums = vec![0f64; 4 + classes * classes];
+    for b in loader.epoch(0, batch, 0)? {
+        let b = b?;
+        let (c, h, w) = b.shape;
+        let x = Tensor::from_slice(&b.images, (b.len(), c, h, w), &dev)?;
+        let y = Tensor::from_slice(&b.labels, b.len(), &dev)?;
+        let logits = net.forward_t(&x, false)?;
+        let loss = cross_entropy(&logits, &y, 0.0)?.to_scalar::<f32>()? as f64;
+        sums[0] += loss * b.len() as f64;
+        sums[1] += b.len() as f64;
+        let rows = logits.to_vec2::<f32>()?;
+        for (row, &label) in rows.iter().zip(&b.labels) {
+            let target = row[label as usize];
+            // Ties count against, as in `top_k_correct`.
+            let above = row.iter().filter(|&&v| v > target).count();
+            sums[2] += f64::from(u8::from(above < 1));
+            sums[3] += f64::from(u8::from(above < 5));
+            let predicted = row
+                .iter()
+                .enumerate()
+                .fold(0, |best, (i, &v)| if v > row[best] { i } else { best });
+            sums[4 + label as usize * classes + predicted] += 1.0;
+        }
+    }
+    reduce(&mut sums)?;
+    let n = sums[1];
+    let div = |x: f64| if n > 0.0 { x / n } else { 0.0 };
+    let confusion: Vec<Vec<u64>> = (0..classes)
+        .map(|t| (0..classes).map(|p| sums[4 + t * classes + p] as u64).collect())
+        .collect();
+    let per_class = confusion
+        .iter()
+        .enumerate()
+        .map(|(t, row)| {
+            let total: u64 = row.iter().sum();
+            ClassAccuracy {
+                class: data.manifest().classes[t].clone(),
+                correct: row[t],
+                total,
+                accuracy: if total > 0 {
+                    row[t] as f64 / total as f64
+                } else {
+                    0.0
+                },
+            }
+        })
+        .collect();
+    Ok(EvalReport {
+        top1: div(sums[2]),
+        top5: div(sums[3]),
+        loss: div(sums[0]),
+        n: n as u64,
+        per_class,
+        confusion,
+    })
+}
