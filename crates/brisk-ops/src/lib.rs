@@ -5,6 +5,7 @@
 mod batchnorm;
 mod conv;
 mod gemm;
+mod half_gemm;
 mod optim;
 mod pool;
 mod storage;
@@ -13,6 +14,7 @@ mod testing;
 
 pub use batchnorm::{batch_norm, BatchNormOutput, Epilogue};
 pub use conv::conv2d;
+pub use half_gemm::matmul_rows;
 pub use optim::{sgd_update, SgdStep};
 pub use pool::max_pool2d;
 
