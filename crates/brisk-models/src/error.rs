@@ -5,6 +5,10 @@ use std::path::PathBuf;
 /// Errors raised while describing, building, saving or loading a model.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// The precision policy is invalid.
+    #[error(transparent)]
+    Precision(#[from] brisk_precision::Error),
+
     /// A `ModelSpec` field holds a value the model cannot be built from.
     #[error("invalid model spec: field `{field}` {problem}")]
     InvalidSpec { field: String, problem: String },

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use brisk_precision::PrecisionPolicy;
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
@@ -60,6 +61,8 @@ pub struct Network {
     spec: ModelSpec,
     varmap: VarMap,
     model: ResNet,
+    kernels: Kernels,
+    policy: PrecisionPolicy,
 }
 
 impl std::fmt::Debug for Network {
@@ -96,16 +99,39 @@ impl Network {
             }
         }
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
-        let model = ResNet::new(&spec, vb)?;
-        Ok(Self { spec, varmap, model })
+        let (kernels, policy) = (Kernels::for_device(device), PrecisionPolicy::default());
+        let model = ResNet::build(&spec, vb, kernels, &policy)?;
+        Ok(Self {
+            spec,
+            varmap,
+            model,
+            kernels,
+            policy,
+        })
+    }
+
+    fn rebuild(&mut self) -> Result<()> {
+        let device = self.model.device().clone();
+        let vb = VarBuilder::from_varmap(&self.varmap, DType::F32, &device);
+        self.model = ResNet::build(&self.spec, vb, self.kernels, &self.policy)?;
+        Ok(())
     }
 
     /// Switches the convolution kernels (brisk's or candle's reference), keeping the weights.
     pub fn set_kernels(&mut self, kernels: Kernels) -> Result<()> {
-        let device = self.model.device().clone();
-        let vb = VarBuilder::from_varmap(&self.varmap, DType::F32, &device);
-        self.model = ResNet::with_kernels(&self.spec, vb, kernels)?;
-        Ok(())
+        self.kernels = kernels;
+        self.rebuild()
+    }
+
+    /// Computes with a precision policy (bf16/f16 layers), keeping the f32 weights, which
+    /// remain the master copy: checkpoints stay f32 whatever the policy.
+    pub fn set_precision(&mut self, policy: PrecisionPolicy) -> Result<()> {
+        self.policy = policy;
+        self.rebuild()
+    }
+
+    pub fn precision(&self) -> &PrecisionPolicy {
+        &self.policy
     }
 
     /// Loads a checkpoint written by [`Network::save`] (or by PyTorch, given a sidecar).

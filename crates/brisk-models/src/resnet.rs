@@ -1,6 +1,7 @@
 //! The ResNet itself: BasicBlocks, batch-norm, squeeze-and-excitation, stems and head,
 //! built from a `ModelSpec` and a candle `VarBuilder` under torchvision's tensor names.
 
+use brisk_precision::{LayerKind, PrecisionPolicy};
 use candle_core::{DType, Module, ModuleT, Tensor, Var, D};
 use candle_nn::VarBuilder;
 
@@ -41,16 +42,27 @@ pub struct Conv2d {
     stride: usize,
     padding: usize,
     kernels: Kernels,
+    /// The dtype the convolution computes in (the precision policy's choice).
+    compute: DType,
 }
 
 impl Conv2d {
-    fn new(b: &Builder, cin: usize, cout: usize, k: usize, stride: usize, padding: usize) -> Result<Self> {
+    fn new(
+        b: &Builder,
+        kind: LayerKind,
+        cin: usize,
+        cout: usize,
+        k: usize,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Self> {
         let weight = b.vb.get((cout, cin, k, k), "weight")?;
         Ok(Self {
             weight,
             stride,
             padding,
             kernels: b.kernels,
+            compute: b.policy.compute_dtype(&b.vb.prefix(), kind),
         })
     }
 
@@ -61,10 +73,21 @@ impl Conv2d {
 }
 
 impl Module for Conv2d {
+    /// The output is f32 whatever the compute dtype (batch-norm follows in f32).
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let x = x.to_dtype(self.compute)?;
         match self.kernels {
-            Kernels::Brisk => brisk_ops::conv2d(x, &self.weight, self.stride, self.padding),
-            Kernels::Candle => x.conv2d(&self.weight, self.padding, self.stride, 1, 1),
+            // brisk's op computes in its input's dtype, from the f32 master weight.
+            Kernels::Brisk => brisk_ops::conv2d(&x, &self.weight, self.stride, self.padding),
+            Kernels::Candle => x
+                .conv2d(
+                    &self.weight.to_dtype(self.compute)?,
+                    self.padding,
+                    self.stride,
+                    1,
+                    1,
+                )?
+                .to_dtype(DType::F32),
         }
     }
 }
@@ -74,6 +97,7 @@ impl Module for Conv2d {
 struct Builder<'a> {
     vb: VarBuilder<'a>,
     kernels: Kernels,
+    policy: &'a PrecisionPolicy,
 }
 
 impl Builder<'_> {
@@ -81,7 +105,14 @@ impl Builder<'_> {
         Builder {
             vb: self.vb.pp(name),
             kernels: self.kernels,
+            policy: self.policy,
         }
+    }
+
+    /// The dtype activations are kept in between layers: the policy's half format
+    /// when it has one, else f32.
+    fn activations(&self) -> DType {
+        self.policy.mode.half().unwrap_or(DType::F32)
     }
 }
 
@@ -96,10 +127,12 @@ pub struct BatchNorm2d {
     running_mean: Var,
     running_var: Var,
     kernels: Kernels,
+    /// The output's dtype (statistics and arithmetic are f32).
+    out: DType,
 }
 
 impl BatchNorm2d {
-    fn new(b: &Builder, c: usize) -> Result<Self> {
+    fn new(b: &Builder, c: usize, out: DType) -> Result<Self> {
         let vb = &b.vb;
         let name = vb.prefix();
         let weight = vb.get(c, "weight")?;
@@ -113,6 +146,7 @@ impl BatchNorm2d {
             running_mean,
             running_var,
             kernels: b.kernels,
+            out,
         })
     }
 
@@ -137,7 +171,11 @@ impl BatchNorm2d {
                         0,
                     )?)
                 };
-                let epilogue = brisk_ops::Epilogue { residual, relu };
+                let epilogue = brisk_ops::Epilogue {
+                    residual,
+                    relu,
+                    out: self.out,
+                };
                 let out =
                     brisk_ops::batch_norm(x, &self.weight, &self.bias, running.as_ref(), BN_EPS, epilogue)?;
                 let stats = train.then(|| (out.stats.get(0), out.stats.get(1)));
@@ -162,10 +200,11 @@ impl BatchNorm2d {
                 let y = x.broadcast_sub(&mean)?.broadcast_mul(&scale)?;
                 let y = y.broadcast_add(&self.bias.reshape((1, c, 1, 1))?)?;
                 let y = match residual {
-                    Some(r) => (y + r)?,
+                    Some(r) => (y + r.to_dtype(DType::F32)?)?,
                     None => y,
                 };
                 let y = if relu { y.relu()? } else { y };
+                let y = y.to_dtype(self.out)?;
                 let stats = train.then(|| (mean.detach().flatten_all(), var.detach().flatten_all()));
                 (y, stats)
             }
@@ -233,6 +272,8 @@ pub struct BasicBlock {
     bn2: BatchNorm2d,
     se: Option<SqueezeExcite>,
     downsample: Option<(Conv2d, BatchNorm2d)>,
+    /// The dtype of the block's output.
+    act: DType,
 }
 
 impl BasicBlock {
@@ -241,22 +282,42 @@ impl BasicBlock {
             Some(h) => Some(SqueezeExcite::new(&vb.pp("se"), plan.out, h)?),
             None => None,
         };
+        let act = vb.activations();
         let downsample = if plan.downsample {
             let d = vb.pp("downsample");
             Some((
-                Conv2d::new(&d.pp("0"), plan.in_channels, plan.out, 1, plan.stride, 0)?,
-                BatchNorm2d::new(&d.pp("1"), plan.out)?,
+                Conv2d::new(
+                    &d.pp("0"),
+                    LayerKind::Conv,
+                    plan.in_channels,
+                    plan.out,
+                    1,
+                    plan.stride,
+                    0,
+                )?,
+                BatchNorm2d::new(&d.pp("1"), plan.out, act)?,
             ))
         } else {
             None
         };
+        // Squeeze-and-excitation computes in f32, so bn2 feeds it f32.
+        let bn2_out = if se.is_some() { DType::F32 } else { act };
         Ok(Self {
-            conv1: Conv2d::new(&vb.pp("conv1"), plan.in_channels, plan.mid, 3, plan.stride, 1)?,
-            bn1: BatchNorm2d::new(&vb.pp("bn1"), plan.mid)?,
-            conv2: Conv2d::new(&vb.pp("conv2"), plan.mid, plan.out, 3, 1, 1)?,
-            bn2: BatchNorm2d::new(&vb.pp("bn2"), plan.out)?,
+            conv1: Conv2d::new(
+                &vb.pp("conv1"),
+                LayerKind::Conv,
+                plan.in_channels,
+                plan.mid,
+                3,
+                plan.stride,
+                1,
+            )?,
+            bn1: BatchNorm2d::new(&vb.pp("bn1"), plan.mid, act)?,
+            conv2: Conv2d::new(&vb.pp("conv2"), LayerKind::Conv, plan.mid, plan.out, 3, 1, 1)?,
+            bn2: BatchNorm2d::new(&vb.pp("bn2"), plan.out, bn2_out)?,
             se,
             downsample,
+            act,
         })
     }
 
@@ -271,7 +332,7 @@ impl BasicBlock {
             // The SE scale sits between bn2 and the shortcut, so only bn2 is fused.
             Some(se) => {
                 let y = se.forward(&self.bn2.forward_t(&z, train, false, None)?)?;
-                Ok((y + shortcut)?.relu()?)
+                Ok((y + shortcut.to_dtype(DType::F32)?)?.relu()?.to_dtype(self.act)?)
             }
             None => self.bn2.forward_t(&z, train, true, Some(&shortcut)),
         }
@@ -281,6 +342,10 @@ impl BasicBlock {
 /// A BasicBlock ResNet (18 or 34 layers, optionally with SE) as described by a `ModelSpec`.
 #[derive(Debug, Clone)]
 pub struct ResNet {
+    /// The classifier's compute dtype.
+    fc_compute: DType,
+    /// The dtype of the stem's output after pooling.
+    act: DType,
     conv1: Conv2d,
     bn1: BatchNorm2d,
     max_pool: bool,
@@ -294,21 +359,44 @@ impl ResNet {
     /// Convolutions run on brisk's kernels on the CPU and candle's elsewhere.
     pub fn new(spec: &ModelSpec, vb: VarBuilder) -> Result<Self> {
         let kernels = Kernels::for_device(vb.device());
-        Self::with_kernels(spec, vb, kernels)
+        Self::build(spec, vb, kernels, &PrecisionPolicy::default())
     }
 
     /// Builds the network with an explicit choice of convolution kernels.
-    pub fn with_kernels(spec: &ModelSpec, vb: VarBuilder, kernels: Kernels) -> Result<Self> {
+    pub fn build(
+        spec: &ModelSpec,
+        vb: VarBuilder,
+        kernels: Kernels,
+        policy: &PrecisionPolicy,
+    ) -> Result<Self> {
         spec.validate()?;
-        let vb = Builder { vb, kernels };
+        policy.validate()?;
+        let vb = Builder { vb, kernels, policy };
+        let act = vb.activations();
         let stem = spec.resolved_channels().stem;
         let (conv1, max_pool) = match spec.stem {
             Stem::Cifar => (
-                Conv2d::new(&vb.pp("conv1"), spec.in_channels, stem, 3, 1, 1)?,
+                Conv2d::new(
+                    &vb.pp("conv1"),
+                    LayerKind::FirstConv,
+                    spec.in_channels,
+                    stem,
+                    3,
+                    1,
+                    1,
+                )?,
                 false,
             ),
             Stem::Imagenet => (
-                Conv2d::new(&vb.pp("conv1"), spec.in_channels, stem, 7, 2, 3)?,
+                Conv2d::new(
+                    &vb.pp("conv1"),
+                    LayerKind::FirstConv,
+                    spec.in_channels,
+                    stem,
+                    7,
+                    2,
+                    3,
+                )?,
                 true,
             ),
         };
@@ -320,8 +408,11 @@ impl ResNet {
         let fc = vb.vb.pp("fc");
         let feat = spec.feature_channels();
         Ok(Self {
+            fc_compute: policy.compute_dtype("fc", LayerKind::Linear),
+            act,
             conv1,
-            bn1: BatchNorm2d::new(&vb.pp("bn1"), stem)?,
+            // The max-pool runs in f32; the stem's output is converted after it.
+            bn1: BatchNorm2d::new(&vb.pp("bn1"), stem, if max_pool { DType::F32 } else { act })?,
             max_pool,
             blocks,
             fc_weight: fc.get((spec.classes, feat), "weight")?,
@@ -334,9 +425,8 @@ impl ResNet {
         self.fc_weight.device()
     }
 
-    /// Logits `[N, classes]` for images `[N, C, H, W]` (f32). In training mode batch-norm
-    /// uses batch statistics and updates its running statistics.
-    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+    /// The stem's output (the first block's input), in the activations' dtype.
+    pub fn stem(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         if x.dtype() != DType::F32 {
             return Err(
                 candle_core::Error::Msg(format!("model input must be f32, got {:?}", x.dtype())).into(),
@@ -355,14 +445,27 @@ impl ResNet {
                     .pad_with_zeros(D::Minus1, 1, 1)?
                     .max_pool2d_with_stride(3, 2)?
             };
+            x = x.to_dtype(self.act)?;
         }
+        Ok(x)
+    }
+
+    /// Logits `[N, classes]` for images `[N, C, H, W]` (f32). In training mode batch-norm
+    /// uses batch statistics and updates its running statistics.
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let mut x = self.stem(x, train)?;
         for block in &self.blocks {
             x = block.forward_t(&x, train)?;
         }
-        let pooled = x.mean((2, 3))?;
-        Ok(pooled
-            .matmul(&self.fc_weight.t()?)?
-            .broadcast_add(&self.fc_bias)?)
+        let mut pooled = x.to_dtype(DType::F32)?.mean((2, 3))?;
+        let mut weight = self.fc_weight.clone();
+        if self.fc_compute != DType::F32 {
+            // A half-precision classifier: operands rounded, products summed in f32.
+            let round = |t: &Tensor| t.to_dtype(self.fc_compute)?.to_dtype(DType::F32);
+            pooled = round(&pooled)?;
+            weight = round(&weight)?;
+        }
+        Ok(pooled.matmul(&weight.t()?)?.broadcast_add(&self.fc_bias)?)
     }
 }
 

@@ -2,9 +2,10 @@
 //! own backward: one pass for the statistics, one for the output, two for the gradients,
 //! each parallel over channels, instead of candle's chain of small allocating ops.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::half::{f32_values, storage_of};
 use crate::storage::f32_slice;
 
 /// Output of [`batch_norm`].
@@ -18,12 +19,27 @@ pub struct BatchNormOutput {
 }
 
 /// What follows the normalisation in the same pass.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 pub struct Epilogue<'a> {
-    /// Added after the affine transform (a ResNet block's shortcut), same shape as x.
+    /// Added after the affine transform (a ResNet block's shortcut), same shape as x,
+    /// in any of f32, bf16, f16.
     pub residual: Option<&'a Tensor>,
     /// max(0, ·) last.
     pub relu: bool,
+    /// The output's dtype: f32, or bf16/f16 for half-precision layers that follow (the
+    /// output is rounded once, and the tensor kept for backward takes half the memory).
+    pub out: DType,
+}
+
+impl Default for Epilogue<'_> {
+    /// No residual, no ReLU, f32 output.
+    fn default() -> Self {
+        Epilogue {
+            residual: None,
+            relu: false,
+            out: DType::F32,
+        }
+    }
 }
 
 /// Batch-norm with PyTorch's semantics over `[N, C, H, W]`, then the epilogue:
@@ -46,10 +62,17 @@ pub fn batch_norm(
     };
     // [mean; var; weight; bias]: one [4, C] input carries every per-channel constant.
     let params = Tensor::cat(&[&stats, &Tensor::stack(&[weight, bias], 0)?], 0)?;
+    if !matches!(epilogue.out, DType::F32 | DType::BF16 | DType::F16) {
+        candle_core::bail!(
+            "brisk batch-norm: output dtype must be f32, bf16 or f16, got {:?}",
+            epilogue.out
+        );
+    }
     let op = Normalize {
         eps,
         relu: epilogue.relu,
         batch_stats,
+        out: epilogue.out,
     };
     let y = match epilogue.residual {
         None => x.apply_op2(&params, op)?,
@@ -155,6 +178,8 @@ struct Normalize {
     relu: bool,
     /// The statistics are the batch's own (training): the gradient flows through them.
     batch_stats: bool,
+    /// The output's dtype.
+    out: DType,
 }
 
 impl Normalize {
@@ -175,7 +200,7 @@ impl Normalize {
         let p = f32_data(params.0, params.1, "parameters")?;
         let ch = channels(&p[..2 * c], &p[2 * c..], c, self.eps);
         let res = match residual {
-            Some((s, l)) if l.dims() == x.1.dims() => Some(f32_data(s, l, "residual")?),
+            Some((s, l)) if l.dims() == x.1.dims() => Some(f32_values(s, l, "batch-norm", "residual")?),
             Some((_, l)) => candle_core::bail!(
                 "brisk batch-norm: residual {:?} differs from input {:?}",
                 l.dims(),
@@ -193,7 +218,7 @@ impl Normalize {
                 let scale = p.gamma * p.inv_std;
                 let shift = p.beta - p.mean * scale;
                 let act = |v: f32| if relu { v.max(0.0) } else { v };
-                match res {
+                match res.as_deref() {
                     Some(r) => {
                         for ((o, &v), &rv) in yo.iter_mut().zip(xi).zip(&r[i * hw..(i + 1) * hw]) {
                             *o = act(v * scale + shift + rv);
@@ -206,7 +231,7 @@ impl Normalize {
                     }
                 }
             });
-        Ok((CpuStorage::F32(y), x.1.shape().clone()))
+        Ok((storage_of(y, self.out)?, x.1.shape().clone()))
     }
 
     /// Gradients for (x, params, residual) from the output `res` and its gradient.
@@ -222,7 +247,7 @@ impl Normalize {
         let dz = if self.relu {
             res.apply_op2_no_bwd(grad, &ReluMask)?
         } else {
-            grad.contiguous()?
+            grad.to_dtype(DType::F32)?.contiguous()?
         };
         // [2, C]: sum(dz · x̂) and sum(dz): the weight and bias gradients.
         let sums = x.apply_op3_no_bwd(&dz, params, &GradSums(*self))?;
@@ -285,12 +310,13 @@ impl CustomOp3 for Normalize {
         &self,
         x: &Tensor,
         params: &Tensor,
-        _residual: &Tensor,
+        residual: &Tensor,
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (dx, dparams, dz) = Normalize::bwd(self, x, params, res, grad)?;
-        Ok((dx, Some(dparams), Some(dz)))
+        let dresidual = dz.to_dtype(residual.dtype())?;
+        Ok((dx, Some(dparams), Some(dresidual)))
     }
 }
 
@@ -310,7 +336,8 @@ impl CustomOp2 for ReluMask {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (y, dy) = (f32_data(s1, l1, "output")?, f32_data(s2, l2, "gradient")?);
+        let y = f32_values(s1, l1, "relu mask", "output")?;
+        let dy = f32_values(s2, l2, "relu mask", "gradient")?;
         if y.len() != dy.len() {
             candle_core::bail!(
                 "brisk relu mask: output {:?} and gradient {:?} differ",
@@ -534,6 +561,7 @@ mod tests {
         let e = Epilogue {
             residual: residual.then_some(r.as_tensor()),
             relu,
+            out: candle_core::DType::F32,
         };
         let ours = batch_norm(&x, &w, &b, stats, 1e-5, e)?;
         let theirs = reference(&x, &w, &b, stats, e)?;
@@ -569,6 +597,73 @@ mod tests {
                     }
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// A half-precision output is the f32 output rounded, and with a gradient already in
+    /// half precision the gradients equal the f32 path's for that (rounded) gradient.
+    #[test]
+    fn half_outputs_are_the_f32_results_rounded() -> Result<()> {
+        use candle_core::DType;
+        let dev = Device::Cpu;
+        let shape = (3, 4, 5, 5);
+        for out in [DType::BF16, DType::F16] {
+            let x = Var::from_tensor(&Tensor::randn(0f32, 2.0, shape, &dev)?)?;
+            let w = Var::from_tensor(&Tensor::rand(0.5f32, 1.5, 4, &dev)?)?;
+            let b = Var::from_tensor(&Tensor::randn(0f32, 0.3, 4, &dev)?)?;
+            let r32 = Tensor::randn(0f32, 1.0, shape, &dev)?
+                .to_dtype(out)?
+                .to_dtype(DType::F32)?;
+            let rh = Var::from_tensor(&r32.to_dtype(out)?)?;
+            let r32 = Var::from_tensor(&r32)?;
+            let probe = Tensor::randn(0f32, 1.0, shape, &dev)?.to_dtype(out)?;
+            let half = batch_norm(
+                &x,
+                &w,
+                &b,
+                None,
+                1e-5,
+                Epilogue {
+                    residual: Some(&rh),
+                    relu: true,
+                    out,
+                },
+            )?;
+            let full = batch_norm(
+                &x,
+                &w,
+                &b,
+                None,
+                1e-5,
+                Epilogue {
+                    residual: Some(&r32),
+                    relu: true,
+                    out: DType::F32,
+                },
+            )?;
+            assert_eq!(half.y.dtype(), out);
+            let want = full
+                .y
+                .to_dtype(out)?
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            assert_eq!(
+                half.y.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
+                want,
+                "{out:?} forward"
+            );
+            // The gradient reaching y arrives in y's dtype, through a half product.
+            let gh = (half.y * &probe)?.to_dtype(DType::F32)?.sum_all()?.backward()?;
+            let gf = (full.y * probe.to_dtype(DType::F32)?)?.sum_all()?.backward()?;
+            for (v, what) in [(&x, "input"), (&w, "weight"), (&b, "bias")] {
+                let err = max_rel(gh.get(v).expect("half"), gf.get(v).expect("f32"));
+                assert!(err < 1e-6, "{out:?} {what} gradient: {err:e}");
+            }
+            let dr = gh.get(&rh).expect("residual gradient");
+            assert_eq!(dr.dtype(), out);
+            assert!(max_rel(&dr.to_dtype(DType::F32)?, gf.get(&r32).expect("f32 residual")) < 1e-2);
         }
         Ok(())
     }

@@ -1,21 +1,55 @@
 //! 2-D convolution (NCHW, square kernels, any stride and padding) as a candle custom op:
-//! im2col + GEMM forward, GEMM + col2im input gradient, GEMM weight gradient.
+//! im2col + GEMM forward, GEMM + col2im input gradient, GEMM weight gradient; in f32, or
+//! in half precision for bf16/f16 inputs (see `half`).
 
-use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use std::borrow::Cow;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::gemm::{matmul, parallelism, Mat};
-use crate::storage::f32_slice;
+use crate::half::{f32_values, round_to, storage_of};
 
-/// Convolves `x` `[N, Cin, H, W]` with `weight` `[Cout, Cin, K, K]` (f32, no bias, no
-/// groups or dilation) using brisk's kernels; differentiable in both arguments. The
-/// input gradient is skipped when `x` needs none (an image batch, say).
+/// Convolves `x` `[N, Cin, H, W]` with `weight` `[Cout, Cin, K, K]` (no bias, no groups
+/// or dilation) using brisk's kernels; differentiable in both arguments. The input
+/// gradient is skipped when `x` needs none (an image batch, say).
+///
+/// The convolution computes in `x`'s dtype: for f32 in f32; for bf16 or f16 as autocast
+/// does — the weight (an f32 master weight) and the output gradient rounded to that
+/// format, products summed in f32. The output is f32 (batch-norm statistics follow in
+/// f32), the input gradient has `x`'s dtype and the weight gradient is f32.
 pub fn conv2d(x: &Tensor, weight: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
     if stride == 0 {
         candle_core::bail!("brisk conv2d: stride must be at least 1");
     }
-    x.contiguous()?
-        .apply_op2(&weight.contiguous()?, Conv2d { stride, padding })
+    if weight.dtype() != DType::F32 {
+        candle_core::bail!(
+            "brisk conv2d: the weight must be f32 (master weights), got {:?}",
+            weight.dtype()
+        );
+    }
+    let compute = x.dtype();
+    if !matches!(compute, DType::F32 | DType::BF16 | DType::F16) {
+        candle_core::bail!("brisk conv2d: the input must be f32, bf16 or f16, got {compute:?}");
+    }
+    x.contiguous()?.apply_op2(
+        &weight.contiguous()?,
+        Conv2d {
+            stride,
+            padding,
+            compute,
+        },
+    )
+}
+
+/// The values of an operand as f32, rounded to `compute` (borrowed when nothing changes).
+fn operand<'a>(s: &'a CpuStorage, l: &Layout, compute: DType, what: &str) -> Result<Cow<'a, [f32]>> {
+    let mut v = f32_values(s, l, "conv2d", what)?;
+    if compute != DType::F32 && s.dtype() == DType::F32 {
+        round_to(compute, v.to_mut());
+    }
+    Ok(v)
 }
 
 /// The sizes of one convolution.
@@ -408,6 +442,8 @@ fn weight_grad(g: &Geom, x: &[f32], dy: &[f32]) -> Vec<f32> {
 struct Conv2d {
     stride: usize,
     padding: usize,
+    /// The input's dtype, which the products are rounded to.
+    compute: DType,
 }
 
 impl CustomOp2 for Conv2d {
@@ -425,8 +461,8 @@ impl CustomOp2 for Conv2d {
         let g = Geom::new(l1.dims(), l2.dims(), self.stride, self.padding)?;
         let out = forward(
             &g,
-            f32_slice(s1, l1, "conv2d", "input")?,
-            f32_slice(s2, l2, "conv2d", "weight")?,
+            &operand(s1, l1, self.compute, "input")?,
+            &operand(s2, l2, self.compute, "weight")?,
         );
         Ok((CpuStorage::F32(out), Shape::from((g.n, g.cout, g.ho, g.wo))))
     }
@@ -448,6 +484,7 @@ impl CustomOp2 for Conv2d {
                     padding: self.padding,
                     h,
                     w: wd,
+                    compute: self.compute,
                 },
             )?)
         } else {
@@ -460,20 +497,22 @@ impl CustomOp2 for Conv2d {
                 stride: self.stride,
                 padding: self.padding,
                 k,
+                compute: self.compute,
             },
         )?;
         Ok((dx, Some(dw)))
     }
 }
 
-/// (output gradient, weight) → input gradient. `h`, `w` fix the input size, which a
-/// strided convolution's output does not determine.
+/// (output gradient, weight) → input gradient, in the input's dtype `compute`. `h`, `w`
+/// fix the input size, which a strided convolution's output does not determine.
 #[derive(Clone, Copy, Debug)]
 struct Conv2dInputGrad {
     stride: usize,
     padding: usize,
     h: usize,
     w: usize,
+    compute: DType,
 }
 
 impl CustomOp2 for Conv2dInputGrad {
@@ -504,19 +543,23 @@ impl CustomOp2 for Conv2dInputGrad {
         }
         let dx = input_grad(
             &g,
-            f32_slice(s1, l1, "conv2d", "gradient")?,
-            f32_slice(s2, l2, "conv2d", "weight")?,
+            &operand(s1, l1, self.compute, "gradient")?,
+            &operand(s2, l2, self.compute, "weight")?,
         );
-        Ok((CpuStorage::F32(dx), Shape::from((n, cin, self.h, self.w))))
+        Ok((
+            storage_of(dx, self.compute)?,
+            Shape::from((n, cin, self.h, self.w)),
+        ))
     }
 }
 
-/// (input, output gradient) → weight gradient.
+/// (input, output gradient) → f32 weight gradient, products rounded to `compute`.
 #[derive(Clone, Copy, Debug)]
 struct Conv2dWeightGrad {
     stride: usize,
     padding: usize,
     k: usize,
+    compute: DType,
 }
 
 impl CustomOp2 for Conv2dWeightGrad {
@@ -547,8 +590,8 @@ impl CustomOp2 for Conv2dWeightGrad {
         }
         let dw = weight_grad(
             &g,
-            f32_slice(s1, l1, "conv2d", "input")?,
-            f32_slice(s2, l2, "conv2d", "gradient")?,
+            &operand(s1, l1, self.compute, "input")?,
+            &operand(s2, l2, self.compute, "gradient")?,
         );
         Ok((CpuStorage::F32(dw), Shape::from((cout, cin, self.k, self.k))))
     }
@@ -614,6 +657,53 @@ mod tests {
     fn matches_candle_forward_and_backward() -> Result<()> {
         for shape in SHAPES {
             check(shape)?;
+        }
+        Ok(())
+    }
+
+    /// A convolution on a bf16/f16 input is the f32 convolution of the rounded input and
+    /// weight, bit for bit; its gradients are the f32 gradients for the rounded output
+    /// gradient (the input's rounded to its dtype, the weight's in f32).
+    #[test]
+    fn half_inputs_compute_on_rounded_operands() -> Result<()> {
+        let dev = Device::Cpu;
+        let round = |t: &Tensor, d: DType| t.to_dtype(d).and_then(|t| t.to_dtype(DType::F32));
+        for half in [DType::BF16, DType::F16] {
+            for (n, cin, h, w, cout, k, s, p) in [SHAPES[0], SHAPES[3], SHAPES[8], SHAPES[9]] {
+                let x32 = Tensor::randn(0f32, 1.0, (n, cin, h, w), &dev)?;
+                let xh = Var::from_tensor(&x32.to_dtype(half)?)?;
+                let xr = Var::from_tensor(&round(&x32, half)?)?;
+                let wt = Var::from_tensor(&Tensor::randn(0f32, 1.0, (cout, cin, k, k), &dev)?)?;
+                let wr = Var::from_tensor(&round(wt.as_tensor(), half)?)?;
+                let yh = conv2d(&xh, &wt, s, p)?;
+                let yr = conv2d(&xr, &wr, s, p)?;
+                assert_eq!(yh.dtype(), DType::F32);
+                assert_eq!(
+                    yh.flatten_all()?.to_vec1::<f32>()?,
+                    yr.flatten_all()?.to_vec1::<f32>()?
+                );
+                let probe = Tensor::randn(0f32, 1.0, yh.dims(), &dev)?;
+                let gh = (yh * &probe)?.sum_all()?.backward()?;
+                let gr = (yr * round(&probe, half)?)?.sum_all()?.backward()?;
+                let dxh = gh.get(&xh).expect("input gradient");
+                assert_eq!(dxh.dtype(), half);
+                let dxr = gr.get(&xr).expect("reference input gradient").to_dtype(half)?;
+                assert_eq!(
+                    dxh.flatten_all()?.to_vec1::<half::bf16>().ok(),
+                    dxr.flatten_all()?.to_vec1::<half::bf16>().ok()
+                );
+                assert_eq!(
+                    dxh.flatten_all()?.to_vec1::<half::f16>().ok(),
+                    dxr.flatten_all()?.to_vec1::<half::f16>().ok()
+                );
+                let dwh = gh.get(&wt).expect("weight gradient");
+                let dwr = gr.get(&wr).expect("reference weight gradient");
+                assert_eq!(dwh.dtype(), DType::F32);
+                assert_eq!(
+                    dwh.flatten_all()?.to_vec1::<f32>()?,
+                    dwr.flatten_all()?.to_vec1::<f32>()?
+                );
+            }
         }
         Ok(())
     }
@@ -693,7 +783,11 @@ mod tests {
         assert!(conv2d(&x, &w, 1, 0).is_err());
         let w2 = Tensor::zeros((4, 2, 1, 1), DType::F32, &dev).expect("w");
         assert!(conv2d(&x, &w2, 1, 0).is_err());
-        let xh = x.to_dtype(DType::F16).expect("f16");
-        assert!(conv2d(&xh, &w, 1, 2).is_err());
+        // f64 inputs and half-precision weights (masters must be f32) are refused.
+        let x64 = x.to_dtype(DType::F64).expect("f64");
+        assert!(conv2d(&x64, &w, 1, 2).is_err());
+        let wh = w.to_dtype(DType::BF16).expect("bf16");
+        let e = conv2d(&x, &wh, 1, 2).expect_err("bf16 weight").to_string();
+        assert!(e.contains("f32"), "{e}");
     }
 }

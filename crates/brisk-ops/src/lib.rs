@@ -5,7 +5,7 @@
 mod batchnorm;
 mod conv;
 mod gemm;
-mod half_gemm;
+mod half;
 mod optim;
 mod pool;
 mod storage;
@@ -14,7 +14,6 @@ mod testing;
 
 pub use batchnorm::{batch_norm, BatchNormOutput, Epilogue};
 pub use conv::conv2d;
-pub use half_gemm::matmul_rows;
 pub use optim::{sgd_update, SgdStep};
 pub use pool::max_pool2d;
 

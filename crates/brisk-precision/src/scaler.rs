@@ -179,7 +179,7 @@ mod tests {
         let w = Var::from_tensor(&Tensor::new(&[1.0f32, 2.0], &dev)?)?;
         let loss = (w.as_tensor() * 3.0)?.sum_all()?;
         let mut grads = s.scale_loss(&loss)?.backward()?;
-        assert!(!s.unscale(&mut grads, &[w.clone()])?);
+        assert!(!s.unscale(&mut grads, std::slice::from_ref(&w))?);
         let g = grads.get(&w).map(|g| g.to_vec1::<f32>()).transpose()?;
         assert_eq!(g, Some(vec![3.0, 3.0]));
         // A gradient that overflowed is reported.

@@ -4,6 +4,7 @@
 use std::time::Instant;
 
 use brisk_models::{Kernels, ModelSpec, Network};
+use brisk_precision::{Precision, PrecisionPolicy};
 use candle_core::{Device, Tensor};
 use serde::Serialize;
 
@@ -25,6 +26,8 @@ pub struct StepBench {
     pub kernels: Kernels,
     /// Time eval-mode forward passes instead of training steps.
     pub eval: bool,
+    /// Which layers compute in half precision. By default, none (f32).
+    pub precision: Precision,
 }
 
 /// Figures of one run; img/s are batch / step time.
@@ -84,6 +87,7 @@ impl StepBench {
         let dev = Device::Cpu;
         let mut net = Network::new(self.spec.clone(), 0, &dev)?;
         net.set_kernels(self.kernels)?;
+        net.set_precision(PrecisionPolicy::new(self.precision))?;
         let size = self.spec.image_size;
         let x = Tensor::randn(0f32, 1.0, (self.batch, self.spec.in_channels, size, size), &dev)?;
         // Fixed labels spread over the classes.
@@ -157,6 +161,7 @@ mod tests {
                 warmup: 1,
                 kernels: Kernels::Brisk,
                 eval,
+                precision: Precision::MixedBf16,
             }
             .run()?;
             assert!(
@@ -179,6 +184,7 @@ mod tests {
             warmup: 0,
             kernels: Kernels::Brisk,
             eval: false,
+            precision: Precision::F32,
         }
         .run()
         .expect_err("batch 0");

@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use brisk_models::ModelSpec;
+use brisk_precision::{PrecisionPolicy, ScalerConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -32,6 +33,12 @@ pub struct TrainConfig {
     /// Steps between `step` events in metrics.jsonl and plain progress lines. By default, 50.
     pub log_every: usize,
     pub model: ModelChoice,
+    /// Which layers compute in half precision (`mode`: f32, bf16, f16, mixed-bf16,
+    /// mixed-f16; `overrides`: layer name → dtype). By default, f32.
+    pub precision: PrecisionPolicy,
+    /// The dynamic loss scaler used when any layer computes in f16. By default,
+    /// PyTorch GradScaler's settings.
+    pub loss_scaler: ScalerConfig,
     /// Batch size by epoch. By default, fixed at 128.
     pub batch: BatchSchedule,
     /// Whether the learning rate follows a growing batch. By default, held.
@@ -54,6 +61,8 @@ impl Default for TrainConfig {
             label_smoothing: 0.0,
             log_every: 50,
             model: ModelChoice::default(),
+            precision: PrecisionPolicy::default(),
+            loss_scaler: ScalerConfig::default(),
             batch: BatchSchedule::Fixed { size: 128 },
             lr_scaling: LrScaling::Hold,
             optimizer: OptimizerConfig::default(),
@@ -364,6 +373,8 @@ impl TrainConfig {
         }
         self.batch.validate()?;
         self.lr_schedule().validate()?;
+        self.precision.validate()?;
+        brisk_precision::LossScaler::new(self.loss_scaler)?;
         // The optimiser checks its own numbers; build one over nothing to run them.
         self.optimizer.build(Vec::new(), self.lr.base)?;
         Ok(())

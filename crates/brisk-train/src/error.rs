@@ -54,9 +54,26 @@ pub enum Error {
         checkpoint: Option<PathBuf>,
     },
 
+    /// Every update of many consecutive batches was skipped (e.g. the loss scaler kept
+    /// finding inf/NaN gradients): training diverged.
+    #[error(
+        "{count} consecutive updates were skipped up to step {step} ({reason}); training stopped. {}",
+        advice(checkpoint)
+    )]
+    TooManySkips {
+        count: u64,
+        step: u64,
+        reason: String,
+        checkpoint: Option<PathBuf>,
+    },
+
     /// Training was stopped by a signal after saving a checkpoint.
     #[error("interrupted at step {step}; checkpoint {} written; continue with --resume", checkpoint.display())]
     Interrupted { step: u64, checkpoint: PathBuf },
+
+    /// A precision setting is invalid.
+    #[error(transparent)]
+    Precision(#[from] brisk_precision::Error),
 
     /// A model could not be built or run.
     #[error(transparent)]

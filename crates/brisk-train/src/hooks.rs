@@ -8,6 +8,7 @@
 //! and carry state through checkpoints.
 
 use brisk_models::Network;
+use brisk_precision::{LossScaler, ScalerState};
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 
@@ -101,5 +102,62 @@ pub struct CrossEntropy {
 impl LossFn for CrossEntropy {
     fn loss(&mut self, _images: &Tensor, logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
         cross_entropy(logits, labels, self.smoothing)
+    }
+}
+
+/// Dynamic loss scaling for f16 layers (PyTorch GradScaler's rules): the loss is scaled
+/// before backward, the gradients unscaled after; a batch with inf/NaN gradients is
+/// skipped and the scale backed off. Its state travels in checkpoints.
+#[derive(Debug)]
+pub struct LossScaling {
+    scaler: LossScaler,
+}
+
+impl LossScaling {
+    pub fn new(scaler: LossScaler) -> Self {
+        LossScaling { scaler }
+    }
+}
+
+impl Hook for LossScaling {
+    fn name(&self) -> &'static str {
+        "loss_scaler"
+    }
+
+    fn scale_loss(&mut self, loss: Tensor) -> Result<Tensor> {
+        Ok(self.scaler.scale_loss(&loss)?)
+    }
+
+    fn after_backward(&mut self, ctx: &StepContext, grads: &mut GradStore) -> Result<StepAction> {
+        let vars: Vec<Var> = ctx.params.iter().map(|(_, v)| v.clone()).collect();
+        let scale = self.scaler.scale();
+        let found_inf = self.scaler.unscale(grads, &vars)?;
+        self.scaler.update(found_inf);
+        Ok(if found_inf {
+            StepAction::Skip(format!(
+                "inf/NaN gradients at loss scale {scale}; scale now {}",
+                self.scaler.scale()
+            ))
+        } else {
+            StepAction::Apply
+        })
+    }
+
+    fn metrics(&self) -> Vec<(&'static str, f64)> {
+        vec![("loss_scale", self.scaler.scale())]
+    }
+
+    fn state(&self) -> Result<serde_json::Value> {
+        serde_json::to_value(self.scaler.state()).map_err(|e| crate::Error::State {
+            problem: format!("cannot save the loss scaler: {e}"),
+        })
+    }
+
+    fn load_state(&mut self, state: &serde_json::Value) -> Result<()> {
+        let s: ScalerState = serde_json::from_value(state.clone()).map_err(|e| crate::Error::State {
+            problem: format!("loss scaler state {state}: {e}"),
+        })?;
+        self.scaler.set_state(s);
+        Ok(())
     }
 }

@@ -17,7 +17,7 @@ pub mod trainer;
 pub use config::{OptimizerKind, TrainConfig};
 pub use error::{Error, Result};
 pub use eval::{evaluate, ClassAccuracy, EvalReport};
-pub use hooks::{CrossEntropy, Hook, LossFn, StepAction, StepContext};
+pub use hooks::{CrossEntropy, Hook, LossFn, LossScaling, StepAction, StepContext};
 pub use optim::{AdamW, AdamWConfig, Optimizer, Param, Sgd, SgdConfig};
 pub use schedule::{BatchSchedule, LrScaling, LrSchedule, LrShape};
 pub use trainer::{TrainSummary, Trainer};

@@ -19,7 +19,7 @@ use crate::config::TrainConfig;
 use crate::error::{Error, Result};
 use crate::eval::{evaluate, EvalReport};
 use crate::events::{EventLog, Progress};
-use crate::hooks::{CrossEntropy, Hook, LossFn, StepAction, StepContext};
+use crate::hooks::{CrossEntropy, Hook, LossFn, LossScaling, StepAction, StepContext};
 use crate::loss::top_k_correct;
 use crate::optim::Optimizer;
 
@@ -29,6 +29,10 @@ pub const LOG_FILE: &str = "metrics.jsonl";
 pub const SUMMARY_FILE: &str = "summary.json";
 pub const CHECKPOINTS_DIR: &str = "checkpoints";
 pub const BEST_DIR: &str = "best";
+
+/// Skipped updates in a row after which a run is declared diverged (a loss scaler that
+/// halves its scale 50 times has gone from 2^16 to below 2^-33).
+const MAX_CONSECUTIVE_SKIPS: u64 = 50;
 
 /// What a finished run reports (also written as `summary.json`).
 #[derive(Clone, Debug, Serialize)]
@@ -201,6 +205,8 @@ impl Trainer {
         log: Option<EventLog>,
         position: Position,
     ) -> Result<Self> {
+        let mut net = net;
+        net.set_precision(config.precision.clone())?;
         let params = net.trainable_vars()?;
         let lr = config.lr_schedule().lr(0.0);
         let optimizer = config.optimizer.build(params.clone(), lr)?;
@@ -353,6 +359,13 @@ impl Trainer {
     pub fn run(&mut self) -> Result<TrainSummary> {
         let run_start = Instant::now();
         let elapsed_before = self.clock.elapsed_s;
+        if self.config.precision.needs_loss_scaling() && !self.hooks.iter().any(|h| h.name() == "loss_scaler")
+        {
+            // Last, so it sees gradients already reduced across ranks: every rank then
+            // agrees on skipping.
+            let scaler = brisk_precision::LossScaler::new(self.config.loss_scaler)?;
+            self.hooks.push(Box::new(LossScaling::new(scaler)));
+        }
         for h in &mut self.hooks {
             h.on_start(&self.net)?;
             if let Some(state) = self.hook_states.get(h.name()) {
@@ -387,6 +400,7 @@ impl Trainer {
         let schedule = self.config.lr_schedule();
         let dev = Device::Cpu;
         let log_every = self.config.log_every as u64;
+        let mut consecutive_skips = 0u64;
 
         while self.position.epoch < epochs {
             let epoch = self.position.epoch;
@@ -453,6 +467,7 @@ impl Trainer {
                 }
                 match &action {
                     StepAction::Apply => {
+                        consecutive_skips = 0;
                         self.optimizer.step(&grads)?;
                         drop(grads);
                         self.position.step += 1;
@@ -469,6 +484,16 @@ impl Trainer {
                     }
                     StepAction::Skip(reason) => {
                         self.skipped += 1;
+                        consecutive_skips += 1;
+                        if consecutive_skips >= MAX_CONSECUTIVE_SKIPS {
+                            progress.finish();
+                            return Err(Error::TooManySkips {
+                                count: consecutive_skips,
+                                step: self.position.step,
+                                reason: reason.clone(),
+                                checkpoint: self.last_checkpoint.clone(),
+                            });
+                        }
                         let reason = reason.clone();
                         let step = self.position.step;
                         self.event(
@@ -492,7 +517,7 @@ impl Trainer {
                 batches += 1;
                 iv_batches += 1;
 
-                if self.position.batches % log_every == 0 || self.position.batch == per_epoch {
+                if self.position.batches.is_multiple_of(log_every) || self.position.batch == per_epoch {
                     let span = iv_start.elapsed().as_secs_f64().max(1e-9);
                     let mut fields = json!({
                         "step": self.position.step, "epoch": epoch, "batch": self.position.batch,
@@ -528,8 +553,9 @@ impl Trainer {
 
                 let every_steps = self.config.checkpoint.every_steps;
                 let stop = self.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst));
-                let due =
-                    every_steps > 0 && action == StepAction::Apply && self.position.step % every_steps == 0;
+                let due = every_steps > 0
+                    && action == StepAction::Apply
+                    && self.position.step.is_multiple_of(every_steps);
                 if (due || stop) && self.position.batch < per_epoch {
                     self.clock.train_s += timer.elapsed().as_secs_f64();
                     self.clock.wait_s += wait_s;
@@ -564,7 +590,7 @@ impl Trainer {
             )?;
             let last = self.position.epoch == epochs;
             let every = self.config.eval.every_epochs;
-            if last || (every > 0 && self.position.epoch % every == 0) {
+            if last || (every > 0 && self.position.epoch.is_multiple_of(every)) {
                 let report = self.evaluate()?;
                 let elapsed_s = elapsed_before + run_start.elapsed().as_secs_f64();
                 self.event(
@@ -606,7 +632,7 @@ impl Trainer {
             let every = self.config.checkpoint.every_epochs;
             self.clock.elapsed_s = elapsed_before + run_start.elapsed().as_secs_f64();
             let stop = self.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst));
-            if last || stop || (every > 0 && self.position.epoch % every == 0) {
+            if last || stop || (every > 0 && self.position.epoch.is_multiple_of(every)) {
                 self.checkpoint()?;
             }
             if stop && !last {

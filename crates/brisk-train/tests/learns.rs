@@ -186,3 +186,54 @@ fn missing_folders_and_reused_outputs_are_explained() -> Result<()> {
     assert!(e.contains("config.toml"), "{e}");
     Ok(())
 }
+
+#[test]
+fn mixed_precision_learns_as_well_as_f32_with_f32_weights() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    pack(&data, 128, 16)?;
+    let ds = std::sync::Arc::new(brisk_data::Dataset::open(&data)?);
+    let mut accuracy = Vec::new();
+    for mode in ["f32", "mixed-bf16", "mixed-f16"] {
+        let out = dir.path().join(mode);
+        let mut config = tiny_config(&data, &out, 20)?;
+        config.loader.crop_padding = 0;
+        config.loader.flip = false;
+        config.optimizer.weight_decay = 0.0;
+        config.precision.mode = mode.parse()?;
+        let mut trainer = Trainer::new(config)?;
+        trainer.set_quiet(true);
+        trainer.run()?;
+        for (name, t) in trainer.network().named_tensors()? {
+            assert_eq!(t.dtype(), candle_core::DType::F32, "{mode}: {name} must stay f32");
+        }
+        let train = evaluate(trainer.network(), &ds, Split::Train, 64, (0, 1), &mut |_| Ok(()))?;
+        accuracy.push((mode, train.top1));
+        // The final model is an ordinary f32 checkpoint.
+        let back = brisk_models::Network::load(&out.join("model.safetensors"), &candle_core::Device::Cpu)?;
+        assert_eq!(back.precision().mode, brisk_precision::Precision::F32);
+        if mode == "mixed-f16" {
+            let log = std::fs::read_to_string(out.join("metrics.jsonl"))?;
+            assert!(log.contains("\"loss_scale\""), "f16 runs log the loss scale");
+            let state = std::fs::read_dir(out.join("checkpoints"))?
+                .flatten()
+                .map(|e| e.path().join("state.json"))
+                .next()
+                .expect("a checkpoint");
+            let state: serde_json::Value = serde_json::from_slice(&std::fs::read(state)?)?;
+            assert!(
+                state["hooks"]["loss_scaler"]["scale"].as_f64().is_some(),
+                "{state}"
+            );
+        }
+    }
+    let f32_top1 = accuracy[0].1;
+    assert!(f32_top1 > 0.9, "f32 itself must learn the set: {accuracy:?}");
+    for &(mode, top1) in &accuracy[1..] {
+        assert!(
+            (top1 - f32_top1).abs() <= 0.01,
+            "{mode} {top1} vs f32 {f32_top1}: {accuracy:?}"
+        );
+    }
+    Ok(())
+}

@@ -100,8 +100,9 @@ struct StepArgs {
     /// Untimed steps before them.
     #[arg(long, default_value_t = 2)]
     warmup: usize,
-    /// Compute dtype (mixed precision arrives with brisk-precision).
-    #[arg(long, default_value = "f32", value_parser = ["f32"])]
+    /// Precision: f32, bf16, f16 (every conv and the classifier in half precision),
+    /// mixed-bf16 or mixed-f16 (first conv and classifier in f32, the rest half).
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "f16", "mixed-bf16", "mixed-f16"])]
     dtype: String,
     /// Use candle's own convolution ops instead of brisk's kernels, for comparison.
     #[arg(long)]
@@ -171,6 +172,7 @@ fn step(a: &StepArgs) -> Result<()> {
         warmup: a.warmup,
         kernels,
         eval: a.eval,
+        precision: a.dtype.parse()?,
     };
     let mode = if a.eval { "eval forward" } else { "train step" };
     eprintln!(

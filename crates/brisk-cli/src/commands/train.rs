@@ -25,7 +25,7 @@ pub struct TrainArgs {
     config: Option<PathBuf>,
     /// Continue the run in DIR from its newest checkpoint, with its own config (only
     /// --data may be given too, if the dataset moved).
-    #[arg(long, value_name = "DIR", conflicts_with_all = ["out", "config", "set", "epochs", "batch", "lr", "model", "width", "spec", "seed", "threads", "optimizer", "workers"])]
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["out", "config", "set", "epochs", "batch", "lr", "model", "width", "spec", "seed", "threads", "optimizer", "workers", "precision"])]
     resume: Option<PathBuf>,
     /// Model preset (`brisk models` lists them). By default, resnet18-cifar.
     #[arg(long, value_name = "PRESET")]
@@ -48,6 +48,11 @@ pub struct TrainArgs {
     /// Optimiser: sgd or adamw. By default, sgd (momentum 0.9, Nesterov).
     #[arg(long, value_parser = ["sgd", "adamw"])]
     optimizer: Option<String>,
+    /// Precision: f32, bf16, f16, mixed-bf16 (first conv and classifier in f32, other
+    /// convs in bf16) or mixed-f16 (the same in f16, with dynamic loss scaling).
+    /// By default, f32.
+    #[arg(long, value_parser = ["f32", "bf16", "f16", "mixed-bf16", "mixed-f16"])]
+    precision: Option<String>,
     /// Seed of the weights, sample order and augmentations. By default, 0.
     #[arg(long)]
     seed: Option<u64>,
@@ -95,6 +100,7 @@ fn build_config(a: &TrainArgs) -> Result<TrainConfig> {
     );
     flag("lr.base", a.lr.map(|v| format!("{v:?}")));
     flag("optimizer.kind", a.optimizer.as_ref().map(|v| format!("{v:?}")));
+    flag("precision.mode", a.precision.as_ref().map(|v| format!("{v:?}")));
     flag("seed", a.seed.map(|v| v.to_string()));
     flag("threads", a.threads.map(|v| v.to_string()));
     flag("loader.workers", a.workers.map(|v| v.to_string()));
