@@ -6,6 +6,8 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 
 struct Options {
+    /// brisk precisions to time; PyTorch runs f32 for f32 and bf16 autocast for the others.
+    precisions: Vec<String>,
     batches: Vec<usize>,
     threads: usize,
     steps: usize,
@@ -14,6 +16,7 @@ struct Options {
 
 fn parse(args: &[String]) -> Result<Options> {
     let mut o = Options {
+        precisions: vec!["f32".into()],
         batches: vec![32, 128],
         threads: 2,
         steps: 5,
@@ -31,7 +34,10 @@ fn parse(args: &[String]) -> Result<Options> {
             "--threads" => o.threads = number(value)?,
             "--steps" => o.steps = number(value)?,
             "--rounds" => o.rounds = number(value)?,
-            other => bail!("unknown flag `{other}` (expected --batches, --threads, --steps, --rounds)"),
+            "--precisions" => o.precisions = value.split(',').map(str::to_string).collect(),
+            other => bail!(
+                "unknown flag `{other}` (expected --precisions, --batches, --threads, --steps, --rounds)"
+            ),
         }
     }
     if o.batches.is_empty() || o.batches.contains(&0) || o.threads == 0 || o.steps == 0 || o.rounds == 0 {
@@ -55,7 +61,17 @@ struct Figure {
     peak_mib: f64,
 }
 
-fn brisk(o: &Options, batch: usize, eval: bool) -> Result<Figure> {
+/// PyTorch's counterpart of a brisk precision: f32, else bf16 autocast (the reference
+/// script's only half-precision mode).
+fn torch_dtype(precision: &str) -> &'static str {
+    if precision == "f32" {
+        "f32"
+    } else {
+        "bf16"
+    }
+}
+
+fn brisk(o: &Options, precision: &str, batch: usize, eval: bool) -> Result<Figure> {
     let bin = super::root()?.join("target/release/brisk");
     let mut cmd = Command::new(bin);
     cmd.args([
@@ -67,7 +83,7 @@ fn brisk(o: &Options, batch: usize, eval: bool) -> Result<Figure> {
         "--threads",
         &o.threads.to_string(),
     ]);
-    cmd.args(["--steps", &o.steps.to_string()]);
+    cmd.args(["--steps", &o.steps.to_string(), "--dtype", precision]);
     if eval {
         cmd.arg("--eval");
     }
@@ -78,7 +94,7 @@ fn brisk(o: &Options, batch: usize, eval: bool) -> Result<Figure> {
     })
 }
 
-fn torch(o: &Options, batch: usize, eval: bool) -> Result<Figure> {
+fn torch(o: &Options, precision: &str, batch: usize, eval: bool) -> Result<Figure> {
     let root = super::root()?;
     let script = if eval {
         root.join("scripts/torch_eval_forward.py")
@@ -100,6 +116,9 @@ fn torch(o: &Options, batch: usize, eval: bool) -> Result<Figure> {
         "--steps",
         &o.steps.to_string(),
     ]);
+    if !eval {
+        cmd.args(["--dtype", torch_dtype(precision)]);
+    }
     let text = output(&mut cmd)?;
     let img = text
         .split("img/s median ")
@@ -134,35 +153,43 @@ pub fn run(args: &[String]) -> Result<()> {
         .context("PyTorch is needed: pip install torch torchvision")?;
     super::cargo(&["build", "--release", "--quiet", "--package", "brisk-cli"])?;
     println!(
-        "CIFAR ResNet-18, f32, {} threads, {} timed steps a run, {} rounds (median of rounds)",
+        "CIFAR ResNet-18, {} threads, {} timed steps a run, {} rounds (median of rounds)",
         o.threads, o.steps, o.rounds
     );
     println!(
-        "{:<6} {:>5} {:>12} {:>12} {:>7} {:>11} {:>11}",
-        "mode", "batch", "brisk img/s", "torch img/s", "ratio", "brisk MiB", "torch MiB"
+        "{:<6} {:<10} {:>5} {:>12} {:>16} {:>7} {:>11} {:>11}",
+        "mode", "precision", "batch", "brisk img/s", "torch img/s", "ratio", "brisk MiB", "torch MiB"
     );
     for eval in [false, true] {
-        for &batch in &o.batches {
-            let (mut b, mut t, mut bm, mut tm) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-            for _ in 0..o.rounds {
-                let fb = brisk(&o, batch, eval)?;
-                let ft = torch(&o, batch, eval)?;
-                b.push(fb.img_per_s);
-                t.push(ft.img_per_s);
-                bm.push(fb.peak_mib);
-                tm.push(ft.peak_mib);
+        for precision in &o.precisions {
+            // The eval reference runs in f32 only.
+            if eval && precision != "f32" {
+                continue;
             }
-            let (b, t) = (median(b), median(t));
-            println!(
-                "{:<6} {:>5} {:>12.1} {:>12.1} {:>7.2} {:>11.0} {:>11.0}",
-                if eval { "eval" } else { "train" },
-                batch,
-                b,
-                t,
-                b / t,
-                median(bm),
-                median(tm)
-            );
+            for &batch in &o.batches {
+                let (mut b, mut t, mut bm, mut tm) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+                for _ in 0..o.rounds {
+                    let fb = brisk(&o, precision, batch, eval)?;
+                    let ft = torch(&o, precision, batch, eval)?;
+                    b.push(fb.img_per_s);
+                    t.push(ft.img_per_s);
+                    bm.push(fb.peak_mib);
+                    tm.push(ft.peak_mib);
+                }
+                let (b, t) = (median(b), median(t));
+                let torch_label = format!("{t:.1} ({})", if eval { "f32" } else { torch_dtype(precision) });
+                println!(
+                    "{:<6} {:<10} {:>5} {:>12.1} {:>16} {:>7.2} {:>11.0} {:>11.0}",
+                    if eval { "eval" } else { "train" },
+                    precision,
+                    batch,
+                    b,
+                    torch_label,
+                    b / t,
+                    median(bm),
+                    median(tm)
+                );
+            }
         }
     }
     Ok(())

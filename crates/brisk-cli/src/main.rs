@@ -38,6 +38,14 @@ enum Command {
     Train(commands::train::TrainArgs),
     /// Measure a model on a packed dataset: top-1/top-5 accuracy, loss, per-class accuracy.
     Eval(commands::train::EvalArgs),
+    /// Prune a trained model (magnitude global/layer, gradual, or filter) and fine-tune it.
+    Prune(commands::compress::PruneArgs),
+    /// Train a student model from a teacher's softened outputs (knowledge distillation).
+    Distill(commands::compress::DistillArgs),
+    /// Write int8 weights (per-channel, batch-norm folded) and measure the accuracy cost.
+    Quantize(commands::compress::QuantizeArgs),
+    /// Per-layer parameters, sparsity and channels of a model file (dense, sparse or int8).
+    InspectModel(commands::compress::InspectModelArgs),
 }
 
 fn main() -> ExitCode {
@@ -51,6 +59,10 @@ fn main() -> ExitCode {
         Command::Preview(args) => commands::data::preview(&args),
         Command::Train(args) => commands::train::train(&args),
         Command::Eval(args) => commands::train::eval(&args),
+        Command::Prune(args) => commands::compress::prune(&args),
+        Command::Distill(args) => commands::compress::distill(&args),
+        Command::Quantize(args) => commands::compress::quantize(&args),
+        Command::InspectModel(args) => commands::compress::inspect_model(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

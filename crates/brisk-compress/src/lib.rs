@@ -1,1 +1,55 @@
-//! Pruning, knowledge distillation and int8 weight quantisation (filled by the compression issue).
+//! Smaller models from trained ones: unstructured magnitude pruning (global or per layer,
+//! one shot or gradual, masks kept through fine-tuning by a training hook), sparse
+//! checkpoints, structured filter pruning into a smaller dense `ModelSpec`, knowledge
+//! distillation as a training loss, and int8 weights.
+
+pub mod distill;
+pub mod error;
+pub mod filter;
+pub mod masks;
+pub mod quantize;
+pub mod sparse;
+
+pub use distill::Distillation;
+pub use error::{Error, Result};
+pub use filter::{prune_filters, FilterCriterion};
+pub use masks::{GradualPruning, MaskHook, Masks, PruneSchedule, Scope};
+
+use std::path::Path;
+
+/// Loads any brisk model file: dense (`Network::save`), sparse ([`sparse::save`]) or
+/// int8 ([`quantize::save`]), by the format in its safetensors metadata.
+pub fn load_model(path: &Path, device: &candle_core::Device) -> Result<brisk_models::Network> {
+    match model_format(path)?.as_deref() {
+        Some(sparse::FORMAT) => sparse::load(path, device),
+        Some(quantize::FORMAT) => quantize::load(path, device),
+        _ => Ok(brisk_models::Network::load(path, device)?),
+    }
+}
+
+/// The `format` entry of a safetensors file's metadata, if any.
+pub fn model_format(path: &Path) -> Result<Option<String>> {
+    use std::io::Read;
+    let io = |e| Error::Io {
+        what: "cannot read",
+        path: path.to_path_buf(),
+        cause: e,
+    };
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len).map_err(io)?;
+    let len = u64::from_le_bytes(len);
+    if len > 100 << 20 {
+        return Err(Error::Format {
+            path: path.to_path_buf(),
+            message: format!("header of {len} bytes: not a safetensors file"),
+        });
+    }
+    let mut header = vec![0u8; len as usize];
+    file.read_exact(&mut header).map_err(io)?;
+    let v: serde_json::Value = serde_json::from_slice(&header).map_err(|e| Error::Format {
+        path: path.to_path_buf(),
+        message: format!("unreadable safetensors header: {e}"),
+    })?;
+    Ok(v["__metadata__"]["format"].as_str().map(str::to_string))
+}

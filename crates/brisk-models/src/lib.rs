@@ -17,7 +17,7 @@ pub mod spec;
 pub mod tensors;
 
 pub use error::{Error, Result};
-pub use network::{read_sidecar, sidecar_path, write_atomic, Network};
+pub use network::{read_sidecar, sidecar_path, write_atomic, write_sidecar, Network};
 pub use resnet::{Kernels, ResNet};
 pub use spec::{Arch, BlockChannels, BlockPlan, Channels, ModelSpec, Stem};
 pub use tensors::{Role, TensorInfo};

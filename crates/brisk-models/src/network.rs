@@ -86,6 +86,47 @@ impl Network {
         Self::from_tensors(spec, values, device)
     }
 
+    /// A network from named tensors (torchvision names), checked against the spec's
+    /// tensor table exactly as a checkpoint is: every tensor present, f32, right shape,
+    /// nothing else. `source` names where they came from in errors.
+    pub fn from_named(
+        spec: ModelSpec,
+        tensors: Vec<(String, Tensor)>,
+        source: &Path,
+        device: &Device,
+    ) -> Result<Self> {
+        spec.validate()?;
+        let mut expected: HashMap<String, Vec<usize>> =
+            spec.tensors().into_iter().map(|t| (t.name, t.shape)).collect();
+        let mut values = HashMap::new();
+        for (name, t) in tensors {
+            let Some(shape) = expected.remove(&name) else {
+                return Err(Error::UnexpectedTensor {
+                    path: source.to_path_buf(),
+                    name,
+                    shape: t.dims().to_vec(),
+                });
+            };
+            if t.dims() != shape.as_slice() {
+                return Err(Error::ShapeMismatch {
+                    path: source.to_path_buf(),
+                    name,
+                    found: t.dims().to_vec(),
+                    expected: shape,
+                });
+            }
+            values.insert(name, t.to_dtype(DType::F32)?.to_device(device)?);
+        }
+        if let Some((name, shape)) = expected.into_iter().next() {
+            return Err(Error::MissingTensor {
+                path: source.to_path_buf(),
+                name,
+                expected: shape,
+            });
+        }
+        Self::from_tensors(spec, values, device)
+    }
+
     /// Builds a network from tensors already checked against the spec's tensor table.
     fn from_tensors(spec: ModelSpec, values: HashMap<String, Tensor>, device: &Device) -> Result<Self> {
         let varmap = VarMap::new();
@@ -214,14 +255,7 @@ impl Network {
                 }
             })?;
         write_atomic(path, &bytes)?;
-        let sidecar = Sidecar {
-            format: SIDECAR_FORMAT.into(),
-            version: 1,
-            spec: self.spec.clone(),
-        };
-        let json =
-            serde_json::to_string_pretty(&sidecar).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-        write_atomic(&sidecar_path(path), json.as_bytes())
+        write_sidecar(path, &self.spec)
     }
 
     /// Every tensor (parameters and buffers) by torchvision name, sorted by name.
@@ -267,6 +301,17 @@ impl Network {
     pub fn model(&self) -> &ResNet {
         &self.model
     }
+}
+
+/// Writes the sidecar `<file>.json` holding `spec` for the checkpoint `path`, atomically.
+pub fn write_sidecar(path: &Path, spec: &ModelSpec) -> Result<()> {
+    let sidecar = Sidecar {
+        format: SIDECAR_FORMAT.into(),
+        version: 1,
+        spec: spec.clone(),
+    };
+    let json = serde_json::to_string_pretty(&sidecar).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+    write_atomic(&sidecar_path(path), json.as_bytes())
 }
 
 /// Reads the `ModelSpec` from a checkpoint's sidecar.

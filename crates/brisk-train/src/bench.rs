@@ -28,6 +28,8 @@ pub struct StepBench {
     pub eval: bool,
     /// Which layers compute in half precision. By default, none (f32).
     pub precision: Precision,
+    /// Where to run: the CPU (brisk's kernels) or a CUDA GPU (candle's kernels).
+    pub device: Device,
 }
 
 /// Figures of one run; img/s are batch / step time.
@@ -69,8 +71,9 @@ fn median(v: &mut [f64]) -> f64 {
 }
 
 impl StepBench {
-    /// Runs the benchmark on the CPU: forward, cross-entropy, backward and an SGD step
-    /// (lr 0.01, momentum 0.9, weight decay 5e-4, as the PyTorch reference) per step.
+    /// Runs the benchmark: forward, cross-entropy, backward and an SGD step (lr 0.01,
+    /// momentum 0.9, weight decay 5e-4, as the PyTorch reference) per step. On a GPU the
+    /// kernels are candle's and every phase is timed to the device's completion.
     pub fn run(&self) -> Result<StepReport> {
         if self.batch == 0 {
             return Err(Error::InvalidConfig {
@@ -84,9 +87,14 @@ impl StepBench {
                 problem: "must be at least 1".into(),
             });
         }
-        let dev = Device::Cpu;
+        let dev = self.device.clone();
         let mut net = Network::new(self.spec.clone(), 0, &dev)?;
-        net.set_kernels(self.kernels)?;
+        // brisk's kernels are CPU kernels.
+        net.set_kernels(if dev.is_cpu() {
+            self.kernels
+        } else {
+            Kernels::Candle
+        })?;
         net.set_precision(PrecisionPolicy::new(self.precision))?;
         let size = self.spec.image_size;
         let x = Tensor::randn(0f32, 1.0, (self.batch, self.spec.in_channels, size, size), &dev)?;
@@ -111,15 +119,19 @@ impl StepBench {
             if self.eval {
                 // candle's CPU backend is eager: the logits are computed when this returns.
                 net.forward_t(&x, false)?;
+                dev.synchronize()?;
                 t1 = Instant::now();
                 t2 = t1;
             } else {
                 let logits = net.forward_t(&x, true)?;
                 let loss = crate::loss::cross_entropy(&logits, &labels, 0.0)?;
+                dev.synchronize()?;
                 t1 = Instant::now();
                 let grads = loss.backward()?;
+                dev.synchronize()?;
                 t2 = Instant::now();
                 sgd.step(&grads)?;
+                dev.synchronize()?;
             }
             let t3 = Instant::now();
             if i >= self.warmup {
@@ -162,6 +174,7 @@ mod tests {
                 kernels: Kernels::Brisk,
                 eval,
                 precision: Precision::MixedBf16,
+                device: Device::Cpu,
             }
             .run()?;
             assert!(
@@ -185,6 +198,7 @@ mod tests {
             kernels: Kernels::Brisk,
             eval: false,
             precision: Precision::F32,
+            device: Device::Cpu,
         }
         .run()
         .expect_err("batch 0");

@@ -19,11 +19,11 @@ pub enum Error {
     },
 
     /// A file could not be read or written.
-    #[error("{what} {path}: {source}")]
+    #[error("{what} {path}: {cause}")]
     Io {
         what: &'static str,
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 
     /// Saved training state (optimiser, position, hooks) is missing or inconsistent.
@@ -104,7 +104,7 @@ impl Error {
         Error::Io {
             what,
             path: path.to_path_buf(),
-            source,
+            cause: source,
         }
     }
 }

@@ -150,6 +150,11 @@ impl Sgd {
         for p in &mut self.params {
             let var = &p.param.var;
             let Some(g) = grads.get(var) else { continue };
+            if !var.device().is_cpu() {
+                // brisk's fused update is a CPU kernel; elsewhere the same rule in tensor ops.
+                p.velocity = Some(tensor_sgd_step(var, g, p.velocity.as_ref(), &c, p.param.decay)?);
+                continue;
+            }
             let (velocity, first) = match &p.velocity {
                 Some(v) => (v.clone(), false),
                 None => (var.as_tensor().zeros_like()?, true),
@@ -186,6 +191,30 @@ impl Sgd {
         }
         Ok(())
     }
+}
+
+/// One SGD update of `var` in candle tensor ops (for devices brisk-ops has no kernel
+/// for); returns the new momentum buffer.
+fn tensor_sgd_step(
+    var: &Var,
+    g: &Tensor,
+    velocity: Option<&Tensor>,
+    c: &SgdConfig,
+    decay: bool,
+) -> Result<Tensor> {
+    let wd = if decay { c.weight_decay } else { 0.0 };
+    let g = (g + (var.as_tensor() * wd)?)?;
+    let v = match velocity {
+        Some(v) => ((v * c.momentum)? + &g)?,
+        None => g.clone(),
+    };
+    let d = if c.nesterov {
+        (&g + (&v * c.momentum)?)?
+    } else {
+        v.clone()
+    };
+    var.set(&(var.as_tensor() - (d * c.lr)?)?)?;
+    Ok(v)
 }
 
 /// Settings of AdamW (Loshchilov & Hutter), as `torch.optim.AdamW`.
@@ -384,10 +413,21 @@ mod tests {
         let w = Var::from_tensor(&Tensor::new(&[1.0f32, -2.0, 0.5], &dev)?)?;
         let kt = Tensor::new(&[0.3f32, -0.1, 2.0], &dev)?;
         let mut opt = Sgd::new(Param::from_named(vec![("w".into(), w.clone())], true), config)?;
+        // The tensor-op update used off the CPU, run here on a copy.
+        let w2 = Var::from_tensor(&Tensor::new(&[1.0f32, -2.0, 0.5], &dev)?)?;
+        let mut v2: Option<Tensor> = None;
         let (mut wh, mut vh) = (w0, [0f64; 3]);
         for step in 0..3 {
             let grads = (w.as_tensor() * &kt)?.sum_all()?.backward()?;
             opt.step(&grads)?;
+            let g2 = (w2.as_tensor() * &kt)?.sum_all()?.backward()?;
+            let g2 = g2.get(&w2).expect("gradient");
+            v2 = Some(tensor_sgd_step(&w2, g2, v2.as_ref(), &config, true)?);
+            let diff = (w.as_tensor() - w2.as_tensor())?
+                .abs()?
+                .max(0)?
+                .to_scalar::<f32>()?;
+            assert!(diff < 1e-6, "tensor-op update differs by {diff} ({config:?})");
             for i in 0..3 {
                 let g = k[i] + config.weight_decay * wh[i];
                 vh[i] = if step == 0 { g } else { config.momentum * vh[i] + g };

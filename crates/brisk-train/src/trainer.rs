@@ -122,6 +122,16 @@ impl Trainer {
     /// A fresh run of `config` (which must name `data` and `out`). The output folder may
     /// exist but must not hold checkpoints of another run (resume those instead).
     pub fn new(config: TrainConfig) -> Result<Self> {
+        Self::start(config, None)
+    }
+
+    /// A fresh run of `config` that starts from `net`'s weights and architecture instead
+    /// of the config's model (fine-tuning a pruned or distilled network, say).
+    pub fn with_network(config: TrainConfig, net: Network) -> Result<Self> {
+        Self::start(config, Some(net))
+    }
+
+    fn start(config: TrainConfig, initial: Option<Network>) -> Result<Self> {
         config.validate()?;
         let out = required(&config.out, "out", "--out")?.clone();
         let data_dir = required(&config.data, "data", "--data")?;
@@ -152,8 +162,30 @@ impl Trainer {
                 problem: format!("{} has no training images", data_dir.display()),
             });
         }
-        let spec = config.model_spec(m.classes.len(), m.channels, m.height)?;
-        let net = Network::new(spec, config.seed, &Device::Cpu)?;
+        let net = match initial {
+            Some(net) => {
+                let spec = net.spec();
+                if spec.classes != m.classes.len() || spec.in_channels != m.channels {
+                    return Err(Error::InvalidConfig {
+                        field: "data",
+                        problem: format!(
+                            "the model has {} classes and {} input channels, {} has {} and {}",
+                            spec.classes,
+                            spec.in_channels,
+                            data_dir.display(),
+                            m.classes.len(),
+                            m.channels
+                        ),
+                    });
+                }
+                net
+            }
+            None => Network::new(
+                config.model_spec(m.classes.len(), m.channels, m.height)?,
+                config.seed,
+                &Device::Cpu,
+            )?,
+        };
         std::fs::create_dir_all(&out).map_err(|e| Error::io("cannot create output folder", &out, e))?;
         write_atomic(&out.join(CONFIG_FILE), config.to_toml()?.as_bytes())?;
         let log = EventLog::open(&out.join(LOG_FILE), None)?;

@@ -104,6 +104,14 @@ struct StepArgs {
     /// mixed-bf16 or mixed-f16 (first conv and classifier in f32, the rest half).
     #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "f16", "mixed-bf16", "mixed-f16"])]
     dtype: String,
+    /// Where to run: cpu, or cuda (the first GPU; needs a brisk built with
+    /// `--features cuda`, see docs/gpu.md).
+    #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda"])]
+    device: String,
+    /// Time the architecture of this model file (its `model.json` spec: a pruned model's
+    /// channels, say) instead of --arch/--stem/--width/--classes.
+    #[arg(long, value_name = "FILE")]
+    model: Option<std::path::PathBuf>,
     /// Use candle's own convolution ops instead of brisk's kernels, for comparison.
     #[arg(long)]
     reference_ops: bool,
@@ -139,6 +147,19 @@ pub fn run(args: &Args) -> Result<()> {
     }
 }
 
+/// The device a `--device` value names.
+fn device(name: &str) -> Result<candle_core::Device> {
+    match name {
+        "cpu" => Ok(candle_core::Device::Cpu),
+        #[cfg(feature = "cuda")]
+        _ => Ok(candle_core::Device::new_cuda(0)?),
+        #[cfg(not(feature = "cuda"))]
+        _ => anyhow::bail!(
+            "this brisk was built without CUDA: build it with `cargo build --release -p brisk-cli --features cuda` (docs/gpu.md)"
+        ),
+    }
+}
+
 fn step(a: &StepArgs) -> Result<()> {
     let threads = a
         .threads
@@ -148,23 +169,37 @@ fn step(a: &StepArgs) -> Result<()> {
         Stem::Cifar => 32,
         Stem::Imagenet => 224,
     });
-    let spec = ModelSpec {
-        arch: a.arch,
-        stem: a.stem,
-        in_channels: 3,
-        classes: a.classes,
-        width: a.width,
-        se_ratio: 16,
-        zero_init_residual: false,
-        image_size: image,
-        channels: None,
+    let spec = match &a.model {
+        Some(file) => {
+            let file = if file.is_dir() {
+                file.join("model.safetensors")
+            } else {
+                file.clone()
+            };
+            let mut spec = brisk_models::read_sidecar(&file)?;
+            spec.image_size = a.image.unwrap_or(spec.image_size);
+            spec
+        }
+        None => ModelSpec {
+            arch: a.arch,
+            stem: a.stem,
+            in_channels: 3,
+            classes: a.classes,
+            width: a.width,
+            se_ratio: 16,
+            zero_init_residual: false,
+            image_size: image,
+            channels: None,
+        },
     };
+    let image = spec.image_size;
     spec.validate()?;
     let kernels = if a.reference_ops {
         Kernels::Candle
     } else {
         Kernels::Brisk
     };
+    let (arch_name, width) = (spec.arch.name(), spec.width);
     let bench = StepBench {
         spec,
         batch: a.batch,
@@ -173,13 +208,14 @@ fn step(a: &StepArgs) -> Result<()> {
         kernels,
         eval: a.eval,
         precision: a.dtype.parse()?,
+        device: device(&a.device)?,
     };
     let mode = if a.eval { "eval forward" } else { "train step" };
     eprintln!(
         "brisk bench step: {} {} width {} {}x{} batch {} threads {} ({} kernels, {mode}), {} warm-up + {} timed steps",
-        a.arch.name(),
+        arch_name,
         format!("{:?}", a.stem).to_lowercase(),
-        a.width,
+        width,
         image,
         image,
         a.batch,
@@ -194,8 +230,8 @@ fn step(a: &StepArgs) -> Result<()> {
         v["batch"] = a.batch.into();
         v["threads"] = threads.into();
         v["dtype"] = a.dtype.clone().into();
-        v["arch"] = a.arch.name().into();
-        v["width"] = a.width.into();
+        v["arch"] = arch_name.into();
+        v["width"] = width.into();
         v["image"] = image.into();
         v["mode"] = (if a.eval { "eval" } else { "train" }).into();
         v["kernels"] = (if a.reference_ops { "candle" } else { "brisk" }).into();
@@ -203,7 +239,7 @@ fn step(a: &StepArgs) -> Result<()> {
     } else {
         println!(
             "brisk {} {} batch={} img/s median {:.2} (min {:.2} max {:.2}); forward {:.1} ms, backward {:.1} ms, optimizer {:.1} ms",
-            a.arch.name(),
+            arch_name,
             a.dtype,
             a.batch,
             r.img_per_s,

@@ -7,7 +7,6 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use brisk_data::{Dataset, Split};
-use brisk_models::Network;
 use brisk_train::{evaluate, EvalReport, TrainConfig, Trainer};
 
 /// Flags that set one config field each; `--set` reaches any other.
@@ -181,8 +180,8 @@ pub fn train(a: &TrainArgs) -> Result<()> {
 
 #[derive(Debug, clap::Args)]
 pub struct EvalArgs {
-    /// Model file (`model.safetensors` with its `model.json`), or a folder holding one
-    /// (a run's output folder, `best/`, or a checkpoint folder).
+    /// Model file (`model.safetensors` with its `model.json`; dense, sparse or int8), or a
+    /// folder holding one (a run's output folder, `best/`, or a checkpoint folder).
     #[arg(long, value_name = "FILE")]
     checkpoint: PathBuf,
     /// Packed dataset folder.
@@ -223,7 +222,7 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     brisk_ops::init_compute(threads)?;
     let file = model_file(&a.checkpoint);
-    let net = Network::load(&file, &candle_core::Device::Cpu)?;
+    let net = brisk_compress::load_model(&file, &candle_core::Device::Cpu)?;
     let data = Arc::new(Dataset::open(&a.data)?);
     let m = data.manifest();
     let spec = net.spec();
