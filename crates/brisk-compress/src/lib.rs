@@ -27,6 +27,28 @@ pub fn load_model(path: &Path, device: &candle_core::Device) -> Result<brisk_mod
     }
 }
 
+/// Writes `tensors` as a safetensors file with `format` in its metadata, atomically,
+/// and the `model.json` sidecar holding `spec`.
+pub(crate) fn write_model_file<'a, V>(
+    path: &Path,
+    tensors: &'a [(String, V)],
+    format: &str,
+    spec: &brisk_models::ModelSpec,
+) -> Result<()>
+where
+    &'a V: safetensors::View,
+{
+    let metadata = std::collections::HashMap::from([("format".to_string(), format.to_string())]);
+    let bytes = safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(metadata))
+        .map_err(|e| Error::Format {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+    brisk_models::write_atomic(path, &bytes)?;
+    brisk_models::write_sidecar(path, spec)?;
+    Ok(())
+}
+
 /// The `format` entry of a safetensors file's metadata, if any.
 pub fn model_format(path: &Path) -> Result<Option<String>> {
     use std::io::Read;

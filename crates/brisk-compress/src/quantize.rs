@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use brisk_models::{read_sidecar, write_atomic, write_sidecar, Network};
+use brisk_models::{read_sidecar, Network};
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
@@ -130,14 +130,7 @@ fn quantized_tensors(net: &Network) -> Result<Vec<(String, Raw)>> {
 /// Writes the int8 checkpoint of `net` to `path` (with the `model.json` sidecar).
 pub fn save(net: &Network, path: &Path) -> Result<()> {
     let tensors = quantized_tensors(net)?;
-    let metadata = HashMap::from([("format".to_string(), FORMAT.to_string())]);
-    let bytes = safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(metadata))
-        .map_err(|e| Error::Format {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
-    write_atomic(path, &bytes)?;
-    write_sidecar(path, net.spec())?;
+    crate::write_model_file(path, &tensors, FORMAT, net.spec())?;
     Ok(())
 }
 

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use brisk_models::{read_sidecar, write_atomic, write_sidecar, Network};
+use brisk_models::{read_sidecar, Network};
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
@@ -42,14 +42,7 @@ pub fn save(net: &Network, path: &Path) -> Result<()> {
         let n = kept.len();
         tensors.push((format!("{name}{VALUES}"), Tensor::from_vec(kept, n, dev)?));
     }
-    let metadata = HashMap::from([("format".to_string(), FORMAT.to_string())]);
-    let bytes = safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(metadata))
-        .map_err(|e| Error::Format {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
-    write_atomic(path, &bytes)?;
-    write_sidecar(path, net.spec())?;
+    crate::write_model_file(path, &tensors, FORMAT, net.spec())?;
     Ok(())
 }
 
