@@ -273,6 +273,19 @@ impl Network {
         Ok(out)
     }
 
+    /// Every variable (parameters and running statistics) by name, sorted by name: what a
+    /// distributed run broadcasts from rank 0 and averages before a checkpoint.
+    pub fn all_vars(&self) -> Result<Vec<(String, Var)>> {
+        let data = self
+            .varmap
+            .data()
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("variable map lock poisoned".into()))?;
+        let mut out: Vec<(String, Var)> = data.iter().map(|(n, v)| (n.clone(), v.clone())).collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+
     /// The trainable variables (everything but batch-norm running statistics), by name.
     pub fn trainable_vars(&self) -> Result<Vec<(String, Var)>> {
         let data = self

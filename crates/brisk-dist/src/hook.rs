@@ -1,0 +1,293 @@
+//! `GradientAllReduce`: the training hook of a data-parallel run (Horovod's recipe).
+
+use brisk_models::Network;
+use brisk_train::{Hook, StepAction, StepContext};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Tensor};
+
+use crate::comm::Communicator;
+
+/// Horovod's default tensor-fusion buffer: 64 MiB.
+pub const DEFAULT_FUSION_BYTES: usize = 64 << 20;
+
+/// Averages gradients across ranks after every backward pass, packing them into fused
+/// buffers of at most `fusion_bytes` (a larger tensor goes alone) so that a step makes
+/// few large all-reduces rather than one per tensor; broadcasts rank 0's weights and
+/// running statistics when training starts; sums evaluation figures across ranks.
+#[derive(Debug)]
+pub struct GradientAllReduce<C: Communicator> {
+    comm: C,
+    fusion_bytes: usize,
+}
+
+impl<C: Communicator> GradientAllReduce<C> {
+    pub fn new(comm: C, fusion_bytes: usize) -> Self {
+        GradientAllReduce {
+            comm,
+            fusion_bytes: fusion_bytes.max(4),
+        }
+    }
+
+    fn err(&self, e: crate::Error) -> brisk_train::Error {
+        brisk_train::Error::State {
+            problem: format!(
+                "distributed (rank {} of {}): {e}",
+                self.comm.rank(),
+                self.comm.world()
+            ),
+        }
+    }
+}
+
+/// Sums `bucket` across ranks, divides by the world size and hands each member's slice
+/// back as its averaged gradient.
+fn flush<C: Communicator>(
+    comm: &mut C,
+    bucket: &mut Vec<f32>,
+    members: &mut Vec<(usize, Tensor)>,
+    ctx: &StepContext,
+    grads: &mut GradStore,
+) -> crate::Result<()> {
+    if bucket.is_empty() {
+        return Ok(());
+    }
+    comm.all_reduce_sum(bucket)?;
+    let inv = 1.0 / comm.world() as f32;
+    let mut offset = 0;
+    for (i, like) in members.drain(..) {
+        let n = like.elem_count();
+        let avg: Vec<f32> = bucket[offset..offset + n].iter().map(|v| v * inv).collect();
+        offset += n;
+        let var = &ctx.params[i].1;
+        grads.insert(
+            var.as_tensor(),
+            Tensor::from_vec(avg, like.dims(), like.device())?,
+        );
+    }
+    bucket.clear();
+    Ok(())
+}
+
+impl<C: Communicator> Hook for GradientAllReduce<C> {
+    fn name(&self) -> &'static str {
+        "gradient_all_reduce"
+    }
+
+    fn on_start(&mut self, net: &Network) -> brisk_train::Result<()> {
+        for (_, var) in net.all_vars()? {
+            let t = var.as_tensor();
+            let mut values = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+            self.comm.broadcast(&mut values, 0).map_err(|e| self.err(e))?;
+            var.set(&Tensor::from_vec(values, t.dims(), t.device())?)?;
+        }
+        Ok(())
+    }
+
+    fn after_backward(
+        &mut self,
+        ctx: &StepContext,
+        grads: &mut GradStore,
+    ) -> brisk_train::Result<StepAction> {
+        let cap = self.fusion_bytes / 4;
+        let mut bucket: Vec<f32> = Vec::new();
+        let mut members: Vec<(usize, Tensor)> = Vec::new();
+        for (i, (_, var)) in ctx.params.iter().enumerate() {
+            // Every rank contributes every parameter, zeros where it has no gradient,
+            // so the buffers line up.
+            let t = var.as_tensor();
+            let g = match grads.get(var) {
+                Some(g) => g.flatten_all()?.to_vec1::<f32>()?,
+                None => vec![0f32; t.elem_count()],
+            };
+            if !bucket.is_empty() && bucket.len() + g.len() > cap {
+                flush(&mut self.comm, &mut bucket, &mut members, ctx, grads).map_err(|e| self.err(e))?;
+            }
+            bucket.extend_from_slice(&g);
+            members.push((i, t.clone()));
+        }
+        flush(&mut self.comm, &mut bucket, &mut members, ctx, grads).map_err(|e| self.err(e))?;
+        Ok(StepAction::Apply)
+    }
+
+    fn reduce_sums(&mut self, sums: &mut [f64]) -> brisk_train::Result<()> {
+        self.comm.all_reduce_sum_f64(sums).map_err(|e| self.err(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::comm::Local;
+    use brisk_models::ModelSpec;
+    use candle_core::Device;
+    use std::sync::{Arc, Barrier, Mutex};
+
+    /// An in-process stand-in for MPI, for tests: `world` threads exchange buffers
+    /// through shared slots and a barrier.
+    struct Threads {
+        rank: usize,
+        world: usize,
+        barrier: Arc<Barrier>,
+        slots: Arc<Mutex<Vec<Vec<f64>>>>,
+    }
+
+    impl Threads {
+        fn exchange(&mut self, mine: Vec<f64>) -> Vec<Vec<f64>> {
+            self.slots.lock().expect("slots")[self.rank] = mine;
+            self.barrier.wait();
+            let all = self.slots.lock().expect("slots").clone();
+            self.barrier.wait();
+            all
+        }
+    }
+
+    impl Communicator for Threads {
+        fn rank(&self) -> usize {
+            self.rank
+        }
+        fn world(&self) -> usize {
+            self.world
+        }
+        fn all_reduce_sum(&mut self, buf: &mut [f32]) -> crate::Result<()> {
+            let all = self.exchange(buf.iter().map(|&v| f64::from(v)).collect());
+            for (i, b) in buf.iter_mut().enumerate() {
+                *b = all.iter().map(|r| r[i] as f32).sum();
+            }
+            Ok(())
+        }
+        fn all_reduce_sum_f64(&mut self, buf: &mut [f64]) -> crate::Result<()> {
+            let all = self.exchange(buf.to_vec());
+            for (i, b) in buf.iter_mut().enumerate() {
+                *b = all.iter().map(|r| r[i]).sum();
+            }
+            Ok(())
+        }
+        fn broadcast(&mut self, buf: &mut [f32], root: usize) -> crate::Result<()> {
+            let all = self.exchange(buf.iter().map(|&v| f64::from(v)).collect());
+            for (b, v) in buf.iter_mut().zip(&all[root]) {
+                *b = *v as f32;
+            }
+            Ok(())
+        }
+        fn barrier(&mut self) -> crate::Result<()> {
+            self.barrier.wait();
+            Ok(())
+        }
+    }
+
+    /// A rank's gradients before and after the all-reduce, and its first weight tensor
+    /// after the start-of-training broadcast.
+    type RankResult = (Vec<Vec<f32>>, Vec<Vec<f32>>, Vec<f32>);
+
+    fn net(seed: u64) -> crate::Result<Network> {
+        let mut spec = ModelSpec::resnet18_cifar(3).with_width(0.0625);
+        spec.image_size = 8;
+        Ok(Network::new(spec, seed, &Device::Cpu)?)
+    }
+
+    /// Each rank's gradients of its own batch, before any reduction.
+    fn local_grads(net: &Network, seed: u64) -> anyhow::Result<(Vec<(String, candle_core::Var)>, GradStore)> {
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 8, 8), &Device::Cpu)?.affine(1.0, seed as f64)?;
+        let loss = net.forward_t(&x, true)?.sqr()?.mean_all()?;
+        Ok((net.trainable_vars()?, loss.backward()?))
+    }
+
+    #[test]
+    fn ranks_agree_on_weights_and_average_gradients_in_any_fusion() -> anyhow::Result<()> {
+        for fusion in [DEFAULT_FUSION_BYTES, 4096] {
+            let barrier = Arc::new(Barrier::new(2));
+            let slots = Arc::new(Mutex::new(vec![Vec::new(), Vec::new()]));
+            let handles: Vec<_> = (0..2)
+                .map(|rank| {
+                    let (barrier, slots) = (barrier.clone(), slots.clone());
+                    std::thread::spawn(move || -> anyhow::Result<RankResult> {
+                        let comm = Threads {
+                            rank,
+                            world: 2,
+                            barrier,
+                            slots,
+                        };
+                        let mut hook = GradientAllReduce::new(comm, fusion);
+                        // Different initial weights per rank: rank 0's must win.
+                        let net = net(10 + rank as u64)?;
+                        hook.on_start(&net)?;
+                        let weights = net.named_tensors()?[0].1.flatten_all()?.to_vec1::<f32>()?;
+                        let (params, mut grads) = local_grads(&net, rank as u64)?;
+                        let before: Vec<Vec<f32>> = params
+                            .iter()
+                            .map(|(_, v)| grads.get(v).expect("grad").flatten_all()?.to_vec1::<f32>())
+                            .collect::<candle_core::Result<_>>()?;
+                        let ctx = StepContext {
+                            net: &net,
+                            params: &params,
+                            step: 0,
+                            epoch: 0,
+                            progress: 0.0,
+                        };
+                        hook.after_backward(&ctx, &mut grads)?;
+                        let after: Vec<Vec<f32>> = params
+                            .iter()
+                            .map(|(_, v)| grads.get(v).expect("grad").flatten_all()?.to_vec1::<f32>())
+                            .collect::<candle_core::Result<_>>()?;
+                        let mut sums = [rank as f64 + 1.0, 10.0];
+                        hook.reduce_sums(&mut sums)?;
+                        assert_eq!(sums, [3.0, 20.0]);
+                        Ok((before, after, weights))
+                    })
+                })
+                .collect();
+            let results: Vec<_> = handles
+                .into_iter()
+                .map(|h| h.join().expect("rank thread"))
+                .collect::<anyhow::Result<_>>()?;
+            let (b0, a0, w0) = &results[0];
+            let (b1, a1, w1) = &results[1];
+            assert_eq!(w0, w1, "rank 1 must start from rank 0's weights");
+            assert_eq!(
+                w0,
+                &net(10)?.named_tensors()?[0].1.flatten_all()?.to_vec1::<f32>()?
+            );
+            // Both ranks hold the same averaged gradient, the mean of their own.
+            for t in 0..a0.len() {
+                for i in 0..a0[t].len() {
+                    let want = (b0[t][i] + b1[t][i]) / 2.0;
+                    assert!(
+                        (a0[t][i] - want).abs() <= 1e-6 * want.abs().max(1.0),
+                        "fusion {fusion}"
+                    );
+                    assert_eq!(a0[t][i], a1[t][i]);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn a_single_process_is_left_as_it_is() -> anyhow::Result<()> {
+        let net = net(1)?;
+        let (params, mut grads) = local_grads(&net, 0)?;
+        let before = grads
+            .get(&params[0].1)
+            .expect("grad")
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let mut hook = GradientAllReduce::new(Local, DEFAULT_FUSION_BYTES);
+        let ctx = StepContext {
+            net: &net,
+            params: &params,
+            step: 0,
+            epoch: 0,
+            progress: 0.0,
+        };
+        hook.after_backward(&ctx, &mut grads)?;
+        assert_eq!(
+            grads
+                .get(&params[0].1)
+                .expect("grad")
+                .flatten_all()?
+                .to_vec1::<f32>()?,
+            before
+        );
+        Ok(())
+    }
+}
