@@ -213,12 +213,8 @@ mod tests {
     use brisk_models::ModelSpec;
 
     #[test]
-    fn int8_files_are_a_quarter_and_compute_within_rounding() -> Result<()> {
-        let dir = tempfile::tempdir().map_err(|e| Error::Io {
-            what: "tempdir",
-            path: "/tmp".into(),
-            cause: e,
-        })?;
+    fn int8_files_are_a_quarter_and_compute_within_rounding() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
         let dev = Device::Cpu;
         for spec in [
             ModelSpec::resnet18_cifar(10).with_width(0.25),

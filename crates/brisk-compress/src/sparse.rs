@@ -107,12 +107,8 @@ mod tests {
     use brisk_models::ModelSpec;
 
     #[test]
-    fn sparse_files_shrink_with_sparsity_and_round_trip_exactly() -> Result<()> {
-        let dir = tempfile::tempdir().map_err(|e| Error::Io {
-            what: "tempdir",
-            path: "/tmp".into(),
-            cause: e,
-        })?;
+    fn sparse_files_shrink_with_sparsity_and_round_trip_exactly() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
         let mut spec = ModelSpec::resnet18_cifar(10).with_width(0.25);
         spec.image_size = 8;
         let net = Network::new(spec, 2, &Device::Cpu)?;
