@@ -5,13 +5,17 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 
 mod compare;
+mod mpi;
 
 const TASKS: &str = "\
 Usage: cargo xtask <TASK>
 
 Tasks:
-  test            cargo fmt --check, cargo clippy -D warnings and the whole test suite
-                  (what CI runs; the README's test command)
+  test            cargo fmt --check, cargo clippy -D warnings and the whole test suite,
+                  the distributed tests under mpirun included (what CI runs; the README's
+                  test command). Needs OpenMPI and libclang: installed with apt-get when
+                  run as root, else the install command is printed.
+                  [--skip-mpi]: build without MPI and skip the distributed tests
   compare-torch   brisk vs PyTorch, side by side on this machine: training-step and
                   eval-forward img/s of CIFAR ResNet-18, runs alternated, with ratios
                   [--batches 32,128] [--threads 2] [--steps 5] [--rounds 2]
@@ -57,12 +61,32 @@ fn cargo(args: &[&str]) -> Result<()> {
 }
 
 fn test(extra: &[String]) -> Result<()> {
-    if let Some(flag) = extra.first() {
-        bail!("`cargo xtask test` takes no arguments (got `{flag}`)");
-    }
+    let skip_mpi = match extra {
+        [] => false,
+        [flag] if flag == "--skip-mpi" => true,
+        [flag, ..] => bail!("`cargo xtask test` takes only --skip-mpi (got `{flag}`)"),
+    };
+    let features: &[&str] = if skip_mpi {
+        eprintln!("xtask: --skip-mpi: building without MPI; the distributed tests are SKIPPED");
+        &[]
+    } else {
+        mpi::ensure()?;
+        &["--features", "brisk-cli/mpi"]
+    };
     cargo(&["fmt", "--all", "--", "--check"])?;
-    cargo(&["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])?;
-    cargo(&["test", "--workspace"])?;
-    eprintln!("xtask: all checks passed");
+    cargo(
+        &[
+            &["clippy", "--workspace", "--all-targets"],
+            features,
+            &["--", "-D", "warnings"],
+        ]
+        .concat(),
+    )?;
+    cargo(&[&["test", "--workspace"], features].concat())?;
+    if skip_mpi {
+        eprintln!("xtask: all checks passed, except the distributed tests (skipped by --skip-mpi)");
+    } else {
+        eprintln!("xtask: all checks passed");
+    }
     Ok(())
 }

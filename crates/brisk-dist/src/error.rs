@@ -1,6 +1,6 @@
 //! The error type of brisk-dist.
 
-/// Errors raised by communication.
+/// Errors raised by communication and by the start of a distributed run.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A collective operation failed (a rank left, a size mismatch, ...).
@@ -10,6 +10,26 @@ pub enum Error {
         world: usize,
         message: String,
     },
+
+    /// MPI could not be started or is not available in this build.
+    #[error("MPI: {problem}")]
+    Mpi { problem: String },
+
+    /// The ranks were started with different training configurations.
+    #[error(
+        "rank {rank}'s configuration differs from rank 0's in `{field}`: {theirs} here, {ours} on rank 0 \
+         (every rank must run the same command)"
+    )]
+    ConfigMismatch {
+        rank: usize,
+        field: String,
+        ours: String,
+        theirs: String,
+    },
+
+    /// Another rank found a configuration mismatch (it names the field).
+    #[error("rank(s) {ranks} were started with a configuration different from rank 0's (every rank must run the same command)")]
+    ConfigMismatchElsewhere { ranks: String },
 
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

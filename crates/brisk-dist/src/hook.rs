@@ -1,11 +1,27 @@
-//! `GradientAllReduce`: the training hook of a data-parallel run (Horovod's recipe).
+//! `GradientAllReduce`: the training hook of a data-parallel run (Horovod's recipe), and
+//! `CommBatchNormSync`, synchronised batch-norm over a communicator.
+
+use std::sync::Arc;
 
 use brisk_models::Network;
+use brisk_ops::BatchNormSync;
 use brisk_train::{Hook, StepAction, StepContext};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor};
 
 use crate::comm::Communicator;
+
+/// Synchronised batch-norm's per-channel sums, all-reduced over `comm`.
+#[derive(Debug)]
+pub struct CommBatchNormSync(pub Arc<dyn Communicator>);
+
+impl BatchNormSync for CommBatchNormSync {
+    fn all_reduce_sum(&self, values: &mut [f64]) -> candle_core::Result<()> {
+        self.0
+            .all_reduce_sum_f64(values)
+            .map_err(|e| candle_core::Error::Msg(format!("synchronised batch-norm: {e}")))
+    }
+}
 
 /// Horovod's default tensor-fusion buffer: 64 MiB.
 pub const DEFAULT_FUSION_BYTES: usize = 64 << 20;
@@ -13,18 +29,22 @@ pub const DEFAULT_FUSION_BYTES: usize = 64 << 20;
 /// Averages gradients across ranks after every backward pass, packing them into fused
 /// buffers of at most `fusion_bytes` (a larger tensor goes alone) so that a step makes
 /// few large all-reduces rather than one per tensor; broadcasts rank 0's weights and
-/// running statistics when training starts; sums evaluation figures across ranks.
+/// running statistics when training starts; averages the running statistics before
+/// evaluations and checkpoints; sums evaluation figures across ranks.
 #[derive(Debug)]
-pub struct GradientAllReduce<C: Communicator> {
-    comm: C,
+pub struct GradientAllReduce {
+    comm: Arc<dyn Communicator>,
     fusion_bytes: usize,
+    /// Seconds spent averaging gradients so far (packing and the all-reduces).
+    comm_s: f64,
 }
 
-impl<C: Communicator> GradientAllReduce<C> {
-    pub fn new(comm: C, fusion_bytes: usize) -> Self {
+impl GradientAllReduce {
+    pub fn new(comm: Arc<dyn Communicator>, fusion_bytes: usize) -> Self {
         GradientAllReduce {
             comm,
             fusion_bytes: fusion_bytes.max(4),
+            comm_s: 0.0,
         }
     }
 
@@ -41,8 +61,8 @@ impl<C: Communicator> GradientAllReduce<C> {
 
 /// Sums `bucket` across ranks, divides by the world size and hands each member's slice
 /// back as its averaged gradient.
-fn flush<C: Communicator>(
-    comm: &mut C,
+fn flush(
+    comm: &dyn Communicator,
     bucket: &mut Vec<f32>,
     members: &mut Vec<(usize, Tensor)>,
     ctx: &StepContext,
@@ -68,7 +88,7 @@ fn flush<C: Communicator>(
     Ok(())
 }
 
-impl<C: Communicator> Hook for GradientAllReduce<C> {
+impl Hook for GradientAllReduce {
     fn name(&self) -> &'static str {
         "gradient_all_reduce"
     }
@@ -83,11 +103,43 @@ impl<C: Communicator> Hook for GradientAllReduce<C> {
         Ok(())
     }
 
+    fn synchronize(&mut self, net: &Network) -> brisk_train::Result<()> {
+        if self.comm.world() == 1 {
+            return Ok(());
+        }
+        // Batch-norm running statistics, which each rank updated from its own batches.
+        let stats: Vec<_> = net
+            .all_vars()?
+            .into_iter()
+            .filter(|(name, _)| name.ends_with("running_mean") || name.ends_with("running_var"))
+            .collect();
+        let mut fused = Vec::new();
+        for (_, var) in &stats {
+            fused.extend(var.as_tensor().flatten_all()?.to_vec1::<f32>()?);
+        }
+        self.comm.all_reduce_sum(&mut fused).map_err(|e| self.err(e))?;
+        let inv = 1.0 / self.comm.world() as f32;
+        let mut offset = 0;
+        for (_, var) in &stats {
+            let t = var.as_tensor();
+            let n = t.elem_count();
+            let mean: Vec<f32> = fused[offset..offset + n].iter().map(|v| v * inv).collect();
+            offset += n;
+            var.set(&Tensor::from_vec(mean, t.dims(), t.device())?)?;
+        }
+        Ok(())
+    }
+
+    fn metrics(&self) -> Vec<(&'static str, f64)> {
+        vec![("allreduce_s_total", self.comm_s)]
+    }
+
     fn after_backward(
         &mut self,
         ctx: &StepContext,
         grads: &mut GradStore,
     ) -> brisk_train::Result<StepAction> {
+        let start = std::time::Instant::now();
         let cap = self.fusion_bytes / 4;
         let mut bucket: Vec<f32> = Vec::new();
         let mut members: Vec<(usize, Tensor)> = Vec::new();
@@ -100,12 +152,13 @@ impl<C: Communicator> Hook for GradientAllReduce<C> {
                 None => vec![0f32; t.elem_count()],
             };
             if !bucket.is_empty() && bucket.len() + g.len() > cap {
-                flush(&mut self.comm, &mut bucket, &mut members, ctx, grads).map_err(|e| self.err(e))?;
+                flush(self.comm.as_ref(), &mut bucket, &mut members, ctx, grads).map_err(|e| self.err(e))?;
             }
             bucket.extend_from_slice(&g);
             members.push((i, t.clone()));
         }
-        flush(&mut self.comm, &mut bucket, &mut members, ctx, grads).map_err(|e| self.err(e))?;
+        flush(self.comm.as_ref(), &mut bucket, &mut members, ctx, grads).map_err(|e| self.err(e))?;
+        self.comm_s += start.elapsed().as_secs_f64();
         Ok(StepAction::Apply)
     }
 
@@ -120,10 +173,11 @@ mod tests {
     use crate::comm::Local;
     use brisk_models::ModelSpec;
     use candle_core::Device;
-    use std::sync::{Arc, Barrier, Mutex};
+    use std::sync::{Barrier, Mutex};
 
     /// An in-process stand-in for MPI, for tests: `world` threads exchange buffers
     /// through shared slots and a barrier.
+    #[derive(Debug)]
     struct Threads {
         rank: usize,
         world: usize,
@@ -132,7 +186,7 @@ mod tests {
     }
 
     impl Threads {
-        fn exchange(&mut self, mine: Vec<f64>) -> Vec<Vec<f64>> {
+        fn exchange(&self, mine: Vec<f64>) -> Vec<Vec<f64>> {
             self.slots.lock().expect("slots")[self.rank] = mine;
             self.barrier.wait();
             let all = self.slots.lock().expect("slots").clone();
@@ -148,30 +202,43 @@ mod tests {
         fn world(&self) -> usize {
             self.world
         }
-        fn all_reduce_sum(&mut self, buf: &mut [f32]) -> crate::Result<()> {
+        fn local_ranks(&self) -> usize {
+            self.world
+        }
+        fn all_reduce_sum(&self, buf: &mut [f32]) -> crate::Result<()> {
             let all = self.exchange(buf.iter().map(|&v| f64::from(v)).collect());
             for (i, b) in buf.iter_mut().enumerate() {
                 *b = all.iter().map(|r| r[i] as f32).sum();
             }
             Ok(())
         }
-        fn all_reduce_sum_f64(&mut self, buf: &mut [f64]) -> crate::Result<()> {
+        fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> crate::Result<()> {
             let all = self.exchange(buf.to_vec());
             for (i, b) in buf.iter_mut().enumerate() {
                 *b = all.iter().map(|r| r[i]).sum();
             }
             Ok(())
         }
-        fn broadcast(&mut self, buf: &mut [f32], root: usize) -> crate::Result<()> {
+        fn broadcast(&self, buf: &mut [f32], root: usize) -> crate::Result<()> {
             let all = self.exchange(buf.iter().map(|&v| f64::from(v)).collect());
             for (b, v) in buf.iter_mut().zip(&all[root]) {
                 *b = *v as f32;
             }
             Ok(())
         }
-        fn barrier(&mut self) -> crate::Result<()> {
+        fn broadcast_bytes(&self, buf: &mut [u8], root: usize) -> crate::Result<()> {
+            let all = self.exchange(buf.iter().map(|&v| f64::from(v)).collect());
+            for (b, v) in buf.iter_mut().zip(&all[root]) {
+                *b = *v as u8;
+            }
+            Ok(())
+        }
+        fn barrier(&self) -> crate::Result<()> {
             self.barrier.wait();
             Ok(())
+        }
+        fn abort(&self, code: i32) -> ! {
+            panic!("rank {} aborted the job with {code}", self.rank)
         }
     }
 
@@ -207,7 +274,7 @@ mod tests {
                             barrier,
                             slots,
                         };
-                        let mut hook = GradientAllReduce::new(comm, fusion);
+                        let mut hook = GradientAllReduce::new(Arc::new(comm), fusion);
                         // Different initial weights per rank: rank 0's must win.
                         let net = net(10 + rank as u64)?;
                         hook.on_start(&net)?;
@@ -271,7 +338,7 @@ mod tests {
             .expect("grad")
             .flatten_all()?
             .to_vec1::<f32>()?;
-        let mut hook = GradientAllReduce::new(Local, DEFAULT_FUSION_BYTES);
+        let mut hook = GradientAllReduce::new(Arc::new(Local), DEFAULT_FUSION_BYTES);
         let ctx = StepContext {
             net: &net,
             params: &params,

@@ -1,15 +1,22 @@
-//! Data-parallel training in Horovod's model: a `Communicator` (rank, world size,
-//! all-reduce, broadcast, barrier) and `GradientAllReduce`, the training hook that
-//! broadcasts rank 0's weights at the start, averages gradients across ranks in fused
-//! buffers after every backward pass, and sums evaluation figures across ranks.
-//!
-//! Backends: `Local` (one process, no MPI) here; MPI (rsmpi) and NCCL arrive with the rest
-//! of the distributed issue behind cargo features, implementing the same trait.
+//! Data-parallel training in Horovod's model: one process per rank, started by
+//! `mpirun`. A `Communicator` (rank, world size, all-reduce, broadcast, barrier, abort)
+//! with the backends `Local` and `Mpi` (cargo feature `mpi`, rsmpi over OpenMPI);
+//! `GradientAllReduce`, the training hook that broadcasts rank 0's weights at the start,
+//! averages gradients in fused buffers after every backward pass, averages batch-norm
+//! running statistics before evaluations and checkpoints and sums evaluation figures;
+//! `CommBatchNormSync` for synchronised batch-norm; and the launch helpers (launcher
+//! detection, threads per rank, the same-configuration check).
 
 pub mod comm;
 pub mod error;
 pub mod hook;
+pub mod launch;
+#[cfg(feature = "mpi")]
+pub mod mpi;
 
-pub use comm::{Communicator, Local};
+pub use comm::{broadcast_vec, Communicator, Local};
 pub use error::{Error, Result};
-pub use hook::{GradientAllReduce, DEFAULT_FUSION_BYTES};
+pub use hook::{CommBatchNormSync, GradientAllReduce, DEFAULT_FUSION_BYTES};
+pub use launch::{check_same_config, connect, launcher_variable, threads_per_rank, MPI_BUILT};
+#[cfg(feature = "mpi")]
+pub use mpi::Mpi;

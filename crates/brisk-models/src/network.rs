@@ -3,6 +3,9 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use brisk_ops::BatchNormSync;
 
 use brisk_precision::PrecisionPolicy;
 use candle_core::{DType, Device, Tensor, Var};
@@ -63,6 +66,7 @@ pub struct Network {
     model: ResNet,
     kernels: Kernels,
     policy: PrecisionPolicy,
+    sync: Option<Arc<dyn BatchNormSync>>,
 }
 
 impl std::fmt::Debug for Network {
@@ -141,21 +145,30 @@ impl Network {
         }
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
         let (kernels, policy) = (Kernels::for_device(device), PrecisionPolicy::default());
-        let model = ResNet::build(&spec, vb, kernels, &policy)?;
+        let model = ResNet::build(&spec, vb, kernels, &policy, None)?;
         Ok(Self {
             spec,
             varmap,
             model,
             kernels,
             policy,
+            sync: None,
         })
     }
 
     fn rebuild(&mut self) -> Result<()> {
         let device = self.model.device().clone();
         let vb = VarBuilder::from_varmap(&self.varmap, DType::F32, &device);
-        self.model = ResNet::build(&self.spec, vb, self.kernels, &self.policy)?;
+        self.model = ResNet::build(&self.spec, vb, self.kernels, &self.policy, self.sync.as_ref())?;
         Ok(())
+    }
+
+    /// Synchronises batch-norm across the ranks of a data-parallel job through `sync`
+    /// (training statistics over every rank's batch); `None` goes back to per-rank
+    /// statistics. Needs brisk's kernels.
+    pub fn set_batch_norm_sync(&mut self, sync: Option<Arc<dyn BatchNormSync>>) -> Result<()> {
+        self.sync = sync;
+        self.rebuild()
     }
 
     /// Switches the convolution kernels (brisk's or candle's reference), keeping the weights.

@@ -1,6 +1,9 @@
 //! The ResNet itself: BasicBlocks, batch-norm, squeeze-and-excitation, stems and head,
 //! built from a `ModelSpec` and a candle `VarBuilder` under torchvision's tensor names.
 
+use std::sync::Arc;
+
+use brisk_ops::BatchNormSync;
 use brisk_precision::{LayerKind, PrecisionPolicy};
 use candle_core::{DType, Module, ModuleT, Tensor, Var, D};
 use candle_nn::VarBuilder;
@@ -98,6 +101,7 @@ struct Builder<'a> {
     vb: VarBuilder<'a>,
     kernels: Kernels,
     policy: &'a PrecisionPolicy,
+    sync: Option<&'a Arc<dyn BatchNormSync>>,
 }
 
 impl Builder<'_> {
@@ -106,6 +110,7 @@ impl Builder<'_> {
             vb: self.vb.pp(name),
             kernels: self.kernels,
             policy: self.policy,
+            sync: self.sync,
         }
     }
 
@@ -129,6 +134,8 @@ pub struct BatchNorm2d {
     kernels: Kernels,
     /// The output's dtype (statistics and arithmetic are f32).
     out: DType,
+    /// Synchronised batch-norm across ranks (brisk's kernels only).
+    sync: Option<Arc<dyn BatchNormSync>>,
 }
 
 impl BatchNorm2d {
@@ -147,6 +154,7 @@ impl BatchNorm2d {
             running_var,
             kernels: b.kernels,
             out,
+            sync: b.sync.cloned(),
         })
     }
 
@@ -175,13 +183,19 @@ impl BatchNorm2d {
                     residual,
                     relu,
                     out: self.out,
+                    sync: if train { self.sync.as_ref() } else { None },
                 };
                 let out =
                     brisk_ops::batch_norm(x, &self.weight, &self.bias, running.as_ref(), BN_EPS, epilogue)?;
-                let stats = train.then(|| (out.stats.get(0), out.stats.get(1)));
+                let stats = train.then(|| (out.stats.get(0), out.stats.get(1), out.count));
                 (out.y, stats)
             }
             Kernels::Candle => {
+                if self.sync.is_some() {
+                    return Err(Error::Candle(candle_core::Error::Msg(
+                        "synchronised batch-norm needs brisk's kernels, not candle's reference ones".into(),
+                    )));
+                }
                 let (mean, var) = if train {
                     let mean = x.mean_keepdim((0, 2, 3))?;
                     let var = x.broadcast_sub(&mean)?.sqr()?.mean_keepdim((0, 2, 3))?;
@@ -205,11 +219,11 @@ impl BatchNorm2d {
                 };
                 let y = if relu { y.relu()? } else { y };
                 let y = y.to_dtype(self.out)?;
-                let stats = train.then(|| (mean.detach().flatten_all(), var.detach().flatten_all()));
+                let stats = train.then(|| (mean.detach().flatten_all(), var.detach().flatten_all(), count));
                 (y, stats)
             }
         };
-        if let Some((mean, var)) = batch_stats {
+        if let Some((mean, var, count)) = batch_stats {
             // Running statistics: momentum 0.1, and the unbiased variance, as PyTorch.
             let unbiased = (var? * (count as f64 / (count - 1) as f64))?;
             let new_mean = ((self.running_mean.as_tensor() * (1.0 - BN_MOMENTUM))? + (mean? * BN_MOMENTUM)?)?;
@@ -359,19 +373,26 @@ impl ResNet {
     /// Convolutions run on brisk's kernels on the CPU and candle's elsewhere.
     pub fn new(spec: &ModelSpec, vb: VarBuilder) -> Result<Self> {
         let kernels = Kernels::for_device(vb.device());
-        Self::build(spec, vb, kernels, &PrecisionPolicy::default())
+        Self::build(spec, vb, kernels, &PrecisionPolicy::default(), None)
     }
 
-    /// Builds the network with an explicit choice of convolution kernels.
+    /// Builds the network with an explicit choice of convolution kernels, precision
+    /// policy and, for data-parallel training, synchronised batch-norm.
     pub fn build(
         spec: &ModelSpec,
         vb: VarBuilder,
         kernels: Kernels,
         policy: &PrecisionPolicy,
+        sync: Option<&Arc<dyn BatchNormSync>>,
     ) -> Result<Self> {
         spec.validate()?;
         policy.validate()?;
-        let vb = Builder { vb, kernels, policy };
+        let vb = Builder {
+            vb,
+            kernels,
+            policy,
+            sync,
+        };
         let act = vb.activations();
         let stem = spec.resolved_channels().stem;
         let (conv1, max_pool) = match spec.stem {

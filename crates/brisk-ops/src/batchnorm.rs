@@ -2,11 +2,21 @@
 //! own backward: one pass for the statistics, one for the output, two for the gradients,
 //! each parallel over channels, instead of candle's chain of small allocating ops.
 
+use std::sync::Arc;
+
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::half::{f32_values, storage_of};
 use crate::storage::f32_slice;
+
+/// Sums per-channel figures over the ranks of a data-parallel job: what synchronised
+/// batch-norm needs from a communicator (MPI, NCCL). It is called on the thread running
+/// the forward or backward pass, at the same points on every rank.
+pub trait BatchNormSync: Send + Sync + std::fmt::Debug {
+    /// Element-wise sum over all ranks, in place.
+    fn all_reduce_sum(&self, values: &mut [f64]) -> Result<()>;
+}
 
 /// Output of [`batch_norm`].
 #[derive(Debug)]
@@ -16,6 +26,9 @@ pub struct BatchNormOutput {
     /// `[2, C]`: the mean and biased variance used (the batch's in training, no gradient
     /// attached), from which the caller updates its running statistics.
     pub stats: Tensor,
+    /// Values per channel the training statistics were taken over (N·H·W, summed over
+    /// the ranks with synchronised batch-norm): the unbiased variance's denominator.
+    pub count: usize,
 }
 
 /// What follows the normalisation in the same pass.
@@ -29,6 +42,11 @@ pub struct Epilogue<'a> {
     /// The output's dtype: f32, or bf16/f16 for half-precision layers that follow (the
     /// output is rounded once, and the tensor kept for backward takes half the memory).
     pub out: DType,
+    /// Synchronised batch-norm (training only): the batch statistics and the gradient's
+    /// per-channel means are taken over every rank's batch, as if one process had seen
+    /// them all; the weight and bias gradients stay this rank's own (the gradient
+    /// all-reduce averages them).
+    pub sync: Option<&'a Arc<dyn BatchNormSync>>,
 }
 
 impl Default for Epilogue<'_> {
@@ -38,6 +56,7 @@ impl Default for Epilogue<'_> {
             residual: None,
             relu: false,
             out: DType::F32,
+            sync: None,
         }
     }
 }
@@ -56,9 +75,22 @@ pub fn batch_norm(
     epilogue: Epilogue,
 ) -> Result<BatchNormOutput> {
     let x = x.contiguous()?;
+    let (n, _, h, w) = x.dims4()?;
+    let mut count = n * h * w;
     let (batch_stats, stats) = match stats {
         Some(s) => (false, s.detach().contiguous()?),
-        None => (true, x.detach().apply_op1_no_bwd(&Stats)?),
+        None => {
+            let s = x.detach().apply_op1_no_bwd(&Stats {
+                sync: epilogue.sync.cloned(),
+            })?;
+            if epilogue.sync.is_some() {
+                // The synchronised statistics carry a third row: the total count.
+                count = s.get(2)?.get(0)?.to_scalar::<f32>()?.round() as usize;
+                (true, s.narrow(0, 0, 2)?.contiguous()?)
+            } else {
+                (true, s)
+            }
+        }
     };
     // [mean; var; weight; bias]: one [4, C] input carries every per-channel constant.
     let params = Tensor::cat(&[&stats, &Tensor::stack(&[weight, bias], 0)?], 0)?;
@@ -73,12 +105,13 @@ pub fn batch_norm(
         relu: epilogue.relu,
         batch_stats,
         out: epilogue.out,
+        sync: epilogue.sync.filter(|_| batch_stats).cloned(),
     };
     let y = match epilogue.residual {
         None => x.apply_op2(&params, op)?,
         Some(r) => x.apply_op3(&params, &r.contiguous()?, op)?,
     };
-    Ok(BatchNormOutput { y, stats })
+    Ok(BatchNormOutput { y, stats, count })
 }
 
 fn f32_data<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
@@ -118,9 +151,12 @@ fn lane_sum(s: &[f32], f: impl Fn(f32) -> f32) -> f32 {
     chunks.remainder().iter().map(|&v| f(v)).sum::<f32>() + lanes.iter().sum::<f32>()
 }
 
-/// x → [2, C]: per-channel mean and biased variance, accumulated in f64 (two passes).
+/// x → [2, C]: per-channel mean and biased variance, accumulated in f64 (two passes);
+/// with `sync`, over every rank's batch.
 #[derive(Debug)]
-struct Stats;
+struct Stats {
+    sync: Option<Arc<dyn BatchNormSync>>,
+}
 
 impl CustomOp1 for Stats {
     fn name(&self) -> &'static str {
@@ -131,24 +167,54 @@ impl CustomOp1 for Stats {
         let (n, c, hw) = nchw(l)?;
         let x = f32_data(s, l, "input")?;
         let count = (n * hw) as f64;
-        let per_channel: Vec<(f32, f32)> = (0..c)
+        // Per channel: the sum, and the sum of squares about the (f32) mean m.
+        let per_channel: Vec<(f64, f32, f64)> = (0..c)
             .into_par_iter()
             .map(|ch| {
                 // Sums in 16 f32 lanes within a plane (vectorised), f64 across planes.
                 let sum: f64 = channel_segments(x, n, c, hw, ch)
                     .map(|s| lane_sum(s, |v| v) as f64)
                     .sum();
-                let mean = sum / count;
-                let m = mean as f32;
+                let m = (sum / count) as f32;
                 let sq: f64 = channel_segments(x, n, c, hw, ch)
                     .map(|s| lane_sum(s, |v| (v - m) * (v - m)) as f64)
                     .sum();
-                (mean as f32, (sq / count) as f32)
+                (sum, m, sq)
             })
             .collect();
-        let mut out: Vec<f32> = per_channel.iter().map(|p| p.0).collect();
-        out.extend(per_channel.iter().map(|p| p.1));
-        Ok((CpuStorage::F32(out), Shape::from((2, c))))
+        let out: Vec<f32> = match &self.sync {
+            None => {
+                let mut out: Vec<f32> = per_channel.iter().map(|p| p.1).collect();
+                out.extend(per_channel.iter().map(|p| (p.2 / count) as f32));
+                out
+            }
+            Some(sync) => {
+                // Per channel, summed over ranks: Σv, the squared deviations about each
+                // rank's own mean (M2, accurate: no Σv² − n·mean² cancellation), and
+                // n·mean², from which the spread of the ranks' means is recovered; then
+                // the total count. var = (ΣM2 + Σ n_r·μ_r² − N·μ²) / N.
+                let local_means: Vec<f64> = per_channel.iter().map(|p| p.0 / count).collect();
+                let mut sums: Vec<f64> = per_channel.iter().map(|p| p.0).collect();
+                sums.extend(per_channel.iter().zip(&local_means).map(|(&(_, m, sq), mu)| {
+                    let shift = mu - f64::from(m);
+                    sq - count * shift * shift
+                }));
+                sums.extend(local_means.iter().map(|mu| count * mu * mu));
+                sums.push(count);
+                sync.all_reduce_sum(&mut sums)?;
+                let total = sums[3 * c];
+                let means: Vec<f64> = sums[..c].iter().map(|s| s / total).collect();
+                let mut out: Vec<f32> = means.iter().map(|&m| m as f32).collect();
+                out.extend((0..c).map(|k| {
+                    let between = (sums[2 * c + k] - total * means[k] * means[k]).max(0.0);
+                    ((sums[c + k] + between) / total).max(0.0) as f32
+                }));
+                out.extend(std::iter::repeat_n(total as f32, c));
+                out
+            }
+        };
+        let rows = out.len() / c;
+        Ok((CpuStorage::F32(out), Shape::from((rows, c))))
     }
 }
 
@@ -172,7 +238,7 @@ fn channels(stats: &[f32], affine: &[f32], c: usize, eps: f64) -> Vec<Channel> {
 }
 
 /// (x, [mean; var; weight; bias], residual?) → y.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 struct Normalize {
     eps: f64,
     relu: bool,
@@ -180,6 +246,8 @@ struct Normalize {
     batch_stats: bool,
     /// The output's dtype.
     out: DType,
+    /// Synchronised batch-norm (training only): see [`Epilogue::sync`].
+    sync: Option<Arc<dyn BatchNormSync>>,
 }
 
 impl Normalize {
@@ -250,16 +318,39 @@ impl Normalize {
             grad.to_dtype(DType::F32)?.contiguous()?
         };
         // [2, C]: sum(dz · x̂) and sum(dz): the weight and bias gradients.
-        let sums = x.apply_op3_no_bwd(&dz, params, &GradSums(*self))?;
+        let sums = x.apply_op3_no_bwd(&dz, params, &GradSums(self.clone()))?;
         let dx = if x.track_op() {
-            let all = Tensor::cat(&[params, &sums], 0)?;
-            Some(x.apply_op3_no_bwd(&dz, &all, &InputGrad(*self))?)
+            let means_from = match &self.sync {
+                None => sums.clone(),
+                Some(sync) => global_grad_sums(sync.as_ref(), x, &sums)?,
+            };
+            let all = Tensor::cat(&[params, &means_from], 0)?;
+            Some(x.apply_op3_no_bwd(&dz, &all, &InputGrad(self.clone()))?)
         } else {
             None
         };
         let dparams = Tensor::cat(&[&sums.zeros_like()?, &sums], 0)?;
         Ok((dx, dparams, dz))
     }
+}
+
+/// Synchronised batch-norm's backward: the gradient sums of every rank, scaled by
+/// (this rank's count / the total count) so that `InputGrad`, which divides by this
+/// rank's count, takes means over all ranks.
+fn global_grad_sums(sync: &dyn BatchNormSync, x: &Tensor, sums: &Tensor) -> Result<Tensor> {
+    let (n, c, h, w) = x.dims4()?;
+    let local = (n * h * w) as f64;
+    let mut values: Vec<f64> = sums
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .into_iter()
+        .map(f64::from)
+        .collect();
+    values.push(local);
+    sync.all_reduce_sum(&mut values)?;
+    let scale = local / values[2 * c];
+    let scaled: Vec<f32> = values[..2 * c].iter().map(|v| (v * scale) as f32).collect();
+    Tensor::from_vec(scaled, (2, c), x.device())
 }
 
 impl CustomOp2 for Normalize {
@@ -406,7 +497,7 @@ impl<'a> GradInputs<'a> {
 }
 
 /// (x, dz, [mean; var; gamma; beta]) → [2, C] = (sum dz·x̂, sum dz), f64 accumulation.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 struct GradSums(Normalize);
 
 impl CustomOp3 for GradSums {
@@ -459,7 +550,7 @@ impl CustomOp3 for GradSums {
 }
 
 /// (x, dz, [mean; var; gamma; beta; dgamma; dbeta]) → dx.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 struct InputGrad(Normalize);
 
 impl CustomOp3 for InputGrad {
@@ -562,6 +653,7 @@ mod tests {
             residual: residual.then_some(r.as_tensor()),
             relu,
             out: candle_core::DType::F32,
+            sync: None,
         };
         let ours = batch_norm(&x, &w, &b, stats, 1e-5, e)?;
         let theirs = reference(&x, &w, &b, stats, e)?;
@@ -628,6 +720,7 @@ mod tests {
                     residual: Some(&rh),
                     relu: true,
                     out,
+                    sync: None,
                 },
             )?;
             let full = batch_norm(
@@ -640,6 +733,7 @@ mod tests {
                     residual: Some(&r32),
                     relu: true,
                     out: DType::F32,
+                    sync: None,
                 },
             )?;
             assert_eq!(half.y.dtype(), out);
@@ -664,6 +758,96 @@ mod tests {
             let dr = gh.get(&rh).expect("residual gradient");
             assert_eq!(dr.dtype(), out);
             assert!(max_rel(&dr.to_dtype(DType::F32)?, gf.get(&r32).expect("f32 residual")) < 1e-2);
+        }
+        Ok(())
+    }
+
+    /// Two in-process "ranks" (threads) summing through shared slots.
+    #[derive(Debug)]
+    struct TwoThreads {
+        rank: usize,
+        barrier: Arc<std::sync::Barrier>,
+        slots: Arc<std::sync::Mutex<[Vec<f64>; 2]>>,
+    }
+
+    impl BatchNormSync for TwoThreads {
+        fn all_reduce_sum(&self, values: &mut [f64]) -> Result<()> {
+            self.slots.lock().expect("slots")[self.rank] = values.to_vec();
+            self.barrier.wait();
+            let all = self.slots.lock().expect("slots").clone();
+            self.barrier.wait();
+            for (i, v) in values.iter_mut().enumerate() {
+                *v = all[0][i] + all[1][i];
+            }
+            Ok(())
+        }
+    }
+
+    /// Synchronised batch-norm over two halves of a batch gives each half what one
+    /// batch-norm over the whole batch gives it: the same output and input gradient, and
+    /// weight/bias gradients that add up to the whole batch's.
+    #[test]
+    fn synchronised_halves_equal_the_whole_batch() -> Result<()> {
+        let dev = Device::Cpu;
+        let (n, c) = (6, 5);
+        // A large mean against a small spread, as the variance's summation must survive.
+        let x = (Tensor::randn(0f32, 1.0, (n, c, 4, 3), &dev)? * 0.5)?.affine(1.0, 3.0)?;
+        let w = Tensor::rand(0.5f32, 1.5, c, &dev)?;
+        let b = Tensor::randn(0f32, 0.3, c, &dev)?;
+        let r = Tensor::randn(0f32, 1.0, (n, c, 4, 3), &dev)?;
+        let probe = Tensor::randn(0f32, 1.0, (n, c, 4, 3), &dev)?;
+        let run =
+            |x: &Tensor, r: &Tensor, probe: &Tensor, sync: Option<Arc<dyn BatchNormSync>>| -> Result<_> {
+                let (xv, wv, bv) = (Var::from_tensor(x)?, Var::from_tensor(&w)?, Var::from_tensor(&b)?);
+                let e = Epilogue {
+                    residual: Some(r),
+                    relu: true,
+                    out: candle_core::DType::F32,
+                    sync: sync.as_ref(),
+                };
+                let out = batch_norm(&xv, &wv, &bv, None, 1e-5, e)?;
+                let g = (&out.y * probe)?.sum_all()?.backward()?;
+                let grads: Vec<Tensor> = [&xv, &wv, &bv]
+                    .iter()
+                    .map(|v| g.get(v).expect("gradient").clone())
+                    .collect();
+                Ok((out.y, out.stats, out.count, grads))
+            };
+        let (y, stats, count, grads) = run(&x, &r, &probe, None)?;
+        let barrier = Arc::new(std::sync::Barrier::new(2));
+        let slots = Arc::new(std::sync::Mutex::new([Vec::new(), Vec::new()]));
+        let halves: Vec<_> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..2)
+                .map(|rank| {
+                    let sync: Arc<dyn BatchNormSync> = Arc::new(TwoThreads {
+                        rank,
+                        barrier: barrier.clone(),
+                        slots: slots.clone(),
+                    });
+                    let part = |t: &Tensor| t.narrow(0, rank * n / 2, n / 2);
+                    let (x, r, probe) = (part(&x), part(&r), part(&probe));
+                    s.spawn(move || run(&x?, &r?, &probe?, Some(sync)))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("rank thread"))
+                .collect()
+        });
+        let halves = halves.into_iter().collect::<Result<Vec<_>>>()?;
+        for (rank, (hy, hstats, hcount, hgrads)) in halves.iter().enumerate() {
+            let part = |t: &Tensor| t.narrow(0, rank * n / 2, n / 2);
+            assert_eq!(*hcount, count, "rank {rank} count");
+            assert!(max_rel(hy, &part(&y)?) < 1e-5, "rank {rank} output");
+            assert!(max_rel(hstats, &stats) < 1e-5, "rank {rank} statistics");
+            assert!(
+                max_rel(&hgrads[0], &part(&grads[0])?) < 1e-4,
+                "rank {rank} input gradient"
+            );
+        }
+        for (i, what) in [(1, "weight"), (2, "bias")] {
+            let sum = (&halves[0].3[i] + &halves[1].3[i])?;
+            assert!(max_rel(&sum, &grads[i]) < 1e-5, "{what} gradient");
         }
         Ok(())
     }

@@ -12,7 +12,7 @@ mod storage;
 #[cfg(test)]
 mod testing;
 
-pub use batchnorm::{batch_norm, BatchNormOutput, Epilogue};
+pub use batchnorm::{batch_norm, BatchNormOutput, BatchNormSync, Epilogue};
 pub use conv::conv2d;
 pub use optim::{sgd_update, SgdStep};
 pub use pool::max_pool2d;
@@ -41,6 +41,11 @@ pub fn init_compute(threads: usize) -> candle_core::Result<()> {
             rayon::current_num_threads()
         ),
     }
+}
+
+/// Compute threads in use (the global pool's size).
+pub fn compute_threads() -> usize {
+    rayon::current_num_threads()
 }
 
 /// Makes glibc's malloc serve large blocks from its heap and keep freed memory mapped.

@@ -26,7 +26,8 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Passes over the training split. By default, 30.
     pub epochs: usize,
-    /// Compute threads; 0 uses every core. By default, 0.
+    /// Compute threads; 0 uses every core (shared between the ranks on a host in a
+    /// distributed run). By default, 0.
     pub threads: usize,
     /// Label smoothing ε of the cross-entropy, in [0, 1). By default, 0.
     pub label_smoothing: f64,
@@ -48,6 +49,8 @@ pub struct TrainConfig {
     pub loader: LoaderSettings,
     pub eval: EvalSettings,
     pub checkpoint: CheckpointSettings,
+    /// Data-parallel settings, used when the run has several ranks (`mpirun`).
+    pub distributed: DistributedSettings,
 }
 
 impl Default for TrainConfig {
@@ -70,6 +73,7 @@ impl Default for TrainConfig {
             loader: LoaderSettings::default(),
             eval: EvalSettings::default(),
             checkpoint: CheckpointSettings::default(),
+            distributed: DistributedSettings::default(),
         }
     }
 }
@@ -245,6 +249,27 @@ impl Default for EvalSettings {
     }
 }
 
+/// How the ranks of a data-parallel run work together.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DistributedSettings {
+    /// Batch-norm statistics over every rank's batch (synchronised batch-norm) instead of
+    /// each rank's own, as Horovod and DDP do by default. By default, false.
+    pub sync_batch_norm: bool,
+    /// Gradients are packed into all-reduce buffers of at most this many MiB (tensor
+    /// fusion). By default, 64 (Horovod's).
+    pub fusion_mib: usize,
+}
+
+impl Default for DistributedSettings {
+    fn default() -> Self {
+        DistributedSettings {
+            sync_batch_norm: false,
+            fusion_mib: 64,
+        }
+    }
+}
+
 /// When checkpoints are written and how many are kept.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -339,6 +364,9 @@ impl TrainConfig {
         let bad = |field: &'static str, problem: String| Err(Error::InvalidConfig { field, problem });
         if self.epochs == 0 {
             return bad("epochs", "must be at least 1".into());
+        }
+        if self.distributed.fusion_mib == 0 {
+            return bad("distributed.fusion_mib", "must be at least 1".into());
         }
         if !(0.0..1.0).contains(&self.label_smoothing) {
             return bad(

@@ -64,9 +64,15 @@ pub trait Hook: Send {
         Ok(())
     }
 
-    /// Sums computed on this rank's share of an evaluation (loss, counts); a distributed
-    /// hook sums them across ranks in place.
+    /// Sums computed on this rank's share (evaluation loss and counts, stop requests); a
+    /// distributed hook sums them across ranks in place.
     fn reduce_sums(&mut self, _sums: &mut [f64]) -> Result<()> {
+        Ok(())
+    }
+
+    /// Before an evaluation and before a checkpoint, on every rank: bring per-rank state
+    /// together (a distributed hook averages batch-norm running statistics).
+    fn synchronize(&mut self, _net: &Network) -> Result<()> {
         Ok(())
     }
 

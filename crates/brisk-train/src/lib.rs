@@ -20,4 +20,4 @@ pub use eval::{evaluate, ClassAccuracy, EvalReport};
 pub use hooks::{CrossEntropy, Hook, LossFn, LossScaling, StepAction, StepContext};
 pub use optim::{AdamW, AdamWConfig, Optimizer, Param, Sgd, SgdConfig};
 pub use schedule::{BatchSchedule, LrScaling, LrSchedule, LrShape};
-pub use trainer::{TrainSummary, Trainer};
+pub use trainer::{Rank, TrainSummary, Trainer};

@@ -49,10 +49,13 @@ pub struct TrainSummary {
     pub updates: u64,
     /// Batches whose update a hook skipped.
     pub skipped: u64,
+    /// Ranks that trained (1: a single process).
+    pub world: usize,
+    /// Training images read, by all ranks together.
     pub images: u64,
     pub elapsed_s: f64,
     pub train_s: f64,
-    /// Training images per second of training time.
+    /// Training images per second of training time, all ranks together.
     pub img_per_s: f64,
     /// Fraction of training time spent waiting for data.
     pub data_wait: f64,
@@ -108,30 +111,60 @@ fn required<'a>(value: &'a Option<PathBuf>, field: &'static str, flag: &str) -> 
     })
 }
 
-/// Sets up the compute threads (0: every core).
-fn init_threads(threads: usize) -> Result<()> {
+/// Sets up the compute threads (0: the host's cores shared by the ranks on it).
+fn init_threads(threads: usize, rank: Rank) -> Result<()> {
     let n = match threads {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        0 => (std::thread::available_parallelism().map_or(1, |n| n.get()) / rank.local_ranks.max(1)).max(1),
         n => n,
     };
     brisk_ops::init_compute(n)?;
     Ok(())
 }
 
+/// Which process of a data-parallel job this is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rank {
+    pub rank: usize,
+    pub world: usize,
+    /// Ranks on this host (this one included): with `threads = 0` they share its cores.
+    pub local_ranks: usize,
+}
+
+impl Rank {
+    /// The only process of a single-process run.
+    pub const SINGLE: Rank = Rank {
+        rank: 0,
+        world: 1,
+        local_ranks: 1,
+    };
+
+    /// Rank 0 writes the log, checkpoints, progress and the final model.
+    pub fn writes(&self) -> bool {
+        self.rank == 0
+    }
+}
+
 impl Trainer {
     /// A fresh run of `config` (which must name `data` and `out`). The output folder may
     /// exist but must not hold checkpoints of another run (resume those instead).
     pub fn new(config: TrainConfig) -> Result<Self> {
-        Self::start(config, None)
+        Self::start(config, None, Rank::SINGLE)
+    }
+
+    /// A fresh run of `config` as one rank of a data-parallel job: it trains on its share
+    /// of each epoch, and only rank 0 writes files and progress. The gradient all-reduce
+    /// comes as a hook (brisk-dist).
+    pub fn new_as(config: TrainConfig, rank: Rank) -> Result<Self> {
+        Self::start(config, None, rank)
     }
 
     /// A fresh run of `config` that starts from `net`'s weights and architecture instead
     /// of the config's model (fine-tuning a pruned or distilled network, say).
     pub fn with_network(config: TrainConfig, net: Network) -> Result<Self> {
-        Self::start(config, Some(net))
+        Self::start(config, Some(net), Rank::SINGLE)
     }
 
-    fn start(config: TrainConfig, initial: Option<Network>) -> Result<Self> {
+    fn start(config: TrainConfig, initial: Option<Network>, rank: Rank) -> Result<Self> {
         config.validate()?;
         let out = required(&config.out, "out", "--out")?.clone();
         let data_dir = required(&config.data, "data", "--data")?;
@@ -144,7 +177,7 @@ impl Trainer {
                 ),
             });
         }
-        init_threads(config.threads)?;
+        init_threads(config.threads, rank)?;
         let data = Arc::new(Dataset::open(data_dir)?);
         let m = data.manifest();
         if m.height != m.width {
@@ -186,15 +219,25 @@ impl Trainer {
                 &Device::Cpu,
             )?,
         };
-        std::fs::create_dir_all(&out).map_err(|e| Error::io("cannot create output folder", &out, e))?;
-        write_atomic(&out.join(CONFIG_FILE), config.to_toml()?.as_bytes())?;
-        let log = EventLog::open(&out.join(LOG_FILE), None)?;
-        Self::assemble(config, out, data, net, Some(log), Position::default())
+        let log = if rank.writes() {
+            std::fs::create_dir_all(&out).map_err(|e| Error::io("cannot create output folder", &out, e))?;
+            write_atomic(&out.join(CONFIG_FILE), config.to_toml()?.as_bytes())?;
+            Some(EventLog::open(&out.join(LOG_FILE), None)?)
+        } else {
+            None
+        };
+        Self::assemble(config, out, data, net, log, Position::default(), rank)
     }
 
     /// Continues the run in `out` from its newest checkpoint, with the config it was
     /// started with; `data` replaces the dataset folder (if it moved).
     pub fn resume(out: &Path, data: Option<PathBuf>) -> Result<Self> {
+        Self::resume_as(out, data, Rank::SINGLE)
+    }
+
+    /// [`Trainer::resume`] as one rank of a data-parallel job: every rank reads the
+    /// checkpoint (the output folder must be visible to all of them).
+    pub fn resume_as(out: &Path, data: Option<PathBuf>, rank: Rank) -> Result<Self> {
         let mut config = TrainConfig::from_file(&out.join(CONFIG_FILE))?;
         if data.is_some() {
             config.data = data;
@@ -208,17 +251,21 @@ impl Trainer {
                 root.display()
             ),
         })?;
-        init_threads(config.threads)?;
+        init_threads(config.threads, rank)?;
         let data = Arc::new(Dataset::open(required(&config.data, "data", "--data")?)?);
         let ck = checkpoint::read(&dir, &Device::Cpu)?;
-        let log = EventLog::open(&out.join(LOG_FILE), Some(ck.state.log_bytes))?;
+        let log = match rank.writes() {
+            true => Some(EventLog::open(&out.join(LOG_FILE), Some(ck.state.log_bytes))?),
+            false => None,
+        };
         let mut trainer = Self::assemble(
             config,
             out.to_path_buf(),
             data,
             ck.net,
-            Some(log),
+            log,
             ck.state.position,
+            rank,
         )?;
         trainer.optimizer.load_state(&ck.optimizer)?;
         trainer.clock = ck.state.clock;
@@ -236,6 +283,7 @@ impl Trainer {
         net: Network,
         log: Option<EventLog>,
         position: Position,
+        rank: Rank,
     ) -> Result<Self> {
         let mut net = net;
         net.set_precision(config.precision.clone())?;
@@ -262,10 +310,10 @@ impl Trainer {
             skipped: 0,
             last_eval: None,
             log,
-            rank: 0,
-            world: 1,
+            rank: rank.rank,
+            world: rank.world,
             stop: None,
-            quiet: false,
+            quiet: !rank.writes(),
             resumed: false,
         })
     }
@@ -280,15 +328,9 @@ impl Trainer {
         self.loss = loss;
     }
 
-    /// Makes this process rank `rank` of `world`: it trains on its share of each epoch,
-    /// and only rank 0 writes the log, checkpoints, progress and the final model.
-    pub fn set_rank(&mut self, rank: usize, world: usize) {
-        self.rank = rank;
-        self.world = world;
-        if rank != 0 {
-            self.log = None;
-            self.quiet = true;
-        }
+    /// Synchronised batch-norm across ranks (see `Network::set_batch_norm_sync`).
+    pub fn set_batch_norm_sync(&mut self, sync: Option<Arc<dyn brisk_ops::BatchNormSync>>) -> Result<()> {
+        Ok(self.net.set_batch_norm_sync(sync)?)
     }
 
     /// When `flag` becomes true (Ctrl-C), the run writes a checkpoint after the current
@@ -345,6 +387,7 @@ impl Trainer {
 
     /// Evaluates the network on the test split (across ranks through the hooks).
     pub fn evaluate(&mut self) -> Result<EvalReport> {
+        self.synchronize()?;
         let hooks = &mut self.hooks;
         let mut reduce = |sums: &mut [f64]| -> Result<()> {
             for h in hooks.iter_mut() {
@@ -362,8 +405,33 @@ impl Trainer {
         )
     }
 
-    /// Writes a checkpoint (rank 0 only) and keeps the newest `keep_last`.
+    /// Lets every hook bring the ranks' state together (running statistics); every rank
+    /// calls it at the same points: before evaluating and before a checkpoint.
+    fn synchronize(&mut self) -> Result<()> {
+        for h in &mut self.hooks {
+            h.synchronize(&self.net)?;
+        }
+        Ok(())
+    }
+
+    /// Whether any rank was asked to stop (Ctrl-C), agreed by all ranks so that they stop
+    /// after the same batch.
+    fn stop_requested(&mut self) -> Result<bool> {
+        let mine = self.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst));
+        if self.world == 1 {
+            return Ok(mine);
+        }
+        let mut flag = [f64::from(u8::from(mine))];
+        for h in &mut self.hooks {
+            h.reduce_sums(&mut flag)?;
+        }
+        Ok(flag[0] > 0.0)
+    }
+
+    /// Writes a checkpoint (rank 0 only; every rank calls it) and keeps the newest
+    /// `keep_last`.
     fn checkpoint(&mut self) -> Result<()> {
+        self.synchronize()?;
         if self.rank != 0 {
             return Ok(());
         }
@@ -584,7 +652,7 @@ impl Trainer {
                 }
 
                 let every_steps = self.config.checkpoint.every_steps;
-                let stop = self.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst));
+                let stop = self.stop_requested()?;
                 let due = every_steps > 0
                     && action == StepAction::Apply
                     && self.position.step.is_multiple_of(every_steps);
@@ -663,7 +731,7 @@ impl Trainer {
             }
             let every = self.config.checkpoint.every_epochs;
             self.clock.elapsed_s = elapsed_before + run_start.elapsed().as_secs_f64();
-            let stop = self.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst));
+            let stop = self.stop_requested()?;
             if last || stop || (every > 0 && self.position.epoch.is_multiple_of(every)) {
                 self.checkpoint()?;
             }
@@ -724,10 +792,12 @@ impl Trainer {
             epochs: self.config.epochs,
             updates: self.position.step,
             skipped: self.skipped,
-            images: self.position.images,
+            world: self.world,
+            // Every rank reads an equal share (the sampler pads to a multiple of world).
+            images: self.position.images * self.world as u64,
             elapsed_s,
             train_s: c.train_s,
-            img_per_s: self.position.images as f64 / c.train_s.max(1e-9),
+            img_per_s: (self.position.images * self.world as u64) as f64 / c.train_s.max(1e-9),
             data_wait: c.wait_s / c.train_s.max(1e-9),
             params: spec.param_count(),
             macs: spec.macs(spec.image_size),

@@ -1,4 +1,6 @@
-//! `brisk bench`: measurements printed as figures (`step`: training-step or eval throughput).
+//! `brisk bench`: measurements printed as figures (`step`: training-step or eval
+//! throughput; `loader`: the data loader alone; `allreduce`: gradient all-reduce across
+//! the ranks of an `mpirun` job).
 
 use anyhow::Result;
 use brisk_models::{Arch, Kernels, ModelSpec, Stem};
@@ -18,6 +20,98 @@ enum What {
     /// Time the data loader alone (crop + flip + normalise into f32 batches) over whole
     /// epochs of a packed dataset and print images/s.
     Loader(LoaderArgs),
+    /// Time the gradient all-reduce of a data-parallel step across the ranks `mpirun`
+    /// started (`mpirun -np 2 brisk bench allreduce`): a model's gradient count in f32,
+    /// packed into fusion buffers, averaged; prints ms per step and bandwidth.
+    Allreduce(AllreduceArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct AllreduceArgs {
+    /// Model preset whose gradients are reduced (`brisk models` lists them).
+    #[arg(long, default_value = "resnet18-cifar")]
+    model: String,
+    /// Width multiplier of the model.
+    #[arg(long, default_value_t = 1.0)]
+    width: f64,
+    /// Fusion buffer size in MiB (Horovod's default: 64).
+    #[arg(long, default_value_t = 64)]
+    fusion_mib: usize,
+    /// Timed all-reduces of the whole gradient (after 2 untimed ones).
+    #[arg(long, default_value_t = 20)]
+    rounds: usize,
+    /// Run through MPI even without an MPI launcher's variables.
+    #[arg(long)]
+    distributed: bool,
+    /// Print one JSON object on stdout (rank 0).
+    #[arg(long)]
+    json: bool,
+}
+
+fn allreduce(a: &AllreduceArgs) -> Result<()> {
+    if a.rounds == 0 || a.fusion_mib == 0 {
+        anyhow::bail!("--rounds and --fusion-mib must be at least 1");
+    }
+    let comm = brisk_dist::connect(a.distributed)?;
+    let spec = ModelSpec::preset_named(&a.model)
+        .ok_or_else(|| anyhow::anyhow!("unknown model preset {:?} (see `brisk models`)", a.model))?
+        .with_width(a.width);
+    spec.validate()?;
+    let n = spec.param_count();
+    let cap = (a.fusion_mib << 20) / 4;
+    let mut grads: Vec<f32> = (0..n).map(|i| (i % 97) as f32 * 1e-3).collect();
+    let mut bucket: Vec<f32> = Vec::with_capacity(cap.min(n));
+    let mut times = Vec::with_capacity(a.rounds);
+    let world = comm.world();
+    let inv = 1.0 / world as f32;
+    for round in 0..a.rounds + 2 {
+        comm.barrier()?;
+        let start = std::time::Instant::now();
+        // As the training hook does: copy into fusion buffers, reduce, average back.
+        for chunk in grads.chunks_mut(cap) {
+            bucket.clear();
+            bucket.extend_from_slice(chunk);
+            comm.all_reduce_sum(&mut bucket)?;
+            for (g, b) in chunk.iter_mut().zip(&bucket) {
+                *g = b * inv;
+            }
+        }
+        if round >= 2 {
+            times.push(start.elapsed().as_secs_f64());
+        }
+    }
+    if comm.rank() != 0 {
+        return Ok(());
+    }
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    let bytes = (n * 4) as f64;
+    // Bus bandwidth as NCCL's tests define it: 2(w-1)/w of the buffer crosses each link.
+    let bus = bytes * 2.0 * (world as f64 - 1.0) / world as f64 / median / 1e9;
+    let result = serde_json::json!({
+        "model": a.model, "width": a.width, "gradients": n, "bytes": n * 4, "world": world,
+        "fusion_mib": a.fusion_mib, "buffers": n.div_ceil(cap), "median_ms": median * 1e3,
+        "min_ms": times[0] * 1e3, "max_ms": times[times.len() - 1] * 1e3,
+        "algorithm_gb_per_s": bytes / median / 1e9, "bus_gb_per_s": bus,
+    });
+    if a.json {
+        println!("{result}");
+    } else {
+        println!(
+            "all-reduce of {} gradients ({:.1} MiB f32) over {world} ranks, {} buffer(s) of at most {} MiB: \
+             median {:.2} ms (min {:.2}, max {:.2}) | {:.2} GB/s algorithm, {:.2} GB/s bus",
+            n,
+            bytes / (1 << 20) as f64,
+            n.div_ceil(cap),
+            a.fusion_mib,
+            median * 1e3,
+            times[0] * 1e3,
+            times[times.len() - 1] * 1e3,
+            bytes / median / 1e9,
+            bus
+        );
+    }
+    Ok(())
 }
 
 #[derive(Debug, clap::Args)]
@@ -144,6 +238,7 @@ pub fn run(args: &Args) -> Result<()> {
     match &args.what {
         What::Step(a) => step(a),
         What::Loader(a) => loader(a),
+        What::Allreduce(a) => allreduce(a),
     }
 }
 

@@ -7,7 +7,8 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use brisk_data::{Dataset, Split};
-use brisk_train::{evaluate, EvalReport, TrainConfig, Trainer};
+use brisk_dist::{CommBatchNormSync, Communicator, GradientAllReduce};
+use brisk_train::{evaluate, EvalReport, Rank, TrainConfig, Trainer};
 
 /// Flags that set one config field each; `--set` reaches any other.
 #[derive(Debug, clap::Args)]
@@ -55,9 +56,14 @@ pub struct TrainArgs {
     /// Seed of the weights, sample order and augmentations. By default, 0.
     #[arg(long)]
     seed: Option<u64>,
-    /// Compute threads. By default, every core.
+    /// Compute threads. By default, every core (shared between the ranks on a host).
     #[arg(long)]
     threads: Option<usize>,
+    /// Run as one rank of a data-parallel job through MPI even when no MPI launcher
+    /// variable is seen (under `mpirun` this is automatic). Needs a build with
+    /// `--features mpi`; docs/distributed.md.
+    #[arg(long)]
+    distributed: bool,
     /// Loader worker threads (0: load in the training thread). By default, 2.
     #[arg(long)]
     workers: Option<usize>,
@@ -131,16 +137,66 @@ fn stop_on_signal() -> Result<Arc<AtomicBool>> {
     Ok(flag)
 }
 
+/// Config fields that may differ between ranks.
+const PER_RANK_FIELDS: [&str; 1] = ["threads"];
+
 pub fn train(a: &TrainArgs) -> Result<()> {
-    let mut trainer = match &a.resume {
-        Some(dir) => Trainer::resume(dir, a.data.clone())
-            .with_context(|| format!("cannot resume the run in {}", dir.display()))?,
-        None => Trainer::new(build_config(a)?)?,
+    let comm = brisk_dist::connect(a.distributed)?;
+    if comm.world() == 1 {
+        return train_as(a, comm);
+    }
+    let (rank, world) = (comm.rank(), comm.world());
+    match train_as(a, comm.clone()) {
+        Ok(()) => Ok(()),
+        // Every rank agreed to stop after the same batch: end normally.
+        Err(e) if matches!(e.downcast_ref(), Some(brisk_train::Error::Interrupted { .. })) => Err(e),
+        Err(e) => {
+            // The other ranks would wait for this one forever: end the whole job.
+            eprintln!("error: rank {rank} of {world}: {e:#}");
+            eprintln!("brisk: rank {rank} failed; ending all {world} ranks");
+            comm.abort(1)
+        }
+    }
+}
+
+/// Trains as one rank of `comm` (a single process when its world is 1).
+fn train_as(a: &TrainArgs, comm: Arc<dyn Communicator>) -> Result<()> {
+    let rank = Rank {
+        rank: comm.rank(),
+        world: comm.world(),
+        local_ranks: comm.local_ranks(),
     };
+    let mut trainer = match &a.resume {
+        Some(dir) => Trainer::resume_as(dir, a.data.clone(), rank)
+            .with_context(|| format!("cannot resume the run in {}", dir.display()))?,
+        None => {
+            let config = build_config(a)?;
+            brisk_dist::check_same_config(comm.as_ref(), &config.to_toml()?, &PER_RANK_FIELDS)?;
+            Trainer::new_as(config, rank)?
+        }
+    };
+    if rank.world > 1 {
+        let settings = trainer.config().distributed.clone();
+        if settings.sync_batch_norm {
+            trainer.set_batch_norm_sync(Some(Arc::new(CommBatchNormSync(comm.clone()))))?;
+        }
+        trainer.add_hook(Box::new(GradientAllReduce::new(
+            comm.clone(),
+            settings.fusion_mib << 20,
+        )));
+    }
     trainer.set_quiet(a.quiet);
     trainer.set_stop_flag(stop_on_signal()?);
     let out = trainer.config().out.clone().unwrap_or_default();
-    if !a.quiet {
+    if !a.quiet && rank.writes() {
+        if rank.world > 1 {
+            eprintln!(
+                "brisk train: {} ranks ({} on this host), {} compute threads each",
+                rank.world,
+                rank.local_ranks,
+                brisk_ops::compute_threads()
+            );
+        }
         let spec = trainer.network().spec();
         eprintln!(
             "brisk train: {} (width {}, {} parameters) on {} for {} epochs -> {}",
@@ -158,6 +214,9 @@ pub fn train(a: &TrainArgs) -> Result<()> {
         );
     }
     let summary = trainer.run()?;
+    if !rank.writes() {
+        return Ok(());
+    }
     if a.json {
         println!("{}", serde_json::to_string(&summary)?);
     } else {

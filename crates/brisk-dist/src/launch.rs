@@ -1,0 +1,155 @@
+//! Starting a distributed run: is this process one of `mpirun`'s ranks, which
+//! communicator to use, how many compute threads each rank takes, and whether every rank
+//! was given the same configuration.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use crate::comm::{broadcast_vec, Communicator, Local};
+use crate::error::{Error, Result};
+
+/// Environment variables through which MPI launchers tell a process it is a rank:
+/// OpenMPI's `mpirun`, then PMI/PMIx (MPICH's Hydra, Slurm's `srun`).
+const LAUNCHER_VARS: [&str; 4] = ["OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_SIZE", "PMI_RANK"];
+
+/// The launcher variable that says this process was started by an MPI launcher, if any.
+pub fn launcher_variable() -> Option<&'static str> {
+    LAUNCHER_VARS.into_iter().find(|v| std::env::var_os(v).is_some())
+}
+
+/// Whether this build has the MPI backend (cargo feature `mpi`).
+pub const MPI_BUILT: bool = cfg!(feature = "mpi");
+
+/// The communicator for this process: MPI when `distributed` is asked for or an MPI
+/// launcher started it, else `Local`. Asking for MPI in a build without it is an error
+/// that says how to get it.
+pub fn connect(distributed: bool) -> Result<Arc<dyn Communicator>> {
+    let wanted = distributed || launcher_variable().is_some();
+    if !wanted {
+        return Ok(Arc::new(Local));
+    }
+    mpi_world()
+}
+
+#[cfg(feature = "mpi")]
+fn mpi_world() -> Result<Arc<dyn Communicator>> {
+    Ok(Arc::new(crate::mpi::Mpi::init()?))
+}
+
+#[cfg(not(feature = "mpi"))]
+fn mpi_world() -> Result<Arc<dyn Communicator>> {
+    let why = match launcher_variable() {
+        Some(v) => format!("this process was started by an MPI launcher ({v} is set)"),
+        None => "--distributed was given".to_string(),
+    };
+    Err(Error::Mpi {
+        problem: format!(
+            "{why}, but this brisk was built without MPI. Install OpenMPI and libclang \
+             (Debian/Ubuntu: `apt-get install libopenmpi-dev openmpi-bin libclang-dev`) and build with \
+             `cargo build --release -p brisk-cli --features mpi`"
+        ),
+    })
+}
+
+/// Compute threads for each rank: the host's cores shared between the ranks on it, so
+/// that `mpirun -np 2` on two cores does not oversubscribe.
+pub fn threads_per_rank(comm: &dyn Communicator) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cores / comm.local_ranks().max(1)).max(1)
+}
+
+/// Checks that every rank holds the same configuration (TOML text; the keys in `ignore`,
+/// dotted, may differ). On a mismatch every rank returns an error: the ranks that differ
+/// name the first field and both values, rank 0 names the ranks.
+pub fn check_same_config(comm: &dyn Communicator, toml_text: &str, ignore: &[&str]) -> Result<()> {
+    if comm.world() == 1 {
+        return Ok(());
+    }
+    let mut root = toml_text.as_bytes().to_vec();
+    broadcast_vec(comm, &mut root, 0)?;
+    let parse = |text: &str| -> Result<BTreeMap<String, String>> {
+        let value: toml::Value = text.parse().map_err(|e: toml::de::Error| Error::Mpi {
+            problem: format!("cannot read a rank's configuration: {e}"),
+        })?;
+        let mut flat = BTreeMap::new();
+        flatten("", &value, &mut flat);
+        for key in ignore {
+            flat.remove(*key);
+        }
+        Ok(flat)
+    };
+    let ours = parse(&String::from_utf8_lossy(&root))?;
+    let mine = parse(toml_text)?;
+    let missing = || "(not set)".to_string();
+    let difference = ours
+        .keys()
+        .chain(mine.keys())
+        .find(|k| ours.get(*k) != mine.get(*k))
+        .map(|k| Error::ConfigMismatch {
+            rank: comm.rank(),
+            field: k.clone(),
+            ours: ours.get(k).cloned().unwrap_or_else(missing),
+            theirs: mine.get(k).cloned().unwrap_or_else(missing),
+        });
+    let mut flags = vec![0f64; comm.world()];
+    flags[comm.rank()] = f64::from(u8::from(difference.is_some()));
+    comm.all_reduce_sum_f64(&mut flags)?;
+    if let Some(e) = difference {
+        return Err(e);
+    }
+    let ranks: Vec<String> = (0..flags.len())
+        .filter(|&r| flags[r] > 0.0)
+        .map(|r| r.to_string())
+        .collect();
+    if ranks.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::ConfigMismatchElsewhere {
+            ranks: ranks.join(", "),
+        })
+    }
+}
+
+/// `a.b.c = value` for every leaf of a TOML document.
+fn flatten(prefix: &str, value: &toml::Value, out: &mut BTreeMap<String, String>) {
+    match value {
+        toml::Value::Table(t) => {
+            for (k, v) in t {
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                flatten(&key, v, out);
+            }
+        }
+        v => {
+            out.insert(prefix.to_string(), v.to_string());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flattening_names_nested_fields() {
+        let v: toml::Value = "epochs = 3\n[optimizer]\nkind = \"sgd\"\nmomentum = 0.9\n"
+            .parse()
+            .expect("toml");
+        let mut flat = BTreeMap::new();
+        flatten("", &v, &mut flat);
+        assert_eq!(flat["optimizer.momentum"], "0.9");
+        assert_eq!(flat["epochs"], "3");
+        assert_eq!(flat.len(), 3);
+    }
+
+    #[test]
+    fn one_process_needs_no_check_and_gets_every_core() -> anyhow::Result<()> {
+        check_same_config(&Local, "epochs = 1", &[])?;
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(threads_per_rank(&Local), cores);
+        Ok(())
+    }
+}
