@@ -1,11 +1,14 @@
-//! Project tasks run with `cargo xtask TASK`: the test gate CI runs, and (later) experiments.
+//! Project tasks run with `cargo xtask TASK`: the test gate CI runs, experiments and
+//! their reports, and the side-by-side comparison with PyTorch.
 
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
 mod compare;
+mod experiment;
 mod mpi;
+mod report;
 
 const TASKS: &str = "\
 Usage: cargo xtask <TASK>
@@ -16,6 +19,9 @@ Tasks:
                   test command). Needs OpenMPI and libclang: installed with apt-get when
                   run as root, else the install command is printed.
                   [--skip-mpi]: build without MPI and skip the distributed tests
+  experiment      run an ablation from experiments/NAME.toml and write a report:
+                  NAME [--data DIR] [--only V1,V2] [--force] [--with-pytorch]
+                  (`cargo xtask experiment --help`; quick: ~10 minutes on 2 cores)
   compare-torch   brisk vs PyTorch, side by side on this machine: training-step and
                   eval-forward img/s of CIFAR ResNet-18, runs alternated, with ratios
                   [--batches 32,128] [--threads 2] [--steps 5] [--rounds 2]
@@ -31,6 +37,7 @@ fn main() -> Result<()> {
         }
         Some("test") => test(&args[1..]),
         Some("compare-torch") => compare::run(&args[1..]),
+        Some("experiment") => experiment::run(&args[1..]),
         Some(other) => {
             eprint!("unknown task `{other}`\n\n{TASKS}");
             std::process::exit(2);

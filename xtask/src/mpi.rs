@@ -49,6 +49,21 @@ fn missing() -> Vec<&'static str> {
     m
 }
 
+/// `Ok` when a brisk with MPI can be built and launched here, else why not (with the
+/// install command).
+pub fn missing_reason() -> std::result::Result<(), String> {
+    let gaps = missing();
+    if gaps.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "MPI is not installed ({} missing); install it with `apt-get install {}`",
+            gaps.join(", "),
+            PACKAGES.join(" ")
+        ))
+    }
+}
+
 fn is_root() -> bool {
     Command::new("id")
         .arg("-u")

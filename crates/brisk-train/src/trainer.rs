@@ -63,6 +63,8 @@ pub struct TrainSummary {
     pub macs: u64,
     pub checkpoint_bytes: u64,
     pub peak_rss_mib: Option<f64>,
+    /// The hooks' figures at the end (e.g. `allreduce_s_total`, `loss_scale`).
+    pub hook_metrics: BTreeMap<String, f64>,
     /// The final model.
     pub model: PathBuf,
 }
@@ -803,6 +805,12 @@ impl Trainer {
             macs: spec.macs(spec.image_size),
             checkpoint_bytes: spec.checkpoint_bytes(),
             peak_rss_mib: crate::bench::peak_rss_mib(),
+            hook_metrics: self
+                .hooks
+                .iter()
+                .flat_map(|h| h.metrics())
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
             model,
         };
         let value = serde_json::to_value(&summary).map_err(|e| Error::State {
