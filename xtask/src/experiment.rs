@@ -410,7 +410,6 @@ fn measure(cmd: &mut Command) -> Result<(String, String, bool, f64, Option<f64>)
     let err_thread = std::thread::spawn(move || {
         let mut s = String::new();
         let _ = std::io::Read::read_to_string(&mut err, &mut s);
-        // Also show the child's progress lines as they were: after the fact, in full.
         s
     });
     let mut status = 0;
@@ -428,8 +427,8 @@ fn measure(cmd: &mut Command) -> Result<(String, String, bool, f64, Option<f64>)
     let ok = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
     // ru_maxrss is in KiB on Linux. Under mpirun it is the launcher's, not the ranks'.
     let peak = (usage.ru_maxrss > 0).then(|| usage.ru_maxrss as f64 / 1024.0);
-    // The child is reaped: forget the handle without waiting again.
-    std::mem::forget(child);
+    // The child is reaped; dropping the handle neither waits nor kills.
+    drop(child);
     Ok((stdout, stderr, ok, wall, peak))
 }
 
@@ -633,7 +632,17 @@ fn dataset(spec: &Spec, o: &Options, brisk: &Path) -> Result<PathBuf> {
         );
     };
     let path = root.join(path);
-    if path.join("manifest.json").is_file() {
+    // Which synthetic set a folder holds is recorded beside it, so a changed
+    // `data.synthetic` repacks instead of silently reusing the old images.
+    let marker = path.with_extension("synthetic");
+    let wanted = spec.data.synthetic.as_ref().map(|s| {
+        format!(
+            "train={} test={} size={} seed={}",
+            s.train, s.test, s.size, s.seed
+        )
+    });
+    let packed = std::fs::read_to_string(&marker).ok();
+    if path.join("manifest.json").is_file() && (wanted.is_none() || packed == wanted) {
         return Ok(path);
     }
     let Some(s) = &spec.data.synthetic else {
@@ -674,6 +683,7 @@ fn dataset(spec: &Spec, o: &Options, brisk: &Path) -> Result<PathBuf> {
     if !status.success() {
         bail!("packing the synthetic set failed ({status})");
     }
+    std::fs::write(&marker, wanted.unwrap_or_default())?;
     Ok(path)
 }
 
@@ -735,6 +745,18 @@ pub fn run(args: &[String]) -> Result<()> {
     let mpi = mpi_available();
     let brisk = build_brisk(mpi.is_ok())?;
     let data = dataset(&spec, &o, &brisk)?;
+    // The dataset is part of every variant's identity: its manifest (counts, checksums,
+    // statistics) joins the hash.
+    let manifest = std::fs::read_to_string(data.join("manifest.json"))
+        .with_context(|| format!("cannot read {}", data.join("manifest.json").display()))?;
+    let data_id = fnv64(&[&manifest]);
+    let plans: Vec<Plan> = plans
+        .into_iter()
+        .map(|p| Plan {
+            hash: fnv64(&[&p.hash, &data_id]),
+            ..p
+        })
+        .collect();
     let root = crate::root()?;
     let reports = o.reports.clone().unwrap_or_else(|| root.join("reports"));
     let runs = reports.join(&name).join("runs");
@@ -771,8 +793,7 @@ pub fn run(args: &[String]) -> Result<()> {
         results.push(r);
     }
     if o.with_pytorch {
-        let manifest: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(data.join("manifest.json"))?)?;
+        let manifest: serde_json::Value = serde_json::from_str(&manifest)?;
         let classes = manifest["classes"].as_array().map_or(10, Vec::len);
         let image = manifest["height"].as_u64().unwrap_or(32) as usize;
         let plans: Vec<&Plan> = runner.plans.iter().collect();

@@ -8,6 +8,7 @@ use std::process::Command;
 
 use anyhow::{Context, Result};
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 use serde::{Deserialize, Serialize};
 
 use crate::experiment::{Kind, Plan, BASELINE};
@@ -465,7 +466,8 @@ fn reading(report: &Report) -> Vec<String> {
                 parts.push(format!("{r:.2}x the MACs"));
             }
         }
-        if let (Some(a), Some(b)) = (v.peak_rss_mib, base.peak_rss_mib) {
+        // Peak memory compares training processes only (a quantiser is no training run).
+        if let (Kind::Train, Some(a), Some(b)) = (v.kind, v.peak_rss_mib, base.peak_rss_mib) {
             let r = a / b;
             if (r - 1.0).abs() >= 0.1 {
                 parts.push(format!("peak memory {r:.2}x"));
@@ -687,9 +689,9 @@ fn html(report: &Report, dir: &Path) -> Result<String> {
             .map_or(svg, |r| r.split_once("?>").map_or(r, |x| x.1));
         let _ = writeln!(s, "<div>{body}</div>");
     }
-    let _ = write!(
+    let _ = writeln!(
         s,
-        "<h2>Baseline config</h2><pre>{}</pre></body></html>\n",
+        "<h2>Baseline config</h2><pre>{}</pre></body></html>",
         escape(&report.baseline_config)
     );
     Ok(s)
@@ -732,13 +734,13 @@ fn bars(path: &Path, title: &str, unit: &str, items: &[(String, f64)]) -> Result
         bar.set_margin(0, 0, 6, 6);
         bar
     }))?;
-    chart.draw_series(items.iter().enumerate().map(|(i, (_, v))| {
-        Text::new(
-            format_value(*v),
-            (SegmentValue::CenterOf(i), *v + top * 0.02),
-            ("sans-serif", 11),
-        )
-    }))?;
+    let label = TextStyle::from(("sans-serif", 11).into_font()).pos(Pos::new(HPos::Center, VPos::Bottom));
+    chart.draw_series(
+        items
+            .iter()
+            .enumerate()
+            .map(|(i, (_, v))| Text::new(format_value(*v), (SegmentValue::CenterOf(i), *v), label.clone())),
+    )?;
     root.present()?;
     Ok(())
 }

@@ -51,6 +51,23 @@ fn mpi_world() -> Result<Arc<dyn Communicator>> {
     })
 }
 
+/// NCCL over one GPU per rank, bootstrapped through MPI (feature `nccl`).
+#[cfg(feature = "nccl")]
+pub fn connect_nccl() -> Result<Arc<dyn Communicator>> {
+    let mpi = crate::mpi::Mpi::init()?;
+    Ok(Arc::new(crate::nccl::Nccl::init(mpi)?))
+}
+
+/// NCCL over one GPU per rank, bootstrapped through MPI (feature `nccl`).
+#[cfg(not(feature = "nccl"))]
+pub fn connect_nccl() -> Result<Arc<dyn Communicator>> {
+    Err(Error::Mpi {
+        problem: "this brisk was built without NCCL: build with `--features nccl` (CUDA, libnccl and MPI; \
+                  docs/distributed.md)"
+            .into(),
+    })
+}
+
 /// Compute threads for each rank: the host's cores shared between the ranks on it, so
 /// that `mpirun -np 2` on two cores does not oversubscribe.
 pub fn threads_per_rank(comm: &dyn Communicator) -> usize {

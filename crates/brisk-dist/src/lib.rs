@@ -1,6 +1,7 @@
 //! Data-parallel training in Horovod's model: one process per rank, started by
 //! `mpirun`. A `Communicator` (rank, world size, all-reduce, broadcast, barrier, abort)
-//! with the backends `Local` and `Mpi` (cargo feature `mpi`, rsmpi over OpenMPI);
+//! with the backends `Local`, `Mpi` (cargo feature `mpi`, rsmpi over OpenMPI) and `Nccl`
+//! (feature `nccl`: NCCL on GPUs through candle's cudarc, bootstrapped by MPI);
 //! `GradientAllReduce`, the training hook that broadcasts rank 0's weights at the start,
 //! averages gradients in fused buffers after every backward pass, averages batch-norm
 //! running statistics before evaluations and checkpoints and sums evaluation figures;
@@ -13,10 +14,14 @@ pub mod hook;
 pub mod launch;
 #[cfg(feature = "mpi")]
 pub mod mpi;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 
 pub use comm::{broadcast_vec, Communicator, Local};
 pub use error::{Error, Result};
 pub use hook::{CommBatchNormSync, GradientAllReduce, DEFAULT_FUSION_BYTES};
-pub use launch::{check_same_config, connect, launcher_variable, threads_per_rank, MPI_BUILT};
+pub use launch::{check_same_config, connect, connect_nccl, launcher_variable, threads_per_rank, MPI_BUILT};
 #[cfg(feature = "mpi")]
 pub use mpi::Mpi;
+#[cfg(feature = "nccl")]
+pub use nccl::Nccl;

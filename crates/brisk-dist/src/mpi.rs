@@ -19,6 +19,7 @@ pub struct Mpi {
     // Declared before the universe: dropped (freed) before MPI is finalised.
     world: SimpleCommunicator,
     local_ranks: usize,
+    local_rank: usize,
     owner: ThreadId,
     _universe: Universe,
 }
@@ -48,13 +49,20 @@ impl Mpi {
                 problem: "MPI is already initialised in this process".into(),
             })?;
         let world = universe.world();
-        let local_ranks = world.split_shared(world.rank()).size() as usize;
+        let host = world.split_shared(world.rank());
+        let (local_ranks, local_rank) = (host.size() as usize, host.rank() as usize);
         Ok(Mpi {
             world,
             local_ranks,
+            local_rank,
             owner: std::thread::current().id(),
             _universe: universe,
         })
+    }
+
+    /// This rank's position among the ranks on its host (which GPU it takes).
+    pub fn local_rank(&self) -> usize {
+        self.local_rank
     }
 
     fn on_owner(&self, what: &str) -> Result<()> {

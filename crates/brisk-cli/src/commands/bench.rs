@@ -43,6 +43,10 @@ struct AllreduceArgs {
     /// Run through MPI even without an MPI launcher's variables.
     #[arg(long)]
     distributed: bool,
+    /// All-reduce with NCCL on one GPU per rank (bootstrapped through MPI) instead of MPI;
+    /// needs a build with `--features nccl`. The buffers start and end in host memory.
+    #[arg(long)]
+    nccl: bool,
     /// Print one JSON object on stdout (rank 0).
     #[arg(long)]
     json: bool,
@@ -52,7 +56,11 @@ fn allreduce(a: &AllreduceArgs) -> Result<()> {
     if a.rounds == 0 || a.fusion_mib == 0 {
         anyhow::bail!("--rounds and --fusion-mib must be at least 1");
     }
-    let comm = brisk_dist::connect(a.distributed)?;
+    let comm = if a.nccl {
+        brisk_dist::connect_nccl()?
+    } else {
+        brisk_dist::connect(a.distributed)?
+    };
     let spec = ModelSpec::preset_named(&a.model)
         .ok_or_else(|| anyhow::anyhow!("unknown model preset {:?} (see `brisk models`)", a.model))?
         .with_width(a.width);
@@ -85,11 +93,17 @@ fn allreduce(a: &AllreduceArgs) -> Result<()> {
     }
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
+    let backend = match (a.nccl, world) {
+        (true, _) => "nccl",
+        (false, 1) => "local",
+        (false, _) => "mpi",
+    };
     let bytes = (n * 4) as f64;
     // Bus bandwidth as NCCL's tests define it: 2(w-1)/w of the buffer crosses each link.
     let bus = bytes * 2.0 * (world as f64 - 1.0) / world as f64 / median / 1e9;
     let result = serde_json::json!({
         "model": a.model, "width": a.width, "gradients": n, "bytes": n * 4, "world": world,
+        "backend": backend,
         "fusion_mib": a.fusion_mib, "buffers": n.div_ceil(cap), "median_ms": median * 1e3,
         "min_ms": times[0] * 1e3, "max_ms": times[times.len() - 1] * 1e3,
         "algorithm_gb_per_s": bytes / median / 1e9, "bus_gb_per_s": bus,
@@ -98,8 +112,9 @@ fn allreduce(a: &AllreduceArgs) -> Result<()> {
         println!("{result}");
     } else {
         println!(
-            "all-reduce of {} gradients ({:.1} MiB f32) over {world} ranks, {} buffer(s) of at most {} MiB: \
+            "{} all-reduce of {} gradients ({:.1} MiB f32) over {world} ranks, {} buffer(s) of at most {} MiB: \
              median {:.2} ms (min {:.2}, max {:.2}) | {:.2} GB/s algorithm, {:.2} GB/s bus",
+            backend,
             n,
             bytes / (1 << 20) as f64,
             n.div_ceil(cap),
