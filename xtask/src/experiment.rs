@@ -388,9 +388,18 @@ fn write_entry(dir: &Path, entry: &CacheEntry) -> Result<()> {
     Ok(())
 }
 
+/// How a measured command ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Exit {
+    Success,
+    Failure,
+    /// Stopped by a signal, or brisk's "interrupted, checkpoint written" (130).
+    Interrupted,
+}
+
 /// Runs a command, measuring wall time and the child's peak resident memory; returns
-/// (stdout, stderr, success, wall seconds, peak MiB).
-fn measure(cmd: &mut Command) -> Result<(String, String, bool, f64, Option<f64>)> {
+/// (stdout, stderr, how it ended, wall seconds, peak MiB).
+fn measure(cmd: &mut Command) -> Result<(String, String, Exit, f64, Option<f64>)> {
     let start = Instant::now();
     let child = cmd
         .stdout(Stdio::piped())
@@ -424,12 +433,18 @@ fn measure(cmd: &mut Command) -> Result<(String, String, bool, f64, Option<f64>)
     let wall = start.elapsed().as_secs_f64();
     let stdout = out_thread.join().unwrap_or_default();
     let stderr = err_thread.join().unwrap_or_default();
-    let ok = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
+    let exit = if libc::WIFSIGNALED(status) || (libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 130) {
+        Exit::Interrupted
+    } else if libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0 {
+        Exit::Success
+    } else {
+        Exit::Failure
+    };
     // ru_maxrss is in KiB on Linux. Under mpirun it is the launcher's, not the ranks'.
     let peak = (usage.ru_maxrss > 0).then(|| usage.ru_maxrss as f64 / 1024.0);
     // The child is reaped; dropping the handle neither waits nor kills.
     drop(child);
-    Ok((stdout, stderr, ok, wall, peak))
+    Ok((stdout, stderr, exit, wall, peak))
 }
 
 /// The last lines of a command's error output.
@@ -507,10 +522,17 @@ impl Runner<'_> {
             },
             describe(&cmd)
         );
-        let (stdout, stderr, ok, wall, peak) = measure(&mut cmd)?;
+        let resumed = decision == CacheDecision::Resume;
+        let (stdout, stderr, exit, wall, peak) = measure(&mut cmd)?;
         std::fs::write(dir.join("stderr.log"), &stderr)?;
         std::fs::write(dir.join("stdout.log"), &stdout)?;
-        if !ok {
+        if exit == Exit::Interrupted {
+            bail!(
+                "{} was interrupted (its checkpoint is kept): run the same command again to resume the experiment",
+                plan.name
+            );
+        }
+        if exit == Exit::Failure {
             result.fail(format!("`{}` failed:\n{}", describe(&cmd), tail(&stderr, 12)));
             eprintln!(
                 "xtask: {}: FAILED (see {})",
@@ -521,6 +543,10 @@ impl Runner<'_> {
             result.wall_s = wall;
             let peak = if plan.ranks > 1 { None } else { peak };
             report::fill(&mut result, plan, &run, &stdout, peak)?;
+            if resumed {
+                // This command ran only the rest; the run's own clock spans every part.
+                result.wall_s = result.elapsed_s.unwrap_or(wall).max(wall);
+            }
             eprintln!(
                 "xtask: {}: top-1 {:.2}% in {:.0} s",
                 plan.name,

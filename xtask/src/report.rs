@@ -52,6 +52,9 @@ pub struct VariantResult {
     pub wall_s: f64,
     /// Training time (without set-up and final writes), when it trained.
     pub train_s: Option<f64>,
+    /// The training run's own clock (across resumes).
+    #[serde(default)]
+    pub elapsed_s: Option<f64>,
     /// Training images/s (all ranks together).
     pub img_per_s: Option<f64>,
     pub data_wait: Option<f64>,
@@ -88,6 +91,7 @@ impl VariantResult {
             reason: None,
             wall_s: 0.0,
             train_s: None,
+            elapsed_s: None,
             img_per_s: None,
             data_wait: None,
             top1: None,
@@ -142,6 +146,7 @@ fn curve(run: &Path) -> Vec<(f64, f64)> {
 fn fill_training(r: &mut VariantResult, run: &Path) -> Result<()> {
     let s = read_json(&run.join("summary.json"))?;
     r.train_s = s["train_s"].as_f64();
+    r.elapsed_s = s["elapsed_s"].as_f64();
     r.img_per_s = s["img_per_s"].as_f64();
     r.data_wait = s["data_wait"].as_f64();
     r.top1 = s["top1"].as_f64();

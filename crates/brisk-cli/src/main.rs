@@ -66,6 +66,12 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // Stopped by Ctrl-C/SIGTERM after writing a checkpoint: 130, as shells report an
+        // interrupted command, so scripts can tell it from a failure.
+        Err(e) if matches!(e.downcast_ref(), Some(brisk_train::Error::Interrupted { .. })) => {
+            eprintln!("stopped: {e:#}");
+            ExitCode::from(130)
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(1)

@@ -82,7 +82,7 @@ impl Nccl {
         let (rank, world) = (self.rank(), self.world());
         let mut dev = self
             .stream
-            .memcpy_stod(buf)
+            .clone_htod(buf)
             .map_err(|e| cuda_err(rank, world, "copy to GPU", e))?;
         self.comm
             .all_reduce_in_place(&mut dev, &ReduceOp::Sum)
@@ -116,7 +116,7 @@ impl Communicator for Nccl {
         let (rank, world) = (self.rank(), self.world());
         let mut dev = self
             .stream
-            .memcpy_stod(buf)
+            .clone_htod(buf)
             .map_err(|e| cuda_err(rank, world, "copy to GPU", e))?;
         self.comm
             .broadcast_in_place(&mut dev, root as i32)
