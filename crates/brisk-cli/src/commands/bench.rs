@@ -321,6 +321,12 @@ fn step(a: &StepArgs) -> Result<()> {
         device: device(&a.device)?,
     };
     let mode = if a.eval { "eval forward" } else { "train step" };
+    // brisk's kernels are CPU kernels: on a GPU the model runs on candle's.
+    let kernels_name = if a.reference_ops || a.device != "cpu" {
+        "candle"
+    } else {
+        "brisk"
+    };
     eprintln!(
         "brisk bench step: {} {} width {} {}x{} batch {} threads {} ({} kernels, {mode}), {} warm-up + {} timed steps",
         arch_name,
@@ -330,7 +336,7 @@ fn step(a: &StepArgs) -> Result<()> {
         image,
         a.batch,
         threads,
-        if a.reference_ops { "candle" } else { "brisk" },
+        kernels_name,
         a.warmup,
         a.steps
     );
@@ -344,7 +350,7 @@ fn step(a: &StepArgs) -> Result<()> {
         v["width"] = width.into();
         v["image"] = image.into();
         v["mode"] = (if a.eval { "eval" } else { "train" }).into();
-        v["kernels"] = (if a.reference_ops { "candle" } else { "brisk" }).into();
+        v["kernels"] = kernels_name.into();
         println!("{v}");
     } else {
         println!(
