@@ -2,7 +2,8 @@
 //! MPI (rank 0 creates the NCCL unique id and broadcasts it with the `Mpi` communicator,
 //! which also serves barriers, byte broadcasts and aborts). Cargo feature `nccl` (CUDA).
 
-use candle_core::cuda_backend::cudarc::driver::{CudaContext, CudaStream};
+use candle_core::cuda_backend::cudarc::driver::{CudaContext, CudaSlice, CudaStream, DeviceRepr};
+use candle_core::cuda_backend::cudarc::nccl::result::NcclStatus;
 use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, Id, ReduceOp};
 use std::sync::Arc;
 
@@ -73,20 +74,22 @@ impl Nccl {
         Ok(Nccl { comm, stream, mpi })
     }
 
-    fn reduce<T>(&self, buf: &mut [T]) -> Result<()>
+    /// Copies `buf` to the GPU, runs `op` on the device copy, and copies the result back.
+    fn through_gpu<T, E: std::fmt::Debug>(
+        &self,
+        buf: &mut [T],
+        what: &str,
+        op: impl FnOnce(&Comm, &mut CudaSlice<T>) -> std::result::Result<NcclStatus, E>,
+    ) -> Result<()>
     where
-        T: candle_core::cuda_backend::cudarc::driver::DeviceRepr
-            + candle_core::cuda_backend::cudarc::nccl::safe::NcclType
-            + Copy,
+        T: DeviceRepr + Copy,
     {
         let (rank, world) = (self.rank(), self.world());
         let mut dev = self
             .stream
             .clone_htod(buf)
             .map_err(|e| cuda_err(rank, world, "copy to GPU", e))?;
-        self.comm
-            .all_reduce_in_place(&mut dev, &ReduceOp::Sum)
-            .map_err(|e| cuda_err(rank, world, "all-reduce", e))?;
+        op(&self.comm, &mut dev).map_err(|e| cuda_err(rank, world, what, e))?;
         self.stream
             .memcpy_dtoh(&dev, buf)
             .map_err(|e| cuda_err(rank, world, "copy from GPU", e))?;
@@ -107,26 +110,13 @@ impl Communicator for Nccl {
         self.mpi.local_ranks()
     }
     fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<()> {
-        self.reduce(buf)
+        self.through_gpu(buf, "all-reduce", |c, d| c.all_reduce_in_place(d, &ReduceOp::Sum))
     }
     fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> Result<()> {
-        self.reduce(buf)
+        self.through_gpu(buf, "all-reduce", |c, d| c.all_reduce_in_place(d, &ReduceOp::Sum))
     }
     fn broadcast(&self, buf: &mut [f32], root: usize) -> Result<()> {
-        let (rank, world) = (self.rank(), self.world());
-        let mut dev = self
-            .stream
-            .clone_htod(buf)
-            .map_err(|e| cuda_err(rank, world, "copy to GPU", e))?;
-        self.comm
-            .broadcast_in_place(&mut dev, root as i32)
-            .map_err(|e| cuda_err(rank, world, "broadcast", e))?;
-        self.stream
-            .memcpy_dtoh(&dev, buf)
-            .map_err(|e| cuda_err(rank, world, "copy from GPU", e))?;
-        self.stream
-            .synchronize()
-            .map_err(|e| cuda_err(rank, world, "synchronize", e))
+        self.through_gpu(buf, "broadcast", |c, d| c.broadcast_in_place(d, root as i32))
     }
     fn broadcast_bytes(&self, buf: &mut [u8], root: usize) -> Result<()> {
         self.mpi.broadcast_bytes(buf, root)
