@@ -725,7 +725,7 @@ fn bars(path: &Path, title: &str, unit: &str, items: &[(String, f64)]) -> Result
         .disable_x_mesh()
         .y_desc(unit)
         .x_labels(items.len())
-        .x_label_style(("sans-serif", 11))
+        .x_label_style(("sans-serif", 10))
         .x_label_formatter(&|v| match v {
             SegmentValue::CenterOf(i) => items.get(*i).map(|x| x.0.clone()).unwrap_or_default(),
             _ => String::new(),
