@@ -252,6 +252,17 @@ mod tests {
         Ok(Network::new(spec, seed, &Device::Cpu)?)
     }
 
+    /// Every parameter's gradient as a flat vector, in parameter order.
+    fn grad_values(
+        params: &[(String, candle_core::Var)],
+        grads: &GradStore,
+    ) -> candle_core::Result<Vec<Vec<f32>>> {
+        params
+            .iter()
+            .map(|(_, v)| grads.get(v).expect("grad").flatten_all()?.to_vec1::<f32>())
+            .collect()
+    }
+
     /// Each rank's gradients of its own batch, before any reduction.
     fn local_grads(net: &Network, seed: u64) -> anyhow::Result<(Vec<(String, candle_core::Var)>, GradStore)> {
         let x = Tensor::randn(0f32, 1.0, (2, 3, 8, 8), &Device::Cpu)?.affine(1.0, seed as f64)?;
@@ -280,10 +291,7 @@ mod tests {
                         hook.on_start(&net)?;
                         let weights = net.named_tensors()?[0].1.flatten_all()?.to_vec1::<f32>()?;
                         let (params, mut grads) = local_grads(&net, rank as u64)?;
-                        let before: Vec<Vec<f32>> = params
-                            .iter()
-                            .map(|(_, v)| grads.get(v).expect("grad").flatten_all()?.to_vec1::<f32>())
-                            .collect::<candle_core::Result<_>>()?;
+                        let before = grad_values(&params, &grads)?;
                         let ctx = StepContext {
                             net: &net,
                             params: &params,
@@ -292,10 +300,7 @@ mod tests {
                             progress: 0.0,
                         };
                         hook.after_backward(&ctx, &mut grads)?;
-                        let after: Vec<Vec<f32>> = params
-                            .iter()
-                            .map(|(_, v)| grads.get(v).expect("grad").flatten_all()?.to_vec1::<f32>())
-                            .collect::<candle_core::Result<_>>()?;
+                        let after = grad_values(&params, &grads)?;
                         let mut sums = [rank as f64 + 1.0, 10.0];
                         hook.reduce_sums(&mut sums)?;
                         assert_eq!(sums, [3.0, 20.0]);
@@ -333,11 +338,7 @@ mod tests {
     fn a_single_process_is_left_as_it_is() -> anyhow::Result<()> {
         let net = net(1)?;
         let (params, mut grads) = local_grads(&net, 0)?;
-        let before = grads
-            .get(&params[0].1)
-            .expect("grad")
-            .flatten_all()?
-            .to_vec1::<f32>()?;
+        let before = grad_values(&params, &grads)?.remove(0);
         let mut hook = GradientAllReduce::new(Arc::new(Local), DEFAULT_FUSION_BYTES);
         let ctx = StepContext {
             net: &net,
@@ -347,14 +348,7 @@ mod tests {
             progress: 0.0,
         };
         hook.after_backward(&ctx, &mut grads)?;
-        assert_eq!(
-            grads
-                .get(&params[0].1)
-                .expect("grad")
-                .flatten_all()?
-                .to_vec1::<f32>()?,
-            before
-        );
+        assert_eq!(grad_values(&params, &grads)?.remove(0), before);
         Ok(())
     }
 }
