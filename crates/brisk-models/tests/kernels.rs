@@ -15,7 +15,13 @@ fn check(mut spec: ModelSpec, image: usize) -> Result<()> {
     spec.se_ratio = 4;
     let dev = Device::Cpu;
     let mut net = Network::new(spec, 5, &dev)?;
-    let x = Tensor::randn(0f32, 1.0, (3, 3, image, image), &dev)?;
+    // A fixed input (candle's CPU randn is unseeded): with 3 images the deepest
+    // batch-norms see a handful of values per channel, and an unlucky random draw made
+    // the gradient comparison fail now and then.
+    let n = 3 * 3 * image * image;
+    let x = (Tensor::arange(0u32, n as u32, &dev)?.to_dtype(candle_core::DType::F32)? * 0.7919)?
+        .sin()?
+        .reshape((3, 3, image, image))?;
     let labels = Tensor::new(&[1u32, 4, 7], &dev)?;
     // Eval mode first for both: a train-mode forward moves the running statistics.
     let mut evals = Vec::new();
