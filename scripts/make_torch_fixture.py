@@ -12,8 +12,8 @@ crates/brisk-models/tests/fixtures/:
   NAME.io.safetensors    `input`, `logits_eval`, `logits_train` and `after.<bn>.running_*`,
                          the running statistics after one train-mode forward of `input`.
 
-The model is the torchvision-named ResNet of ../shared/reference/torch_train_step.py
-(BasicBlock, CIFAR or ImageNet stem, width multiplier, SE block), with the SE ratio made a parameter.
+The model is scripts/torch_reference.py's torchvision-named ResNet (BasicBlock, CIFAR or
+ImageNet stem, width multiplier, SE block with its ratio), brisk's ModelSpec in PyTorch.
 """
 
 import json
@@ -25,16 +25,14 @@ from safetensors.torch import save_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, os.path.join(ROOT, "..", "shared", "reference"))
-import torch_train_step as ref  # noqa: E402
+sys.path.insert(0, HERE)
+import torch_reference as ref  # noqa: E402
 
 OUT = os.path.join(ROOT, "crates", "brisk-models", "tests", "fixtures")
 
 
 def build(arch, width, se_ratio, classes, stem):
-    # The reference SE block hard-codes r = 16; narrow fixtures need a smaller r.
-    ref.SE.__init__.__defaults__ = (se_ratio,)
-    return ref.ResNet18(classes, width, arch == "seresnet18", stem)
+    return ref.ResNet(arch, classes, width, stem, se_ratio=se_ratio)
 
 
 def scramble_batch_norm(model, gen):

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.numpy import load_file
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "reference"))
-import torch_train_step as ref  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import torch_reference as ref  # noqa: E402
 
 
 def load(folder, split):
@@ -82,7 +82,7 @@ def main():
     train(linear, xtr, ytr, a.epochs * 2, 0.01)
     print(f"linear on raw pixels: test accuracy {accuracy(linear, xte, yte):.3f} ({time.time() - t:.0f} s)")
 
-    net = ref.ResNet18(classes, a.width, False, "cifar")
+    net = ref.ResNet("resnet18", classes, a.width, "cifar")
     t = time.time()
     train(net, xtr, ytr, a.epochs, 0.1)
     print(f"resnet18 width {a.width}: test accuracy {accuracy(net, xte, yte):.3f} ({time.time() - t:.0f} s, {a.epochs} epochs)")

@@ -1,140 +1,184 @@
-//! `cargo xtask compare-torch`: brisk and PyTorch on the same work, runs alternated so the
-//! machine's drift hits both, reported as img/s and the ratio brisk / PyTorch.
+//! brisk and PyTorch on the same work, side by side: `brisk bench step --json` and
+//! `scripts/torch_reference.py --json` for one model, batch and precision (`StepCase`),
+//! run one after the other. Used by `cargo xtask compare-torch` (runs alternated, img/s
+//! and peak memory with ratios) and by `cargo xtask experiment --with-pytorch`. The only
+//! place xtask runs PyTorch.
 
+use std::path::Path;
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
+use brisk_schema::{BatchSchedule, TrainConfig};
+use brisk_spec::Arch;
+use serde::Deserialize;
 
-struct Options {
-    /// brisk precisions to time; PyTorch runs f32 for f32 and bf16 autocast for the others.
-    precisions: Vec<String>,
-    batches: Vec<usize>,
-    threads: usize,
-    steps: usize,
-    rounds: usize,
+use crate::plan::{Kind, Plan};
+use crate::results::{Status, Torch, VariantResult};
+
+/// The reference script, in the repository.
+const SCRIPT: &str = "scripts/torch_reference.py";
+
+/// One measurement both sides make.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepCase {
+    pub arch: Arch,
+    pub stem: &'static str,
+    pub width: f64,
+    pub classes: usize,
+    pub image: usize,
+    pub batch: usize,
+    pub threads: usize,
+    pub steps: usize,
+    /// brisk's precision name; PyTorch runs autocast in its half format.
+    pub precision: &'static str,
+    pub eval: bool,
 }
 
-fn parse(args: &[String]) -> Result<Options> {
-    let mut o = Options {
-        precisions: vec!["f32".into()],
-        batches: vec![32, 128],
-        threads: 2,
-        steps: 5,
-        rounds: 2,
-    };
-    let mut it = args.iter();
-    while let Some(flag) = it.next() {
-        let value = it.next().with_context(|| format!("{flag} needs a value"))?;
-        let number = |v: &str| {
-            v.parse::<usize>()
-                .with_context(|| format!("{flag}: `{v}` is not a positive integer"))
-        };
-        match flag.as_str() {
-            "--batches" => o.batches = value.split(',').map(number).collect::<Result<_>>()?,
-            "--threads" => o.threads = number(value)?,
-            "--steps" => o.steps = number(value)?,
-            "--rounds" => o.rounds = number(value)?,
-            "--precisions" => o.precisions = value.split(',').map(str::to_string).collect(),
-            other => bail!(
-                "unknown flag `{other}` (expected --precisions, --batches, --threads, --steps, --rounds)"
-            ),
+impl StepCase {
+    /// PyTorch's counterpart of the brisk precision: f32, or autocast to its half format.
+    pub fn torch_dtype(&self) -> &'static str {
+        match self.precision {
+            "f32" => "f32",
+            p if p.ends_with("f16") && !p.ends_with("bf16") => "f16",
+            _ => "bf16",
         }
     }
-    if o.batches.is_empty() || o.batches.contains(&0) || o.threads == 0 || o.steps == 0 || o.rounds == 0 {
-        bail!("every count must be at least 1");
+
+    fn common_args(&self) -> Vec<String> {
+        let mut args = vec![
+            "--arch".to_string(),
+            self.arch.name().into(),
+            "--stem".into(),
+            self.stem.into(),
+            "--width".into(),
+            self.width.to_string(),
+            "--classes".into(),
+            self.classes.to_string(),
+            "--image".into(),
+            self.image.to_string(),
+            "--batch".into(),
+            self.batch.to_string(),
+            "--threads".into(),
+            self.threads.to_string(),
+            "--steps".into(),
+            self.steps.to_string(),
+            "--json".into(),
+        ];
+        if self.eval {
+            args.push("--eval".into());
+        }
+        args
     }
-    Ok(o)
+
+    /// `brisk bench step` on this case.
+    pub fn brisk(&self, brisk: &Path) -> Result<Figure> {
+        let mut cmd = Command::new(brisk);
+        cmd.args(["bench", "step", "--dtype", self.precision])
+            .args(self.common_args());
+        figure(&mut cmd)
+    }
+
+    /// The PyTorch reference on this case.
+    pub fn torch(&self, root: &Path) -> Result<Figure> {
+        let mut cmd = Command::new("python3");
+        cmd.arg(root.join(SCRIPT)).args(["--dtype", self.torch_dtype()]);
+        let args = self.common_args();
+        // The script takes `--mode eval` where brisk takes `--eval`.
+        let args: Vec<String> = args
+            .into_iter()
+            .flat_map(|a| match a.as_str() {
+                "--eval" => vec!["--mode".to_string(), "eval".to_string()],
+                _ => vec![a],
+            })
+            .collect();
+        figure(cmd.args(args))
+    }
+
+    /// The case of a training variant's config (single rank, fixed batch, a ResNet-18
+    /// or SE-ResNet-18), or `None` when PyTorch has no like-for-like counterpart.
+    pub fn of_variant(
+        config: &TrainConfig,
+        classes: usize,
+        image: usize,
+        threads: usize,
+    ) -> Result<Option<Self>> {
+        let BatchSchedule::Fixed { size: batch } = config.batch else {
+            return Ok(None);
+        };
+        let spec = config.model_spec(classes, 3, image)?;
+        if !matches!(spec.arch, Arch::Resnet18 | Arch::Seresnet18) || spec.channels.is_some() {
+            return Ok(None);
+        }
+        Ok(Some(StepCase {
+            arch: spec.arch,
+            stem: spec.stem.name(),
+            width: spec.width,
+            classes,
+            image,
+            batch,
+            threads,
+            steps: 5,
+            precision: config.precision.mode.name(),
+            eval: false,
+        }))
+    }
 }
 
-/// Runs a command and returns its stdout, failing with its stderr.
-fn output(cmd: &mut Command) -> Result<String> {
+/// What one side measured.
+#[derive(Clone, Copy, Debug, Deserialize)]
+pub struct Figure {
+    pub img_per_s: f64,
+    pub peak_rss_mib: Option<f64>,
+}
+
+/// Runs a measuring command and reads the JSON object it prints last.
+fn figure(cmd: &mut Command) -> Result<Figure> {
     let out = cmd.output().with_context(|| format!("cannot run {cmd:?}"))?;
     if !out.status.success() {
-        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
     }
-    Ok(String::from_utf8(out.stdout)?)
-}
-
-/// One measurement: img/s median and peak resident memory in MiB.
-struct Figure {
-    img_per_s: f64,
-    peak_mib: f64,
-}
-
-/// PyTorch's counterpart of a brisk precision: f32, else bf16 autocast (the reference
-/// script's only half-precision mode).
-fn torch_dtype(precision: &str) -> &'static str {
-    if precision == "f32" {
-        "f32"
-    } else {
-        "bf16"
-    }
-}
-
-fn brisk(o: &Options, precision: &str, batch: usize, eval: bool) -> Result<Figure> {
-    let bin = super::root()?.join("target/release/brisk");
-    let mut cmd = Command::new(bin);
-    cmd.args([
-        "bench",
-        "step",
-        "--json",
-        "--batch",
-        &batch.to_string(),
-        "--threads",
-        &o.threads.to_string(),
-    ]);
-    cmd.args(["--steps", &o.steps.to_string(), "--dtype", precision]);
-    if eval {
-        cmd.arg("--eval");
-    }
-    let v: serde_json::Value = serde_json::from_str(output(&mut cmd)?.trim())?;
-    Ok(Figure {
-        img_per_s: v["img_per_s"].as_f64().context("no img_per_s")?,
-        peak_mib: v["peak_rss_mib"].as_f64().unwrap_or(f64::NAN),
-    })
-}
-
-fn torch(o: &Options, precision: &str, batch: usize, eval: bool) -> Result<Figure> {
-    let root = super::root()?;
-    let script = if eval {
-        root.join("scripts/torch_eval_forward.py")
-    } else {
-        root.join("../shared/reference/torch_train_step.py")
-    };
-    // Run the script in-process so its peak memory can be read afterwards.
-    let wrapper = "import resource, runpy, sys\n\
-        sys.argv = sys.argv[1:]\n\
-        runpy.run_path(sys.argv[0], run_name='__main__')\n\
-        print('peak_rss_kib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)";
-    let mut cmd = Command::new("python3");
-    cmd.args(["-c", wrapper]).arg(&script);
-    cmd.args([
-        "--batch",
-        &batch.to_string(),
-        "--threads",
-        &o.threads.to_string(),
-        "--steps",
-        &o.steps.to_string(),
-    ]);
-    if !eval {
-        cmd.args(["--dtype", torch_dtype(precision)]);
-    }
-    let text = output(&mut cmd)?;
-    let img = text
-        .split("img/s median ")
-        .nth(1)
-        .and_then(|t| t.split_whitespace().next())
-        .and_then(|t| t.parse::<f64>().ok())
-        .with_context(|| format!("cannot read img/s from {script:?}'s output: {text}"))?;
-    let peak = text
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
         .lines()
-        .find_map(|l| l.strip_prefix("peak_rss_kib "))
-        .and_then(|t| t.trim().parse::<f64>().ok())
-        .map_or(f64::NAN, |k| k / 1024.0);
-    Ok(Figure {
-        img_per_s: img,
-        peak_mib: peak,
-    })
+        .rev()
+        .find(|l| l.trim_start().starts_with('{'))
+        .with_context(|| format!("{cmd:?} printed no JSON result: {stdout}"))?;
+    serde_json::from_str(line).with_context(|| format!("{cmd:?}'s result: {line}"))
+}
+
+/// Why PyTorch cannot run here, if it cannot.
+pub fn torch_missing() -> Option<String> {
+    match Command::new("python3").args(["-c", "import torch"]).output() {
+        Ok(o) if o.status.success() => None,
+        Ok(o) => Some(format!(
+            "python3 cannot import torch ({}); pip install torch",
+            String::from_utf8_lossy(&o.stderr).lines().last().unwrap_or("")
+        )),
+        Err(e) => Some(format!("cannot run python3: {e}")),
+    }
+}
+
+/// `cargo xtask compare-torch`'s options.
+#[derive(Debug, clap::Args)]
+pub struct CompareArgs {
+    /// brisk precisions to time (PyTorch runs f32, or autocast to the same half format).
+    #[arg(long, value_delimiter = ',', default_value = "f32")]
+    precisions: Vec<String>,
+    /// Batch sizes.
+    #[arg(long, value_delimiter = ',', default_value = "32,128")]
+    batches: Vec<usize>,
+    /// Compute threads of both.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// Timed steps per run.
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
+    /// Runs per side, alternated; the median is reported.
+    #[arg(long, default_value_t = 2)]
+    rounds: usize,
+    /// Width multiplier of the ResNet-18.
+    #[arg(long, default_value_t = 1.0)]
+    width: f64,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -147,50 +191,163 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-pub fn run(args: &[String]) -> Result<()> {
-    let o = parse(args)?;
-    output(Command::new("python3").args(["-c", "import torch, torchvision"]))
-        .context("PyTorch is needed: pip install torch torchvision")?;
-    super::cargo(&["build", "--release", "--quiet", "--package", "brisk-cli"])?;
+/// `cargo xtask compare-torch`: CIFAR ResNet-18 training steps and eval forwards, brisk
+/// and PyTorch alternated, medians of `rounds`.
+pub fn run(a: &CompareArgs) -> Result<()> {
+    if a.batches.is_empty() || a.batches.contains(&0) || a.threads == 0 || a.steps == 0 || a.rounds == 0 {
+        bail!("every count must be at least 1");
+    }
+    if let Some(why) = torch_missing() {
+        bail!("PyTorch is needed: {why}");
+    }
+    let root = crate::root()?;
+    let brisk = crate::build_brisk(false)?;
     println!(
-        "CIFAR ResNet-18, {} threads, {} timed steps a run, {} rounds (median of rounds)",
-        o.threads, o.steps, o.rounds
+        "CIFAR ResNet-18 width {}, {} threads, {} timed steps a run, {} rounds (median of rounds)",
+        a.width, a.threads, a.steps, a.rounds
     );
     println!(
         "{:<6} {:<10} {:>5} {:>12} {:>16} {:>7} {:>11} {:>11}",
         "mode", "precision", "batch", "brisk img/s", "torch img/s", "ratio", "brisk MiB", "torch MiB"
     );
     for eval in [false, true] {
-        for precision in &o.precisions {
-            // The eval reference runs in f32 only.
+        for precision in &a.precisions {
+            let precision: &'static str = brisk_precision::Precision::NAMES
+                .into_iter()
+                .find(|p| p == precision)
+                .with_context(|| format!("--precisions: unknown {precision:?}"))?;
+            // Eval forwards are timed in f32 only.
             if eval && precision != "f32" {
                 continue;
             }
-            for &batch in &o.batches {
-                let (mut b, mut t, mut bm, mut tm) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-                for _ in 0..o.rounds {
-                    let fb = brisk(&o, precision, batch, eval)?;
-                    let ft = torch(&o, precision, batch, eval)?;
-                    b.push(fb.img_per_s);
-                    t.push(ft.img_per_s);
-                    bm.push(fb.peak_mib);
-                    tm.push(ft.peak_mib);
-                }
-                let (b, t) = (median(b), median(t));
-                let torch_label = format!("{t:.1} ({})", if eval { "f32" } else { torch_dtype(precision) });
-                println!(
-                    "{:<6} {:<10} {:>5} {:>12.1} {:>16} {:>7.2} {:>11.0} {:>11.0}",
-                    if eval { "eval" } else { "train" },
-                    precision,
+            for &batch in &a.batches {
+                let case = StepCase {
+                    arch: Arch::Resnet18,
+                    stem: "cifar",
+                    width: a.width,
+                    classes: 10,
+                    image: 32,
                     batch,
-                    b,
-                    torch_label,
-                    b / t,
-                    median(bm),
-                    median(tm)
-                );
+                    threads: a.threads,
+                    steps: a.steps,
+                    precision,
+                    eval,
+                };
+                print_row(&case, &brisk, root, a.rounds)?;
             }
         }
     }
     Ok(())
+}
+
+fn print_row(case: &StepCase, brisk: &Path, root: &Path, rounds: usize) -> Result<()> {
+    let (mut b, mut t, mut bm, mut tm) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        let fb = case.brisk(brisk)?;
+        let ft = case.torch(root)?;
+        b.push(fb.img_per_s);
+        t.push(ft.img_per_s);
+        bm.push(fb.peak_rss_mib.unwrap_or(f64::NAN));
+        tm.push(ft.peak_rss_mib.unwrap_or(f64::NAN));
+    }
+    let (b, t) = (median(b), median(t));
+    println!(
+        "{:<6} {:<10} {:>5} {:>12.1} {:>16} {:>7.2} {:>11.0} {:>11.0}",
+        if case.eval { "eval" } else { "train" },
+        case.precision,
+        case.batch,
+        b,
+        format!("{t:.1} ({})", if case.eval { "f32" } else { case.torch_dtype() }),
+        b / t,
+        median(bm),
+        median(tm)
+    );
+    Ok(())
+}
+
+/// Adds PyTorch's training-step img/s beside brisk's for each distinct case among the
+/// single-rank, fixed-batch training variants that finished.
+pub fn add_pytorch(
+    results: &mut [VariantResult],
+    plans: &[Plan],
+    brisk: &Path,
+    classes: usize,
+    image: usize,
+) -> Result<()> {
+    if let Some(why) = torch_missing() {
+        eprintln!("xtask: --with-pytorch: skipped: {why}");
+        return Ok(());
+    }
+    let root = crate::root()?;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut seen: Vec<(StepCase, Torch)> = Vec::new();
+    for r in results.iter_mut().filter(|r| r.status == Status::Done) {
+        let Some(plan) = plans
+            .iter()
+            .find(|p| p.name == r.name && p.kind == Kind::Train && p.ranks == 1)
+        else {
+            continue;
+        };
+        let config = TrainConfig::from_toml_str(plan.config.as_deref().unwrap_or_default(), &r.name)?;
+        let Some(case) = StepCase::of_variant(&config, classes, image, threads)? else {
+            continue;
+        };
+        if let Some((_, t)) = seen.iter().find(|(c, _)| *c == case) {
+            r.pytorch = Some(t.clone());
+            continue;
+        }
+        eprintln!(
+            "xtask: --with-pytorch: {} width {} batch {} {}",
+            case.arch.name(),
+            case.width,
+            case.batch,
+            case.precision
+        );
+        let (b, t) = match (case.brisk(brisk), case.torch(root)) {
+            (Ok(b), Ok(t)) => (b, t),
+            (Err(e), _) | (_, Err(e)) => {
+                eprintln!("xtask: --with-pytorch: a measurement failed, left out: {e:#}");
+                continue;
+            }
+        };
+        let torch = Torch {
+            arch: case.arch.name().into(),
+            width: case.width,
+            batch: case.batch,
+            precision: format!("{} (PyTorch {})", case.precision, case.torch_dtype()),
+            threads,
+            brisk_img_per_s: b.img_per_s,
+            torch_img_per_s: t.img_per_s,
+            ratio: b.img_per_s / t.img_per_s,
+        };
+        seen.push((case, torch.clone()));
+        r.pytorch = Some(torch);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_variant_names_its_like_for_like_case() -> Result<()> {
+        let mut c = TrainConfig::default();
+        c.set_text("model.width", "0.125")?;
+        c.set_text("precision.mode", "mixed-f16")?;
+        let case = StepCase::of_variant(&c, 10, 32, 2)?.context("a fixed-batch ResNet-18")?;
+        assert_eq!((case.arch, case.batch, case.width), (Arch::Resnet18, 128, 0.125));
+        assert_eq!(case.torch_dtype(), "f16");
+        assert!(case.common_args().contains(&"0.125".to_string()));
+        c.set_text(
+            "batch",
+            "{ kind = \"geometric\", start = 32, factor = 2, every = 1, max = 128 }",
+        )?;
+        assert_eq!(
+            StepCase::of_variant(&c, 10, 32, 2)?,
+            None,
+            "a growing batch has no counterpart"
+        );
+        Ok(())
+    }
 }

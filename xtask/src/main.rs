@@ -1,47 +1,56 @@
 //! Project tasks run with `cargo xtask TASK`: the test gate CI runs, experiments and
-//! their reports, and the side-by-side comparison with PyTorch.
+//! their reports, and the side-by-side comparison with PyTorch. xtask builds no model: it
+//! reads brisk's configs and records through brisk-schema (no candle), so its own build
+//! takes seconds and a fresh clone's main job compiles candle once, for `brisk` itself.
 
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
 
 mod compare;
 mod experiment;
 mod mpi;
+mod plan;
 mod report;
+mod results;
 
-const TASKS: &str = "\
-Usage: cargo xtask <TASK>
+/// brisk's project tasks.
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", bin_name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
 
-Tasks:
-  test            cargo fmt --check, cargo clippy -D warnings and the whole test suite,
-                  the distributed tests under mpirun included (what CI runs; the README's
-                  test command). Needs OpenMPI and libclang: installed with apt-get when
-                  run as root, else the install command is printed.
-                  [--skip-mpi]: build without MPI and skip the distributed tests
-  experiment      run an ablation from experiments/NAME.toml and write a report:
-                  NAME [--data DIR] [--only V1,V2] [--force] [--with-pytorch]
-                  (`cargo xtask experiment --help`; quick: ~10 minutes on 2 cores)
-  compare-torch   brisk vs PyTorch, side by side on this machine: training-step and
-                  eval-forward img/s of CIFAR ResNet-18, runs alternated, with ratios
-                  [--batches 32,128] [--threads 2] [--steps 5] [--rounds 2]
-                  (needs python3 with torch; ../shared/reference/torch_train_step.py)
-";
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// cargo fmt --check, cargo clippy -D warnings and the whole test suite, the
+    /// distributed tests under mpirun included (what CI runs; the README's test command).
+    /// Needs OpenMPI and libclang: installed with apt-get when run as root, else the
+    /// install command is printed.
+    Test(TestArgs),
+    /// Run an ablation from experiments/NAME.toml and write a report (quick: about 10
+    /// minutes on 2 cores).
+    Experiment(experiment::ExperimentArgs),
+    /// brisk vs PyTorch side by side on this machine: training-step and eval-forward img/s
+    /// of CIFAR ResNet-18, runs alternated, with ratios (needs python3 with torch; the
+    /// reference is scripts/torch_reference.py).
+    CompareTorch(compare::CompareArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct TestArgs {
+    /// Build without MPI and skip the distributed tests (said at the end).
+    #[arg(long)]
+    skip_mpi: bool,
+}
 
 fn main() -> Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.first().map(String::as_str) {
-        None | Some("help" | "--help" | "-h") => {
-            print!("{TASKS}");
-            Ok(())
-        }
-        Some("test") => test(&args[1..]),
-        Some("compare-torch") => compare::run(&args[1..]),
-        Some("experiment") => experiment::run(&args[1..]),
-        Some(other) => {
-            eprint!("unknown task `{other}`\n\n{TASKS}");
-            std::process::exit(2);
-        }
+    match Cli::parse().task {
+        Task::Test(a) => test(a.skip_mpi),
+        Task::Experiment(a) => experiment::run(&a),
+        Task::CompareTorch(a) => compare::run(&a),
     }
 }
 
@@ -67,12 +76,17 @@ fn cargo(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-fn test(extra: &[String]) -> Result<()> {
-    let skip_mpi = match extra {
-        [] => false,
-        [flag] if flag == "--skip-mpi" => true,
-        [flag, ..] => bail!("`cargo xtask test` takes only --skip-mpi (got `{flag}`)"),
-    };
+/// Builds the release `brisk` (with MPI when asked) and returns its path.
+fn build_brisk(mpi: bool) -> Result<std::path::PathBuf> {
+    let mut args = vec!["build", "--release", "-p", "brisk-cli"];
+    if mpi {
+        args.extend(["--features", "mpi"]);
+    }
+    cargo(&args)?;
+    Ok(root()?.join("target/release/brisk"))
+}
+
+fn test(skip_mpi: bool) -> Result<()> {
     let features: &[&str] = if skip_mpi {
         eprintln!("xtask: --skip-mpi: building without MPI; the distributed tests are SKIPPED");
         &[]

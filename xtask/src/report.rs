@@ -1,6 +1,6 @@
-//! An experiment's results and its report: what each variant measured (read from
-//! brisk's summary.json, metrics.jsonl and JSON output), then report.md, report.html,
-//! results.json, results.csv and SVG plots (plotters).
+//! An experiment's report: the table of every variant against the baseline, the
+//! reading generated from the numbers, and the files — report.md, report.html (self-
+//! contained, with the plots), results.json, results.csv and plotters SVGs.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -11,193 +11,8 @@ use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 use serde::{Deserialize, Serialize};
 
-use crate::experiment::{Kind, Plan, BASELINE};
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Status {
-    Done,
-    Skipped,
-    Failed,
-}
-
-/// PyTorch's img/s for a variant's model, batch and precision, beside brisk's.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Torch {
-    pub arch: String,
-    pub width: f64,
-    pub batch: usize,
-    pub precision: String,
-    pub threads: usize,
-    pub brisk_img_per_s: f64,
-    pub torch_img_per_s: f64,
-    /// brisk / PyTorch.
-    pub ratio: f64,
-}
-
-/// What one variant measured. Absent figures (a skipped variant, a quantised model that
-/// was not trained) are `None`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct VariantResult {
-    pub name: String,
-    pub note: String,
-    pub kind: Kind,
-    pub hash: String,
-    pub ranks: usize,
-    pub status: Status,
-    /// Why a variant was skipped or failed.
-    pub reason: Option<String>,
-    /// Wall time of the variant's brisk command (for compression variants: of the
-    /// compression step alone, after the baseline).
-    pub wall_s: f64,
-    /// Training time (without set-up and final writes), when it trained.
-    pub train_s: Option<f64>,
-    /// The training run's own clock (across resumes).
-    #[serde(default)]
-    pub elapsed_s: Option<f64>,
-    /// Training images/s (all ranks together).
-    pub img_per_s: Option<f64>,
-    pub data_wait: Option<f64>,
-    pub top1: Option<f64>,
-    pub top5: Option<f64>,
-    pub best_top1: Option<f64>,
-    pub updates: Option<u64>,
-    /// Parameters (non-zero ones for pruned models).
-    pub params: Option<u64>,
-    pub macs: Option<u64>,
-    /// Size of the model file written.
-    pub bytes: Option<u64>,
-    /// Peak resident memory of one process, MiB.
-    pub peak_rss_mib: Option<f64>,
-    /// (elapsed seconds, test top-1) at each evaluation.
-    pub curve: Vec<(f64, f64)>,
-    /// The full training config (training variants).
-    pub config: Option<String>,
-    pub pytorch: Option<Torch>,
-    /// The variant this one is also compared with.
-    #[serde(default)]
-    pub control: Option<String>,
-}
-
-impl VariantResult {
-    pub fn new(name: &str, note: &str, kind: Kind, hash: &str, ranks: usize) -> Self {
-        VariantResult {
-            name: name.into(),
-            note: note.into(),
-            kind,
-            hash: hash.into(),
-            ranks,
-            status: Status::Done,
-            reason: None,
-            wall_s: 0.0,
-            train_s: None,
-            elapsed_s: None,
-            img_per_s: None,
-            data_wait: None,
-            top1: None,
-            top5: None,
-            best_top1: None,
-            updates: None,
-            params: None,
-            macs: None,
-            bytes: None,
-            peak_rss_mib: None,
-            curve: Vec::new(),
-            config: None,
-            pytorch: None,
-            control: None,
-        }
-    }
-
-    pub fn skip(&mut self, why: String) {
-        self.status = Status::Skipped;
-        self.reason = Some(why);
-    }
-
-    pub fn fail(&mut self, why: String) {
-        self.status = Status::Failed;
-        self.reason = Some(why);
-    }
-
-    /// The first evaluation at or above `target` top-1: seconds from the start.
-    pub fn time_to(&self, target: f64) -> Option<f64> {
-        self.curve.iter().find(|(_, a)| *a >= target).map(|(t, _)| *t)
-    }
-}
-
-fn read_json(path: &Path) -> Result<serde_json::Value> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))
-}
-
-/// Test-accuracy curve from a run's metrics.jsonl `eval` events.
-fn curve(run: &Path) -> Vec<(f64, f64)> {
-    let Ok(text) = std::fs::read_to_string(run.join("metrics.jsonl")) else {
-        return Vec::new();
-    };
-    text.lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|e| e["event"] == "eval")
-        .filter_map(|e| Some((e["elapsed_s"].as_f64()?, e["top1"].as_f64()?)))
-        .collect()
-}
-
-/// A training run's figures from its summary.json and metrics.jsonl.
-fn fill_training(r: &mut VariantResult, run: &Path) -> Result<()> {
-    let s = read_json(&run.join("summary.json"))?;
-    r.train_s = s["train_s"].as_f64();
-    r.elapsed_s = s["elapsed_s"].as_f64();
-    r.img_per_s = s["img_per_s"].as_f64();
-    r.data_wait = s["data_wait"].as_f64();
-    r.top1 = s["top1"].as_f64();
-    r.top5 = s["top5"].as_f64();
-    r.best_top1 = s["best_top1"].as_f64();
-    r.updates = s["updates"].as_u64();
-    r.params = s["params"].as_u64();
-    r.macs = s["macs"].as_u64();
-    r.peak_rss_mib = s["peak_rss_mib"].as_f64();
-    r.bytes = std::fs::metadata(run.join("model.safetensors"))
-        .ok()
-        .map(|m| m.len());
-    r.curve = curve(run);
-    Ok(())
-}
-
-/// Reads what a finished variant measured into `r`.
-pub fn fill(
-    r: &mut VariantResult,
-    plan: &Plan,
-    run: &Path,
-    stdout: &str,
-    peak_mib: Option<f64>,
-) -> Result<()> {
-    match plan.kind {
-        Kind::Train => fill_training(r, run)?,
-        Kind::Prune | Kind::Distill | Kind::Quantize => {
-            if plan.kind != Kind::Quantize {
-                fill_training(r, run)?;
-            }
-            let line = stdout
-                .lines()
-                .rev()
-                .find(|l| l.trim_start().starts_with('{'))
-                .context("no JSON result on brisk's output")?;
-            let v: serde_json::Value = serde_json::from_str(line)?;
-            let after = &v["after"];
-            r.top1 = after["top1"].as_f64();
-            r.top5 = after["top5"].as_f64();
-            r.params = after["params"].as_u64();
-            r.macs = after["macs"].as_u64();
-            r.bytes = after["bytes"].as_u64();
-            if plan.kind == Kind::Quantize {
-                r.peak_rss_mib = peak_mib;
-            } else {
-                r.peak_rss_mib = r.peak_rss_mib.or(peak_mib);
-            }
-        }
-    }
-    Ok(())
-}
+use crate::plan::{Kind, BASELINE};
+use crate::results::{Status, VariantResult};
 
 /// The machine a report was measured on.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -312,187 +127,122 @@ fn to_f(v: Option<u64>) -> Option<f64> {
     v.map(|v| v as f64)
 }
 
+/// The table's columns.
+const COLUMNS: [&str; 15] = [
+    "variant",
+    "change",
+    "top-1",
+    "Δ top-1",
+    "best top-1",
+    "wall s",
+    "time to baseline top-1",
+    "img/s",
+    "data wait",
+    "updates",
+    "params",
+    "MACs",
+    "model bytes",
+    "peak RSS MiB",
+    "status",
+];
+
 /// The table's rows as cells (shared by Markdown and HTML).
-fn table(report: &Report) -> (Vec<&'static str>, Vec<Vec<String>>) {
-    let head = vec![
-        "variant",
-        "change",
-        "top-1",
-        "Δ top-1",
-        "best top-1",
-        "wall s",
-        "time to baseline top-1",
-        "img/s",
-        "data wait",
-        "updates",
-        "params",
-        "MACs",
-        "model bytes",
-        "peak RSS MiB",
-        "status",
-    ];
+fn table(report: &Report) -> Vec<Vec<String>> {
     let base = report.baseline();
+    report.variants.iter().map(|v| row(v, base)).collect()
+}
+
+/// A count with its ratio to the baseline's.
+fn counted(v: Option<u64>, base: Option<u64>) -> String {
+    format!("{}{}", count(v), ratio(to_f(v), to_f(base)))
+}
+
+/// One variant's cells, ratios against the baseline `base`.
+fn row(v: &VariantResult, base: Option<&VariantResult>) -> Vec<String> {
     let target = base.and_then(|b| b.top1);
-    let rows = report
-        .variants
-        .iter()
-        .map(|v| {
-            let delta = match (v.top1, target) {
-                (Some(a), Some(b)) => format!("{:+.2}", 100.0 * (a - b)),
-                _ => "–".into(),
-            };
-            let tta = match (v.kind, target) {
-                (Kind::Train, Some(t)) => match v.time_to(t) {
-                    Some(s) => format!("{s:.0} s{}", ratio(Some(s), base.and_then(|b| b.time_to(t)))),
-                    None if v.status == Status::Done => "not reached".into(),
-                    None => "–".into(),
-                },
-                _ => "n/a".into(),
-            };
-            let status = match (&v.status, &v.reason) {
-                (Status::Done, _) => "done".to_string(),
-                (s, Some(r)) => format!("{s:?}: {}", r.lines().next().unwrap_or("")).to_lowercase(),
-                (s, None) => format!("{s:?}").to_lowercase(),
-            };
-            let wall = if v.status == Status::Done {
-                format!("{:.0}{}", v.wall_s, ratio(Some(v.wall_s), base.map(|b| b.wall_s)))
-            } else {
-                "–".into()
-            };
-            vec![
-                v.name.clone(),
-                v.note.clone(),
-                pct(v.top1),
-                delta,
-                pct(v.best_top1),
-                wall,
-                tta,
-                format!(
-                    "{}{}",
-                    num(v.img_per_s, 0),
-                    ratio(v.img_per_s, base.and_then(|b| b.img_per_s))
-                ),
-                v.data_wait.map_or("–".into(), |w| format!("{:.1}%", 100.0 * w)),
-                v.updates.map_or("–".into(), |u| u.to_string()),
-                format!(
-                    "{}{}",
-                    count(v.params),
-                    ratio(to_f(v.params), base.and_then(|b| to_f(b.params)))
-                ),
-                format!(
-                    "{}{}",
-                    count(v.macs),
-                    ratio(to_f(v.macs), base.and_then(|b| to_f(b.macs)))
-                ),
-                format!(
-                    "{}{}",
-                    count(v.bytes),
-                    ratio(to_f(v.bytes), base.and_then(|b| to_f(b.bytes)))
-                ),
-                num(v.peak_rss_mib, 0),
-                status,
-            ]
-        })
-        .collect();
-    (head, rows)
+    let delta = match (v.top1, target) {
+        (Some(a), Some(b)) => format!("{:+.2}", 100.0 * (a - b)),
+        _ => "–".into(),
+    };
+    let tta = match (v.kind, target) {
+        (Kind::Train, Some(t)) => match v.time_to(t) {
+            Some(s) => format!("{s:.0} s{}", ratio(Some(s), base.and_then(|b| b.time_to(t)))),
+            None if v.status == Status::Done => "not reached".into(),
+            None => "–".into(),
+        },
+        _ => "n/a".into(),
+    };
+    let status = match (&v.status, &v.reason) {
+        (Status::Done, _) => "done".to_string(),
+        (s, Some(r)) => format!("{}: {}", s.name(), r.lines().next().unwrap_or("")),
+        (s, None) => s.name().to_string(),
+    };
+    let wall = if v.status == Status::Done {
+        format!("{:.0}{}", v.wall_s, ratio(Some(v.wall_s), base.map(|b| b.wall_s)))
+    } else {
+        "–".into()
+    };
+    let b = |f: fn(&VariantResult) -> Option<u64>| base.and_then(f);
+    vec![
+        v.name.clone(),
+        v.note.clone(),
+        pct(v.top1),
+        delta,
+        pct(v.best_top1),
+        wall,
+        tta,
+        format!(
+            "{}{}",
+            num(v.img_per_s, 0),
+            ratio(v.img_per_s, base.and_then(|b| b.img_per_s))
+        ),
+        v.data_wait.map_or("–".into(), |w| format!("{:.1}%", 100.0 * w)),
+        v.updates.map_or("–".into(), |u| u.to_string()),
+        counted(v.params, b(|x| x.params)),
+        counted(v.macs, b(|x| x.macs)),
+        counted(v.bytes, b(|x| x.bytes)),
+        num(v.peak_rss_mib, 0),
+        status,
+    ]
 }
 
 /// The report's reading: one plain sentence per variant against the baseline, with
 /// this machine's noise in mind. Generated from the numbers, so it can say "slower".
 fn reading(report: &Report) -> Vec<String> {
-    let mut out = Vec::new();
     let Some(base) = report.baseline() else {
-        out.push("The baseline did not finish, so nothing can be compared.".into());
-        return out;
+        return vec!["The baseline did not finish, so nothing can be compared.".into()];
     };
-    let n = report.variants.len();
-    out.push(format!(
+    let mut out = vec![format!(
         "One run per variant on a shared {}-core machine: speed differences under about 10% and \
          accuracy differences under about 1 point are within run-to-run noise here. Time to the \
          baseline's accuracy is measured at the evaluations (once per epoch), so it is coarse.",
         report.machine.cores
-    ));
-    for v in report.variants.iter().take(n) {
-        if v.name == BASELINE {
-            continue;
-        }
+    )];
+    for v in report.variants.iter().filter(|v| v.name != BASELINE) {
         if v.status != Status::Done {
             out.push(format!(
                 "**{}** was {}: {}",
                 v.name,
-                format!("{:?}", v.status).to_lowercase(),
+                v.status.name(),
                 v.reason.as_deref().unwrap_or("").lines().next().unwrap_or("")
             ));
             continue;
         }
-        let mut parts = Vec::new();
-        if let (Some(a), Some(b)) = (v.top1, base.top1) {
-            let d = 100.0 * (a - b);
-            parts.push(if d.abs() < 1.0 {
-                format!("accuracy within a point of the baseline ({d:+.2})")
-            } else if d > 0.0 {
-                format!("accuracy {d:+.2} points better")
-            } else {
-                format!("accuracy {d:+.2} points worse")
-            });
-        }
-        if v.kind == Kind::Train {
-            if let (Some(a), Some(b)) = (v.img_per_s, base.img_per_s) {
-                let r = a / b;
-                parts.push(if (r - 1.0).abs() < 0.1 {
-                    format!("training speed about the same ({r:.2}x img/s)")
-                } else if r > 1.0 {
-                    format!("{r:.2}x the baseline's img/s")
-                } else {
-                    format!("slower: {r:.2}x the baseline's img/s")
-                });
-            }
-            if let (Some(t), Some(tb)) = (
-                base.top1.and_then(|t| v.time_to(t)),
-                base.top1.and_then(|t| base.time_to(t)),
-            ) {
-                parts.push(format!(
-                    "reached the baseline's final accuracy after {t:.0} s ({:.2}x)",
-                    t / tb
-                ));
-            } else if base.top1.is_some() {
-                parts.push("did not reach the baseline's final accuracy".into());
-            }
-        }
-        if let (Some(a), Some(b)) = (v.bytes, base.bytes) {
-            let r = a as f64 / b as f64;
-            if (r - 1.0).abs() >= 0.05 {
-                parts.push(format!("model file {r:.2}x the baseline's"));
-            }
-        }
-        if let (Some(a), Some(b)) = (v.macs, base.macs) {
-            let r = a as f64 / b as f64;
-            if (r - 1.0).abs() >= 0.05 {
-                parts.push(format!("{r:.2}x the MACs"));
-            }
-        }
-        // Peak memory compares training processes only (a quantiser is no training run).
-        if let (Kind::Train, Some(a), Some(b)) = (v.kind, v.peak_rss_mib, base.peak_rss_mib) {
-            let r = a / b;
-            if (r - 1.0).abs() >= 0.1 {
-                parts.push(format!("peak memory {r:.2}x"));
-            }
-        }
+        let mut parts = accuracy_and_speed(v, base);
+        parts.extend(costs(v, base));
         let control = v.control.as_ref().and_then(|c| {
             report
                 .variants
                 .iter()
                 .find(|x| &x.name == c && x.status == Status::Done)
         });
-        if let (Some(c), Some(a)) = (control, v.top1) {
-            if let Some(b) = c.top1 {
-                parts.push(format!(
-                    "{:+.2} points against {} ({})",
-                    100.0 * (a - b),
-                    c.name,
-                    pct(c.top1)
-                ));
-            }
+        if let (Some(c), Some(a), Some(b)) = (control, v.top1, control.and_then(|c| c.top1)) {
+            parts.push(format!(
+                "{:+.2} points against {} ({})",
+                100.0 * (a - b),
+                c.name,
+                pct(c.top1)
+            ));
         }
         if let Some(t) = &v.pytorch {
             parts.push(format!(
@@ -503,6 +253,72 @@ fn reading(report: &Report) -> Vec<String> {
         out.push(format!("**{}**, {}: {}.", v.name, v.note, parts.join("; ")));
     }
     out
+}
+
+/// The reading's accuracy, speed and time-to-accuracy phrases for a variant.
+fn accuracy_and_speed(v: &VariantResult, base: &VariantResult) -> Vec<String> {
+    let mut parts = Vec::new();
+    if let (Some(a), Some(b)) = (v.top1, base.top1) {
+        let d = 100.0 * (a - b);
+        parts.push(if d.abs() < 1.0 {
+            format!("accuracy within a point of the baseline ({d:+.2})")
+        } else if d > 0.0 {
+            format!("accuracy {d:+.2} points better")
+        } else {
+            format!("accuracy {d:+.2} points worse")
+        });
+    }
+    if v.kind != Kind::Train {
+        return parts;
+    }
+    if let (Some(a), Some(b)) = (v.img_per_s, base.img_per_s) {
+        let r = a / b;
+        parts.push(if (r - 1.0).abs() < 0.1 {
+            format!("training speed about the same ({r:.2}x img/s)")
+        } else if r > 1.0 {
+            format!("{r:.2}x the baseline's img/s")
+        } else {
+            format!("slower: {r:.2}x the baseline's img/s")
+        });
+    }
+    let target = base.top1;
+    match (
+        target.and_then(|t| v.time_to(t)),
+        target.and_then(|t| base.time_to(t)),
+    ) {
+        (Some(t), Some(tb)) => parts.push(format!(
+            "reached the baseline's final accuracy after {t:.0} s ({:.2}x)",
+            t / tb
+        )),
+        _ if target.is_some() => parts.push("did not reach the baseline's final accuracy".into()),
+        _ => {}
+    }
+    parts
+}
+
+/// The reading's size, MACs and memory phrases, when they differ from the baseline's.
+fn costs(v: &VariantResult, base: &VariantResult) -> Vec<String> {
+    let mut parts = Vec::new();
+    if let (Some(a), Some(b)) = (v.bytes, base.bytes) {
+        let r = a as f64 / b as f64;
+        if (r - 1.0).abs() >= 0.05 {
+            parts.push(format!("model file {r:.2}x the baseline's"));
+        }
+    }
+    if let (Some(a), Some(b)) = (v.macs, base.macs) {
+        let r = a as f64 / b as f64;
+        if (r - 1.0).abs() >= 0.05 {
+            parts.push(format!("{r:.2}x the MACs"));
+        }
+    }
+    // Peak memory compares training processes only (a quantiser is no training run).
+    if let (Kind::Train, Some(a), Some(b)) = (v.kind, v.peak_rss_mib, base.peak_rss_mib) {
+        let r = a / b;
+        if (r - 1.0).abs() >= 0.1 {
+            parts.push(format!("peak memory {r:.2}x"));
+        }
+    }
+    parts
 }
 
 fn markdown(report: &Report) -> String {
@@ -525,15 +341,10 @@ fn markdown(report: &Report) -> String {
         report.machine.os,
         report.data
     );
-    let (head, rows) = table(report);
     let _ = writeln!(s, "## Results\n\nRatios in brackets are against the baseline.\n");
-    let _ = writeln!(s, "| {} |", head.join(" | "));
-    let _ = writeln!(
-        s,
-        "|{}|",
-        head.iter().map(|_| "---").collect::<Vec<_>>().join("|")
-    );
-    for r in &rows {
+    let _ = writeln!(s, "| {} |", COLUMNS.join(" | "));
+    let _ = writeln!(s, "|{}|", COLUMNS.map(|_| "---").join("|"));
+    for r in &table(report) {
         let cells: Vec<String> = r
             .iter()
             .map(|c| c.replace('|', "\\|").replace('\n', " "))
@@ -544,31 +355,7 @@ fn markdown(report: &Report) -> String {
     for line in reading(report) {
         let _ = writeln!(s, "- {line}");
     }
-    let torch: Vec<&VariantResult> = report.variants.iter().filter(|v| v.pytorch.is_some()).collect();
-    if !torch.is_empty() {
-        let _ = writeln!(
-            s,
-            "\n## brisk and PyTorch, one training step side by side\n\n\
-             `brisk bench step` and ../shared/reference/torch_train_step.py on random data, same model, batch, precision and threads, run one after the other.\n\n\
-             | variant | model | batch | precision | brisk img/s | PyTorch img/s | brisk/PyTorch |\n|---|---|---|---|---|---|---|"
-        );
-        for v in torch {
-            if let Some(t) = &v.pytorch {
-                let _ = writeln!(
-                    s,
-                    "| {} | {} w{} | {} | {} | {:.1} | {:.1} | {:.2} |",
-                    v.name,
-                    t.arch,
-                    t.width,
-                    t.batch,
-                    t.precision,
-                    t.brisk_img_per_s,
-                    t.torch_img_per_s,
-                    t.ratio
-                );
-            }
-        }
-    }
+    s.push_str(&torch_section(report));
     let _ = writeln!(
         s,
         "\n## Plots\n\n![accuracy vs wall time](accuracy_vs_time.svg)\n\n![training speed](speed.svg)\n\n![model size](size.svg)\n\n![accuracy](accuracy.svg)\n"
@@ -584,6 +371,33 @@ fn markdown(report: &Report) -> String {
          the numbers above are in results.json and results.csv.",
         report.experiment
     );
+    s
+}
+
+/// The brisk-vs-PyTorch table, when `--with-pytorch` measured any.
+fn torch_section(report: &Report) -> String {
+    let mut s = String::new();
+    let torch: Vec<_> = report
+        .variants
+        .iter()
+        .filter_map(|v| Some((v, v.pytorch.as_ref()?)))
+        .collect();
+    if torch.is_empty() {
+        return s;
+    }
+    let _ = writeln!(
+        s,
+        "\n## brisk and PyTorch, one training step side by side\n\n\
+         `brisk bench step` and scripts/torch_reference.py on random data, same model, batch, precision and threads, run one after the other.\n\n\
+         | variant | model | batch | precision | brisk img/s | PyTorch img/s | brisk/PyTorch |\n|---|---|---|---|---|---|---|"
+    );
+    for (v, t) in torch {
+        let _ = writeln!(
+            s,
+            "| {} | {} w{} | {} | {} | {:.1} | {:.1} | {:.2} |",
+            v.name, t.arch, t.width, t.batch, t.precision, t.brisk_img_per_s, t.torch_img_per_s, t.ratio
+        );
+    }
     s
 }
 
@@ -605,9 +419,9 @@ fn csv(report: &Report) -> String {
     for v in &report.variants {
         let row = [
             csv_field(&v.name),
-            format!("{:?}", v.kind).to_lowercase(),
+            v.kind.name().to_string(),
             v.ranks.to_string(),
-            format!("{:?}", v.status).to_lowercase(),
+            v.status.name().to_string(),
             f(v.top1),
             f(v.top5),
             f(v.best_top1),
@@ -668,13 +482,12 @@ fn html(report: &Report, dir: &Path) -> Result<String> {
         escape(&report.machine.os),
         escape(&report.data)
     );
-    let (head, rows) = table(report);
     s.push_str("<h2>Results</h2><p>Ratios in brackets are against the baseline.</p><table><tr>");
-    for h in head {
+    for h in COLUMNS {
         let _ = write!(s, "<th>{}</th>", escape(h));
     }
     s.push_str("</tr>\n");
-    for r in rows {
+    for r in table(report) {
         s.push_str("<tr>");
         for c in r {
             let _ = write!(s, "<td>{}</td>", escape(&c));
@@ -855,127 +668,6 @@ pub fn write(report: &Report, dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Runs a command, returning its stdout or why it failed.
-fn output(cmd: &mut Command) -> std::result::Result<String, String> {
-    match cmd.output() {
-        Ok(o) if o.status.success() => Ok(String::from_utf8_lossy(&o.stdout).into_owned()),
-        Ok(o) => Err(String::from_utf8_lossy(&o.stderr)
-            .lines()
-            .last()
-            .unwrap_or("")
-            .to_string()),
-        Err(e) => Err(e.to_string()),
-    }
-}
-
-/// Adds PyTorch's training-step img/s beside brisk's for each distinct (model, batch,
-/// precision) of the single-rank fixed-batch training variants.
-pub fn add_pytorch(
-    results: &mut [VariantResult],
-    plans: &[&Plan],
-    brisk: &Path,
-    classes: usize,
-    image: usize,
-) -> Result<()> {
-    if let Err(why) = output(Command::new("python3").args(["-c", "import torch, torchvision"])) {
-        eprintln!("xtask: --with-pytorch: skipped, python3 cannot import torch ({why}); pip install torch torchvision");
-        return Ok(());
-    }
-    let script = crate::root()?.join("../shared/reference/torch_train_step.py");
-    if !script.is_file() {
-        eprintln!("xtask: --with-pytorch: skipped, {} is missing", script.display());
-        return Ok(());
-    }
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let mut seen: Vec<(String, Torch)> = Vec::new();
-    for r in results.iter_mut() {
-        let Some(plan) = plans.iter().find(|p| p.name == r.name) else {
-            continue;
-        };
-        let Some(text) = plan.config.as_deref() else {
-            continue;
-        };
-        if plan.kind != Kind::Train || plan.ranks != 1 || r.status != Status::Done {
-            continue;
-        }
-        let config = brisk_train::TrainConfig::from_toml_str(text, &r.name)?;
-        let brisk_train::BatchSchedule::Fixed { size: batch } = config.batch else {
-            continue;
-        };
-        let spec = config.model_spec(classes, 3, image)?;
-        let arch = spec.arch.name().to_string();
-        if !matches!(arch.as_str(), "resnet18" | "seresnet18") {
-            continue;
-        }
-        let precision = config.precision.mode.name().to_string();
-        let key = format!("{arch}/{}/{batch}/{precision}", spec.width);
-        if let Some((_, t)) = seen.iter().find(|(k, _)| *k == key) {
-            r.pytorch = Some(t.clone());
-            continue;
-        }
-        let torch_dtype = if precision == "f32" { "f32" } else { "bf16" };
-        let stem = format!("{:?}", spec.stem).to_lowercase();
-        let common = [
-            "--batch".to_string(),
-            batch.to_string(),
-            "--threads".into(),
-            threads.to_string(),
-            "--steps".into(),
-            "5".into(),
-        ];
-        eprintln!("xtask: --with-pytorch: {key}");
-        let b = output(
-            Command::new(brisk)
-                .args(["bench", "step", "--json", "--arch", &arch, "--stem", &stem])
-                .args(["--width", &spec.width.to_string(), "--dtype", &precision])
-                .args(["--classes", &classes.to_string(), "--image", &image.to_string()])
-                .args(&common),
-        );
-        let t = output(
-            Command::new("python3")
-                .arg(&script)
-                .args([
-                    "--arch",
-                    &arch,
-                    "--stem",
-                    &stem,
-                    "--width",
-                    &spec.width.to_string(),
-                ])
-                .args(["--dtype", torch_dtype])
-                .args(["--classes", &classes.to_string(), "--image", &image.to_string()])
-                .args(&common),
-        );
-        let (Ok(b), Ok(t)) = (b, t) else {
-            eprintln!("xtask: --with-pytorch: {key}: a measurement failed; left out");
-            continue;
-        };
-        let brisk_ips = serde_json::from_str::<serde_json::Value>(b.trim())
-            .ok()
-            .and_then(|v| v["img_per_s"].as_f64());
-        let torch_ips = t
-            .split("img/s median ")
-            .nth(1)
-            .and_then(|x| x.split_whitespace().next())
-            .and_then(|x| x.parse::<f64>().ok());
-        if let (Some(bi), Some(ti)) = (brisk_ips, torch_ips) {
-            let torch = Torch {
-                arch: arch.clone(),
-                width: spec.width,
-                batch,
-                precision: format!("{precision} (PyTorch {torch_dtype})"),
-                threads,
-                brisk_img_per_s: bi,
-                torch_img_per_s: ti,
-                ratio: bi / ti,
-            };
-            seen.push((key, torch.clone()));
-            r.pytorch = Some(torch);
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1055,38 +747,6 @@ mod tests {
         let back: Report = serde_json::from_str(&std::fs::read_to_string(dir.path().join("results.json"))?)?;
         assert_eq!(back.variants.len(), 4);
         assert_eq!(back.variants[3].status, Status::Skipped);
-        Ok(())
-    }
-
-    #[test]
-    fn figures_are_read_from_a_run_folder() -> Result<()> {
-        let dir = tempfile::tempdir()?;
-        let run = dir.path();
-        std::fs::write(
-            run.join("summary.json"),
-            r#"{"top1":0.5,"top5":0.9,"best_top1":0.55,"updates":7,"img_per_s":80.5,"data_wait":0.01,
-                "train_s":10.0,"params":1234,"macs":99,"peak_rss_mib":250.0}"#,
-        )?;
-        std::fs::write(
-            run.join("metrics.jsonl"),
-            "{\"event\":\"step\",\"elapsed_s\":1.0}\n{\"event\":\"eval\",\"elapsed_s\":5.0,\"top1\":0.4}\n\
-             {\"event\":\"eval\",\"elapsed_s\":11.0,\"top1\":0.5}\n",
-        )?;
-        std::fs::write(run.join("model.safetensors"), [0u8; 64])?;
-        let plans = crate::experiment::plan(&toml::from_str(
-            "description = \"d\"\n[data]\n[baseline]\n[[variants]]\nname = \"p\"\nkind = \"prune\"\nargs = [\"--sparsity\", \"0.5\"]\n",
-        )?)?;
-        let mut r = VariantResult::new("baseline", "", Kind::Train, "h", 1);
-        fill(&mut r, &plans[0], run, "", None)?;
-        assert_eq!(r.curve, vec![(5.0, 0.4), (11.0, 0.5)]);
-        assert_eq!((r.updates, r.bytes, r.top1), (Some(7), Some(64), Some(0.5)));
-        assert_eq!(r.time_to(0.45), Some(11.0));
-        // A pruning variant takes accuracy and size from brisk's JSON line.
-        let mut p = VariantResult::new("p", "", Kind::Prune, "h", 1);
-        let stdout = "progress\n{\"method\":\"global\",\"before\":{},\"after\":{\"top1\":0.49,\"params\":600,\"macs\":99,\"bytes\":32}}\n";
-        fill(&mut p, &plans[1], run, stdout, Some(300.0))?;
-        assert_eq!((p.top1, p.params, p.bytes), (Some(0.49), Some(600), Some(32)));
-        assert_eq!(p.img_per_s, Some(80.5));
         Ok(())
     }
 }

@@ -1,11 +1,12 @@
 //! The `brisk` binary as a user meets it: output, JSON contract, exit codes, errors.
 
-use std::process::{Command, Output};
+use std::process::Output;
 
 use anyhow::Result;
+use brisk_testkit::Brisk;
 
 fn brisk(args: &[&str]) -> Result<Output> {
-    Ok(Command::new(env!("CARGO_BIN_EXE_brisk")).args(args).output()?)
+    Brisk(env!("CARGO_BIN_EXE_brisk")).run(args)
 }
 
 #[test]

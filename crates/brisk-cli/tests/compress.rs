@@ -2,20 +2,18 @@
 //! a model `brisk eval` reads and reports before → after with the promised direction.
 
 use std::path::Path;
-use std::process::Command;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
+use brisk_testkit::Brisk;
+
+const BRISK: Brisk = Brisk(env!("CARGO_BIN_EXE_brisk"));
 
 fn brisk(args: &[&str]) -> Result<String> {
-    let out = Command::new(env!("CARGO_BIN_EXE_brisk")).args(args).output()?;
-    if !out.status.success() {
-        bail!("brisk {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(String::from_utf8(out.stdout)?)
+    Ok(String::from_utf8(BRISK.ok(args)?.stdout)?)
 }
 
 fn json(args: &[&str]) -> Result<serde_json::Value> {
-    Ok(serde_json::from_str(brisk(args)?.trim())?)
+    BRISK.json(args)
 }
 
 fn s(p: &Path) -> &str {

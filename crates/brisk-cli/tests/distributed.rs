@@ -5,59 +5,19 @@
 #![cfg(feature = "mpi")]
 
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use brisk_models::Network;
+use brisk_testkit::{max_rel, mpirun, ok, Brisk};
 use candle_core::Device;
 
 const BRISK: &str = env!("CARGO_BIN_EXE_brisk");
 
-/// `mpirun` with what a test needs wherever it runs: root allowed (CI runs as root),
-/// more ranks than cores allowed.
-fn mpirun() -> Command {
-    let mut c = Command::new("mpirun");
-    c.env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .arg("--oversubscribe");
-    c
-}
-
-fn output(mut c: Command) -> Result<Output> {
-    c.output().with_context(|| format!("cannot run {c:?}"))
-}
-
-fn ok(c: Command) -> Result<Output> {
-    let what = format!("{c:?}");
-    let out = output(c)?;
-    if !out.status.success() {
-        bail!(
-            "{what} failed:\n{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(out)
-}
-
 /// Packs a small synthetic set of 16x16 images into `dir`.
 fn pack(dir: &Path, train: usize) -> Result<()> {
-    let mut c = Command::new(BRISK);
-    c.args([
-        "pack",
-        "synthetic",
-        "--train",
-        &train.to_string(),
-        "--test",
-        "32",
-        "--size",
-        "16",
-    ])
-    .arg("--out")
-    .arg(dir);
-    ok(c)?;
-    Ok(())
+    Brisk(BRISK).pack(dir, train, 32, 16)
 }
 
 /// Training flags shared by the runs: a narrow ResNet-18, one compute thread per
@@ -90,24 +50,20 @@ fn max_relative_differences(a: &Path, b: &Path) -> Result<Vec<(String, f64)>> {
     let mut out = Vec::new();
     for ((name, x), (name_b, y)) in ta.iter().zip(&tb) {
         assert_eq!(name, name_b);
-        let x = x.flatten_all()?.to_vec1::<f32>()?;
-        let y = y.flatten_all()?.to_vec1::<f32>()?;
-        let scale = y.iter().fold(0f64, |m, v| m.max(f64::from(v.abs()))).max(1e-12);
-        let diff = x
-            .iter()
-            .zip(&y)
-            .fold(0f64, |m, (p, q)| m.max(f64::from((p - q).abs())));
-        out.push((name.clone(), diff / scale));
+        out.push((name.clone(), f64::from(max_rel(x, y)?)));
     }
     Ok(out)
 }
 
 /// The worst tensor of `two` against `one`: name and max relative difference.
 fn worst(one: &Path, two: &Path) -> Result<(String, f64)> {
-    max_relative_differences(&two.join("model.safetensors"), &one.join("model.safetensors"))?
-        .into_iter()
-        .max_by(|a, b| a.1.total_cmp(&b.1))
-        .context("no tensors")
+    max_relative_differences(
+        &two.join(brisk_models::MODEL_FILE),
+        &one.join(brisk_models::MODEL_FILE),
+    )?
+    .into_iter()
+    .max_by(|a, b| a.1.total_cmp(&b.1))
+    .context("no tensors")
 }
 
 #[test]
@@ -149,11 +105,11 @@ fn two_ranks_at_batch_b_equal_one_rank_at_batch_2b() -> Result<()> {
         );
         let mut single = Command::new(BRISK);
         single.args(train_args(&data, &one, 2 * batch, &extra));
-        ok(single)?;
+        ok(&mut single)?;
         let mut pair = mpirun();
         pair.args(["-np", "2", BRISK])
             .args(train_args(&data, &two, *batch, &extra));
-        ok(pair)?;
+        ok(&mut pair)?;
         let summary: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(two.join("summary.json"))?)?;
         assert_eq!(summary["world"], 2);
@@ -170,7 +126,7 @@ fn two_ranks_at_batch_b_equal_one_rank_at_batch_2b() -> Result<()> {
         .copied()
         .collect();
     c.args(train_args(&data, &other, 32, &extra));
-    ok(c)?;
+    ok(&mut c)?;
     assert!(worst(&dir.path().join("one1"), &other)?.1 > 1e-3);
     Ok(())
 }
@@ -274,7 +230,7 @@ fn ranks_with_different_configurations_are_refused_naming_the_field() -> Result<
         .args(train_args(&data, &out, 8, &["--lr", "0.1"]))
         .args([":", "-np", "1", BRISK])
         .args(train_args(&data, &out, 8, &["--lr", "0.2"]));
-    let result = output(c)?;
+    let result = c.output()?;
     assert!(!result.status.success());
     let text = format!(
         "{}{}",

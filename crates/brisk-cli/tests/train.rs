@@ -6,39 +6,25 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
+use brisk_testkit::Brisk;
+
+const BRISK: Brisk = Brisk(env!("CARGO_BIN_EXE_brisk"));
 
 fn brisk() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_brisk"))
+    BRISK.command()
 }
 
 fn run(args: &[&str]) -> Result<Output> {
-    Ok(brisk().args(args).output()?)
+    BRISK.run(args)
 }
 
 fn ok(args: &[&str]) -> Result<Output> {
-    let out = run(args)?;
-    if !out.status.success() {
-        bail!("brisk {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(out)
+    BRISK.ok(args)
 }
 
 /// Packs a small synthetic set of 16x16 images into `dir`.
 fn pack(dir: &Path, train: usize) -> Result<()> {
-    let d = dir.to_str().expect("utf-8 path");
-    ok(&[
-        "pack",
-        "synthetic",
-        "--out",
-        d,
-        "--train",
-        &train.to_string(),
-        "--test",
-        "64",
-        "--size",
-        "16",
-    ])?;
-    Ok(())
+    BRISK.pack(dir, train, 64, 16)
 }
 
 /// The training flags both runs of the resume test share: about 200 updates of a

@@ -14,12 +14,17 @@ pub enum Error {
     Format { path: PathBuf, message: String },
 
     /// A file could not be read or written.
-    #[error("{what} {}: {cause}", path.display())]
-    Io {
-        what: &'static str,
-        path: PathBuf,
-        cause: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] brisk_files::Error),
+
+    #[error(transparent)]
+    Spec(#[from] brisk_spec::Error),
+
+    #[error(transparent)]
+    Data(#[from] brisk_data::Error),
+
+    #[error(transparent)]
+    Schema(#[from] brisk_schema::Error),
 
     #[error(transparent)]
     Model(#[from] brisk_models::Error),
@@ -33,3 +38,9 @@ pub enum Error {
 
 /// The result type of brisk-compress.
 pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    pub(crate) fn io(what: &'static str, path: &std::path::Path, cause: std::io::Error) -> Self {
+        Error::Io(brisk_files::Error::new(what, path, cause))
+    }
+}

@@ -13,7 +13,9 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use brisk_models::Network;
+use brisk_models::{Network, Role};
+use brisk_spec::tensor_name;
+use brisk_spec::tensors::BATCH_NORM_ROLES;
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
@@ -21,13 +23,40 @@ use crate::error::{Error, Result};
 
 /// How filters are ranked (the lowest go).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[serde(rename_all = "kebab-case")]
 pub enum FilterCriterion {
     /// L1 norm of the filter's weights (Li et al., "Pruning Filters for Efficient ConvNets").
     #[default]
     L1,
     /// |γ| of the batch-norm after the filter (Liu et al., "Network Slimming").
     BnScale,
+}
+
+impl FilterCriterion {
+    pub const ALL: [FilterCriterion; 2] = [FilterCriterion::L1, FilterCriterion::BnScale];
+    pub const NAMES: [&'static str; 2] = [FilterCriterion::L1.name(), FilterCriterion::BnScale.name()];
+
+    /// The name `--criterion` takes.
+    pub const fn name(self) -> &'static str {
+        match self {
+            FilterCriterion::L1 => "l1",
+            FilterCriterion::BnScale => "bn-scale",
+        }
+    }
+}
+
+impl std::str::FromStr for FilterCriterion {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        FilterCriterion::ALL
+            .into_iter()
+            .find(|c| c.name() == s)
+            .ok_or_else(|| Error::InvalidConfig {
+                field: "criterion",
+                problem: format!("{s:?} is not one of {}", FilterCriterion::NAMES.join(", ")),
+            })
+    }
 }
 
 /// The indices of the `keep` highest `scores`, in ascending index order.
@@ -67,11 +96,15 @@ pub fn prune_filters(
     let mut channels = spec.resolved_channels();
     let mut kept_all = Vec::new();
     for (i, plan) in spec.blocks().iter().enumerate() {
-        let n = &plan.name;
-        let conv1 = take(&tensors, &format!("{n}.conv1.weight"))?;
+        let (conv1, bn1, conv2) = (
+            tensor_name(&plan.conv1(), Role::ConvWeight),
+            plan.bn1(),
+            tensor_name(&plan.conv2(), Role::ConvWeight),
+        );
+        let conv1_weight = take(&tensors, &conv1)?;
         let scores: Vec<f32> = match criterion {
-            FilterCriterion::L1 => conv1.abs()?.flatten_from(1)?.sum(1)?.to_vec1::<f32>()?,
-            FilterCriterion::BnScale => take(&tensors, &format!("{n}.bn1.weight"))?
+            FilterCriterion::L1 => conv1_weight.abs()?.flatten_from(1)?.sum(1)?.to_vec1::<f32>()?,
+            FilterCriterion::BnScale => take(&tensors, &tensor_name(&bn1, Role::BnWeight { zero: false }))?
                 .abs()?
                 .to_vec1::<f32>()?,
         };
@@ -79,16 +112,16 @@ pub fn prune_filters(
         let kept = top(&scores, k);
         let idx = Tensor::new(kept.as_slice(), &Device::Cpu)?;
         let select = |t: Tensor, dim: usize| t.to_device(&Device::Cpu)?.index_select(&idx, dim);
-        tensors.insert(format!("{n}.conv1.weight"), select(conv1, 0)?);
-        for s in ["weight", "bias", "running_mean", "running_var"] {
-            let name = format!("{n}.bn1.{s}");
+        tensors.insert(conv1, select(conv1_weight, 0)?);
+        for role in BATCH_NORM_ROLES {
+            let name = tensor_name(&bn1, role);
             let t = take(&tensors, &name)?;
             tensors.insert(name, select(t, 0)?);
         }
-        let conv2 = take(&tensors, &format!("{n}.conv2.weight"))?;
-        tensors.insert(format!("{n}.conv2.weight"), select(conv2, 1)?);
+        let conv2_weight = take(&tensors, &conv2)?;
+        tensors.insert(conv2, select(conv2_weight, 1)?);
         channels.blocks[i].mid = k;
-        kept_all.push((n.clone(), kept));
+        kept_all.push((plan.name.clone(), kept));
     }
     spec.channels = Some(channels);
     let pruned = Network::from_named(
@@ -104,6 +137,7 @@ pub fn prune_filters(
 mod tests {
     use super::*;
     use brisk_models::ModelSpec;
+    use brisk_testkit::randn;
 
     /// The pruned model computes exactly what the original computes with the removed
     /// channels silenced: their conv1 filters and their bn1 γ and β set to zero (so the
@@ -124,7 +158,7 @@ mod tests {
             let mut spec = spec;
             spec.image_size = 16;
             let net = Network::new(spec, 6, &dev)?;
-            let x = Tensor::randn(0f32, 1.0, (4, 3, 16, 16), &dev)?;
+            let x = randn(1, 0.0, 1.0, (4, 3, 16, 16))?;
             for _ in 0..2 {
                 net.forward_t(&x, true)?; // non-trivial running statistics
             }

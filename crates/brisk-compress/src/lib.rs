@@ -1,12 +1,15 @@
 //! Smaller models from trained ones: unstructured magnitude pruning (global or per layer,
 //! one shot or gradual, masks kept through fine-tuning by a training hook), sparse
 //! checkpoints, structured filter pruning into a smaller dense `ModelSpec`, knowledge
-//! distillation as a training loss, and int8 weights.
+//! distillation as a training loss, int8 weights, and the before/after figures the
+//! compression commands report (`measure`).
 
 pub mod distill;
 pub mod error;
 pub mod filter;
 pub mod masks;
+pub mod measure;
+pub mod prune;
 pub mod quantize;
 pub mod sparse;
 
@@ -14,6 +17,8 @@ pub use distill::Distillation;
 pub use error::{Error, Result};
 pub use filter::{prune_filters, FilterCriterion};
 pub use masks::{GradualPruning, MaskHook, Masks, PruneSchedule, Scope};
+pub use measure::{measure, nonzero_params};
+pub use prune::{FineTune, PruneMethod, PruneOptions, Pruning};
 
 use std::path::Path;
 
@@ -44,7 +49,7 @@ where
             path: path.to_path_buf(),
             message: e.to_string(),
         })?;
-    brisk_models::write_atomic(path, &bytes)?;
+    brisk_files::write_atomic(path, &bytes)?;
     brisk_models::write_sidecar(path, spec)?;
     Ok(())
 }
@@ -52,11 +57,7 @@ where
 /// The `format` entry of a safetensors file's metadata, if any.
 pub fn model_format(path: &Path) -> Result<Option<String>> {
     use std::io::Read;
-    let io = |e| Error::Io {
-        what: "cannot read",
-        path: path.to_path_buf(),
-        cause: e,
-    };
+    let io = |e| Error::io("cannot read", path, e);
     let mut file = std::fs::File::open(path).map_err(io)?;
     let mut len = [0u8; 8];
     file.read_exact(&mut len).map_err(io)?;

@@ -3,7 +3,9 @@
 //! them after every optimiser step, so pruned weights stay exactly zero while the rest
 //! fine-tune) and `GradualPruning` (Zhu & Gupta's cubic sparsity schedule, as a hook).
 
-use brisk_models::Network;
+use brisk_models::{Network, Role};
+use brisk_spec::tensor_name;
+use brisk_spec::tensors::{CLASSIFIER, STEM_CONV};
 use brisk_train::{Hook, StepContext};
 use candle_core::{DType, Tensor, Var};
 use serde::{Deserialize, Serialize};
@@ -24,24 +26,23 @@ pub enum Scope {
 /// The layers pruning leaves alone by default: the stem convolution and the classifier,
 /// which are small and sensitive.
 pub fn default_exclusions() -> Vec<String> {
-    vec!["conv1.weight".into(), "fc.weight".into()]
+    vec![
+        tensor_name(STEM_CONV, Role::ConvWeight),
+        tensor_name(CLASSIFIER, Role::LinearWeight),
+    ]
 }
 
-/// The prunable weights: convolution kernels and the classifier's matrix (not biases or
-/// batch-norm parameters), minus the excluded names. A name in `exclude` matches a tensor
-/// exactly or as a prefix (`layer1` excludes every weight of the first stage).
+/// The prunable weights: convolution kernels and the classifier's matrix (the tensor
+/// table's weight matrices; not biases or batch-norm parameters), minus the excluded
+/// names. A name in `exclude` matches a tensor exactly or as a prefix (`layer1` excludes
+/// every weight of the first stage).
 pub fn prunable(net: &Network, exclude: &[String]) -> Result<Vec<(String, Var)>> {
-    Ok(net
-        .trainable_vars()?
-        .into_iter()
-        .filter(|(name, var)| {
-            name.ends_with(".weight")
-                && var.as_tensor().rank() >= 2
-                && !exclude
-                    .iter()
-                    .any(|e| name == e || name.starts_with(&format!("{e}.")))
-        })
-        .collect())
+    let excluded = |name: &str| {
+        exclude
+            .iter()
+            .any(|e| name == e || name.starts_with(&format!("{e}.")))
+    };
+    Ok(net.vars_where(|t| t.role.is_weight_matrix() && !excluded(&t.name))?)
 }
 
 /// A 0/1 mask per pruned tensor.

@@ -7,15 +7,14 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use brisk_models::{read_sidecar, Network};
+use brisk_models::{read_sidecar, Network, Role};
+use brisk_spec::{tensor_name, BN_EPS};
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
 
 pub const FORMAT: &str = "brisk-int8";
 const SCALE: &str = "::scale";
-/// brisk-models' batch-norm epsilon.
-const BN_EPS: f64 = 1e-5;
 
 /// Per-row symmetric int8: (q, scales) for a weight whose first dimension is the output.
 fn quantize_rows(w: &Tensor) -> Result<(Vec<i8>, Vec<f32>)> {
@@ -78,6 +77,12 @@ impl safetensors::View for &Raw {
 /// Folds batch-norm into the convolutions and quantises; returns the tensors to store.
 fn quantized_tensors(net: &Network) -> Result<Vec<(String, Raw)>> {
     let mut t: HashMap<String, Tensor> = net.named_tensors()?.into_iter().collect();
+    let roles: HashMap<String, Role> = net
+        .spec()
+        .tensors()
+        .into_iter()
+        .map(|i| (i.name, i.role))
+        .collect();
     let get = |t: &HashMap<String, Tensor>, n: &str| {
         t.get(n).cloned().ok_or_else(|| Error::InvalidConfig {
             field: "model",
@@ -86,33 +91,37 @@ fn quantized_tensors(net: &Network) -> Result<Vec<(String, Raw)>> {
     };
     let mut out = Vec::new();
     let dev = Device::Cpu;
-    for (conv, bn) in conv_pairs_of(net.spec()) {
-        let w = get(&t, &format!("{conv}.weight"))?;
-        let gamma = get(&t, &format!("{bn}.weight"))?;
-        let beta = get(&t, &format!("{bn}.bias"))?;
-        let mean = get(&t, &format!("{bn}.running_mean"))?;
-        let var = get(&t, &format!("{bn}.running_var"))?;
+    for pair in net.spec().conv_bn_pairs() {
+        let (conv, bn) = (&pair.conv, &pair.bn);
+        let mut take = |role: Role| {
+            let name = tensor_name(if role == Role::ConvWeight { conv } else { bn }, role);
+            let value = get(&t, &name);
+            t.remove(&name);
+            value
+        };
+        let w = take(Role::ConvWeight)?;
+        let gamma = take(Role::BnWeight { zero: false })?;
+        let beta = take(Role::BnBias)?;
+        let mean = take(Role::RunningMean)?;
+        let var = take(Role::RunningVar)?;
         let scale = (gamma / (var + BN_EPS)?.sqrt()?)?;
         let folded = w.broadcast_mul(&scale.reshape((scale.dim(0)?, 1, 1, 1))?)?;
         let bias = (beta - (mean * &scale)?)?;
         let (q, s) = quantize_rows(&folded)?;
-        out.push((format!("{conv}.weight"), Raw::i8(q, folded.dims())));
+        let weight = tensor_name(conv, Role::ConvWeight);
+        out.push((weight.clone(), Raw::i8(q, folded.dims())));
         let n = s.len();
         out.push((
-            format!("{conv}.weight{SCALE}"),
+            format!("{weight}{SCALE}"),
             Raw::f32(&Tensor::from_vec(s, n, &dev)?)?,
         ));
-        out.push((format!("{bn}.bias"), Raw::f32(&bias)?));
-        for suffix in ["weight", "bias", "running_mean", "running_var"] {
-            t.remove(&format!("{bn}.{suffix}"));
-        }
-        t.remove(&format!("{conv}.weight"));
+        out.push((tensor_name(bn, Role::BnBias), Raw::f32(&bias)?));
     }
     // What is left: the classifier and SE layers (weights quantised, biases kept).
     let mut rest: Vec<(String, Tensor)> = t.into_iter().collect();
     rest.sort_by(|a, b| a.0.cmp(&b.0));
     for (name, w) in rest {
-        if name.ends_with(".weight") && w.rank() >= 2 {
+        if roles.get(&name).is_some_and(|r| r.is_weight_matrix()) {
             let (q, s) = quantize_rows(&w)?;
             out.push((name.clone(), Raw::i8(q, w.dims())));
             let n = s.len();
@@ -141,11 +150,7 @@ pub fn load(path: &Path, device: &Device) -> Result<Network> {
         path: path.to_path_buf(),
         message,
     };
-    let bytes = std::fs::read(path).map_err(|e| Error::Io {
-        what: "cannot read",
-        path: path.to_path_buf(),
-        cause: e,
-    })?;
+    let bytes = std::fs::read(path).map_err(|e| Error::io("cannot read", path, e))?;
     let file = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
     let dev = Device::Cpu;
     let f32_of = |name: &str| -> Result<Tensor> {
@@ -181,36 +186,30 @@ pub fn load(path: &Path, device: &Device) -> Result<Network> {
         }
     }
     // The folded batch-norms: identity (γ = 1, μ = 0, σ² = 1 − ε) plus the folded bias.
-    for (_, bn) in conv_pairs_of(&spec) {
-        let c = f32_of(&format!("{bn}.bias"))?.dim(0)?;
-        tensors.push((format!("{bn}.weight"), Tensor::ones(c, DType::F32, &dev)?));
-        tensors.push((format!("{bn}.running_mean"), Tensor::zeros(c, DType::F32, &dev)?));
+    for pair in spec.conv_bn_pairs() {
+        let bn = &pair.bn;
+        let c = f32_of(&tensor_name(bn, Role::BnBias))?.dim(0)?;
         tensors.push((
-            format!("{bn}.running_var"),
+            tensor_name(bn, Role::BnWeight { zero: false }),
+            Tensor::ones(c, DType::F32, &dev)?,
+        ));
+        tensors.push((
+            tensor_name(bn, Role::RunningMean),
+            Tensor::zeros(c, DType::F32, &dev)?,
+        ));
+        tensors.push((
+            tensor_name(bn, Role::RunningVar),
             Tensor::full((1.0 - BN_EPS) as f32, c, &dev)?,
         ));
     }
     Ok(Network::from_named(spec, tensors, path, device)?)
 }
 
-/// (convolution, the batch-norm that follows it) name prefixes.
-fn conv_pairs_of(spec: &brisk_models::ModelSpec) -> Vec<(String, String)> {
-    let mut pairs = vec![("conv1".to_string(), "bn1".to_string())];
-    for b in spec.blocks() {
-        let n = &b.name;
-        pairs.push((format!("{n}.conv1"), format!("{n}.bn1")));
-        pairs.push((format!("{n}.conv2"), format!("{n}.bn2")));
-        if b.downsample {
-            pairs.push((format!("{n}.downsample.0"), format!("{n}.downsample.1")));
-        }
-    }
-    pairs
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use brisk_models::ModelSpec;
+    use brisk_testkit::randn;
 
     #[test]
     fn int8_files_are_a_quarter_and_compute_within_rounding() -> anyhow::Result<()> {
@@ -224,7 +223,7 @@ mod tests {
             spec.image_size = 16;
             let net = Network::new(spec, 4, &dev)?;
             // Realistic batch-norm statistics: a few training-mode forwards.
-            let x = Tensor::randn(0f32, 1.0, (8, 3, 16, 16), &dev)?;
+            let x = randn(1, 0.0, 1.0, (8, 3, 16, 16))?;
             for _ in 0..3 {
                 net.forward_t(&x, true)?;
             }

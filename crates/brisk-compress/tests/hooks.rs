@@ -6,22 +6,13 @@ use std::path::Path;
 use anyhow::Result;
 use brisk_compress::masks::{default_exclusions, Masks, Scope};
 use brisk_compress::{Distillation, GradualPruning, MaskHook, PruneSchedule};
-use brisk_data::{pack_synthetic, SyntheticConfig};
 use brisk_models::Network;
+use brisk_testkit::pack_synthetic;
 use brisk_train::{TrainConfig, Trainer};
 
 fn setup(dir: &Path) -> Result<(TrainConfig, Network)> {
     let data = dir.join("data");
-    pack_synthetic(
-        &data,
-        &SyntheticConfig {
-            train: 64,
-            test: 16,
-            seed: 3,
-            size: 16,
-        },
-        64,
-    )?;
+    pack_synthetic(&data, 64, 16, 16)?;
     let text = format!(
         "data = {data:?}\nout = {:?}\nepochs = 2\n[model]\nwidth = 0.125\n[batch]\nkind = \"fixed\"\nsize = 16\n[lr]\nbase = 0.05\n",
         dir.join("run")

@@ -22,12 +22,27 @@ pub enum Split {
 
 impl Split {
     pub const ALL: [Split; 2] = [Split::Train, Split::Test];
+    pub const NAMES: [&'static str; 2] = [Split::Train.name(), Split::Test.name()];
 
-    pub fn name(self) -> &'static str {
+    pub const fn name(self) -> &'static str {
         match self {
             Split::Train => "train",
             Split::Test => "test",
         }
+    }
+}
+
+impl std::str::FromStr for Split {
+    type Err = crate::Error;
+
+    fn from_str(s: &str) -> crate::Result<Self> {
+        Split::ALL
+            .into_iter()
+            .find(|x| x.name() == s)
+            .ok_or_else(|| crate::Error::InvalidConfig {
+                field: "split",
+                problem: format!("{s:?} is not one of {}", Split::NAMES.join(", ")),
+            })
     }
 }
 

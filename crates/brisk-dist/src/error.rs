@@ -31,6 +31,10 @@ pub enum Error {
     #[error("rank(s) {ranks} were started with a configuration different from rank 0's (every rank must run the same command)")]
     ConfigMismatchElsewhere { ranks: String },
 
+    /// A setting given to a distributed helper is out of range.
+    #[error("invalid setting: {problem}")]
+    Setting { problem: String },
+
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 

@@ -10,6 +10,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor};
 
 use crate::comm::Communicator;
+use crate::fusion::all_reduce_mean_fused;
 
 /// Synchronised batch-norm's per-channel sums, all-reduced over `comm`.
 #[derive(Debug)]
@@ -59,35 +60,6 @@ impl GradientAllReduce {
     }
 }
 
-/// Sums `bucket` across ranks, divides by the world size and hands each member's slice
-/// back as its averaged gradient.
-fn flush(
-    comm: &dyn Communicator,
-    bucket: &mut Vec<f32>,
-    members: &mut Vec<(usize, Tensor)>,
-    ctx: &StepContext,
-    grads: &mut GradStore,
-) -> crate::Result<()> {
-    if bucket.is_empty() {
-        return Ok(());
-    }
-    comm.all_reduce_sum(bucket)?;
-    let inv = 1.0 / comm.world() as f32;
-    let mut offset = 0;
-    for (i, like) in members.drain(..) {
-        let n = like.elem_count();
-        let avg: Vec<f32> = bucket[offset..offset + n].iter().map(|v| v * inv).collect();
-        offset += n;
-        let var = &ctx.params[i].1;
-        grads.insert(
-            var.as_tensor(),
-            Tensor::from_vec(avg, like.dims(), like.device())?,
-        );
-    }
-    bucket.clear();
-    Ok(())
-}
-
 impl Hook for GradientAllReduce {
     fn name(&self) -> &'static str {
         "gradient_all_reduce"
@@ -108,11 +80,7 @@ impl Hook for GradientAllReduce {
             return Ok(());
         }
         // Batch-norm running statistics, which each rank updated from its own batches.
-        let stats: Vec<_> = net
-            .all_vars()?
-            .into_iter()
-            .filter(|(name, _)| name.ends_with("running_mean") || name.ends_with("running_var"))
-            .collect();
+        let stats = net.buffer_vars()?;
         let mut fused = Vec::new();
         for (_, var) in &stats {
             fused.extend(var.as_tensor().flatten_all()?.to_vec1::<f32>()?);
@@ -140,24 +108,20 @@ impl Hook for GradientAllReduce {
         grads: &mut GradStore,
     ) -> brisk_train::Result<StepAction> {
         let start = std::time::Instant::now();
-        let cap = self.fusion_bytes / 4;
-        let mut bucket: Vec<f32> = Vec::new();
-        let mut members: Vec<(usize, Tensor)> = Vec::new();
-        for (i, (_, var)) in ctx.params.iter().enumerate() {
-            // Every rank contributes every parameter, zeros where it has no gradient,
-            // so the buffers line up.
-            let t = var.as_tensor();
-            let g = match grads.get(var) {
+        // Every rank contributes every parameter, zeros where it has no gradient, so the
+        // buffers line up.
+        let mut values = Vec::with_capacity(ctx.params.len());
+        for (_, var) in ctx.params {
+            values.push(match grads.get(var) {
                 Some(g) => g.flatten_all()?.to_vec1::<f32>()?,
-                None => vec![0f32; t.elem_count()],
-            };
-            if !bucket.is_empty() && bucket.len() + g.len() > cap {
-                flush(self.comm.as_ref(), &mut bucket, &mut members, ctx, grads).map_err(|e| self.err(e))?;
-            }
-            bucket.extend_from_slice(&g);
-            members.push((i, t.clone()));
+                None => vec![0f32; var.as_tensor().elem_count()],
+            });
         }
-        flush(self.comm.as_ref(), &mut bucket, &mut members, ctx, grads).map_err(|e| self.err(e))?;
+        all_reduce_mean_fused(self.comm.as_ref(), &mut values, self.fusion_bytes).map_err(|e| self.err(e))?;
+        for ((_, var), mean) in ctx.params.iter().zip(values) {
+            let t = var.as_tensor();
+            grads.insert(t, Tensor::from_vec(mean, t.dims(), t.device())?);
+        }
         self.comm_s += start.elapsed().as_secs_f64();
         Ok(StepAction::Apply)
     }
@@ -171,76 +135,10 @@ impl Hook for GradientAllReduce {
 mod tests {
     use super::*;
     use crate::comm::Local;
+    use crate::testing::run_ranks;
     use brisk_models::ModelSpec;
+    use brisk_testkit::randn;
     use candle_core::Device;
-    use std::sync::{Barrier, Mutex};
-
-    /// An in-process stand-in for MPI, for tests: `world` threads exchange buffers
-    /// through shared slots and a barrier.
-    #[derive(Debug)]
-    struct Threads {
-        rank: usize,
-        world: usize,
-        barrier: Arc<Barrier>,
-        slots: Arc<Mutex<Vec<Vec<f64>>>>,
-    }
-
-    impl Threads {
-        fn exchange(&self, mine: Vec<f64>) -> Vec<Vec<f64>> {
-            self.slots.lock().expect("slots")[self.rank] = mine;
-            self.barrier.wait();
-            let all = self.slots.lock().expect("slots").clone();
-            self.barrier.wait();
-            all
-        }
-    }
-
-    impl Communicator for Threads {
-        fn rank(&self) -> usize {
-            self.rank
-        }
-        fn world(&self) -> usize {
-            self.world
-        }
-        fn local_ranks(&self) -> usize {
-            self.world
-        }
-        fn all_reduce_sum(&self, buf: &mut [f32]) -> crate::Result<()> {
-            let all = self.exchange(buf.iter().map(|&v| f64::from(v)).collect());
-            for (i, b) in buf.iter_mut().enumerate() {
-                *b = all.iter().map(|r| r[i] as f32).sum();
-            }
-            Ok(())
-        }
-        fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> crate::Result<()> {
-            let all = self.exchange(buf.to_vec());
-            for (i, b) in buf.iter_mut().enumerate() {
-                *b = all.iter().map(|r| r[i]).sum();
-            }
-            Ok(())
-        }
-        fn broadcast(&self, buf: &mut [f32], root: usize) -> crate::Result<()> {
-            let all = self.exchange(buf.iter().map(|&v| f64::from(v)).collect());
-            for (b, v) in buf.iter_mut().zip(&all[root]) {
-                *b = *v as f32;
-            }
-            Ok(())
-        }
-        fn broadcast_bytes(&self, buf: &mut [u8], root: usize) -> crate::Result<()> {
-            let all = self.exchange(buf.iter().map(|&v| f64::from(v)).collect());
-            for (b, v) in buf.iter_mut().zip(&all[root]) {
-                *b = *v as u8;
-            }
-            Ok(())
-        }
-        fn barrier(&self) -> crate::Result<()> {
-            self.barrier.wait();
-            Ok(())
-        }
-        fn abort(&self, code: i32) -> ! {
-            panic!("rank {} aborted the job with {code}", self.rank)
-        }
-    }
 
     /// A rank's gradients before and after the all-reduce, and its first weight tensor
     /// after the start-of-training broadcast.
@@ -265,7 +163,7 @@ mod tests {
 
     /// Each rank's gradients of its own batch, before any reduction.
     fn local_grads(net: &Network, seed: u64) -> anyhow::Result<(Vec<(String, candle_core::Var)>, GradStore)> {
-        let x = Tensor::randn(0f32, 1.0, (2, 3, 8, 8), &Device::Cpu)?.affine(1.0, seed as f64)?;
+        let x = randn(1, 0.0, 1.0, (2, 3, 8, 8))?.affine(1.0, seed as f64)?;
         let loss = net.forward_t(&x, true)?.sqr()?.mean_all()?;
         Ok((net.trainable_vars()?, loss.backward()?))
     }
@@ -273,45 +171,29 @@ mod tests {
     #[test]
     fn ranks_agree_on_weights_and_average_gradients_in_any_fusion() -> anyhow::Result<()> {
         for fusion in [DEFAULT_FUSION_BYTES, 4096] {
-            let barrier = Arc::new(Barrier::new(2));
-            let slots = Arc::new(Mutex::new(vec![Vec::new(), Vec::new()]));
-            let handles: Vec<_> = (0..2)
-                .map(|rank| {
-                    let (barrier, slots) = (barrier.clone(), slots.clone());
-                    std::thread::spawn(move || -> anyhow::Result<RankResult> {
-                        let comm = Threads {
-                            rank,
-                            world: 2,
-                            barrier,
-                            slots,
-                        };
-                        let mut hook = GradientAllReduce::new(Arc::new(comm), fusion);
-                        // Different initial weights per rank: rank 0's must win.
-                        let net = net(10 + rank as u64)?;
-                        hook.on_start(&net)?;
-                        let weights = net.named_tensors()?[0].1.flatten_all()?.to_vec1::<f32>()?;
-                        let (params, mut grads) = local_grads(&net, rank as u64)?;
-                        let before = grad_values(&params, &grads)?;
-                        let ctx = StepContext {
-                            net: &net,
-                            params: &params,
-                            step: 0,
-                            epoch: 0,
-                            progress: 0.0,
-                        };
-                        hook.after_backward(&ctx, &mut grads)?;
-                        let after = grad_values(&params, &grads)?;
-                        let mut sums = [rank as f64 + 1.0, 10.0];
-                        hook.reduce_sums(&mut sums)?;
-                        assert_eq!(sums, [3.0, 20.0]);
-                        Ok((before, after, weights))
-                    })
-                })
-                .collect();
-            let results: Vec<_> = handles
-                .into_iter()
-                .map(|h| h.join().expect("rank thread"))
-                .collect::<anyhow::Result<_>>()?;
+            let results = run_ranks(2, move |comm| -> anyhow::Result<RankResult> {
+                let rank = comm.rank();
+                let mut hook = GradientAllReduce::new(comm, fusion);
+                // Different initial weights per rank: rank 0's must win.
+                let net = net(10 + rank as u64)?;
+                hook.on_start(&net)?;
+                let weights = net.named_tensors()?[0].1.flatten_all()?.to_vec1::<f32>()?;
+                let (params, mut grads) = local_grads(&net, rank as u64)?;
+                let before = grad_values(&params, &grads)?;
+                let ctx = StepContext {
+                    net: &net,
+                    params: &params,
+                    step: 0,
+                    epoch: 0,
+                    progress: 0.0,
+                };
+                hook.after_backward(&ctx, &mut grads)?;
+                let after = grad_values(&params, &grads)?;
+                let mut sums = [rank as f64 + 1.0, 10.0];
+                hook.reduce_sums(&mut sums)?;
+                assert_eq!(sums, [3.0, 20.0]);
+                Ok((before, after, weights))
+            })?;
             let (b0, a0, w0) = &results[0];
             let (b1, a1, w1) = &results[1];
             assert_eq!(w0, w1, "rank 1 must start from rank 0's weights");

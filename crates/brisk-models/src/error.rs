@@ -9,25 +9,13 @@ pub enum Error {
     #[error(transparent)]
     Precision(#[from] brisk_precision::Error),
 
-    /// A `ModelSpec` field holds a value the model cannot be built from.
-    #[error("invalid model spec: field `{field}` {problem}")]
-    InvalidSpec { field: String, problem: String },
-
-    /// A spec file could not be parsed (syntax, unknown field, unknown architecture...).
-    #[error("cannot parse model spec {path}: at `{field}`: {message}")]
-    SpecParse {
-        path: PathBuf,
-        field: String,
-        message: String,
-    },
+    /// The model description is invalid or its file unreadable.
+    #[error(transparent)]
+    Spec(#[from] brisk_spec::Error),
 
     /// A file could not be read or written.
-    #[error("{action} {path}: {cause}")]
-    Io {
-        action: &'static str,
-        path: PathBuf,
-        cause: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] brisk_files::Error),
 
     /// A checkpoint file is not a readable safetensors file.
     #[error("checkpoint {path} is not a valid safetensors file: {message}")]
@@ -80,18 +68,7 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
-    pub(crate) fn spec(field: impl Into<String>, problem: impl Into<String>) -> Self {
-        Error::InvalidSpec {
-            field: field.into(),
-            problem: problem.into(),
-        }
-    }
-
-    pub(crate) fn io(action: &'static str, path: &std::path::Path, source: std::io::Error) -> Self {
-        Error::Io {
-            action,
-            path: path.to_path_buf(),
-            cause: source,
-        }
+    pub(crate) fn io(action: &'static str, path: &std::path::Path, cause: std::io::Error) -> Self {
+        Error::Io(brisk_files::Error::new(action, path, cause))
     }
 }

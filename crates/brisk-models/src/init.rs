@@ -9,7 +9,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
 
 use crate::error::Result;
-use crate::tensors::{Role, TensorInfo};
+use brisk_spec::{Role, TensorInfo};
 
 /// Draws the initial value of one tensor as torchvision does: Kaiming normal
 /// (fan_out, ReLU gain) for convolution weights, PyTorch's default uniform ranges for

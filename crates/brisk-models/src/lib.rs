@@ -1,5 +1,6 @@
-//! The brisk model zoo: ResNet-18/34 and SE-ResNet described by a serde `ModelSpec`,
-//! built on candle, counted exactly, and saved under torchvision's tensor names.
+//! The brisk model zoo on candle: the ResNet-18/34 and SE-ResNet that a `ModelSpec`
+//! (brisk-spec) describes, built on brisk's CPU kernels or candle's ops, initialised
+//! reproducibly, and saved under torchvision's tensor names.
 //!
 //! ```
 //! use brisk_models::{ModelSpec, Network};
@@ -13,11 +14,11 @@ pub mod error;
 pub mod init;
 pub mod network;
 pub mod resnet;
-pub mod spec;
-pub mod tensors;
 
+pub use brisk_spec::{
+    model_file, read_sidecar, sidecar_path, write_sidecar, Arch, BlockChannels, BlockPlan, Channels,
+    ModelSpec, Role, Stem, TensorInfo, MODEL_FILE,
+};
 pub use error::{Error, Result};
-pub use network::{read_sidecar, sidecar_path, write_atomic, write_sidecar, Network};
+pub use network::Network;
 pub use resnet::{Kernels, ResNet};
-pub use spec::{Arch, BlockChannels, BlockPlan, Channels, ModelSpec, Stem};
-pub use tensors::{Role, TensorInfo};

@@ -1,63 +1,21 @@
 //! `Network`: a spec, its weights (a candle `VarMap`) and the built model, with
-//! checkpoints in safetensors under torchvision names plus a JSON sidecar holding the spec.
+//! checkpoints in safetensors under torchvision names plus a JSON sidecar holding the spec
+//! (brisk-spec's `model.json`).
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use brisk_ops::BatchNormSync;
 
 use brisk_precision::PrecisionPolicy;
+use brisk_spec::{is_ignored_name, read_sidecar, write_sidecar, ModelSpec, TensorInfo};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
-use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::init::{init_rng, initial_value};
 use crate::resnet::{Kernels, ResNet};
-use crate::spec::ModelSpec;
-use crate::tensors::{is_buffer_name, is_ignored_name};
-
-/// What the JSON sidecar beside a checkpoint holds.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Sidecar {
-    format: String,
-    version: u32,
-    spec: ModelSpec,
-}
-
-const SIDECAR_FORMAT: &str = "brisk-model";
-
-/// The sidecar path of a checkpoint: `model.safetensors` → `model.json`.
-pub fn sidecar_path(checkpoint: &Path) -> PathBuf {
-    checkpoint.with_extension("json")
-}
-
-/// Writes `bytes` to `path` atomically: a temporary file in the same folder, fsync, rename.
-/// A crash leaves either the old file or the new one, never a torn one.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let file_name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{file_name}.tmp{}", std::process::id()));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    result.map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        Error::io("cannot write", path, e)
-    })
-}
 
 /// A model ready to run or train: its spec, its variables and the network built on them.
 pub struct Network {
@@ -144,7 +102,7 @@ impl Network {
             }
         }
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
-        let (kernels, policy) = (Kernels::for_device(device), PrecisionPolicy::default());
+        let (kernels, policy) = (Kernels::for_device(device, false), PrecisionPolicy::default());
         let model = ResNet::build(&spec, vb, kernels, &policy, None)?;
         Ok(Self {
             spec,
@@ -267,8 +225,8 @@ impl Network {
                     message: e.to_string(),
                 }
             })?;
-        write_atomic(path, &bytes)?;
-        write_sidecar(path, &self.spec)
+        brisk_files::write_atomic(path, &bytes)?;
+        Ok(write_sidecar(path, &self.spec)?)
     }
 
     /// Every tensor (parameters and buffers) by torchvision name, sorted by name.
@@ -286,33 +244,55 @@ impl Network {
         Ok(out)
     }
 
-    /// Every variable (parameters and running statistics) by name, sorted by name: what a
-    /// distributed run broadcasts from rank 0 and averages before a checkpoint.
-    pub fn all_vars(&self) -> Result<Vec<(String, Var)>> {
+    /// Every variable with its entry in the spec's tensor table, sorted by name: the one
+    /// place a variable's role (weight, bias, batch-norm parameter, running statistic) and
+    /// layer are known.
+    pub fn vars(&self) -> Result<Vec<(TensorInfo, Var)>> {
         let data = self
             .varmap
             .data()
             .lock()
             .map_err(|_| candle_core::Error::Msg("variable map lock poisoned".into()))?;
-        let mut out: Vec<(String, Var)> = data.iter().map(|(n, v)| (n.clone(), v.clone())).collect();
-        out.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut out = Vec::with_capacity(data.len());
+        for info in self.spec.tensors() {
+            let var = data
+                .get(&info.name)
+                .cloned()
+                .ok_or_else(|| Error::MissingTensor {
+                    path: "the built network".into(),
+                    name: info.name.clone(),
+                    expected: info.shape.clone(),
+                })?;
+            out.push((info, var));
+        }
+        out.sort_by(|a, b| a.0.name.cmp(&b.0.name));
         Ok(out)
+    }
+
+    /// Every variable (parameters and running statistics) by name, sorted by name: what a
+    /// distributed run broadcasts from rank 0.
+    pub fn all_vars(&self) -> Result<Vec<(String, Var)>> {
+        self.vars_where(|_| true)
     }
 
     /// The trainable variables (everything but batch-norm running statistics), by name.
     pub fn trainable_vars(&self) -> Result<Vec<(String, Var)>> {
-        let data = self
-            .varmap
-            .data()
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("variable map lock poisoned".into()))?;
-        let mut out: Vec<(String, Var)> = data
-            .iter()
-            .filter(|(n, _)| !is_buffer_name(n))
-            .map(|(n, v)| (n.clone(), v.clone()))
-            .collect();
-        out.sort_by(|a, b| a.0.cmp(&b.0));
-        Ok(out)
+        self.vars_where(|t| !t.role.is_buffer())
+    }
+
+    /// The batch-norm running statistics, by name: what a distributed run averages.
+    pub fn buffer_vars(&self) -> Result<Vec<(String, Var)>> {
+        self.vars_where(|t| t.role.is_buffer())
+    }
+
+    /// The variables whose tensor-table entry passes `keep`, by name, sorted by name.
+    pub fn vars_where(&self, keep: impl Fn(&TensorInfo) -> bool) -> Result<Vec<(String, Var)>> {
+        Ok(self
+            .vars()?
+            .into_iter()
+            .filter(|(info, _)| keep(info))
+            .map(|(info, var)| (info.name, var))
+            .collect())
     }
 
     /// Logits for a batch of f32 images `[N, C, H, W]`.
@@ -327,37 +307,4 @@ impl Network {
     pub fn model(&self) -> &ResNet {
         &self.model
     }
-}
-
-/// Writes the sidecar `<file>.json` holding `spec` for the checkpoint `path`, atomically.
-pub fn write_sidecar(path: &Path, spec: &ModelSpec) -> Result<()> {
-    let sidecar = Sidecar {
-        format: SIDECAR_FORMAT.into(),
-        version: 1,
-        spec: spec.clone(),
-    };
-    let json = serde_json::to_string_pretty(&sidecar).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-    write_atomic(&sidecar_path(path), json.as_bytes())
-}
-
-/// Reads the `ModelSpec` from a checkpoint's sidecar.
-pub fn read_sidecar(checkpoint: &Path) -> Result<ModelSpec> {
-    let path = sidecar_path(checkpoint);
-    let text =
-        std::fs::read_to_string(&path).map_err(|e| Error::io("cannot read checkpoint sidecar", &path, e))?;
-    let de = &mut serde_json::Deserializer::from_str(&text);
-    let sidecar: Sidecar = serde_path_to_error::deserialize(de).map_err(|e| Error::SpecParse {
-        path: path.clone(),
-        field: e.path().to_string(),
-        message: e.inner().to_string(),
-    })?;
-    if sidecar.format != SIDECAR_FORMAT {
-        return Err(Error::SpecParse {
-            path,
-            field: "format".into(),
-            message: format!("expected \"{SIDECAR_FORMAT}\", found {:?}", sidecar.format),
-        });
-    }
-    sidecar.spec.validate()?;
-    Ok(sidecar.spec)
 }

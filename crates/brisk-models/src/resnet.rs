@@ -4,17 +4,13 @@
 use std::sync::Arc;
 
 use brisk_ops::BatchNormSync;
-use brisk_precision::{LayerKind, PrecisionPolicy};
+use brisk_precision::{Dtype, LayerKind, PrecisionPolicy};
 use candle_core::{DType, Module, ModuleT, Tensor, Var, D};
 use candle_nn::VarBuilder;
 
-use crate::error::{Error, Result};
-use crate::spec::{BlockPlan, ModelSpec, Stem};
+use brisk_spec::{BlockPlan, ModelSpec, Stem, BN_EPS, BN_MOMENTUM};
 
-/// Momentum of the running statistics, as PyTorch's default (new = 0.9 old + 0.1 batch).
-const BN_MOMENTUM: f64 = 0.1;
-/// Added to the variance before the square root, as PyTorch's default.
-const BN_EPS: f64 = 1e-5;
+use crate::error::{Error, Result};
 
 /// Which implementation runs the convolutions and batch-norms.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -28,13 +24,31 @@ pub enum Kernels {
 }
 
 impl Kernels {
-    /// brisk's kernels on the CPU, candle's elsewhere.
-    pub fn for_device(device: &candle_core::Device) -> Self {
-        if device.is_cpu() {
+    /// The kernels for `device`: brisk's on the CPU unless the reference is asked for,
+    /// candle's elsewhere (brisk's kernels are CPU kernels). The one place this is chosen.
+    pub fn for_device(device: &candle_core::Device, reference: bool) -> Self {
+        if device.is_cpu() && !reference {
             Kernels::Brisk
         } else {
             Kernels::Candle
         }
+    }
+
+    /// "brisk" or "candle", as `brisk bench step` reports it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernels::Brisk => "brisk",
+            Kernels::Candle => "candle",
+        }
+    }
+}
+
+/// candle's dtype for a precision policy's.
+pub fn candle_dtype(dtype: Dtype) -> DType {
+    match dtype {
+        Dtype::F32 => DType::F32,
+        Dtype::Bf16 => DType::BF16,
+        Dtype::F16 => DType::F16,
     }
 }
 
@@ -65,7 +79,7 @@ impl Conv2d {
             stride,
             padding,
             kernels: b.kernels,
-            compute: b.policy.compute_dtype(&b.vb.prefix(), kind),
+            compute: candle_dtype(b.policy.compute_dtype(&b.vb.prefix(), kind)),
         })
     }
 
@@ -117,7 +131,7 @@ impl Builder<'_> {
     /// The dtype activations are kept in between layers: the policy's half format
     /// when it has one, else f32.
     fn activations(&self) -> DType {
-        self.policy.mode.half().unwrap_or(DType::F32)
+        self.policy.mode.half().map_or(DType::F32, candle_dtype)
     }
 }
 
@@ -372,7 +386,7 @@ impl ResNet {
     /// Builds the network; every tensor is fetched from `vb` under its torchvision name.
     /// Convolutions run on brisk's kernels on the CPU and candle's elsewhere.
     pub fn new(spec: &ModelSpec, vb: VarBuilder) -> Result<Self> {
-        let kernels = Kernels::for_device(vb.device());
+        let kernels = Kernels::for_device(vb.device(), false);
         Self::build(spec, vb, kernels, &PrecisionPolicy::default(), None)
     }
 
@@ -429,7 +443,7 @@ impl ResNet {
         let fc = vb.vb.pp("fc");
         let feat = spec.feature_channels();
         Ok(Self {
-            fc_compute: policy.compute_dtype("fc", LayerKind::Linear),
+            fc_compute: candle_dtype(policy.compute_dtype("fc", LayerKind::Linear)),
             act,
             conv1,
             // The max-pool runs in f32; the stem's output is converted after it.

@@ -5,6 +5,7 @@ use std::path::Path;
 
 use anyhow::Result;
 use brisk_models::{ModelSpec, Network};
+use brisk_testkit::randn;
 use candle_core::{DType, Device, Tensor};
 
 fn tiny() -> ModelSpec {
@@ -32,7 +33,7 @@ fn save_load_round_trips_bit_exactly() -> Result<()> {
     let path = dir.path().join("m.safetensors");
     let net = Network::new(tiny(), 7, &Device::Cpu)?;
     // One train-mode forward so running statistics are no longer their initial values.
-    let x = Tensor::randn(0f32, 1.0, (3, 3, 16, 16), &Device::Cpu)?;
+    let x = randn(1, 0.0, 1.0, (3, 3, 16, 16))?;
     net.forward_t(&x, true)?;
     net.save(&path)?;
     assert_eq!(

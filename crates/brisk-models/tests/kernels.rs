@@ -3,13 +3,8 @@
 
 use anyhow::{Context, Result};
 use brisk_models::{Kernels, ModelSpec, Network};
+use brisk_testkit::max_rel;
 use candle_core::{Device, Tensor};
-
-fn max_rel(a: &Tensor, b: &Tensor) -> Result<f32> {
-    let diff = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
-    let scale = b.abs()?.max_all()?.to_scalar::<f32>()?;
-    Ok(diff / scale.max(1e-6))
-}
 
 fn check(mut spec: ModelSpec, image: usize) -> Result<()> {
     spec.se_ratio = 4;

@@ -3,20 +3,14 @@
 
 use anyhow::Result;
 use brisk_models::{ModelSpec, Network};
-use brisk_precision::{Precision, PrecisionPolicy};
-use candle_core::{DType, Device, Tensor};
-
-fn max_rel(a: &Tensor, b: &Tensor) -> Result<f32> {
-    let a = a.flatten_all()?.to_vec1::<f32>()?;
-    let b = b.flatten_all()?.to_vec1::<f32>()?;
-    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
-    Ok(a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale)
-}
+use brisk_precision::{Dtype, Precision, PrecisionPolicy};
+use brisk_testkit::{max_rel, randn};
+use candle_core::{DType, Device};
 
 fn check(spec: ModelSpec, mode: Precision) -> Result<()> {
     let dev = Device::Cpu;
     let size = spec.image_size;
-    let x = Tensor::randn(0f32, 1.0, (4, 3, size, size), &dev)?;
+    let x = randn(1, 0.0, 1.0, (4, 3, size, size))?;
     let f32_net = Network::new(spec.clone(), 3, &dev)?;
     let mut net = Network::new(spec, 3, &dev)?;
     net.set_precision(PrecisionPolicy::new(mode))?;
@@ -26,7 +20,7 @@ fn check(spec: ModelSpec, mode: Precision) -> Result<()> {
         assert_eq!(got.dtype(), DType::F32);
         // bf16 keeps 8 bits of mantissa, f16 11: logits within a few per cent.
         let err = max_rel(&got, &want)?;
-        let tol = if mode.half() == Some(DType::BF16) {
+        let tol = if mode.half() == Some(Dtype::Bf16) {
             0.08
         } else {
             0.01
@@ -86,7 +80,7 @@ fn activations_between_layers_are_stored_in_the_half_format() -> Result<()> {
     spec.image_size = 8;
     let mut net = Network::new(spec, 0, &dev)?;
     net.set_precision(PrecisionPolicy::new(Precision::MixedBf16))?;
-    let x = Tensor::randn(0f32, 1.0, (2, 3, 8, 8), &dev)?;
+    let x = randn(2, 0.0, 1.0, (2, 3, 8, 8))?;
     // The stem's output (the first block's input) is bf16 under mixed-bf16, f32 under f32.
     assert_eq!(net.model().stem(&x, true)?.dtype(), DType::BF16);
     net.set_precision(PrecisionPolicy::default())?;

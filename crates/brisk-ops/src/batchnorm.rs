@@ -604,7 +604,7 @@ impl CustomOp3 for InputGrad {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::max_rel;
+    use brisk_testkit::{max_rel, rand_uniform, randn};
     use candle_core::{Device, Var};
 
     /// candle's reference batch-norm (+residual, +ReLU) built from elementary ops.
@@ -635,20 +635,13 @@ mod tests {
     }
 
     fn check(shape: (usize, usize, usize, usize), relu: bool, residual: bool, eval: bool) -> Result<()> {
-        let dev = Device::Cpu;
         let (_, c, _, _) = shape;
-        let x = Var::from_tensor(&(Tensor::randn(0f32, 2.0, shape, &dev)? + 0.5)?)?;
-        let w = Var::from_tensor(&(Tensor::rand(0.5f32, 1.5, c, &dev)?))?;
-        let b = Var::from_tensor(&Tensor::randn(0f32, 0.3, c, &dev)?)?;
-        let running = Tensor::stack(
-            &[
-                Tensor::randn(0f32, 0.5, c, &dev)?,
-                Tensor::rand(0.5f32, 2.0, c, &dev)?,
-            ],
-            0,
-        )?;
+        let x = Var::from_tensor(&(randn(1, 0.0, 2.0, shape)? + 0.5)?)?;
+        let w = Var::from_tensor(&(rand_uniform(2, 0.5, 1.5, c)?))?;
+        let b = Var::from_tensor(&randn(3, 0.0, 0.3, c)?)?;
+        let running = Tensor::stack(&[randn(4, 0.0, 0.5, c)?, rand_uniform(5, 0.5, 2.0, c)?], 0)?;
         let stats = eval.then_some(&running);
-        let r = Var::from_tensor(&Tensor::randn(0f32, 1.0, shape, &dev)?)?;
+        let r = Var::from_tensor(&randn(6, 0.0, 1.0, shape)?)?;
         let e = Epilogue {
             residual: residual.then_some(r.as_tensor()),
             relu,
@@ -658,14 +651,14 @@ mod tests {
         let ours = batch_norm(&x, &w, &b, stats, 1e-5, e)?;
         let theirs = reference(&x, &w, &b, stats, e)?;
         assert!(
-            max_rel(&ours.y, &theirs) < 1e-5,
+            max_rel(&ours.y, &theirs)? < 1e-5,
             "forward {shape:?} {e:?} eval={eval}"
         );
         if !eval {
             let mean = x.mean((0, 2, 3))?;
-            assert!(max_rel(&ours.stats.get(0)?, &mean) < 1e-5);
+            assert!(max_rel(&ours.stats.get(0)?, &mean)? < 1e-5);
         }
-        let probe = Tensor::randn(0f32, 1.0, shape, &dev)?;
+        let probe = randn(7, 0.0, 1.0, shape)?;
         let g1 = (ours.y * &probe)?.sum_all()?.backward()?;
         let g2 = (theirs * &probe)?.sum_all()?.backward()?;
         let mut vars = vec![(&x, "input"), (&w, "weight"), (&b, "bias")];
@@ -673,7 +666,7 @@ mod tests {
             vars.push((&r, "residual"));
         }
         for (v, what) in vars {
-            let err = max_rel(g1.get(v).expect("ours"), g2.get(v).expect("reference"));
+            let err = max_rel(g1.get(v).expect("ours"), g2.get(v).expect("reference"))?;
             assert!(err < 1e-4, "{what} gradient {shape:?} {e:?} eval={eval}: {err:e}");
         }
         Ok(())
@@ -698,18 +691,15 @@ mod tests {
     #[test]
     fn half_outputs_are_the_f32_results_rounded() -> Result<()> {
         use candle_core::DType;
-        let dev = Device::Cpu;
         let shape = (3, 4, 5, 5);
         for out in [DType::BF16, DType::F16] {
-            let x = Var::from_tensor(&Tensor::randn(0f32, 2.0, shape, &dev)?)?;
-            let w = Var::from_tensor(&Tensor::rand(0.5f32, 1.5, 4, &dev)?)?;
-            let b = Var::from_tensor(&Tensor::randn(0f32, 0.3, 4, &dev)?)?;
-            let r32 = Tensor::randn(0f32, 1.0, shape, &dev)?
-                .to_dtype(out)?
-                .to_dtype(DType::F32)?;
+            let x = Var::from_tensor(&randn(8, 0.0, 2.0, shape)?)?;
+            let w = Var::from_tensor(&rand_uniform(9, 0.5, 1.5, 4)?)?;
+            let b = Var::from_tensor(&randn(10, 0.0, 0.3, 4)?)?;
+            let r32 = randn(11, 0.0, 1.0, shape)?.to_dtype(out)?.to_dtype(DType::F32)?;
             let rh = Var::from_tensor(&r32.to_dtype(out)?)?;
             let r32 = Var::from_tensor(&r32)?;
-            let probe = Tensor::randn(0f32, 1.0, shape, &dev)?.to_dtype(out)?;
+            let probe = randn(12, 0.0, 1.0, shape)?.to_dtype(out)?;
             let half = batch_norm(
                 &x,
                 &w,
@@ -752,12 +742,12 @@ mod tests {
             let gh = (half.y * &probe)?.to_dtype(DType::F32)?.sum_all()?.backward()?;
             let gf = (full.y * probe.to_dtype(DType::F32)?)?.sum_all()?.backward()?;
             for (v, what) in [(&x, "input"), (&w, "weight"), (&b, "bias")] {
-                let err = max_rel(gh.get(v).expect("half"), gf.get(v).expect("f32"));
+                let err = max_rel(gh.get(v).expect("half"), gf.get(v).expect("f32"))?;
                 assert!(err < 1e-6, "{out:?} {what} gradient: {err:e}");
             }
             let dr = gh.get(&rh).expect("residual gradient");
             assert_eq!(dr.dtype(), out);
-            assert!(max_rel(&dr.to_dtype(DType::F32)?, gf.get(&r32).expect("f32 residual")) < 1e-2);
+            assert!(max_rel(&dr.to_dtype(DType::F32)?, gf.get(&r32).expect("f32 residual"))? < 1e-2);
         }
         Ok(())
     }
@@ -788,14 +778,13 @@ mod tests {
     /// weight/bias gradients that add up to the whole batch's.
     #[test]
     fn synchronised_halves_equal_the_whole_batch() -> Result<()> {
-        let dev = Device::Cpu;
         let (n, c) = (6, 5);
         // A large mean against a small spread, as the variance's summation must survive.
-        let x = (Tensor::randn(0f32, 1.0, (n, c, 4, 3), &dev)? * 0.5)?.affine(1.0, 3.0)?;
-        let w = Tensor::rand(0.5f32, 1.5, c, &dev)?;
-        let b = Tensor::randn(0f32, 0.3, c, &dev)?;
-        let r = Tensor::randn(0f32, 1.0, (n, c, 4, 3), &dev)?;
-        let probe = Tensor::randn(0f32, 1.0, (n, c, 4, 3), &dev)?;
+        let x = (randn(13, 0.0, 1.0, (n, c, 4, 3))? * 0.5)?.affine(1.0, 3.0)?;
+        let w = rand_uniform(14, 0.5, 1.5, c)?;
+        let b = randn(15, 0.0, 0.3, c)?;
+        let r = randn(16, 0.0, 1.0, (n, c, 4, 3))?;
+        let probe = randn(17, 0.0, 1.0, (n, c, 4, 3))?;
         let run =
             |x: &Tensor, r: &Tensor, probe: &Tensor, sync: Option<Arc<dyn BatchNormSync>>| -> Result<_> {
                 let (xv, wv, bv) = (Var::from_tensor(x)?, Var::from_tensor(&w)?, Var::from_tensor(&b)?);
@@ -838,16 +827,16 @@ mod tests {
         for (rank, (hy, hstats, hcount, hgrads)) in halves.iter().enumerate() {
             let part = |t: &Tensor| t.narrow(0, rank * n / 2, n / 2);
             assert_eq!(*hcount, count, "rank {rank} count");
-            assert!(max_rel(hy, &part(&y)?) < 1e-5, "rank {rank} output");
-            assert!(max_rel(hstats, &stats) < 1e-5, "rank {rank} statistics");
+            assert!(max_rel(hy, &part(&y)?)? < 1e-5, "rank {rank} output");
+            assert!(max_rel(hstats, &stats)? < 1e-5, "rank {rank} statistics");
             assert!(
-                max_rel(&hgrads[0], &part(&grads[0])?) < 1e-4,
+                max_rel(&hgrads[0], &part(&grads[0])?)? < 1e-4,
                 "rank {rank} input gradient"
             );
         }
         for (i, what) in [(1, "weight"), (2, "bias")] {
             let sum = (&halves[0].3[i] + &halves[1].3[i])?;
-            assert!(max_rel(&sum, &grads[i]) < 1e-5, "{what} gradient");
+            assert!(max_rel(&sum, &grads[i])? < 1e-5, "{what} gradient");
         }
         Ok(())
     }

@@ -600,7 +600,7 @@ impl CustomOp2 for Conv2dWeightGrad {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::max_rel;
+    use brisk_testkit::{max_rel, randn};
     use candle_core::{DType, Device, Var};
 
     /// (N, Cin, H, W, Cout, K, stride, padding).
@@ -625,29 +625,28 @@ mod tests {
     /// Forward and both gradients of brisk's conv against candle's own conv2d and autograd.
     fn check(shape: Shape8) -> Result<()> {
         let (n, cin, h, w, cout, k, s, p) = shape;
-        let dev = Device::Cpu;
-        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, cin, h, w), &dev)?)?;
-        let wt = Var::from_tensor(&Tensor::randn(0f32, 1.0, (cout, cin, k, k), &dev)?)?;
+        let x = Var::from_tensor(&randn(1, 0.0, 1.0, (n, cin, h, w))?)?;
+        let wt = Var::from_tensor(&randn(2, 0.0, 1.0, (cout, cin, k, k))?)?;
         let ours = conv2d(&x, &wt, s, p)?;
         let reference = x.conv2d(&wt, p, s, 1, 1)?;
         assert_eq!(ours.dims(), reference.dims(), "{shape:?}");
-        assert!(max_rel(&ours, &reference) < 1e-5, "forward {shape:?}");
+        assert!(max_rel(&ours, &reference)? < 1e-5, "forward {shape:?}");
         // candle's own backward fails when the stride does not divide (size + 2 * padding -
         // kernel): its conv_transpose2d, run without output padding, returns an input
         // gradient one row or column short. The finite-difference test covers those shapes.
         if (h + 2 * p - k) % s != 0 || (w + 2 * p - k) % s != 0 {
             return Ok(());
         }
-        let r = Tensor::randn(0f32, 1.0, ours.dims(), &dev)?;
+        let r = randn(3, 0.0, 1.0, ours.dims())?;
         let g_ours = (ours * &r)?.sum_all()?.backward()?;
         let g_ref = (reference * &r)?.sum_all()?.backward()?;
         for (v, what) in [(&x, "input"), (&wt, "weight")] {
             let a = g_ours.get(v).expect("our grad");
             let b = g_ref.get(v).expect("reference grad");
             assert!(
-                max_rel(a, b) < 1e-5,
+                max_rel(a, b)? < 1e-5,
                 "{what} gradient {shape:?}: {}",
-                max_rel(a, b)
+                max_rel(a, b)?
             );
         }
         Ok(())
@@ -666,14 +665,13 @@ mod tests {
     /// gradient (the input's rounded to its dtype, the weight's in f32).
     #[test]
     fn half_inputs_compute_on_rounded_operands() -> Result<()> {
-        let dev = Device::Cpu;
         let round = |t: &Tensor, d: DType| t.to_dtype(d).and_then(|t| t.to_dtype(DType::F32));
         for half in [DType::BF16, DType::F16] {
             for (n, cin, h, w, cout, k, s, p) in [SHAPES[0], SHAPES[3], SHAPES[8], SHAPES[9]] {
-                let x32 = Tensor::randn(0f32, 1.0, (n, cin, h, w), &dev)?;
+                let x32 = randn(4, 0.0, 1.0, (n, cin, h, w))?;
                 let xh = Var::from_tensor(&x32.to_dtype(half)?)?;
                 let xr = Var::from_tensor(&round(&x32, half)?)?;
-                let wt = Var::from_tensor(&Tensor::randn(0f32, 1.0, (cout, cin, k, k), &dev)?)?;
+                let wt = Var::from_tensor(&randn(5, 0.0, 1.0, (cout, cin, k, k))?)?;
                 let wr = Var::from_tensor(&round(wt.as_tensor(), half)?)?;
                 let yh = conv2d(&xh, &wt, s, p)?;
                 let yr = conv2d(&xr, &wr, s, p)?;
@@ -682,7 +680,7 @@ mod tests {
                     yh.flatten_all()?.to_vec1::<f32>()?,
                     yr.flatten_all()?.to_vec1::<f32>()?
                 );
-                let probe = Tensor::randn(0f32, 1.0, yh.dims(), &dev)?;
+                let probe = randn(6, 0.0, 1.0, yh.dims())?;
                 let gh = (yh * &probe)?.sum_all()?.backward()?;
                 let gr = (yr * round(&probe, half)?)?.sum_all()?.backward()?;
                 let dxh = gh.get(&xh).expect("input gradient");
@@ -725,10 +723,10 @@ mod tests {
         // is exact up to rounding.
         let dev = Device::Cpu;
         let (n, cin, h, w, cout, k, s, p) = shape;
-        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, cin, h, w), &dev)?)?;
-        let wt = Var::from_tensor(&Tensor::randn(0f32, 1.0, (cout, cin, k, k), &dev)?)?;
+        let x = Var::from_tensor(&randn(7, 0.0, 1.0, (n, cin, h, w))?)?;
+        let wt = Var::from_tensor(&randn(8, 0.0, 1.0, (cout, cin, k, k))?)?;
         let out_dims = conv2d(&x, &wt, s, p)?.dims().to_vec();
-        let r = Tensor::randn(0f32, 1.0, out_dims, &dev)?;
+        let r = randn(9, 0.0, 1.0, out_dims)?;
         let loss = |x: &Tensor, wt: &Tensor| -> Result<f64> {
             (conv2d(x, wt, s, p)? * &r)?
                 .sum_all()?
@@ -766,9 +764,8 @@ mod tests {
 
     #[test]
     fn input_gradient_is_skipped_for_plain_inputs() -> Result<()> {
-        let dev = Device::Cpu;
-        let x = Tensor::randn(0f32, 1.0, (2, 3, 6, 6), &dev)?;
-        let wt = Var::from_tensor(&Tensor::randn(0f32, 1.0, (4, 3, 3, 3), &dev)?)?;
+        let x = randn(10, 0.0, 1.0, (2, 3, 6, 6))?;
+        let wt = Var::from_tensor(&randn(11, 0.0, 1.0, (4, 3, 3, 3))?)?;
         let grads = conv2d(&x, &wt, 1, 1)?.sum_all()?.backward()?;
         assert!(grads.get(&x).is_none());
         assert!(grads.get(&wt).is_some());

@@ -9,8 +9,6 @@ mod half;
 mod optim;
 mod pool;
 mod storage;
-#[cfg(test)]
-mod testing;
 
 pub use batchnorm::{batch_norm, BatchNormOutput, BatchNormSync, Epilogue};
 pub use conv::conv2d;
@@ -41,6 +39,14 @@ pub fn init_compute(threads: usize) -> candle_core::Result<()> {
             rayon::current_num_threads()
         ),
     }
+}
+
+/// The compute threads a process gets when none are asked for: the host's cores shared
+/// by the `ranks_on_host` processes on it (so `mpirun -np 2` on two cores does not
+/// oversubscribe), at least one. The one place this default is decided.
+pub fn default_threads(ranks_on_host: usize) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cores / ranks_on_host.max(1)).max(1)
 }
 
 /// Compute threads in use (the global pool's size).

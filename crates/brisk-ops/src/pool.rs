@@ -129,7 +129,8 @@ impl CustomOp2 for MaxPoolGrad {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var, D};
+    use brisk_testkit::randn;
+    use candle_core::{Var, D};
 
     #[test]
     fn matches_candle_forward_and_a_hand_computed_backward() -> Result<()> {
@@ -137,14 +138,14 @@ mod tests {
         // divides the gradient by the window size (a bug in candle 0.11), so the expected
         // gradient is computed here by hand: each output's gradient lands on its maximum.
         let (n, c, h, w) = (2, 3, 8, 6);
-        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, c, h, w), &Device::Cpu)?)?;
+        let x = Var::from_tensor(&randn(1, 0.0, 1.0, (n, c, h, w))?)?;
         let ours = max_pool2d(&x, 2, 2, 0)?;
         let reference = x.max_pool2d(2)?;
         assert_eq!(
             ours.flatten_all()?.to_vec1::<f32>()?,
             reference.flatten_all()?.to_vec1::<f32>()?
         );
-        let r = Tensor::randn(0f32, 1.0, ours.dims(), &Device::Cpu)?;
+        let r = randn(2, 0.0, 1.0, ours.dims())?;
         let grads = (ours * &r)?.sum_all()?.backward()?;
         let got = grads.get(&x).expect("grad").flatten_all()?.to_vec1::<f32>()?;
         let (xv, rv) = (
@@ -172,7 +173,7 @@ mod tests {
     #[test]
     fn padded_stem_pool_matches_negative_infinity_padding() -> Result<()> {
         // 3x3 stride 2 padding 1 on negative inputs: -inf padding means the border never wins.
-        let x = (Tensor::randn(0f32, 1.0, (1, 2, 7, 7), &Device::Cpu)?.abs()? * -1.0)?;
+        let x = (randn(3, 0.0, 1.0, (1, 2, 7, 7))?.abs()? * -1.0)?;
         let ours = max_pool2d(&x, 3, 2, 1)?;
         let padded = x.pad_with_same(D::Minus2, 1, 1)?.pad_with_same(D::Minus1, 1, 1)?;
         let reference = padded.max_pool2d_with_stride(3, 2)?;

@@ -6,10 +6,6 @@ pub enum Error {
     /// A precision setting is out of range or unknown.
     #[error("invalid precision setting `{field}`: {problem}")]
     InvalidConfig { field: String, problem: String },
-
-    /// An error from candle's tensor library.
-    #[error(transparent)]
-    Candle(#[from] candle_core::Error),
 }
 
 /// The result type of brisk-precision.

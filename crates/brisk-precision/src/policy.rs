@@ -2,10 +2,29 @@
 
 use std::collections::BTreeMap;
 
-use candle_core::DType;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+
+/// The number formats a layer computes in. The tensor library's own dtype is chosen from
+/// this where the layer is built (brisk-models).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Dtype {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl Dtype {
+    pub fn name(self) -> &'static str {
+        match self {
+            Dtype::F32 => "f32",
+            Dtype::Bf16 => "bf16",
+            Dtype::F16 => "f16",
+        }
+    }
+}
 
 /// The precision modes of `--precision`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,7 +57,16 @@ impl Precision {
         Precision::MixedF16,
     ];
 
-    pub fn name(self) -> &'static str {
+    /// Every name, in the order of [`Precision::ALL`] (`--precision`'s values).
+    pub const NAMES: [&'static str; 5] = [
+        Precision::ALL[0].name(),
+        Precision::ALL[1].name(),
+        Precision::ALL[2].name(),
+        Precision::ALL[3].name(),
+        Precision::ALL[4].name(),
+    ];
+
+    pub const fn name(self) -> &'static str {
         match self {
             Precision::F32 => "f32",
             Precision::Bf16 => "bf16",
@@ -49,17 +77,23 @@ impl Precision {
     }
 
     /// The half-precision dtype of this mode, if any.
-    pub fn half(self) -> Option<DType> {
+    pub fn half(self) -> Option<Dtype> {
         match self {
             Precision::F32 => None,
-            Precision::Bf16 | Precision::MixedBf16 => Some(DType::BF16),
-            Precision::F16 | Precision::MixedF16 => Some(DType::F16),
+            Precision::Bf16 | Precision::MixedBf16 => Some(Dtype::Bf16),
+            Precision::F16 | Precision::MixedF16 => Some(Dtype::F16),
         }
     }
 
     /// f16's narrow range needs the loss scaled; bf16 has f32's range and needs none.
     pub fn needs_loss_scaling(self) -> bool {
-        self.half() == Some(DType::F16)
+        self.half() == Some(Dtype::F16)
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
     }
 }
 
@@ -72,10 +106,7 @@ impl std::str::FromStr for Precision {
             .find(|p| p.name() == s)
             .ok_or_else(|| Error::InvalidConfig {
                 field: "precision".into(),
-                problem: format!(
-                    "unknown precision {s:?}; one of {}",
-                    Precision::ALL.map(Precision::name).join(", ")
-                ),
+                problem: format!("unknown precision {s:?}; one of {}", Precision::NAMES.join(", ")),
             })
     }
 }
@@ -99,19 +130,7 @@ pub enum LayerKind {
 pub struct PrecisionPolicy {
     pub mode: Precision,
     /// Layer name (as in checkpoints, without `.weight`) → "f32", "bf16" or "f16".
-    pub overrides: BTreeMap<String, String>,
-}
-
-fn dtype_named(field: &str, name: &str) -> Result<DType> {
-    match name {
-        "f32" => Ok(DType::F32),
-        "bf16" => Ok(DType::BF16),
-        "f16" => Ok(DType::F16),
-        _ => Err(Error::InvalidConfig {
-            field: format!("precision.overrides.{field}"),
-            problem: format!("unknown dtype {name:?}; one of f32, bf16, f16"),
-        }),
-    }
+    pub overrides: BTreeMap<String, Dtype>,
 }
 
 impl PrecisionPolicy {
@@ -124,41 +143,50 @@ impl PrecisionPolicy {
 
     /// Checks the overrides' dtypes; mixing bf16 and f16 in one model is refused.
     pub fn validate(&self) -> Result<()> {
-        for (layer, name) in &self.overrides {
-            let dtype = dtype_named(layer, name)?;
-            if let (Some(half), true) = (self.mode.half(), dtype != DType::F32) {
-                if dtype != half {
-                    return Err(Error::InvalidConfig {
-                        field: format!("precision.overrides.{layer}"),
-                        problem: format!("{name} does not mix with mode {}", self.mode.name()),
-                    });
-                }
-            }
+        // The mode's half format, else the first half-precision override's, sets the rule.
+        let Some(half) = self.half() else {
+            return Ok(());
+        };
+        if let Some((layer, dtype)) = self
+            .overrides
+            .iter()
+            .find(|(_, d)| **d != Dtype::F32 && **d != half)
+        {
+            return Err(Error::InvalidConfig {
+                field: format!("precision.overrides.{layer}"),
+                problem: format!(
+                    "{} does not mix with the other half-precision layers (mode {}): use bf16 or f16 throughout",
+                    dtype.name(),
+                    self.mode.name()
+                ),
+            });
         }
         Ok(())
     }
 
     /// The dtype layer `name` of kind `kind` computes in.
-    pub fn compute_dtype(&self, name: &str, kind: LayerKind) -> DType {
-        if let Some(d) = self.overrides.get(name).and_then(|n| dtype_named(name, n).ok()) {
-            return d;
+    pub fn compute_dtype(&self, name: &str, kind: LayerKind) -> Dtype {
+        if let Some(d) = self.overrides.get(name) {
+            return *d;
         }
         let mixed = matches!(self.mode, Precision::MixedBf16 | Precision::MixedF16);
         match (self.mode.half(), kind) {
-            (None, _) => DType::F32,
-            (Some(_), LayerKind::FirstConv | LayerKind::Linear) if mixed => DType::F32,
+            (None, _) => Dtype::F32,
+            (Some(_), LayerKind::FirstConv | LayerKind::Linear) if mixed => Dtype::F32,
             (Some(half), _) => half,
         }
     }
 
-    /// Whether any layer computes in half precision.
-    pub fn uses_half(&self) -> bool {
-        self.mode.half().is_some() || self.overrides.values().any(|n| n == "bf16" || n == "f16")
+    /// The half-precision format the policy's layers use, if any (bf16 and f16 never mix).
+    pub fn half(&self) -> Option<Dtype> {
+        self.mode
+            .half()
+            .or_else(|| self.overrides.values().copied().find(|d| *d != Dtype::F32))
     }
 
     /// Whether the loss must be scaled (some layer computes in f16).
     pub fn needs_loss_scaling(&self) -> bool {
-        self.mode.needs_loss_scaling() || self.overrides.values().any(|n| n == "f16")
+        self.half() == Some(Dtype::F16)
     }
 }
 
@@ -168,18 +196,18 @@ mod tests {
 
     #[test]
     fn modes_place_layers_as_the_recipe_says() -> Result<()> {
-        let check = |mode: &str, first: DType, conv: DType, fc: DType| -> Result<()> {
+        let check = |mode: &str, first: Dtype, conv: Dtype, fc: Dtype| -> Result<()> {
             let p = PrecisionPolicy::new(mode.parse()?);
             assert_eq!(p.compute_dtype("conv1", LayerKind::FirstConv), first, "{mode}");
             assert_eq!(p.compute_dtype("layer2.0.conv1", LayerKind::Conv), conv, "{mode}");
             assert_eq!(p.compute_dtype("fc", LayerKind::Linear), fc, "{mode}");
             Ok(())
         };
-        check("f32", DType::F32, DType::F32, DType::F32)?;
-        check("bf16", DType::BF16, DType::BF16, DType::BF16)?;
-        check("f16", DType::F16, DType::F16, DType::F16)?;
-        check("mixed-bf16", DType::F32, DType::BF16, DType::F32)?;
-        check("mixed-f16", DType::F32, DType::F16, DType::F32)?;
+        check("f32", Dtype::F32, Dtype::F32, Dtype::F32)?;
+        check("bf16", Dtype::Bf16, Dtype::Bf16, Dtype::Bf16)?;
+        check("f16", Dtype::F16, Dtype::F16, Dtype::F16)?;
+        check("mixed-bf16", Dtype::F32, Dtype::Bf16, Dtype::F32)?;
+        check("mixed-f16", Dtype::F32, Dtype::F16, Dtype::F32)?;
         assert!(Precision::MixedF16.needs_loss_scaling() && !Precision::MixedBf16.needs_loss_scaling());
         Ok(())
     }
@@ -187,21 +215,25 @@ mod tests {
     #[test]
     fn overrides_name_layers_and_are_checked() -> Result<()> {
         let mut p = PrecisionPolicy::new(Precision::MixedBf16);
-        p.overrides.insert("layer4.1.conv2".into(), "f32".into());
-        p.overrides.insert("conv1".into(), "bf16".into());
+        p.overrides.insert("layer4.1.conv2".into(), Dtype::F32);
+        p.overrides.insert("conv1".into(), Dtype::Bf16);
         p.validate()?;
-        assert_eq!(p.compute_dtype("layer4.1.conv2", LayerKind::Conv), DType::F32);
-        assert_eq!(p.compute_dtype("conv1", LayerKind::FirstConv), DType::BF16);
-        p.overrides.insert("fc".into(), "f16".into());
+        assert_eq!(p.compute_dtype("layer4.1.conv2", LayerKind::Conv), Dtype::F32);
+        assert_eq!(p.compute_dtype("conv1", LayerKind::FirstConv), Dtype::Bf16);
+        assert!(!p.needs_loss_scaling());
+        p.overrides.insert("fc".into(), Dtype::F16);
         let e = p.validate().expect_err("bf16 with f16").to_string();
         assert!(e.contains("precision.overrides.fc"), "{e}");
+        // An f32 model with one f16 layer needs the loss scaled.
         let mut p = PrecisionPolicy::new(Precision::F32);
-        p.overrides.insert("fc".into(), "f8".into());
-        assert!(p
-            .validate()
+        p.overrides.insert("fc".into(), Dtype::F16);
+        p.validate()?;
+        assert!(p.needs_loss_scaling() && p.half() == Some(Dtype::F16));
+        // Names are checked where the policy is read.
+        let e = serde_json::from_str::<PrecisionPolicy>(r#"{"overrides": {"fc": "f8"}}"#)
             .expect_err("f8")
-            .to_string()
-            .contains("f32, bf16, f16"));
+            .to_string();
+        assert!(e.contains("f8") && e.contains("bf16"), "{e}");
         let e = "half".parse::<Precision>().expect_err("unknown").to_string();
         assert!(e.contains("mixed-bf16"), "{e}");
         Ok(())

@@ -1,5 +1,5 @@
 //! The training-step benchmark behind `brisk bench step`: times whole SGD steps (or
-//! eval-mode forwards) on random data, as `../shared/reference/torch_train_step.py` does.
+//! eval-mode forwards) on random data, as `scripts/torch_reference.py` does for PyTorch.
 
 use std::time::Instant;
 
@@ -9,7 +9,8 @@ use candle_core::{Device, Tensor};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::optim::{Param, Sgd, SgdConfig};
+use crate::optim::{Param, Sgd};
+use brisk_schema::SgdConfig;
 
 /// What one benchmark run measures.
 #[derive(Clone, Debug)]
@@ -22,8 +23,8 @@ pub struct StepBench {
     pub steps: usize,
     /// Untimed steps first, so allocations and caches settle. By default, 2.
     pub warmup: usize,
-    /// Convolution kernels: brisk's (default) or candle's reference.
-    pub kernels: Kernels,
+    /// Run on candle's own ops (the reference) instead of the device's kernels.
+    pub reference_ops: bool,
     /// Time eval-mode forward passes instead of training steps.
     pub eval: bool,
     /// Which layers compute in half precision. By default, none (f32).
@@ -48,6 +49,8 @@ pub struct StepReport {
     /// Median milliseconds of the optimiser update (0 in eval mode).
     pub optimizer_ms: f64,
     pub steps: usize,
+    /// The kernels that ran: "brisk" or "candle".
+    pub kernels: String,
     /// The process's peak resident memory in MiB (Linux; absent elsewhere).
     pub peak_rss_mib: Option<f64>,
 }
@@ -89,12 +92,8 @@ impl StepBench {
         }
         let dev = self.device.clone();
         let mut net = Network::new(self.spec.clone(), 0, &dev)?;
-        // brisk's kernels are CPU kernels.
-        net.set_kernels(if dev.is_cpu() {
-            self.kernels
-        } else {
-            Kernels::Candle
-        })?;
+        let kernels = Kernels::for_device(&dev, self.reference_ops);
+        net.set_kernels(kernels)?;
         net.set_precision(PrecisionPolicy::new(self.precision))?;
         let size = self.spec.image_size;
         let x = Tensor::randn(0f32, 1.0, (self.batch, self.spec.in_channels, size, size), &dev)?;
@@ -152,6 +151,7 @@ impl StepBench {
             backward_ms: median(&mut bwd),
             optimizer_ms: median(&mut opt),
             steps: self.steps,
+            kernels: kernels.name().to_string(),
             peak_rss_mib: peak_rss_mib(),
         })
     }
@@ -171,7 +171,7 @@ mod tests {
                 batch: 2,
                 steps: 3,
                 warmup: 1,
-                kernels: Kernels::Brisk,
+                reference_ops: false,
                 eval,
                 precision: Precision::MixedBf16,
                 device: Device::Cpu,
@@ -195,7 +195,7 @@ mod tests {
             batch: 0,
             steps: 1,
             warmup: 0,
-            kernels: Kernels::Brisk,
+            reference_ops: false,
             eval: false,
             precision: Precision::F32,
             device: Device::Cpu,

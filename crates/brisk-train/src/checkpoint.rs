@@ -7,14 +7,14 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use brisk_models::{write_atomic, Network};
+use brisk_files::{sync_dir, write_atomic};
+use brisk_models::{Network, MODEL_FILE};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
 const STATE_FORMAT: &str = "brisk-train-state";
-pub const MODEL_FILE: &str = "model.safetensors";
 const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 const STATE_FILE: &str = "state.json";
 
@@ -117,13 +117,6 @@ pub fn check_finite(net: &Network, step: u64) -> Result<()> {
         }
     }
     Ok(())
-}
-
-fn sync_dir(dir: &Path) -> Result<()> {
-    // Makes a rename inside `dir` durable.
-    std::fs::File::open(dir)
-        .and_then(|f| f.sync_all())
-        .map_err(|e| Error::io("cannot sync folder", dir, e))
 }
 
 /// Writes a checkpoint of `net`, the optimiser `state` tensors and `train` into

@@ -19,12 +19,12 @@ pub enum Error {
     },
 
     /// A file could not be read or written.
-    #[error("{what} {path}: {cause}")]
-    Io {
-        what: &'static str,
-        path: PathBuf,
-        cause: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] brisk_files::Error),
+
+    /// The config, the event log or the summary is invalid.
+    #[error(transparent)]
+    Schema(#[from] brisk_schema::Error),
 
     /// Saved training state (optimiser, position, hooks) is missing or inconsistent.
     #[error("training state: {problem}")]
@@ -100,12 +100,8 @@ fn advice(checkpoint: &Option<PathBuf>) -> String {
 }
 
 impl Error {
-    pub(crate) fn io(what: &'static str, path: &std::path::Path, source: std::io::Error) -> Self {
-        Error::Io {
-            what,
-            path: path.to_path_buf(),
-            cause: source,
-        }
+    pub(crate) fn io(what: &'static str, path: &std::path::Path, cause: std::io::Error) -> Self {
+        Error::Io(brisk_files::Error::new(what, path, cause))
     }
 }
 

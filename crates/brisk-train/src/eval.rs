@@ -3,12 +3,12 @@
 
 use std::sync::Arc;
 
-use brisk_data::{Dataset, Loader, LoaderConfig, Split};
+use brisk_data::{Batch, Dataset, Loader, LoaderConfig, Split};
 use brisk_models::Network;
 use candle_core::{Device, Tensor};
 use serde::Serialize;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::loss::cross_entropy;
 
 /// What an evaluation measured. Accuracies are fractions in [0, 1].
@@ -34,6 +34,32 @@ pub struct ClassAccuracy {
     pub accuracy: f64,
 }
 
+/// Adds one batch's loss, counts, top-1/top-5 hits and confusion to `sums`.
+fn add_batch(net: &Network, b: &Batch, classes: usize, sums: &mut [f64]) -> Result<()> {
+    let dev = Device::Cpu;
+    let (c, h, w) = b.shape;
+    let x = Tensor::from_slice(&b.images, (b.len(), c, h, w), &dev)?;
+    let y = Tensor::from_slice(&b.labels, b.len(), &dev)?;
+    let logits = net.forward_t(&x, false)?;
+    let loss = cross_entropy(&logits, &y, 0.0)?.to_scalar::<f32>()? as f64;
+    sums[0] += loss * b.len() as f64;
+    sums[1] += b.len() as f64;
+    let rows = logits.to_vec2::<f32>()?;
+    for (row, &label) in rows.iter().zip(&b.labels) {
+        let target = row[label as usize];
+        // Ties count against, as in `top_k_correct`.
+        let above = row.iter().filter(|&&v| v > target).count();
+        sums[2] += f64::from(u8::from(above < 1));
+        sums[3] += f64::from(u8::from(above < 5));
+        let predicted = row
+            .iter()
+            .enumerate()
+            .fold(0, |best, (i, &v)| if v > row[best] { i } else { best });
+        sums[4 + label as usize * classes + predicted] += 1.0;
+    }
+    Ok(())
+}
+
 /// Evaluates `net` (eval mode: running statistics) on `split`, `batch` images at a time,
 /// on this rank's share (`rank` of `world`); `reduce` sums the per-rank figures across
 /// ranks in place (the identity for one process).
@@ -45,7 +71,21 @@ pub fn evaluate(
     (rank, world): (usize, usize),
     reduce: &mut dyn FnMut(&mut [f64]) -> Result<()>,
 ) -> Result<EvalReport> {
-    let classes = data.manifest().classes.len();
+    let m = data.manifest();
+    let classes = m.classes.len();
+    net.spec()
+        .check_fits(classes, m.channels, (m.height, m.width), data.dir())
+        .map_err(brisk_models::Error::from)?;
+    if data.is_empty(split) {
+        return Err(Error::InvalidConfig {
+            field: "data",
+            problem: format!(
+                "{} has no {} images to evaluate",
+                data.dir().display(),
+                split.name()
+            ),
+        });
+    }
     let config = LoaderConfig {
         split,
         rank,
@@ -53,31 +93,10 @@ pub fn evaluate(
         ..LoaderConfig::eval(data)
     };
     let loader = Loader::new(data.clone(), config)?;
-    let dev = Device::Cpu;
     // Sums: loss, n, top-1, top-5, then the confusion matrix row by row.
     let mut sums = vec![0f64; 4 + classes * classes];
     for b in loader.epoch(0, batch, 0)? {
-        let b = b?;
-        let (c, h, w) = b.shape;
-        let x = Tensor::from_slice(&b.images, (b.len(), c, h, w), &dev)?;
-        let y = Tensor::from_slice(&b.labels, b.len(), &dev)?;
-        let logits = net.forward_t(&x, false)?;
-        let loss = cross_entropy(&logits, &y, 0.0)?.to_scalar::<f32>()? as f64;
-        sums[0] += loss * b.len() as f64;
-        sums[1] += b.len() as f64;
-        let rows = logits.to_vec2::<f32>()?;
-        for (row, &label) in rows.iter().zip(&b.labels) {
-            let target = row[label as usize];
-            // Ties count against, as in `top_k_correct`.
-            let above = row.iter().filter(|&&v| v > target).count();
-            sums[2] += f64::from(u8::from(above < 1));
-            sums[3] += f64::from(u8::from(above < 5));
-            let predicted = row
-                .iter()
-                .enumerate()
-                .fold(0, |best, (i, &v)| if v > row[best] { i } else { best });
-            sums[4 + label as usize * classes + predicted] += 1.0;
-        }
+        add_batch(net, &b?, classes, &mut sums)?;
     }
     reduce(&mut sums)?;
     let n = sums[1];

@@ -1,11 +1,12 @@
-//! What a run tells: the event log `metrics.jsonl` (one JSON object per line, fields in
-//! docs/training.md) and the progress display — an indicatif bar with ETA on a terminal,
-//! plain periodic lines otherwise.
+//! What a run tells: the event log `metrics.jsonl` (one brisk-schema `Event` per line,
+//! fields in docs/training.md) and the progress display — an indicatif bar with ETA on a
+//! terminal, plain periodic lines otherwise.
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use brisk_schema::Event;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::error::{Error, Result};
@@ -38,14 +39,9 @@ impl EventLog {
         })
     }
 
-    /// Appends one event: `{"event": kind, ...fields}`.
-    pub fn write(&mut self, kind: &str, fields: serde_json::Value) -> Result<()> {
-        let mut object = serde_json::Map::new();
-        object.insert("event".into(), kind.into());
-        if let serde_json::Value::Object(f) = fields {
-            object.extend(f);
-        }
-        let mut line = serde_json::Value::Object(object).to_string();
+    /// Appends one event as a line.
+    pub fn write(&mut self, event: &Event) -> Result<()> {
+        let mut line = event.to_line()?;
         line.push('\n');
         self.file
             .write_all(line.as_bytes())
@@ -135,25 +131,26 @@ mod tests {
     fn the_log_appends_lines_and_cuts_back_on_resume() -> Result<()> {
         let dir = tempfile::tempdir().map_err(|e| Error::io("tempdir", Path::new("/tmp"), e))?;
         let path = dir.path().join("metrics.jsonl");
+        let at = |step| Event::Checkpoint {
+            step,
+            epoch: 0,
+            path: "c".into(),
+        };
         let mut log = EventLog::open(&path, None)?;
-        log.write("start", serde_json::json!({"seed": 1}))?;
+        log.write(&at(1))?;
         let kept = log.sync()?;
-        log.write("step", serde_json::json!({"step": 5, "loss": 1.5}))?;
+        log.write(&at(2))?;
         drop(log);
         let mut log = EventLog::open(&path, Some(kept))?;
-        log.write("resume", serde_json::json!({"step": 0}))?;
-        let text = std::fs::read_to_string(&path).map_err(|e| Error::io("read", &path, e))?;
-        let events: Vec<serde_json::Value> = text
-            .lines()
-            .map(serde_json::from_str)
-            .collect::<std::result::Result<_, _>>()
-            .map_err(|e| Error::State {
-                problem: e.to_string(),
-            })?;
-        assert_eq!(events.len(), 2);
-        assert_eq!(events[0]["event"], "start");
-        assert_eq!(events[0]["seed"], 1);
-        assert_eq!(events[1]["event"], "resume");
+        let resume = Event::Resume {
+            step: 1,
+            epoch: 0,
+            batch: 3,
+            from: None,
+        };
+        log.write(&resume)?;
+        let events: Vec<Event> = Event::read_log(&path)?.into_iter().map(|r| r.event).collect();
+        assert_eq!(events, [at(1), resume]);
         Ok(())
     }
 }

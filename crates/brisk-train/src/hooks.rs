@@ -10,7 +10,7 @@
 use brisk_models::Network;
 use brisk_precision::{LossScaler, ScalerState};
 use candle_core::backprop::GradStore;
-use candle_core::{Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 
 use crate::error::Result;
 use crate::loss::cross_entropy;
@@ -120,24 +120,42 @@ pub struct LossScaling {
 }
 
 impl LossScaling {
+    /// The hook's name (its checkpoint key).
+    pub const NAME: &'static str = "loss_scaler";
+
     pub fn new(scaler: LossScaler) -> Self {
         LossScaling { scaler }
+    }
+
+    /// Divides the gradients of `vars` by the scale in place and reports whether any
+    /// holds inf or NaN (then the update must be skipped).
+    fn unscale(&self, grads: &mut GradStore, vars: &[(String, Var)]) -> Result<bool> {
+        let inv = 1.0 / self.scaler.scale();
+        let mut found_inf = false;
+        for (_, var) in vars {
+            let Some(g) = grads.get(var) else { continue };
+            let g = (g * inv)?;
+            // A sum over a tensor holding inf or NaN is inf or NaN.
+            let total = g.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            found_inf |= !total.is_finite();
+            grads.insert(var.as_tensor(), g);
+        }
+        Ok(found_inf)
     }
 }
 
 impl Hook for LossScaling {
     fn name(&self) -> &'static str {
-        "loss_scaler"
+        Self::NAME
     }
 
     fn scale_loss(&mut self, loss: Tensor) -> Result<Tensor> {
-        Ok(self.scaler.scale_loss(&loss)?)
+        Ok((loss * self.scaler.scale())?)
     }
 
     fn after_backward(&mut self, ctx: &StepContext, grads: &mut GradStore) -> Result<StepAction> {
-        let vars: Vec<Var> = ctx.params.iter().map(|(_, v)| v.clone()).collect();
         let scale = self.scaler.scale();
-        let found_inf = self.scaler.unscale(grads, &vars)?;
+        let found_inf = self.unscale(grads, ctx.params)?;
         self.scaler.update(found_inf);
         Ok(if found_inf {
             StepAction::Skip(format!(
@@ -164,6 +182,49 @@ impl Hook for LossScaling {
             problem: format!("loss scaler state {state}: {e}"),
         })?;
         self.scaler.set_state(s);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use brisk_models::ModelSpec;
+    use brisk_precision::ScalerConfig;
+    use candle_core::Device;
+
+    #[test]
+    fn loss_scaling_unscales_and_skips_on_overflow() -> Result<()> {
+        let dev = Device::Cpu;
+        let mut spec = ModelSpec::resnet18_cifar(2).with_width(0.0625);
+        spec.image_size = 8;
+        let net = Network::new(spec, 0, &dev)?;
+        let w = Var::from_tensor(&Tensor::new(&[1.0f32, 2.0], &dev)?)?;
+        let params = vec![("w".to_string(), w.clone())];
+        let ctx = StepContext {
+            net: &net,
+            params: &params,
+            step: 0,
+            epoch: 0,
+            progress: 0.0,
+        };
+        let mut hook = LossScaling::new(LossScaler::new(ScalerConfig {
+            init_scale: 1024.0,
+            ..Default::default()
+        })?);
+        let loss = (w.as_tensor() * 3.0)?.sum_all()?;
+        let mut grads = hook.scale_loss(loss)?.backward()?;
+        assert_eq!(hook.after_backward(&ctx, &mut grads)?, StepAction::Apply);
+        let g = grads.get(&w).map(|g| g.to_vec1::<f32>()).transpose()?;
+        assert_eq!(g, Some(vec![3.0, 3.0]), "the gradient is unscaled");
+        // An overflowed gradient skips the update and halves the scale.
+        let loss = (w.as_tensor() * f64::INFINITY)?.sum_all()?;
+        let mut grads = hook.scale_loss(loss)?.backward()?;
+        assert!(matches!(
+            hook.after_backward(&ctx, &mut grads)?,
+            StepAction::Skip(_)
+        ));
+        assert_eq!(hook.metrics(), vec![("loss_scale", 512.0)]);
         Ok(())
     }
 }

@@ -1,23 +1,26 @@
-//! The `Trainer` and its parts: configuration, optimisers with PyTorch's semantics,
-//! learning-rate and batch-size schedules, losses, hooks for the techniques that plug
-//! into the loop, evaluation, the event log, checkpoints, and the training-step benchmark.
+//! The `Trainer` and its parts: optimisers with PyTorch's semantics, losses, hooks for
+//! the techniques that plug into the loop, evaluation, meters, the event log and progress,
+//! checkpoints, and the training-step benchmark. The settings it runs from and the
+//! records it writes are brisk-schema's types.
 
 pub mod bench;
 pub mod checkpoint;
-pub mod config;
 pub mod error;
 pub mod eval;
 pub mod events;
 pub mod hooks;
 pub mod loss;
+pub mod meters;
 pub mod optim;
-pub mod schedule;
 pub mod trainer;
 
-pub use config::{OptimizerKind, TrainConfig};
+/// The config, schedules, events and summary are brisk-schema's (no candle there, so the
+/// experiment runner reads them without building a model).
+pub use brisk_schema::{
+    layout, BatchSchedule, Event, LrScaling, LrSchedule, LrShape, OptimizerKind, TrainConfig, TrainSummary,
+};
 pub use error::{Error, Result};
 pub use eval::{evaluate, ClassAccuracy, EvalReport};
 pub use hooks::{CrossEntropy, Hook, LossFn, LossScaling, StepAction, StepContext};
-pub use optim::{AdamW, AdamWConfig, Optimizer, Param, Sgd, SgdConfig};
-pub use schedule::{BatchSchedule, LrScaling, LrSchedule, LrShape};
-pub use trainer::{Rank, TrainSummary, Trainer};
+pub use optim::{AdamW, Optimizer, Param, Sgd};
+pub use trainer::{Rank, Trainer};

@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 
 use brisk_ops::{sgd_update, SgdStep};
+use brisk_schema::{AdamWConfig, OptimizerConfig, OptimizerKind, SgdConfig};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
 
@@ -51,31 +52,6 @@ fn state_tensor(state: &HashMap<String, Tensor>, key: &str, like: &Tensor) -> Re
     Ok(t.copy()?)
 }
 
-/// Settings of stochastic gradient descent, as `torch.optim.SGD` (without dampening).
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct SgdConfig {
-    /// Learning rate.
-    pub lr: f64,
-    /// Momentum factor; 0 disables the velocity buffer.
-    pub momentum: f64,
-    /// Nesterov momentum (needs momentum > 0).
-    pub nesterov: bool,
-    /// L2 penalty added to the gradient (coupled weight decay, as PyTorch's SGD).
-    pub weight_decay: f64,
-}
-
-impl Default for SgdConfig {
-    /// lr 0.1, momentum 0.9, no Nesterov, weight decay 5e-4: the usual CIFAR recipe.
-    fn default() -> Self {
-        SgdConfig {
-            lr: 0.1,
-            momentum: 0.9,
-            nesterov: false,
-            weight_decay: 5e-4,
-        }
-    }
-}
-
 /// SGD with momentum, Nesterov and weight decay. For each parameter w with gradient g:
 ///
 /// ```text
@@ -100,30 +76,7 @@ struct SgdParam {
 impl Sgd {
     /// An optimiser over `params`.
     pub fn new(params: Vec<Param>, config: SgdConfig) -> Result<Self> {
-        if !(config.lr.is_finite() && config.lr >= 0.0) {
-            return Err(Error::InvalidConfig {
-                field: "lr",
-                problem: format!("must be a non-negative number, got {}", config.lr),
-            });
-        }
-        if !(0.0..1.0).contains(&config.momentum) {
-            return Err(Error::InvalidConfig {
-                field: "momentum",
-                problem: format!("must be in [0, 1), got {}", config.momentum),
-            });
-        }
-        if config.nesterov && config.momentum == 0.0 {
-            return Err(Error::InvalidConfig {
-                field: "nesterov",
-                problem: "needs a momentum above 0".into(),
-            });
-        }
-        if !(config.weight_decay.is_finite() && config.weight_decay >= 0.0) {
-            return Err(Error::InvalidConfig {
-                field: "weight_decay",
-                problem: format!("must be a non-negative number, got {}", config.weight_decay),
-            });
-        }
+        config.validate()?;
         let params = params
             .into_iter()
             .map(|param| SgdParam {
@@ -217,30 +170,6 @@ fn tensor_sgd_step(
     Ok(v)
 }
 
-/// Settings of AdamW (Loshchilov & Hutter), as `torch.optim.AdamW`.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct AdamWConfig {
-    pub lr: f64,
-    pub beta1: f64,
-    pub beta2: f64,
-    pub eps: f64,
-    /// Decoupled weight decay: `w ← w − lr · weight_decay · w` before the Adam step.
-    pub weight_decay: f64,
-}
-
-impl Default for AdamWConfig {
-    /// PyTorch's defaults: lr 1e-3, betas (0.9, 0.999), eps 1e-8, weight decay 0.01.
-    fn default() -> Self {
-        AdamWConfig {
-            lr: 1e-3,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.01,
-        }
-    }
-}
-
 /// AdamW with bias correction. For each parameter w with gradient g at step t:
 ///
 /// ```text
@@ -264,23 +193,7 @@ struct AdamParam {
 impl AdamW {
     /// An optimiser over `params`.
     pub fn new(params: Vec<Param>, config: AdamWConfig) -> Result<Self> {
-        let c = config;
-        let checks = [
-            ("lr", c.lr.is_finite() && c.lr >= 0.0),
-            ("beta1", (0.0..1.0).contains(&c.beta1)),
-            ("beta2", (0.0..1.0).contains(&c.beta2)),
-            ("eps", c.eps.is_finite() && c.eps > 0.0),
-            (
-                "weight_decay",
-                c.weight_decay.is_finite() && c.weight_decay >= 0.0,
-            ),
-        ];
-        if let Some((field, _)) = checks.iter().find(|(_, ok)| !ok) {
-            return Err(Error::InvalidConfig {
-                field,
-                problem: format!("out of range in {c:?}"),
-            });
-        }
+        config.validate()?;
         let params = params
             .into_iter()
             .map(|param| AdamParam { param, state: None })
@@ -368,6 +281,15 @@ pub enum Optimizer {
 }
 
 impl Optimizer {
+    /// The optimiser `config` names over `vars`, at learning rate `lr`.
+    pub fn new(config: &OptimizerConfig, vars: Vec<(String, Var)>, lr: f64) -> Result<Self> {
+        let params = Param::from_named(vars, config.decay_norm_and_bias);
+        Ok(match config.kind {
+            OptimizerKind::Sgd => Optimizer::Sgd(Sgd::new(params, config.sgd(lr))?),
+            OptimizerKind::AdamW => Optimizer::AdamW(AdamW::new(params, config.adamw(lr))?),
+        })
+    }
+
     pub fn step(&mut self, grads: &GradStore) -> Result<()> {
         match self {
             Optimizer::Sgd(o) => o.step(grads),

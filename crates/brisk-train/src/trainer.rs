@@ -1,6 +1,12 @@
 //! `Trainer`: the training loop. Builds the network, optimiser and loaders from a
 //! `TrainConfig`, runs epochs of steps through the hooks, evaluates, logs, checkpoints,
 //! and resumes exactly where a checkpoint left off.
+//!
+//! The loop reads top-down: [`Trainer::run`] → `train_epoch` (batches, with the
+//! interval's `step` events and mid-epoch checkpoints) → `step` (one batch: forward,
+//! loss, hooks, backward, update) → `end_epoch` (the `epoch` event, evaluation, best
+//! model, checkpoint, stop). Decisions (is a checkpoint due? an evaluation?) are small
+//! functions of their own.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -8,66 +14,25 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use brisk_data::{Augment, Dataset, Loader, LoaderConfig, Split};
-use brisk_models::{write_atomic, Network};
+use brisk_data::{Augment, Batch, Dataset, Loader, LoaderConfig, Split};
+use brisk_models::{Network, MODEL_FILE};
+use brisk_schema::events::StepRecord;
+use brisk_schema::layout::{BEST_DIR, CHECKPOINTS_DIR, CONFIG_FILE, LOG_FILE, SUMMARY_FILE};
+use brisk_schema::{Event, TrainConfig, TrainSummary};
 use candle_core::{Device, Tensor, Var};
-use serde::Serialize;
-use serde_json::json;
 
-use crate::checkpoint::{self, Best, Clock, Position, TrainState, MODEL_FILE};
-use crate::config::TrainConfig;
+use crate::checkpoint::{self, Best, Clock, Position, TrainState};
 use crate::error::{Error, Result};
 use crate::eval::{evaluate, EvalReport};
 use crate::events::{EventLog, Progress};
 use crate::hooks::{CrossEntropy, Hook, LossFn, LossScaling, StepAction, StepContext};
 use crate::loss::top_k_correct;
+use crate::meters::{EpochClock, Meter, RunClock, StepOutcome};
 use crate::optim::Optimizer;
-
-/// Files in a run's output folder.
-pub const CONFIG_FILE: &str = "config.toml";
-pub const LOG_FILE: &str = "metrics.jsonl";
-pub const SUMMARY_FILE: &str = "summary.json";
-pub const CHECKPOINTS_DIR: &str = "checkpoints";
-pub const BEST_DIR: &str = "best";
 
 /// Skipped updates in a row after which a run is declared diverged (a loss scaler that
 /// halves its scale 50 times has gone from 2^16 to below 2^-33).
 const MAX_CONSECUTIVE_SKIPS: u64 = 50;
-
-/// What a finished run reports (also written as `summary.json`).
-#[derive(Clone, Debug, Serialize)]
-pub struct TrainSummary {
-    pub top1: f64,
-    pub top5: f64,
-    pub loss: f64,
-    /// Test images evaluated.
-    pub n: u64,
-    pub best_top1: f64,
-    pub best_epoch: usize,
-    pub epochs: usize,
-    /// Optimiser updates applied.
-    pub updates: u64,
-    /// Batches whose update a hook skipped.
-    pub skipped: u64,
-    /// Ranks that trained (1: a single process).
-    pub world: usize,
-    /// Training images read, by all ranks together.
-    pub images: u64,
-    pub elapsed_s: f64,
-    pub train_s: f64,
-    /// Training images per second of training time, all ranks together.
-    pub img_per_s: f64,
-    /// Fraction of training time spent waiting for data.
-    pub data_wait: f64,
-    pub params: usize,
-    pub macs: u64,
-    pub checkpoint_bytes: u64,
-    pub peak_rss_mib: Option<f64>,
-    /// The hooks' figures at the end (e.g. `allreduce_s_total`, `loss_scale`).
-    pub hook_metrics: BTreeMap<String, f64>,
-    /// The final model.
-    pub model: PathBuf,
-}
 
 /// A training run. Build it with [`Trainer::new`] or [`Trainer::resume`], add hooks,
 /// then [`Trainer::run`].
@@ -87,11 +52,11 @@ pub struct Trainer {
     best: Option<Best>,
     last_checkpoint: Option<PathBuf>,
     skipped: u64,
+    consecutive_skips: u64,
     /// The evaluation after the last epoch trained in this process (reused by the summary).
     last_eval: Option<EvalReport>,
     log: Option<EventLog>,
-    rank: usize,
-    world: usize,
+    rank: Rank,
     stop: Option<Arc<AtomicBool>>,
     quiet: bool,
     resumed: bool,
@@ -116,7 +81,7 @@ fn required<'a>(value: &'a Option<PathBuf>, field: &'static str, flag: &str) -> 
 /// Sets up the compute threads (0: the host's cores shared by the ranks on it).
 fn init_threads(threads: usize, rank: Rank) -> Result<()> {
     let n = match threads {
-        0 => (std::thread::available_parallelism().map_or(1, |n| n.get()) / rank.local_ranks.max(1)).max(1),
+        0 => brisk_ops::default_threads(rank.local_ranks),
         n => n,
     };
     brisk_ops::init_compute(n)?;
@@ -144,6 +109,35 @@ impl Rank {
     pub fn writes(&self) -> bool {
         self.rank == 0
     }
+}
+
+/// The batch size of each epoch and the batches of the whole run.
+struct EpochPlan {
+    batch_sizes: Vec<usize>,
+    total_batches: u64,
+}
+
+impl EpochPlan {
+    fn new(config: &TrainConfig, loader: &Loader) -> Self {
+        let batch_sizes: Vec<usize> = (0..config.epochs).map(|e| config.batch.size(e)).collect();
+        let total_batches = batch_sizes
+            .iter()
+            .map(|&b| loader.batches_per_epoch(b) as u64)
+            .sum();
+        EpochPlan {
+            batch_sizes,
+            total_batches,
+        }
+    }
+}
+
+/// The figures of one epoch, handed from `train_epoch` to `end_epoch`.
+struct EpochResult {
+    epoch: usize,
+    batch_size: usize,
+    lr: f64,
+    meter: Meter,
+    wait_s: f64,
 }
 
 impl Trainer {
@@ -182,15 +176,6 @@ impl Trainer {
         init_threads(config.threads, rank)?;
         let data = Arc::new(Dataset::open(data_dir)?);
         let m = data.manifest();
-        if m.height != m.width {
-            return Err(Error::InvalidConfig {
-                field: "data",
-                problem: format!(
-                    "images are {}x{}; brisk's models need square images",
-                    m.height, m.width
-                ),
-            });
-        }
         if data.is_empty(Split::Train) {
             return Err(Error::InvalidConfig {
                 field: "data",
@@ -198,32 +183,19 @@ impl Trainer {
             });
         }
         let net = match initial {
-            Some(net) => {
-                let spec = net.spec();
-                if spec.classes != m.classes.len() || spec.in_channels != m.channels {
-                    return Err(Error::InvalidConfig {
-                        field: "data",
-                        problem: format!(
-                            "the model has {} classes and {} input channels, {} has {} and {}",
-                            spec.classes,
-                            spec.in_channels,
-                            data_dir.display(),
-                            m.classes.len(),
-                            m.channels
-                        ),
-                    });
-                }
-                net
-            }
+            Some(net) => net,
             None => Network::new(
                 config.model_spec(m.classes.len(), m.channels, m.height)?,
                 config.seed,
                 &Device::Cpu,
             )?,
         };
+        net.spec()
+            .check_fits(m.classes.len(), m.channels, (m.height, m.width), data_dir)
+            .map_err(brisk_models::Error::from)?;
         let log = if rank.writes() {
             std::fs::create_dir_all(&out).map_err(|e| Error::io("cannot create output folder", &out, e))?;
-            write_atomic(&out.join(CONFIG_FILE), config.to_toml()?.as_bytes())?;
+            brisk_files::write_atomic(&out.join(CONFIG_FILE), config.to_toml()?.as_bytes())?;
             Some(EventLog::open(&out.join(LOG_FILE), None)?)
         } else {
             None
@@ -260,15 +232,8 @@ impl Trainer {
             true => Some(EventLog::open(&out.join(LOG_FILE), Some(ck.state.log_bytes))?),
             false => None,
         };
-        let mut trainer = Self::assemble(
-            config,
-            out.to_path_buf(),
-            data,
-            ck.net,
-            log,
-            ck.state.position,
-            rank,
-        )?;
+        let out = out.to_path_buf();
+        let mut trainer = Self::assemble(config, out, data, ck.net, log, ck.state.position, rank)?;
         trainer.optimizer.load_state(&ck.optimizer)?;
         trainer.clock = ck.state.clock;
         trainer.best = ck.state.best;
@@ -282,16 +247,15 @@ impl Trainer {
         config: TrainConfig,
         out: PathBuf,
         data: Arc<Dataset>,
-        net: Network,
+        mut net: Network,
         log: Option<EventLog>,
         position: Position,
         rank: Rank,
     ) -> Result<Self> {
-        let mut net = net;
         net.set_precision(config.precision.clone())?;
         let params = net.trainable_vars()?;
         let lr = config.lr_schedule().lr(0.0);
-        let optimizer = config.optimizer.build(params.clone(), lr)?;
+        let optimizer = Optimizer::new(&config.optimizer, params.clone(), lr)?;
         let loss = Box::new(CrossEntropy {
             smoothing: config.label_smoothing,
         });
@@ -310,10 +274,10 @@ impl Trainer {
             best: None,
             last_checkpoint: None,
             skipped: 0,
+            consecutive_skips: 0,
             last_eval: None,
             log,
-            rank: rank.rank,
-            world: rank.world,
+            rank,
             stop: None,
             quiet: !rank.writes(),
             resumed: false,
@@ -343,11 +307,16 @@ impl Trainer {
 
     /// No progress display (the event log is still written).
     pub fn set_quiet(&mut self, quiet: bool) {
-        self.quiet = quiet || self.rank != 0;
+        self.quiet = quiet || !self.rank.writes();
     }
 
     pub fn network(&self) -> &Network {
         &self.net
+    }
+
+    /// The network, with the weights training left it with.
+    pub fn into_network(self) -> Network {
+        self.net
     }
 
     pub fn config(&self) -> &TrainConfig {
@@ -358,9 +327,10 @@ impl Trainer {
         &self.position
     }
 
-    fn event(&mut self, kind: &str, fields: serde_json::Value) -> Result<()> {
+    /// Appends `event` to the log (rank 0; the other ranks keep none).
+    fn event(&mut self, event: Event) -> Result<()> {
         match &mut self.log {
-            Some(log) => log.write(kind, fields),
+            Some(log) => log.write(&event),
             None => Ok(()),
         }
     }
@@ -375,8 +345,8 @@ impl Trainer {
             seed: self.config.seed,
             shuffle: true,
             drop_last: false,
-            rank: self.rank,
-            world: self.world,
+            rank: self.rank.rank,
+            world: self.rank.world,
             augment: Augment {
                 crop_padding: s.crop_padding,
                 flip: s.flip,
@@ -402,7 +372,7 @@ impl Trainer {
             &self.data,
             Split::Test,
             self.config.eval.batch,
-            (self.rank, self.world),
+            (self.rank.rank, self.rank.world),
             &mut reduce,
         )
     }
@@ -420,7 +390,7 @@ impl Trainer {
     /// after the same batch.
     fn stop_requested(&mut self) -> Result<bool> {
         let mine = self.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst));
-        if self.world == 1 {
+        if self.rank.world == 1 {
             return Ok(mine);
         }
         let mut flag = [f64::from(u8::from(mine))];
@@ -434,7 +404,7 @@ impl Trainer {
     /// `keep_last`.
     fn checkpoint(&mut self) -> Result<()> {
         self.synchronize()?;
-        if self.rank != 0 {
+        if !self.rank.writes() {
             return Ok(());
         }
         let log_bytes = match &mut self.log {
@@ -449,22 +419,47 @@ impl Trainer {
         let dir = checkpoint::write(&root, &self.net, &self.optimizer.state()?, &state)
             .map_err(|e| self.with_last_checkpoint(e))?;
         checkpoint::prune(&root, self.config.checkpoint.keep_last)?;
-        self.event(
-            "checkpoint",
-            json!({"step": self.position.step, "epoch": self.position.epoch, "path": dir}),
-        )?;
+        self.event(Event::Checkpoint {
+            step: self.position.step,
+            epoch: self.position.epoch,
+            path: dir.clone(),
+        })?;
         self.last_checkpoint = Some(dir);
         Ok(())
     }
 
+    /// Writes the model to `path` (rank 0 only), refusing non-finite weights.
+    fn save_model(&self, path: &Path) -> Result<()> {
+        if !self.rank.writes() {
+            return Ok(());
+        }
+        checkpoint::check_finite(&self.net, self.position.step).map_err(|e| self.with_last_checkpoint(e))?;
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| Error::io("cannot create", dir, e))?;
+        }
+        Ok(self.net.save(path)?)
+    }
+
     /// Trains to the end of the configured epochs and evaluates; returns the summary.
     pub fn run(&mut self) -> Result<TrainSummary> {
-        let run_start = Instant::now();
-        let elapsed_before = self.clock.elapsed_s;
-        if self.config.precision.needs_loss_scaling() && !self.hooks.iter().any(|h| h.name() == "loss_scaler")
-        {
-            // Last, so it sees gradients already reduced across ranks: every rank then
-            // agrees on skipping.
+        let clock = RunClock::start(self.clock.elapsed_s);
+        self.start_hooks()?;
+        let loader = self.train_loader()?;
+        let plan = EpochPlan::new(&self.config, &loader);
+        self.log_start(&plan)?;
+        let mut progress = Progress::new(plan.total_batches, self.position.batches, self.quiet);
+        let trained = self.train_epochs(&loader, &plan, &clock, &mut progress);
+        progress.finish();
+        trained?;
+        self.finish(clock.elapsed_s())
+    }
+
+    /// Adds the loss scaler the precision needs (last, so it sees gradients already
+    /// reduced across ranks and every rank agrees on skipping), then starts every hook
+    /// and gives it the state a checkpoint kept.
+    fn start_hooks(&mut self) -> Result<()> {
+        let has_scaler = self.hooks.iter().any(|h| h.name() == LossScaling::NAME);
+        if self.config.precision.needs_loss_scaling() && !has_scaler {
             let scaler = brisk_precision::LossScaler::new(self.config.loss_scaler)?;
             self.hooks.push(Box::new(LossScaling::new(scaler)));
         }
@@ -474,276 +469,357 @@ impl Trainer {
                 h.load_state(state)?;
             }
         }
-        let loader = self.train_loader()?;
-        let epochs = self.config.epochs;
-        let batch_sizes: Vec<usize> = (0..epochs).map(|e| self.config.batch.size(e)).collect();
-        let total_batches: u64 = batch_sizes
-            .iter()
-            .map(|&b| loader.batches_per_epoch(b) as u64)
-            .sum();
-        let spec = self.net.spec().clone();
-        if self.resumed {
-            let p = self.position.clone();
-            let from = self.last_checkpoint.clone();
-            self.event(
-                "resume",
-                json!({"step": p.step, "epoch": p.epoch, "batch": p.batch, "from": from}),
-            )?;
+        Ok(())
+    }
+
+    /// The `start` event of a fresh run, or the `resume` event of a continued one.
+    fn log_start(&mut self, plan: &EpochPlan) -> Result<()> {
+        let event = if self.resumed {
+            let p = &self.position;
+            Event::Resume {
+                step: p.step,
+                epoch: p.epoch,
+                batch: p.batch,
+                from: self.last_checkpoint.clone(),
+            }
         } else {
-            let fields = json!({
-                "seed": self.config.seed, "epochs": epochs, "world": self.world,
-                "threads": rayon_threads(), "model": spec, "params": spec.param_count(),
-                "macs": spec.macs(spec.image_size), "train_images": self.data.len(Split::Train),
-                "test_images": self.data.len(Split::Test), "batches": total_batches,
-            });
-            self.event("start", fields)?;
+            let spec = self.net.spec().clone();
+            Event::Start {
+                seed: self.config.seed,
+                epochs: self.config.epochs,
+                world: self.rank.world,
+                threads: brisk_ops::compute_threads(),
+                params: spec.param_count(),
+                macs: spec.macs(spec.image_size),
+                model: spec,
+                train_images: self.data.len(Split::Train),
+                test_images: self.data.len(Split::Test),
+                batches: plan.total_batches,
+            }
+        };
+        self.event(event)
+    }
+
+    fn train_epochs(
+        &mut self,
+        loader: &Loader,
+        plan: &EpochPlan,
+        clock: &RunClock,
+        progress: &mut Progress,
+    ) -> Result<()> {
+        while self.position.epoch < self.config.epochs {
+            let result = self.train_epoch(loader, plan, clock, progress)?;
+            self.end_epoch(result, clock, progress)?;
         }
-        let mut progress = Progress::new(total_batches, self.position.batches, self.quiet);
+        Ok(())
+    }
+
+    /// Trains the rest of the current epoch; a stop request ends it early with
+    /// [`Error::Interrupted`] after a checkpoint.
+    fn train_epoch(
+        &mut self,
+        loader: &Loader,
+        plan: &EpochPlan,
+        clock: &RunClock,
+        progress: &mut Progress,
+    ) -> Result<EpochResult> {
+        let epoch = self.position.epoch;
+        let batch_size = plan.batch_sizes[epoch];
+        let per_epoch = loader.batches_per_epoch(batch_size);
         let schedule = self.config.lr_schedule();
-        let dev = Device::Cpu;
-        let log_every = self.config.log_every as u64;
-        let mut consecutive_skips = 0u64;
-
-        while self.position.epoch < epochs {
-            let epoch = self.position.epoch;
-            let batch_size = batch_sizes[epoch];
-            let per_epoch = loader.batches_per_epoch(batch_size);
-            let lr_factor = self.config.batch.lr_factor(epoch, self.config.lr_scaling);
-            let epoch_start = Instant::now();
-            // Training time not yet added to the clock starts at `timer`.
-            let mut timer = epoch_start;
-            let mut epoch_wait = 0.0;
-            let (mut wait_s, mut loss_sum, mut correct, mut seen, mut batches) =
-                (0.0, 0.0, 0usize, 0usize, 0usize);
-            // Interval figures for `step` events.
-            let (mut iv_start, mut iv_images, mut iv_wait, mut iv_loss, mut iv_correct, mut iv_batches) =
-                (Instant::now(), 0usize, 0.0, 0.0, 0usize, 0usize);
-            let mut lr = 0.0;
-            let mut batches_iter = loader.epoch(epoch as u64, batch_size, self.position.batch)?;
-            loop {
-                let wait_start = Instant::now();
-                let Some(batch) = batches_iter.next() else { break };
-                let waited = wait_start.elapsed().as_secs_f64();
-                wait_s += waited;
-                iv_wait += waited;
-                let b = batch?;
-                let n = b.len();
-                let (c, h, w) = b.shape;
-                let x = Tensor::from_slice(&b.images, (n, c, h, w), &dev)?;
-                let y = Tensor::from_slice(&b.labels, n, &dev)?;
-                let progress_epochs = epoch as f64 + b.index as f64 / per_epoch as f64;
-                lr = schedule.lr(progress_epochs) * lr_factor;
-                self.optimizer.set_learning_rate(lr);
-
-                let logits = self.net.forward_t(&x, true)?;
-                let loss = self.loss.loss(&x, &logits, &y)?;
-                let loss_value = loss.to_scalar::<f32>()?;
-                let batch_correct = top_k_correct(&logits, &y, 1)?;
-                let mut scaled = loss;
-                for h in &mut self.hooks {
-                    scaled = h.scale_loss(scaled)?;
+        let lr_factor = self.config.batch.lr_factor(epoch, self.config.lr_scaling);
+        let (mut meter, mut interval) = (Meter::default(), Meter::default());
+        let mut epoch_clock = EpochClock::default();
+        let mut lr = 0.0;
+        let mut batches = loader.epoch(epoch as u64, batch_size, self.position.batch)?;
+        loop {
+            let wait_start = Instant::now();
+            let Some(batch) = batches.next() else { break };
+            let waited = wait_start.elapsed().as_secs_f64();
+            meter.waited(waited);
+            interval.waited(waited);
+            epoch_clock.waited(waited);
+            let batch = batch?;
+            let progress_epochs = epoch as f64 + batch.index as f64 / per_epoch as f64;
+            lr = schedule.lr(progress_epochs) * lr_factor;
+            let outcome = self.step(&batch, lr, progress_epochs)?;
+            self.position.batch = batch.index + 1;
+            self.position.batches += 1;
+            self.position.images += batch.len() as u64;
+            drop(batch);
+            meter.add(&outcome);
+            interval.add(&outcome);
+            if self.interval_due(per_epoch) {
+                self.log_interval(&interval, (epoch, per_epoch, batch_size, lr), clock, progress)?;
+                interval = Meter::default();
+            } else {
+                progress.update(self.position.batches, "", false);
+            }
+            let stop = self.stop_requested()?;
+            if (self.step_checkpoint_due(outcome.applied) || stop) && self.position.batch < per_epoch {
+                epoch_clock.book(&mut self.clock);
+                self.clock.elapsed_s = clock.elapsed_s();
+                self.checkpoint()?;
+                if stop {
+                    return Err(self.interrupted());
                 }
-                let mut grads = scaled.backward()?;
-                let ctx = StepContext {
-                    net: &self.net,
-                    params: &self.params,
+            }
+        }
+        drop(batches);
+        epoch_clock.book(&mut self.clock);
+        Ok(EpochResult {
+            epoch,
+            batch_size,
+            lr,
+            meter,
+            wait_s: epoch_clock.wait_s,
+        })
+    }
+
+    /// One batch: forward, loss, hooks' loss scaling, backward, hooks' gradient work, and
+    /// the optimiser update unless a hook skips it.
+    fn step(&mut self, b: &Batch, lr: f64, progress: f64) -> Result<StepOutcome> {
+        let dev = Device::Cpu;
+        let n = b.len();
+        let (c, h, w) = b.shape;
+        let x = Tensor::from_slice(&b.images, (n, c, h, w), &dev)?;
+        let y = Tensor::from_slice(&b.labels, n, &dev)?;
+        self.optimizer.set_learning_rate(lr);
+        let logits = self.net.forward_t(&x, true)?;
+        let loss = self.loss.loss(&x, &logits, &y)?;
+        let loss_value = loss.to_scalar::<f32>()?;
+        let correct = top_k_correct(&logits, &y, 1)?;
+        let mut scaled = loss;
+        for h in &mut self.hooks {
+            scaled = h.scale_loss(scaled)?;
+        }
+        let mut grads = scaled.backward()?;
+        let epoch = self.position.epoch;
+        let mut action = StepAction::Apply;
+        let ctx = StepContext {
+            net: &self.net,
+            params: &self.params,
+            step: self.position.step,
+            epoch,
+            progress,
+        };
+        for h in &mut self.hooks {
+            if let StepAction::Skip(reason) = h.after_backward(&ctx, &mut grads)? {
+                action = StepAction::Skip(reason);
+            }
+        }
+        let applied = match action {
+            StepAction::Apply if !loss_value.is_finite() => {
+                return Err(Error::NonFiniteLoss {
+                    value: loss_value,
                     step: self.position.step,
                     epoch,
-                    progress: progress_epochs,
-                };
-                let mut action = StepAction::Apply;
-                for h in &mut self.hooks {
-                    if let StepAction::Skip(reason) = h.after_backward(&ctx, &mut grads)? {
-                        action = StepAction::Skip(reason);
-                    }
-                }
-                if !loss_value.is_finite() && action == StepAction::Apply {
-                    progress.finish();
-                    return Err(Error::NonFiniteLoss {
-                        value: loss_value,
-                        step: self.position.step,
-                        epoch,
-                        batch: b.index,
-                        checkpoint: self.last_checkpoint.clone(),
-                    });
-                }
-                match &action {
-                    StepAction::Apply => {
-                        consecutive_skips = 0;
-                        self.optimizer.step(&grads)?;
-                        drop(grads);
-                        self.position.step += 1;
-                        let ctx = StepContext {
-                            net: &self.net,
-                            params: &self.params,
-                            step: self.position.step,
-                            epoch,
-                            progress: progress_epochs,
-                        };
-                        for h in &mut self.hooks {
-                            h.after_step(&ctx)?;
-                        }
-                    }
-                    StepAction::Skip(reason) => {
-                        self.skipped += 1;
-                        consecutive_skips += 1;
-                        if consecutive_skips >= MAX_CONSECUTIVE_SKIPS {
-                            progress.finish();
-                            return Err(Error::TooManySkips {
-                                count: consecutive_skips,
-                                step: self.position.step,
-                                reason: reason.clone(),
-                                checkpoint: self.last_checkpoint.clone(),
-                            });
-                        }
-                        let reason = reason.clone();
-                        let step = self.position.step;
-                        self.event(
-                            "skip",
-                            json!({"step": step, "epoch": epoch, "batch": b.index, "reason": reason}),
-                        )?;
-                    }
-                }
-                self.position.batch = b.index + 1;
-                self.position.batches += 1;
-                self.position.images += n as u64;
-                drop(b);
-                if action == StepAction::Apply && loss_value.is_finite() {
-                    loss_sum += f64::from(loss_value) * n as f64;
-                    iv_loss += f64::from(loss_value) * n as f64;
-                    correct += batch_correct;
-                    iv_correct += batch_correct;
-                    seen += n;
-                    iv_images += n;
-                }
-                batches += 1;
-                iv_batches += 1;
+                    batch: b.index,
+                    checkpoint: self.last_checkpoint.clone(),
+                })
+            }
+            StepAction::Apply => {
+                self.optimizer.step(&grads)?;
+                drop(grads);
+                self.after_update(progress)?;
+                true
+            }
+            StepAction::Skip(reason) => {
+                self.skip_update(b.index, reason)?;
+                false
+            }
+        };
+        Ok(StepOutcome {
+            images: n,
+            loss: loss_value,
+            correct,
+            applied,
+        })
+    }
 
-                if self.position.batches.is_multiple_of(log_every) || self.position.batch == per_epoch {
-                    let span = iv_start.elapsed().as_secs_f64().max(1e-9);
-                    let mut fields = json!({
-                        "step": self.position.step, "epoch": epoch, "batch": self.position.batch,
-                        "epoch_progress": self.position.batch as f64 / per_epoch as f64,
-                        "batch_size": batch_size, "lr": lr,
-                        "loss": iv_loss / iv_images.max(1) as f64,
-                        "top1": iv_correct as f64 / iv_images.max(1) as f64,
-                        "img_per_s": iv_images as f64 / span, "data_wait": iv_wait / span,
-                        "batches": iv_batches,
-                        "elapsed_s": elapsed_before + run_start.elapsed().as_secs_f64(),
-                    });
-                    for h in &self.hooks {
-                        for (k, v) in h.metrics() {
-                            fields[k] = json!(v);
-                        }
-                    }
-                    self.event("step", fields)?;
-                    let message = format!(
-                        "epoch {}/{epochs} batch {}/{per_epoch} | loss {:.4} top1 {:.1}% | lr {lr:.4} | {:.0} img/s, data wait {:.0}%",
-                        epoch + 1,
-                        self.position.batch,
-                        iv_loss / iv_images.max(1) as f64,
-                        100.0 * iv_correct as f64 / iv_images.max(1) as f64,
-                        iv_images as f64 / span,
-                        100.0 * iv_wait / span
-                    );
-                    progress.update(self.position.batches, &message, false);
-                    (iv_start, iv_images, iv_wait, iv_loss, iv_correct, iv_batches) =
-                        (Instant::now(), 0, 0.0, 0.0, 0, 0);
-                } else {
-                    progress.update(self.position.batches, "", false);
-                }
-
-                let every_steps = self.config.checkpoint.every_steps;
-                let stop = self.stop_requested()?;
-                let due = every_steps > 0
-                    && action == StepAction::Apply
-                    && self.position.step.is_multiple_of(every_steps);
-                if (due || stop) && self.position.batch < per_epoch {
-                    self.clock.train_s += timer.elapsed().as_secs_f64();
-                    self.clock.wait_s += wait_s;
-                    epoch_wait += wait_s;
-                    self.clock.elapsed_s = elapsed_before + run_start.elapsed().as_secs_f64();
-                    (timer, wait_s) = (Instant::now(), 0.0);
-                    self.checkpoint()?;
-                    if stop {
-                        progress.finish();
-                        return Err(self.interrupted());
-                    }
-                }
-            }
-            drop(batches_iter);
-            self.clock.train_s += timer.elapsed().as_secs_f64();
-            self.clock.wait_s += wait_s;
-            epoch_wait += wait_s;
-            self.position.epoch += 1;
-            self.position.batch = 0;
-            let epoch_s = epoch_start.elapsed().as_secs_f64();
-            let train_loss = loss_sum / seen.max(1) as f64;
-            let train_top1 = correct as f64 / seen.max(1) as f64;
-            self.event(
-                "epoch",
-                json!({
-                    "epoch": epoch, "step": self.position.step, "batch_size": batch_size, "lr": lr,
-                    "train_loss": train_loss, "train_top1": train_top1, "images": seen,
-                    "batches": batches, "img_per_s": seen as f64 / epoch_s.max(1e-9),
-                    "data_wait": epoch_wait / epoch_s.max(1e-9), "epoch_s": epoch_s,
-                    "elapsed_s": elapsed_before + run_start.elapsed().as_secs_f64(),
-                }),
-            )?;
-            let last = self.position.epoch == epochs;
-            let every = self.config.eval.every_epochs;
-            if last || (every > 0 && self.position.epoch.is_multiple_of(every)) {
-                let report = self.evaluate()?;
-                let elapsed_s = elapsed_before + run_start.elapsed().as_secs_f64();
-                self.event(
-                    "eval",
-                    json!({
-                        "epoch": epoch, "step": self.position.step, "images": self.position.images,
-                        "top1": report.top1, "top5": report.top5, "loss": report.loss, "n": report.n,
-                        "elapsed_s": elapsed_s,
-                    }),
-                )?;
-                progress.line(&format!(
-                    "epoch {}/{epochs}: train loss {train_loss:.4} top1 {:.2}% | test loss {:.4} top1 {:.2}% top5 {:.2}% | {:.0} s",
-                    epoch + 1,
-                    100.0 * train_top1,
-                    report.loss,
-                    100.0 * report.top1,
-                    100.0 * report.top5,
-                    elapsed_s
-                ));
-                let improved = self.best.as_ref().is_none_or(|b| report.top1 > b.top1);
-                if last {
-                    self.last_eval = Some(report.clone());
-                }
-                if improved {
-                    self.best = Some(Best {
-                        top1: report.top1,
-                        epoch,
-                        step: self.position.step,
-                    });
-                    if self.rank == 0 {
-                        checkpoint::check_finite(&self.net, self.position.step)
-                            .map_err(|e| self.with_last_checkpoint(e))?;
-                        let dir = self.out.join(BEST_DIR);
-                        std::fs::create_dir_all(&dir).map_err(|e| Error::io("cannot create", &dir, e))?;
-                        self.net.save(&dir.join(MODEL_FILE))?;
-                    }
-                }
-            }
-            let every = self.config.checkpoint.every_epochs;
-            self.clock.elapsed_s = elapsed_before + run_start.elapsed().as_secs_f64();
-            let stop = self.stop_requested()?;
-            if last || stop || (every > 0 && self.position.epoch.is_multiple_of(every)) {
-                self.checkpoint()?;
-            }
-            if stop && !last {
-                progress.finish();
-                return Err(self.interrupted());
-            }
+    /// Counts an applied update and lets the hooks see it (masks re-applied, say).
+    fn after_update(&mut self, progress: f64) -> Result<()> {
+        self.consecutive_skips = 0;
+        self.position.step += 1;
+        let ctx = StepContext {
+            net: &self.net,
+            params: &self.params,
+            step: self.position.step,
+            epoch: self.position.epoch,
+            progress,
+        };
+        for h in &mut self.hooks {
+            h.after_step(&ctx)?;
         }
-        progress.finish();
-        self.finish(elapsed_before + run_start.elapsed().as_secs_f64())
+        Ok(())
+    }
+
+    /// Records a skipped update; too many in a row is divergence.
+    fn skip_update(&mut self, batch: usize, reason: String) -> Result<()> {
+        self.skipped += 1;
+        self.consecutive_skips += 1;
+        if self.consecutive_skips >= MAX_CONSECUTIVE_SKIPS {
+            return Err(Error::TooManySkips {
+                count: self.consecutive_skips,
+                step: self.position.step,
+                reason,
+                checkpoint: self.last_checkpoint.clone(),
+            });
+        }
+        self.event(Event::Skip {
+            step: self.position.step,
+            epoch: self.position.epoch,
+            batch,
+            reason,
+        })
+    }
+
+    /// A `step` event is due every `log_every` batches and at the epoch's last batch.
+    fn interval_due(&self, per_epoch: usize) -> bool {
+        self.position.batches.is_multiple_of(self.config.log_every as u64) || self.position.batch == per_epoch
+    }
+
+    /// A mid-epoch checkpoint is due every `checkpoint.every_steps` applied updates.
+    fn step_checkpoint_due(&self, applied: bool) -> bool {
+        let every = self.config.checkpoint.every_steps;
+        every > 0 && applied && self.position.step.is_multiple_of(every)
+    }
+
+    /// An evaluation is due after the last epoch and every `eval.every_epochs`.
+    fn eval_due(&self, last: bool) -> bool {
+        let every = self.config.eval.every_epochs;
+        last || (every > 0 && self.position.epoch.is_multiple_of(every))
+    }
+
+    /// An end-of-epoch checkpoint is due after the last epoch, on a stop request and
+    /// every `checkpoint.every_epochs`.
+    fn epoch_checkpoint_due(&self, last: bool, stop: bool) -> bool {
+        let every = self.config.checkpoint.every_epochs;
+        last || stop || (every > 0 && self.position.epoch.is_multiple_of(every))
+    }
+
+    /// The `step` event and progress line of an interval of batches.
+    fn log_interval(
+        &mut self,
+        interval: &Meter,
+        (epoch, per_epoch, batch_size, lr): (usize, usize, usize, f64),
+        clock: &RunClock,
+        progress: &mut Progress,
+    ) -> Result<()> {
+        let hooks = self
+            .hooks
+            .iter()
+            .flat_map(|h| h.metrics())
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
+        let record = StepRecord {
+            step: self.position.step,
+            epoch,
+            batch: self.position.batch,
+            epoch_progress: self.position.batch as f64 / per_epoch as f64,
+            batch_size,
+            lr,
+            loss: interval.loss(),
+            top1: interval.top1(),
+            img_per_s: interval.img_per_s(),
+            data_wait: interval.data_wait(),
+            batches: interval.batches,
+            elapsed_s: clock.elapsed_s(),
+            hooks,
+        };
+        let message = format!(
+            "epoch {}/{} batch {}/{per_epoch} | loss {:.4} top1 {:.1}% | lr {lr:.4} | {:.0} img/s, data wait {:.0}%",
+            epoch + 1,
+            self.config.epochs,
+            record.batch,
+            record.loss,
+            100.0 * record.top1,
+            record.img_per_s,
+            100.0 * record.data_wait
+        );
+        progress.update(self.position.batches, &message, false);
+        self.event(Event::Step(record))
+    }
+
+    /// After an epoch: its event, the evaluation (and best model) when due, the
+    /// checkpoint when due; a stop request ends the run here.
+    fn end_epoch(&mut self, r: EpochResult, clock: &RunClock, progress: &mut Progress) -> Result<()> {
+        self.position.epoch += 1;
+        self.position.batch = 0;
+        let epoch_s = r.meter.seconds();
+        self.event(Event::Epoch {
+            epoch: r.epoch,
+            step: self.position.step,
+            batch_size: r.batch_size,
+            lr: r.lr,
+            train_loss: r.meter.loss(),
+            train_top1: r.meter.top1(),
+            images: r.meter.images as u64,
+            batches: r.meter.batches,
+            img_per_s: r.meter.img_per_s(),
+            data_wait: r.wait_s / epoch_s,
+            epoch_s,
+            elapsed_s: clock.elapsed_s(),
+        })?;
+        let last = self.position.epoch == self.config.epochs;
+        if self.eval_due(last) {
+            self.evaluate_epoch(&r, last, clock, progress)?;
+        }
+        self.clock.elapsed_s = clock.elapsed_s();
+        let stop = self.stop_requested()?;
+        if self.epoch_checkpoint_due(last, stop) {
+            self.checkpoint()?;
+        }
+        if stop && !last {
+            return Err(self.interrupted());
+        }
+        Ok(())
+    }
+
+    /// Evaluates after an epoch, logs it, and saves the model to `best/` when it improved.
+    fn evaluate_epoch(
+        &mut self,
+        r: &EpochResult,
+        last: bool,
+        clock: &RunClock,
+        progress: &Progress,
+    ) -> Result<()> {
+        let report = self.evaluate()?;
+        let elapsed_s = clock.elapsed_s();
+        self.event(Event::Eval {
+            epoch: r.epoch,
+            step: self.position.step,
+            images: self.position.images,
+            top1: report.top1,
+            top5: report.top5,
+            loss: report.loss,
+            n: report.n,
+            elapsed_s,
+        })?;
+        progress.line(&format!(
+            "epoch {}/{}: train loss {:.4} top1 {:.2}% | test loss {:.4} top1 {:.2}% top5 {:.2}% | {:.0} s",
+            r.epoch + 1,
+            self.config.epochs,
+            r.meter.loss(),
+            100.0 * r.meter.top1(),
+            report.loss,
+            100.0 * report.top1,
+            100.0 * report.top5,
+            elapsed_s
+        ));
+        let improved = self.best.as_ref().is_none_or(|b| report.top1 > b.top1);
+        if improved {
+            self.best = Some(Best {
+                top1: report.top1,
+                epoch: r.epoch,
+                step: self.position.step,
+            });
+            self.save_model(&self.out.join(BEST_DIR).join(MODEL_FILE))?;
+        }
+        if last {
+            self.last_eval = Some(report);
+        }
+        Ok(())
     }
 
     /// Names the last good checkpoint in a non-finite-weights error.
@@ -771,20 +847,27 @@ impl Trainer {
             Some(r) => r,
             None => self.evaluate()?,
         };
-        let spec = self.net.spec().clone();
         let model = self.out.join(MODEL_FILE);
-        if self.rank == 0 {
-            checkpoint::check_finite(&self.net, self.position.step)
-                .map_err(|e| self.with_last_checkpoint(e))?;
-            self.net.save(&model)?;
+        self.save_model(&model)?;
+        let summary = self.summary(&report, elapsed_s, model);
+        self.event(Event::End(summary.clone()))?;
+        if self.rank.writes() {
+            summary.write(&self.out.join(SUMMARY_FILE))?;
         }
+        Ok(summary)
+    }
+
+    fn summary(&self, report: &EvalReport, elapsed_s: f64, model: PathBuf) -> TrainSummary {
+        let spec = self.net.spec();
         let best = self.best.clone().unwrap_or(Best {
             top1: report.top1,
             epoch: self.config.epochs - 1,
             step: self.position.step,
         });
         let c = self.clock;
-        let summary = TrainSummary {
+        // Every rank reads an equal share (the sampler pads to a multiple of world).
+        let images = self.position.images * self.rank.world as u64;
+        TrainSummary {
             top1: report.top1,
             top5: report.top5,
             loss: report.loss,
@@ -794,12 +877,11 @@ impl Trainer {
             epochs: self.config.epochs,
             updates: self.position.step,
             skipped: self.skipped,
-            world: self.world,
-            // Every rank reads an equal share (the sampler pads to a multiple of world).
-            images: self.position.images * self.world as u64,
+            world: self.rank.world,
+            images,
             elapsed_s,
             train_s: c.train_s,
-            img_per_s: (self.position.images * self.world as u64) as f64 / c.train_s.max(1e-9),
+            img_per_s: images as f64 / c.train_s.max(1e-9),
             data_wait: c.wait_s / c.train_s.max(1e-9),
             params: spec.param_count(),
             macs: spec.macs(spec.image_size),
@@ -812,24 +894,6 @@ impl Trainer {
                 .map(|(k, v)| (k.to_string(), v))
                 .collect(),
             model,
-        };
-        let value = serde_json::to_value(&summary).map_err(|e| Error::State {
-            problem: format!("cannot serialise the summary: {e}"),
-        })?;
-        self.event("end", value.clone())?;
-        if self.rank == 0 {
-            let text = serde_json::to_string_pretty(&value).map_err(|e| Error::State {
-                problem: e.to_string(),
-            })?;
-            write_atomic(&self.out.join(SUMMARY_FILE), text.as_bytes())?;
         }
-        Ok(summary)
     }
-}
-
-fn rayon_threads() -> usize {
-    std::env::var("RAYON_NUM_THREADS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1)
 }

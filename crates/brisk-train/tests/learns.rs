@@ -5,20 +5,9 @@
 use std::path::Path;
 
 use anyhow::Result;
-use brisk_data::{pack_synthetic, Split, SyntheticConfig};
+use brisk_data::Split;
+use brisk_testkit::pack_synthetic;
 use brisk_train::{evaluate, BatchSchedule, TrainConfig, Trainer};
-
-/// A tiny synthetic set in `dir`: `train` + `test` images of 16x16.
-fn pack(dir: &Path, train: usize, test: usize) -> Result<()> {
-    let config = SyntheticConfig {
-        train,
-        test,
-        seed: 1,
-        size: 16,
-    };
-    pack_synthetic(dir, &config, 64)?;
-    Ok(())
-}
 
 /// A config for a narrow CIFAR ResNet-18 on `data`, written to `out`.
 fn tiny_config(data: &Path, out: &Path, epochs: usize) -> Result<TrainConfig> {
@@ -44,7 +33,7 @@ fn weights(trainer: &Trainer) -> Result<Weights> {
 fn a_tiny_model_overfits_a_tiny_set() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let data = dir.path().join("data");
-    pack(&data, 64, 16)?;
+    pack_synthetic(&data, 64, 16, 16)?;
     let mut config = tiny_config(&data, &dir.path().join("run"), 25)?;
     // No augmentation: the model must memorise these exact images.
     config.loader.crop_padding = 0;
@@ -91,7 +80,7 @@ fn a_tiny_model_overfits_a_tiny_set() -> Result<()> {
 fn one_seed_gives_the_same_bits_with_batches_of_one_and_growing_batches() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let data = dir.path().join("data");
-    pack(&data, 24, 8)?;
+    pack_synthetic(&data, 24, 8, 16)?;
     let run = |name: &str| -> Result<(Weights, u64)> {
         let mut config = tiny_config(&data, &dir.path().join(name), 3)?;
         // 1, then 4, then 16 images per batch: 24 + 6 + 2 updates.
@@ -115,13 +104,9 @@ fn one_seed_gives_the_same_bits_with_batches_of_one_and_growing_batches() -> Res
         assert!(x == y, "{name} differs between two runs with one seed");
     }
     // And the run did change the weights.
-    let fresh = brisk_models::Network::new(
-        brisk_train::TrainConfig::default()
-            .with_override("model.width", "0.125")?
-            .model_spec(10, 3, 16)?,
-        0,
-        &candle_core::Device::Cpu,
-    )?;
+    let mut fresh = brisk_train::TrainConfig::default();
+    fresh.model.width = Some(0.125);
+    let fresh = brisk_models::Network::new(fresh.model_spec(10, 3, 16)?, 0, &candle_core::Device::Cpu)?;
     let w0 = fresh.named_tensors()?;
     assert!(w0.iter().zip(&a).any(|((_, t), (_, x))| {
         t.flatten_all()
@@ -136,7 +121,7 @@ fn one_seed_gives_the_same_bits_with_batches_of_one_and_growing_batches() -> Res
 fn a_diverging_run_stops_naming_the_step_and_the_last_checkpoint() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let data = dir.path().join("data");
-    pack(&data, 64, 8)?;
+    pack_synthetic(&data, 64, 8, 16)?;
     let mut config = tiny_config(&data, &dir.path().join("run"), 50)?;
     config.lr.base = 1e30;
     config.lr.shape = brisk_train::LrShape::Constant;
@@ -174,7 +159,10 @@ fn missing_folders_and_reused_outputs_are_explained() -> Result<()> {
         .expect_err("no out")
         .to_string();
     assert!(e.contains("out"), "{e}");
-    let mut config = TrainConfig::default().with_override("out", &dir.path().display().to_string())?;
+    let mut config = TrainConfig {
+        out: Some(dir.path().to_path_buf()),
+        ..TrainConfig::default()
+    };
     let e = Trainer::new(config.clone()).expect_err("no data").to_string();
     assert!(e.contains("data") && e.contains("--data"), "{e}");
     config.data = Some(dir.path().join("nowhere"));
@@ -191,7 +179,7 @@ fn missing_folders_and_reused_outputs_are_explained() -> Result<()> {
 fn mixed_precision_learns_as_well_as_f32_with_f32_weights() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let data = dir.path().join("data");
-    pack(&data, 128, 16)?;
+    pack_synthetic(&data, 128, 16, 16)?;
     let ds = std::sync::Arc::new(brisk_data::Dataset::open(&data)?);
     let mut accuracy = Vec::new();
     for mode in ["f32", "mixed-bf16", "mixed-f16"] {

@@ -3,8 +3,11 @@
 //! the ranks of an `mpirun` job).
 
 use anyhow::Result;
-use brisk_models::{Arch, Kernels, ModelSpec, Stem};
+use brisk_models::{model_file, Arch, ModelSpec, Stem};
+use brisk_precision::Precision;
 use brisk_train::bench::StepBench;
+
+use super::{init_threads, named};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -53,9 +56,6 @@ struct AllreduceArgs {
 }
 
 fn allreduce(a: &AllreduceArgs) -> Result<()> {
-    if a.rounds == 0 || a.fusion_mib == 0 {
-        anyhow::bail!("--rounds and --fusion-mib must be at least 1");
-    }
     let comm = if a.nccl {
         brisk_dist::connect_nccl()?
     } else {
@@ -65,65 +65,32 @@ fn allreduce(a: &AllreduceArgs) -> Result<()> {
         .ok_or_else(|| anyhow::anyhow!("unknown model preset {:?} (see `brisk models`)", a.model))?
         .with_width(a.width);
     spec.validate()?;
-    let n = spec.param_count();
-    let cap = (a.fusion_mib << 20) / 4;
-    let mut grads: Vec<f32> = (0..n).map(|i| (i % 97) as f32 * 1e-3).collect();
-    let mut bucket: Vec<f32> = Vec::with_capacity(cap.min(n));
-    let mut times = Vec::with_capacity(a.rounds);
-    let world = comm.world();
-    let inv = 1.0 / world as f32;
-    for round in 0..a.rounds + 2 {
-        comm.barrier()?;
-        let start = std::time::Instant::now();
-        // As the training hook does: copy into fusion buffers, reduce, average back.
-        for chunk in grads.chunks_mut(cap) {
-            bucket.clear();
-            bucket.extend_from_slice(chunk);
-            comm.all_reduce_sum(&mut bucket)?;
-            for (g, b) in chunk.iter_mut().zip(&bucket) {
-                *g = b * inv;
-            }
-        }
-        if round >= 2 {
-            times.push(start.elapsed().as_secs_f64());
-        }
-    }
-    if comm.rank() != 0 {
-        return Ok(());
-    }
-    times.sort_by(f64::total_cmp);
-    let median = times[times.len() / 2];
-    let backend = match (a.nccl, world) {
+    let backend = match (a.nccl, comm.world()) {
         (true, _) => "nccl",
         (false, 1) => "local",
         (false, _) => "mpi",
     };
-    let bytes = (n * 4) as f64;
-    // Bus bandwidth as NCCL's tests define it: 2(w-1)/w of the buffer crosses each link.
-    let bus = bytes * 2.0 * (world as f64 - 1.0) / world as f64 / median / 1e9;
-    let result = serde_json::json!({
-        "model": a.model, "width": a.width, "gradients": n, "bytes": n * 4, "world": world,
-        "backend": backend,
-        "fusion_mib": a.fusion_mib, "buffers": n.div_ceil(cap), "median_ms": median * 1e3,
-        "min_ms": times[0] * 1e3, "max_ms": times[times.len() - 1] * 1e3,
-        "algorithm_gb_per_s": bytes / median / 1e9, "bus_gb_per_s": bus,
-    });
+    let r = brisk_dist::bench_all_reduce(comm.as_ref(), &spec, (&a.model, backend), a.fusion_mib, a.rounds)?;
+    if comm.rank() != 0 {
+        return Ok(());
+    }
     if a.json {
-        println!("{result}");
+        println!("{}", serde_json::to_string(&r)?);
     } else {
         println!(
-            "{} all-reduce of {} gradients ({:.1} MiB f32) over {world} ranks, {} buffer(s) of at most {} MiB: \
+            "{} all-reduce of {} gradients ({:.1} MiB f32) over {} ranks, {} buffer(s) of at most {} MiB: \
              median {:.2} ms (min {:.2}, max {:.2}) | {:.2} GB/s algorithm, {:.2} GB/s bus",
-            backend,
-            n,
-            bytes / (1 << 20) as f64,
-            n.div_ceil(cap),
-            a.fusion_mib,
-            median * 1e3,
-            times[0] * 1e3,
-            times[times.len() - 1] * 1e3,
-            bytes / median / 1e9,
-            bus
+            r.backend,
+            r.gradients,
+            r.bytes as f64 / (1 << 20) as f64,
+            r.world,
+            r.buffers,
+            r.fusion_mib,
+            r.median_ms,
+            r.min_ms,
+            r.max_ms,
+            r.algorithm_gb_per_s,
+            r.bus_gb_per_s
         );
     }
     Ok(())
@@ -183,10 +150,10 @@ fn loader(a: &LoaderArgs) -> Result<()> {
 #[derive(Debug, clap::Args)]
 struct StepArgs {
     /// Architecture.
-    #[arg(long, default_value = "resnet18", value_parser = parse_arch)]
+    #[arg(long, default_value = "resnet18", value_parser = named::<Arch>(&Arch::NAMES))]
     arch: Arch,
     /// Stem: cifar (3x3/1 conv) or imagenet (7x7/2 conv + max-pool).
-    #[arg(long, default_value = "cifar", value_parser = parse_stem)]
+    #[arg(long, default_value = "cifar", value_parser = named::<Stem>(&Stem::NAMES))]
     stem: Stem,
     /// Number of classes.
     #[arg(long, default_value_t = 10)]
@@ -211,8 +178,8 @@ struct StepArgs {
     warmup: usize,
     /// Precision: f32, bf16, f16 (every conv and the classifier in half precision),
     /// mixed-bf16 or mixed-f16 (first conv and classifier in f32, the rest half).
-    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16", "f16", "mixed-bf16", "mixed-f16"])]
-    dtype: String,
+    #[arg(long, default_value = "f32", value_parser = named::<Precision>(&Precision::NAMES))]
+    dtype: Precision,
     /// Where to run: cpu, or cuda (the first GPU; needs a brisk built with
     /// `--features cuda`, see docs/gpu.md).
     #[arg(long, default_value = "cpu", value_parser = ["cpu", "cuda"])]
@@ -230,23 +197,6 @@ struct StepArgs {
     /// Print one JSON object on stdout.
     #[arg(long)]
     json: bool,
-}
-
-fn parse_arch(s: &str) -> std::result::Result<Arch, String> {
-    Arch::ALL.into_iter().find(|a| a.name() == s).ok_or_else(|| {
-        format!(
-            "unknown architecture; expected one of {}",
-            Arch::ALL.map(Arch::name).join(", ")
-        )
-    })
-}
-
-fn parse_stem(s: &str) -> std::result::Result<Stem, String> {
-    match s {
-        "cifar" => Ok(Stem::Cifar),
-        "imagenet" => Ok(Stem::Imagenet),
-        _ => Err("expected cifar or imagenet".into()),
-    }
 }
 
 pub fn run(args: &Args) -> Result<()> {
@@ -270,94 +220,60 @@ fn device(name: &str) -> Result<candle_core::Device> {
     }
 }
 
-fn step(a: &StepArgs) -> Result<()> {
-    let threads = a
-        .threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    brisk_ops::init_compute(threads)?;
-    let image = a.image.unwrap_or(match a.stem {
-        Stem::Cifar => 32,
-        Stem::Imagenet => 224,
-    });
+/// The model `bench step` times: a model file's spec, or the flags'.
+fn step_spec(a: &StepArgs) -> Result<ModelSpec> {
     let spec = match &a.model {
         Some(file) => {
-            let file = if file.is_dir() {
-                file.join("model.safetensors")
-            } else {
-                file.clone()
-            };
-            let mut spec = brisk_models::read_sidecar(&file)?;
+            let mut spec = brisk_models::read_sidecar(&model_file(file))?;
             spec.image_size = a.image.unwrap_or(spec.image_size);
             spec
         }
         None => ModelSpec {
-            arch: a.arch,
-            stem: a.stem,
-            in_channels: 3,
-            classes: a.classes,
             width: a.width,
-            se_ratio: 16,
-            zero_init_residual: false,
-            image_size: image,
-            channels: None,
+            image_size: a.image.unwrap_or(a.stem.default_image_size()),
+            ..ModelSpec::new(a.arch, a.stem, a.classes)
         },
     };
-    let image = spec.image_size;
     spec.validate()?;
-    let kernels = if a.reference_ops {
-        Kernels::Candle
-    } else {
-        Kernels::Brisk
-    };
-    let (arch_name, width) = (spec.arch.name(), spec.width);
+    Ok(spec)
+}
+
+fn step(a: &StepArgs) -> Result<()> {
+    let threads = init_threads(a.threads)?;
+    let spec = step_spec(a)?;
+    let (arch, stem, width, image) = (spec.arch, spec.stem, spec.width, spec.image_size);
     let bench = StepBench {
         spec,
         batch: a.batch,
         steps: a.steps,
         warmup: a.warmup,
-        kernels,
+        reference_ops: a.reference_ops,
         eval: a.eval,
-        precision: a.dtype.parse()?,
+        precision: a.dtype,
         device: device(&a.device)?,
     };
-    let mode = if a.eval { "eval forward" } else { "train step" };
-    // brisk's kernels are CPU kernels: on a GPU the model runs on candle's.
-    let kernels_name = if a.reference_ops || a.device != "cpu" {
-        "candle"
-    } else {
-        "brisk"
-    };
+    let mode = if a.eval { "eval" } else { "train" };
     eprintln!(
-        "brisk bench step: {} {} width {} {}x{} batch {} threads {} ({} kernels, {mode}), {} warm-up + {} timed steps",
-        arch_name,
-        format!("{:?}", a.stem).to_lowercase(),
-        width,
-        image,
-        image,
-        a.batch,
-        threads,
-        kernels_name,
-        a.warmup,
-        a.steps
+        "brisk bench step: {arch} {stem} width {width} {image}x{image} batch {} threads {threads} ({mode}), {} warm-up + {} timed steps",
+        a.batch, a.warmup, a.steps
     );
     let r = bench.run()?;
     if a.json {
         let mut v = serde_json::to_value(&r)?;
         v["batch"] = a.batch.into();
         v["threads"] = threads.into();
-        v["dtype"] = a.dtype.clone().into();
-        v["arch"] = arch_name.into();
+        v["dtype"] = a.dtype.name().into();
+        v["arch"] = arch.name().into();
         v["width"] = width.into();
         v["image"] = image.into();
-        v["mode"] = (if a.eval { "eval" } else { "train" }).into();
-        v["kernels"] = kernels_name.into();
+        v["mode"] = mode.into();
         println!("{v}");
     } else {
         println!(
-            "brisk {} {} batch={} img/s median {:.2} (min {:.2} max {:.2}); forward {:.1} ms, backward {:.1} ms, optimizer {:.1} ms",
-            arch_name,
+            "brisk {arch} {} batch={} on {} kernels: img/s median {:.2} (min {:.2} max {:.2}); forward {:.1} ms, backward {:.1} ms, optimizer {:.1} ms",
             a.dtype,
             a.batch,
+            r.kernels,
             r.img_per_s,
             r.img_per_s_min,
             r.img_per_s_max,

@@ -4,69 +4,28 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
-use brisk_compress::masks::{default_exclusions, Masks, Scope};
+use anyhow::{Context, Result};
+use brisk_compress::masks::default_exclusions;
 use brisk_compress::{
-    load_model, prune_filters, sparse, Distillation, FilterCriterion, GradualPruning, MaskHook, PruneSchedule,
+    load_model, measure, Distillation, FilterCriterion, FineTune, PruneMethod, PruneOptions, Pruning,
 };
-use brisk_data::{Dataset, Split};
-use brisk_models::Network;
-use brisk_train::{evaluate, TrainConfig, Trainer};
+use brisk_data::Dataset;
+use brisk_models::{model_file, MODEL_FILE};
+use brisk_schema::{CompressReport, Figures};
+use brisk_train::Trainer;
 use candle_core::Device;
 use serde::Serialize;
 
-/// What a model costs and what it scores.
-#[derive(Debug, Serialize)]
-struct Figures {
-    /// Non-zero parameters.
-    params: usize,
-    /// Multiply-accumulates of one forward pass (dense count).
-    macs: u64,
-    /// Size of the model file.
-    bytes: u64,
-    top1: f64,
-    top5: f64,
-    loss: f64,
-}
+use super::{init_threads, named};
 
-fn file_size(path: &Path) -> u64 {
-    std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
-}
-
-fn nonzero_params(net: &Network) -> Result<usize> {
-    let mut n = 0;
-    for (_, v) in net.trainable_vars()? {
-        n += v
-            .as_tensor()
-            .flatten_all()?
-            .to_vec1::<f32>()?
-            .iter()
-            .filter(|x| **x != 0.0)
-            .count();
-    }
-    Ok(n)
-}
-
-fn figures(net: &Network, data: &Arc<Dataset>, file: &Path) -> Result<Figures> {
-    let r = evaluate(net, data, Split::Test, 256, (0, 1), &mut |_| Ok(()))?;
-    let spec = net.spec();
-    Ok(Figures {
-        params: nonzero_params(net)?,
-        macs: spec.macs(spec.image_size),
-        bytes: file_size(file),
-        top1: r.top1,
-        top5: r.top5,
-        loss: r.loss,
-    })
-}
-
-fn report(what: &str, before: &Figures, after: &Figures, out: &Path, json: bool) -> Result<()> {
+/// Prints a compression command's result: one JSON object, or a before/after table.
+fn report(report: &CompressReport, json: bool) -> Result<()> {
     if json {
-        let v = serde_json::json!({ "method": what, "before": before, "after": after, "model": out });
-        println!("{v}");
+        println!("{}", serde_json::to_string(report)?);
         return Ok(());
     }
-    println!("{what}: {}", out.display());
+    let (before, after): (&Figures, &Figures) = (&report.before, &report.after);
+    println!("{}: {}", report.method, report.model.display());
     println!("{:<12} {:>14} {:>14} {:>8}", "", "before", "after", "ratio");
     let row = |name: &str, b: f64, a: f64, pct: bool| {
         let (bs, as_) = if pct {
@@ -89,42 +48,6 @@ fn report(what: &str, before: &Figures, after: &Figures, out: &Path, json: bool)
     Ok(())
 }
 
-fn init(threads: Option<usize>) -> Result<()> {
-    let n = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    brisk_ops::init_compute(n)?;
-    Ok(())
-}
-
-fn model_file(path: &Path) -> PathBuf {
-    if path.is_dir() {
-        path.join(brisk_train::checkpoint::MODEL_FILE)
-    } else {
-        path.to_path_buf()
-    }
-}
-
-/// The fine-tuning (or training) config shared by the commands: plain SGD on the given
-/// data, a cosine schedule from `lr`, results in `out`.
-fn train_config(
-    data: &Path,
-    out: &Path,
-    epochs: usize,
-    lr: f64,
-    batch: usize,
-    threads: Option<usize>,
-) -> Result<TrainConfig> {
-    let mut c = TrainConfig::default()
-        .with_override("data", &format!("{:?}", data.display().to_string()))?
-        .with_override("out", &format!("{:?}", out.display().to_string()))?
-        .with_override("lr.shape", "{ kind = \"cosine\" }")?
-        .with_override("batch", &format!("{{ kind = \"fixed\", size = {batch} }}"))?;
-    c.epochs = epochs.max(1);
-    c.lr.base = lr;
-    c.threads = threads.unwrap_or(0);
-    c.validate()?;
-    Ok(c)
-}
-
 #[derive(Debug, clap::Args)]
 pub struct PruneArgs {
     /// The trained model (file, or a folder holding model.safetensors).
@@ -140,8 +63,8 @@ pub struct PruneArgs {
     /// global: one magnitude threshold over all prunable layers; layer: the sparsity in
     /// each layer; gradual: Zhu & Gupta's cubic schedule during fine-tuning; filter:
     /// remove block-internal channels (a smaller dense model).
-    #[arg(long, value_parser = ["global", "layer", "gradual", "filter"])]
-    method: String,
+    #[arg(long, value_parser = named::<PruneMethod>(&PruneMethod::NAMES))]
+    method: PruneMethod,
     /// Fraction of weights to remove (filter: fraction of block-internal channels).
     #[arg(long)]
     sparsity: f64,
@@ -155,8 +78,8 @@ pub struct PruneArgs {
     #[arg(long, default_value_t = 128)]
     batch: usize,
     /// Filter ranking for --method filter: l1 (filter weights) or bn-scale (|γ|).
-    #[arg(long, default_value = "l1", value_parser = ["l1", "bn-scale"])]
-    criterion: String,
+    #[arg(long, default_value = "l1", value_parser = named::<FilterCriterion>(&FilterCriterion::NAMES))]
+    criterion: FilterCriterion,
     /// Layers left unpruned (exact names or prefixes). By default, conv1 and fc.
     #[arg(long, value_name = "NAME")]
     exclude: Vec<String>,
@@ -169,87 +92,39 @@ pub struct PruneArgs {
 }
 
 pub fn prune(a: &PruneArgs) -> Result<()> {
-    init(a.threads)?;
+    init_threads(a.threads)?;
     let file = model_file(&a.checkpoint);
     let net = load_model(&file, &Device::Cpu)?;
     let data = Arc::new(Dataset::open(&a.data)?);
-    let before = figures(&net, &data, &file)?;
-    if !(0.0..1.0).contains(&a.sparsity) {
-        bail!("--sparsity must be in [0, 1), got {}", a.sparsity);
-    }
-    let exclude = if a.exclude.is_empty() {
-        default_exclusions()
-    } else {
-        a.exclude.clone()
+    let before = measure(&net, &data, &file)?;
+    let options = PruneOptions {
+        method: a.method,
+        sparsity: a.sparsity,
+        criterion: a.criterion,
+        exclude: if a.exclude.is_empty() {
+            default_exclusions()
+        } else {
+            a.exclude.clone()
+        },
+        finetune: FineTune {
+            epochs: a.finetune_epochs,
+            lr: a.lr,
+            batch: a.batch,
+            threads: a.threads,
+        },
     };
-    let config = train_config(&a.data, &a.out, a.finetune_epochs, a.lr, a.batch, a.threads)?;
-    let (mut trainer, sparse_out) = match a.method.as_str() {
-        "filter" => {
-            let criterion = if a.criterion == "bn-scale" {
-                FilterCriterion::BnScale
-            } else {
-                FilterCriterion::L1
-            };
-            let (pruned, _) = prune_filters(&net, 1.0 - a.sparsity, criterion)?;
-            (Trainer::with_network(config, pruned)?, false)
-        }
-        "gradual" => {
-            let steps_per_epoch = Dataset::len(&data, Split::Train).div_ceil(a.batch) as u64;
-            let total = steps_per_epoch * a.finetune_epochs.max(1) as u64;
-            // Prune over the first two thirds of fine-tuning, ten times or every step.
-            let count = 10.min(total * 2 / 3).max(1);
-            let every = (total * 2 / 3 / count).max(1);
-            let schedule = PruneSchedule {
-                initial: 0.0,
-                final_sparsity: a.sparsity,
-                start: every,
-                every,
-                count,
-            };
-            let mut t = Trainer::with_network(config, net)?;
-            t.add_hook(Box::new(GradualPruning::new(
-                schedule,
-                Scope::Global,
-                exclude.clone(),
-            )?));
-            (t, true)
-        }
-        method => {
-            let scope = if method == "layer" {
-                Scope::Layer
-            } else {
-                Scope::Global
-            };
-            let masks = Masks::magnitude(&net, a.sparsity, scope, &exclude)?;
-            masks.apply()?;
-            let mut t = Trainer::with_network(config, net)?;
-            t.add_hook(Box::new(MaskHook::new(masks)));
-            (t, true)
-        }
-    };
-    trainer.set_quiet(a.json);
-    if a.finetune_epochs > 0 {
-        trainer.run()?;
-    }
-    let pruned = trainer.network();
-    let dense = a.out.join("model.safetensors");
-    std::fs::create_dir_all(&a.out).with_context(|| format!("cannot create {}", a.out.display()))?;
-    if a.finetune_epochs == 0 {
-        pruned.save(&dense)?;
-    }
-    let out = if sparse_out {
-        let path = a.out.join("model-sparse.safetensors");
-        sparse::save(pruned, &path)?;
-        path
-    } else {
-        dense
-    };
-    let after = figures(pruned, &data, &out)?;
+    let mut pruning = Pruning::new(net, &data, &a.out, options)?;
+    pruning.trainer_mut().set_quiet(a.json);
+    let (pruned, out) = pruning.run()?;
+    let after = measure(&pruned, &data, &out)?;
+    let method = format!("prune --method {} --sparsity {}", a.method, a.sparsity);
     report(
-        &format!("prune --method {} --sparsity {}", a.method, a.sparsity),
-        &before,
-        &after,
-        &out,
+        &CompressReport {
+            method,
+            before,
+            after,
+            model: out,
+        },
         a.json,
     )
 }
@@ -292,12 +167,18 @@ pub struct DistillArgs {
 }
 
 pub fn distill(a: &DistillArgs) -> Result<()> {
-    init(a.threads)?;
+    init_threads(a.threads)?;
     let file = model_file(&a.teacher);
     let teacher = load_model(&file, &Device::Cpu)?;
     let data = Arc::new(Dataset::open(&a.data)?);
-    let before = figures(&teacher, &data, &file)?;
-    let mut config = train_config(&a.data, &a.out, a.epochs, a.lr, a.batch, a.threads)?;
+    let before = measure(&teacher, &data, &file)?;
+    let finetune = FineTune {
+        epochs: a.epochs,
+        lr: a.lr,
+        batch: a.batch,
+        threads: a.threads,
+    };
+    let mut config = finetune.config(&a.data, &a.out)?;
     if Path::new(&a.student).is_file() {
         config.model.spec_file = Some(PathBuf::from(&a.student));
     } else {
@@ -309,13 +190,16 @@ pub fn distill(a: &DistillArgs) -> Result<()> {
     trainer.set_loss(Box::new(Distillation::new(teacher, a.temperature, a.alpha)?));
     trainer.set_quiet(a.json);
     trainer.run()?;
-    let out = a.out.join("model.safetensors");
-    let after = figures(trainer.network(), &data, &out)?;
+    let out = a.out.join(MODEL_FILE);
+    let after = measure(trainer.network(), &data, &out)?;
+    let method = format!("distill T={} alpha={}", a.temperature, a.alpha);
     report(
-        &format!("distill T={} alpha={}", a.temperature, a.alpha),
-        &before,
-        &after,
-        &out,
+        &CompressReport {
+            method,
+            before,
+            after,
+            model: out,
+        },
         a.json,
     )
 }
@@ -339,7 +223,7 @@ pub struct QuantizeArgs {
 }
 
 pub fn quantize(a: &QuantizeArgs) -> Result<()> {
-    init(a.threads)?;
+    init_threads(a.threads)?;
     let file = model_file(&a.checkpoint);
     let net = load_model(&file, &Device::Cpu)?;
     let data = Arc::new(Dataset::open(&a.data)?);
@@ -355,14 +239,16 @@ pub fn quantize(a: &QuantizeArgs) -> Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
     brisk_compress::quantize::save(&net, &out)?;
-    let before = figures(&net, &data, &file)?;
-    let q = load_model(&out, &Device::Cpu)?;
-    let after = figures(&q, &data, &out)?;
+    let before = measure(&net, &data, &file)?;
+    let after = measure(&load_model(&out, &Device::Cpu)?, &data, &out)?;
+    let method = "quantize int8 (per-channel, BN folded)".to_string();
     report(
-        "quantize int8 (per-channel, BN folded)",
-        &before,
-        &after,
-        &out,
+        &CompressReport {
+            method,
+            before,
+            after,
+            model: out,
+        },
         a.json,
     )
 }
@@ -387,6 +273,7 @@ struct LayerRow {
 
 pub fn inspect_model(a: &InspectModelArgs) -> Result<()> {
     let file = model_file(&a.file);
+    let file_size = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
     let format = brisk_compress::model_format(&file)?.unwrap_or_else(|| "dense".into());
     let net = load_model(&file, &Device::Cpu)?;
     let mut rows = Vec::new();
@@ -417,7 +304,7 @@ pub fn inspect_model(a: &InspectModelArgs) -> Result<()> {
         "{} ({format}): {} {} width {}, {params} parameters, {} non-zero ({:.1}% sparse), {} MACs at {}x{}, {} bytes",
         file.display(),
         spec.arch.name(),
-        format!("{:?}", spec.stem).to_lowercase(),
+        spec.stem,
         spec.width,
         params - zeros,
         100.0 * zeros as f64 / params.max(1) as f64,

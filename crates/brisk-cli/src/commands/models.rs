@@ -28,7 +28,7 @@ pub struct Args {
 struct Row {
     name: String,
     arch: &'static str,
-    stem: String,
+    stem: &'static str,
     classes: usize,
     input: usize,
     params: usize,
@@ -43,7 +43,7 @@ fn row(name: String, spec: &ModelSpec, image: Option<u32>) -> Row {
     Row {
         name,
         arch: spec.arch.name(),
-        stem: format!("{:?}", spec.stem).to_lowercase(),
+        stem: spec.stem.name(),
         classes: spec.classes,
         input,
         params: spec.param_count(),

@@ -8,7 +8,12 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use brisk_data::{Dataset, Split};
 use brisk_dist::{CommBatchNormSync, Communicator, GradientAllReduce};
+use brisk_precision::Precision;
+use brisk_schema::OptimizerKind;
 use brisk_train::{evaluate, EvalReport, Rank, TrainConfig, Trainer};
+use toml::Value;
+
+use super::named;
 
 /// Flags that set one config field each; `--set` reaches any other.
 #[derive(Debug, clap::Args)]
@@ -45,14 +50,14 @@ pub struct TrainArgs {
     /// Peak learning rate. By default, 0.1.
     #[arg(long)]
     lr: Option<f64>,
-    /// Optimiser: sgd or adamw. By default, sgd (momentum 0.9, Nesterov).
-    #[arg(long, value_parser = ["sgd", "adamw"])]
-    optimizer: Option<String>,
+    /// Optimiser. By default, sgd (momentum 0.9, Nesterov).
+    #[arg(long, value_parser = named::<OptimizerKind>(&OptimizerKind::NAMES))]
+    optimizer: Option<OptimizerKind>,
     /// Precision: f32, bf16, f16, mixed-bf16 (first conv and classifier in f32, other
     /// convs in bf16) or mixed-f16 (the same in f16, with dynamic loss scaling).
     /// By default, f32.
-    #[arg(long, value_parser = ["f32", "bf16", "f16", "mixed-bf16", "mixed-f16"])]
-    precision: Option<String>,
+    #[arg(long, value_parser = named::<Precision>(&Precision::NAMES))]
+    precision: Option<Precision>,
     /// Seed of the weights, sample order and augmentations. By default, 0.
     #[arg(long)]
     seed: Option<u64>,
@@ -86,37 +91,43 @@ fn build_config(a: &TrainArgs) -> Result<TrainConfig> {
         Some(path) => TrainConfig::from_file(path)?,
         None => TrainConfig::default(),
     };
-    let mut overrides: Vec<(String, String)> = Vec::new();
-    let mut flag = |key: &str, value: Option<String>| {
-        if let Some(v) = value {
-            overrides.push((key.to_string(), v));
+    let path = |p: &PathBuf| Value::String(p.display().to_string());
+    let int = |v: usize| Value::Integer(v as i64);
+    let flags = [
+        ("data", a.data.as_ref().map(path)),
+        ("out", a.out.as_ref().map(path)),
+        ("model.preset", a.model.clone().map(Value::String)),
+        ("model.spec_file", a.spec.as_ref().map(path)),
+        ("model.width", a.width.map(Value::Float)),
+        ("epochs", a.epochs.map(int)),
+        (
+            "batch",
+            a.batch
+                .map(|b| Value::Table(toml::toml! { kind = "fixed" size = (b as i64) })),
+        ),
+        ("lr.base", a.lr.map(Value::Float)),
+        (
+            "optimizer.kind",
+            a.optimizer.map(|k| Value::String(k.name().into())),
+        ),
+        (
+            "precision.mode",
+            a.precision.map(|p| Value::String(p.name().into())),
+        ),
+        ("seed", a.seed.map(|v| Value::Integer(v as i64))),
+        ("threads", a.threads.map(int)),
+        ("loader.workers", a.workers.map(int)),
+    ];
+    for (key, value) in flags {
+        if let Some(value) = value {
+            config.set(key, value)?;
         }
-    };
-    let quoted = |p: &Option<PathBuf>| p.as_ref().map(|p| format!("{:?}", p.display().to_string()));
-    flag("data", quoted(&a.data));
-    flag("out", quoted(&a.out));
-    flag("model.preset", a.model.as_ref().map(|m| format!("{m:?}")));
-    flag("model.spec_file", quoted(&a.spec));
-    flag("model.width", a.width.map(|w| w.to_string()));
-    flag("epochs", a.epochs.map(|v| v.to_string()));
-    flag(
-        "batch",
-        a.batch.map(|b| format!("{{ kind = \"fixed\", size = {b} }}")),
-    );
-    flag("lr.base", a.lr.map(|v| format!("{v:?}")));
-    flag("optimizer.kind", a.optimizer.as_ref().map(|v| format!("{v:?}")));
-    flag("precision.mode", a.precision.as_ref().map(|v| format!("{v:?}")));
-    flag("seed", a.seed.map(|v| v.to_string()));
-    flag("threads", a.threads.map(|v| v.to_string()));
-    flag("loader.workers", a.workers.map(|v| v.to_string()));
+    }
     for s in &a.set {
         let (key, value) = s
             .split_once('=')
             .with_context(|| format!("--set {s:?}: expected KEY=VALUE"))?;
-        overrides.push((key.trim().to_string(), value.trim().to_string()));
-    }
-    for (key, value) in &overrides {
-        config = config.with_override(key, value)?;
+        config.set_text(key.trim(), value.trim())?;
     }
     config.validate()?;
     Ok(config)
@@ -247,8 +258,8 @@ pub struct EvalArgs {
     #[arg(long, value_name = "DIR")]
     data: PathBuf,
     /// Split to measure.
-    #[arg(long, default_value = "test", value_parser = ["test", "train"])]
-    split: String,
+    #[arg(long, default_value = "test", value_parser = named::<Split>(&Split::NAMES))]
+    split: Split,
     /// Images per batch.
     #[arg(long, default_value_t = 256)]
     batch: usize,
@@ -263,48 +274,16 @@ pub struct EvalArgs {
     json: bool,
 }
 
-/// The model file a path names: the file itself, or `model.safetensors` in a folder.
-fn model_file(path: &Path) -> PathBuf {
-    if path.is_dir() {
-        path.join(brisk_train::checkpoint::MODEL_FILE)
-    } else {
-        path.to_path_buf()
-    }
-}
-
 pub fn eval(a: &EvalArgs) -> Result<()> {
     if a.batch == 0 {
         bail!("--batch must be at least 1");
     }
-    let threads = a
-        .threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    brisk_ops::init_compute(threads)?;
-    let file = model_file(&a.checkpoint);
+    super::init_threads(a.threads)?;
+    let file = brisk_models::model_file(&a.checkpoint);
     let net = brisk_compress::load_model(&file, &candle_core::Device::Cpu)?;
     let data = Arc::new(Dataset::open(&a.data)?);
-    let m = data.manifest();
-    let spec = net.spec();
-    if spec.classes != m.classes.len() || spec.in_channels != m.channels {
-        bail!(
-            "{} has {} classes and {} input channels, the dataset {} has {} and {}",
-            file.display(),
-            spec.classes,
-            spec.in_channels,
-            a.data.display(),
-            m.classes.len(),
-            m.channels
-        );
-    }
-    let split = if a.split == "train" {
-        Split::Train
-    } else {
-        Split::Test
-    };
-    if data.is_empty(split) {
-        bail!("{} has no {} images", a.data.display(), split.name());
-    }
-    let report = evaluate(&net, &data, split, a.batch, (0, 1), &mut |_| Ok(()))?;
+    let report = evaluate(&net, &data, a.split, a.batch, (0, 1), &mut |_| Ok(()))
+        .with_context(|| format!("cannot evaluate {}", file.display()))?;
     if a.json {
         let mut v = serde_json::to_value(&report)?;
         if !a.confusion {

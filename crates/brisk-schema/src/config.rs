@@ -1,14 +1,14 @@
-//! `TrainConfig`: every setting of a training run, read from TOML and overridden by
-//! dotted `key=value` pairs (the command line's flags become such overrides).
+//! `TrainConfig`: every setting of a training run, read from TOML and changed by dotted
+//! keys (`set("optimizer.momentum", value)`; the command line's flags and `--set`, and
+//! the experiment runner's variants, all go through it), and the optimisers' settings.
 
 use std::path::{Path, PathBuf};
 
-use brisk_models::ModelSpec;
 use brisk_precision::{PrecisionPolicy, ScalerConfig};
+use brisk_spec::ModelSpec;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::optim::{AdamW, AdamWConfig, Optimizer, Param, Sgd, SgdConfig};
 use crate::schedule::{BatchSchedule, LrScaling, LrSchedule, LrShape};
 
 /// Everything a training run needs. Every field has a default, so a config file names
@@ -147,31 +147,156 @@ impl Default for OptimizerConfig {
     }
 }
 
+impl OptimizerKind {
+    pub const ALL: [OptimizerKind; 2] = [OptimizerKind::Sgd, OptimizerKind::AdamW];
+    pub const NAMES: [&'static str; 2] = [OptimizerKind::Sgd.name(), OptimizerKind::AdamW.name()];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            OptimizerKind::Sgd => "sgd",
+            OptimizerKind::AdamW => "adamw",
+        }
+    }
+}
+
+impl std::str::FromStr for OptimizerKind {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        OptimizerKind::ALL
+            .into_iter()
+            .find(|k| k.name() == s)
+            .ok_or_else(|| Error::InvalidConfig {
+                field: "optimizer.kind",
+                problem: format!("{s:?} is not one of {}", OptimizerKind::NAMES.join(", ")),
+            })
+    }
+}
+
 impl OptimizerConfig {
-    /// Builds the optimiser over named variables at learning rate `lr`.
-    pub fn build(&self, vars: Vec<(String, candle_core::Var)>, lr: f64) -> Result<Optimizer> {
-        let params = Param::from_named(vars, self.decay_norm_and_bias);
-        Ok(match self.kind {
-            OptimizerKind::Sgd => Optimizer::Sgd(Sgd::new(
-                params,
-                SgdConfig {
-                    lr,
-                    momentum: self.momentum,
-                    nesterov: self.nesterov,
-                    weight_decay: self.weight_decay,
-                },
-            )?),
-            OptimizerKind::AdamW => Optimizer::AdamW(AdamW::new(
-                params,
-                AdamWConfig {
-                    lr,
-                    beta1: self.beta1,
-                    beta2: self.beta2,
-                    eps: self.eps,
-                    weight_decay: self.weight_decay,
-                },
-            )?),
-        })
+    /// The SGD settings at learning rate `lr`.
+    pub fn sgd(&self, lr: f64) -> SgdConfig {
+        SgdConfig {
+            lr,
+            momentum: self.momentum,
+            nesterov: self.nesterov,
+            weight_decay: self.weight_decay,
+        }
+    }
+
+    /// The AdamW settings at learning rate `lr`.
+    pub fn adamw(&self, lr: f64) -> AdamWConfig {
+        AdamWConfig {
+            lr,
+            beta1: self.beta1,
+            beta2: self.beta2,
+            eps: self.eps,
+            weight_decay: self.weight_decay,
+        }
+    }
+
+    /// Checks the settings of the chosen kind at learning rate `lr`.
+    pub fn validate(&self, lr: f64) -> Result<()> {
+        match self.kind {
+            OptimizerKind::Sgd => self.sgd(lr).validate(),
+            OptimizerKind::AdamW => self.adamw(lr).validate(),
+        }
+    }
+}
+
+/// Settings of stochastic gradient descent, as `torch.optim.SGD` (without dampening).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SgdConfig {
+    /// Learning rate.
+    pub lr: f64,
+    /// Momentum factor; 0 disables the velocity buffer.
+    pub momentum: f64,
+    /// Nesterov momentum (needs momentum > 0).
+    pub nesterov: bool,
+    /// L2 penalty added to the gradient (coupled weight decay, as PyTorch's SGD).
+    pub weight_decay: f64,
+}
+
+impl Default for SgdConfig {
+    /// lr 0.1, momentum 0.9, no Nesterov, weight decay 5e-4: the usual CIFAR recipe.
+    fn default() -> Self {
+        SgdConfig {
+            lr: 0.1,
+            momentum: 0.9,
+            nesterov: false,
+            weight_decay: 5e-4,
+        }
+    }
+}
+
+impl SgdConfig {
+    /// Checks the numbers; errors name the field.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |field, problem: String| Err(Error::InvalidConfig { field, problem });
+        if !(self.lr.is_finite() && self.lr >= 0.0) {
+            return bad("lr", format!("must be a non-negative number, got {}", self.lr));
+        }
+        if !(0.0..1.0).contains(&self.momentum) {
+            return bad("momentum", format!("must be in [0, 1), got {}", self.momentum));
+        }
+        if self.nesterov && self.momentum == 0.0 {
+            return bad("nesterov", "needs a momentum above 0".into());
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            return bad(
+                "weight_decay",
+                format!("must be a non-negative number, got {}", self.weight_decay),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Settings of AdamW (Loshchilov & Hutter), as `torch.optim.AdamW`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamWConfig {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Decoupled weight decay: `w ← w − lr · weight_decay · w` before the Adam step.
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWConfig {
+    /// PyTorch's defaults: lr 1e-3, betas (0.9, 0.999), eps 1e-8, weight decay 0.01.
+    fn default() -> Self {
+        AdamWConfig {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+        }
+    }
+}
+
+impl AdamWConfig {
+    /// Checks the numbers; errors name the field.
+    pub fn validate(&self) -> Result<()> {
+        let c = self;
+        let checks = [
+            ("lr", c.lr.is_finite() && c.lr >= 0.0),
+            ("beta1", (0.0..1.0).contains(&c.beta1)),
+            ("beta2", (0.0..1.0).contains(&c.beta2)),
+            ("eps", c.eps.is_finite() && c.eps > 0.0),
+            (
+                "weight_decay",
+                c.weight_decay.is_finite() && c.weight_decay >= 0.0,
+            ),
+        ];
+        match checks.iter().find(|(_, ok)| !ok) {
+            Some((field, _)) => Err(Error::InvalidConfig {
+                field,
+                problem: format!("out of range in {c:?}"),
+            }),
+            None => Ok(()),
+        }
     }
 }
 
@@ -318,29 +443,28 @@ impl TrainConfig {
 
     /// The config as TOML text (what `config.toml` in the output folder holds).
     pub fn to_toml(&self) -> Result<String> {
-        toml::to_string(self).map_err(|e| Error::State {
-            problem: format!("cannot write the config as TOML: {e}"),
+        toml::to_string(self).map_err(|e| Error::ConfigParse {
+            source_name: "config".into(),
+            field: String::new(),
+            message: format!("cannot write the config as TOML: {e}"),
         })
     }
 
-    /// Returns the config with `key` (dotted, e.g. `optimizer.momentum` or `batch.size`)
-    /// set to `value`, a TOML value (`0.9`, `true`, `"adamw"`, `{ kind = "cosine" }`); a
-    /// value that is not valid TOML is taken as a string, so `optimizer.kind=adamw` works.
-    pub fn with_override(&self, key: &str, value: &str) -> Result<Self> {
+    /// Sets `key` (dotted, e.g. `optimizer.momentum` or `batch`) to `value`, checked
+    /// against the config's types: an unknown key or a value of the wrong kind is an
+    /// error naming the key. The one way flags, `--set` and experiment variants change a
+    /// config. (`validate` checks ranges afterwards.)
+    pub fn set(&mut self, key: &str, value: toml::Value) -> Result<()> {
         let bad = |message: String| Error::ConfigParse {
             source_name: "override".into(),
             field: key.to_string(),
             message,
         };
-        let parsed = toml::from_str::<toml::Table>(&format!("v = {value}"))
-            .ok()
-            .and_then(|mut t| t.remove("v"))
-            .unwrap_or_else(|| toml::Value::String(value.to_string()));
-        let mut root = toml::Value::try_from(self).map_err(|e| bad(e.to_string()))?;
         let parts: Vec<&str> = key.split('.').collect();
         if parts.iter().any(|p| p.is_empty()) {
             return Err(bad("the key must be dotted names, like optimizer.momentum".into()));
         }
+        let mut root = toml::Value::try_from(&*self).map_err(|e| bad(e.to_string()))?;
         let mut node = &mut root;
         for part in &parts[..parts.len() - 1] {
             let table = node
@@ -353,10 +477,24 @@ impl TrainConfig {
         let table = node
             .as_table_mut()
             .ok_or_else(|| bad("the parent of this key is not a table".into()))?;
-        table.insert(parts[parts.len() - 1].to_string(), parsed);
-        let text = toml::to_string(&root).map_err(|e| bad(e.to_string()))?;
-        let config = Self::from_toml_str(&text, &format!("override {key}={value}"))?;
-        Ok(config)
+        table.insert(parts[parts.len() - 1].to_string(), value);
+        *self = serde_path_to_error::deserialize(root).map_err(|e| Error::ConfigParse {
+            source_name: format!("override {key}"),
+            field: e.path().to_string(),
+            message: e.inner().to_string(),
+        })?;
+        Ok(())
+    }
+
+    /// [`TrainConfig::set`] from text, as `--set KEY=VALUE` gives it: a TOML value (`0.9`,
+    /// `true`, `"adamw"`, `{ kind = "cosine" }`), or else a plain string, so that
+    /// `optimizer.kind=adamw` works.
+    pub fn set_text(&mut self, key: &str, value: &str) -> Result<()> {
+        let parsed = toml::from_str::<toml::Table>(&format!("v = {value}"))
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| toml::Value::String(value.to_string()));
+        self.set(key, parsed)
     }
 
     /// Checks every setting; errors name the field and the allowed values.
@@ -403,8 +541,7 @@ impl TrainConfig {
         self.lr_schedule().validate()?;
         self.precision.validate()?;
         brisk_precision::LossScaler::new(self.loss_scaler)?;
-        // The optimiser checks its own numbers; build one over nothing to run them.
-        self.optimizer.build(Vec::new(), self.lr.base)?;
+        self.optimizer.validate(self.lr.base)?;
         Ok(())
     }
 
@@ -469,28 +606,34 @@ mod tests {
 
     #[test]
     fn overrides_replace_single_fields() -> Result<()> {
-        let c = TrainConfig::default()
-            .with_override("optimizer.kind", "adamw")?
-            .with_override("optimizer.momentum", "0.5")?
-            .with_override("batch.size", "1")?
-            .with_override("lr.shape", "{ kind = \"cosine\" }")?
-            .with_override("data", "/tmp/x")?;
+        let mut c = TrainConfig::default();
+        c.set_text("optimizer.kind", "adamw")?;
+        c.set_text("optimizer.momentum", "0.5")?;
+        c.set_text("batch.size", "1")?;
+        c.set_text("lr.shape", "{ kind = \"cosine\" }")?;
+        c.set("data", toml::Value::String("/tmp/x".into()))?;
+        c.set("lr.base", toml::Value::Float(0.25))?;
         assert_eq!(c.optimizer.kind, OptimizerKind::AdamW);
         assert_eq!(c.optimizer.momentum, 0.5);
         assert_eq!(c.batch, BatchSchedule::Fixed { size: 1 });
         assert_eq!(c.lr.shape, LrShape::Cosine { min_lr: 0.0 });
         assert_eq!(c.data.as_deref(), Some(Path::new("/tmp/x")));
+        assert_eq!(c.lr.base, 0.25);
         c.validate()?;
-        let e = TrainConfig::default()
-            .with_override("optimizer.moment", "0.5")
+        let before = c.clone();
+        let e = c
+            .set_text("optimizer.moment", "0.5")
             .expect_err("unknown field")
             .to_string();
         assert!(e.contains("optimizer") && e.contains("moment"), "{e}");
-        let e = TrainConfig::default()
-            .with_override("epochs", "many")
+        let e = c
+            .set_text("epochs", "many")
             .expect_err("not a number")
             .to_string();
         assert!(e.contains("epochs"), "{e}");
+        let e = c.set_text("lr..base", "1").expect_err("empty part").to_string();
+        assert!(e.contains("dotted"), "{e}");
+        assert_eq!(c, before, "a refused change leaves the config as it was");
         Ok(())
     }
 

@@ -1,7 +1,14 @@
-//! The tensor table of a spec (torchvision names, shapes, roles) and the counts derived
-//! from it: parameters, buffers, multiply-accumulates and checkpoint bytes.
+//! The tensor table of a spec (torchvision names, layers, shapes, roles), the conv →
+//! batch-norm pairs, and the counts derived from them: parameters, buffers,
+//! multiply-accumulates and checkpoint bytes. What a tensor is for is asked here, never
+//! guessed from its name elsewhere.
 
 use crate::spec::{ModelSpec, Stem};
+
+/// The stem's convolution and batch-norm, and the classifier, as torchvision names them.
+pub const STEM_CONV: &str = "conv1";
+pub const STEM_BN: &str = "bn1";
+pub const CLASSIFIER: &str = "fc";
 
 /// What a tensor is for; decides its initialisation and whether it is trained.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -30,12 +37,45 @@ impl Role {
     pub fn is_buffer(self) -> bool {
         matches!(self, Role::RunningMean | Role::RunningVar)
     }
+
+    /// The weight matrices of convolutions (squeeze-and-excitation's included) and of the
+    /// classifier: what magnitude pruning and int8 quantisation act on.
+    pub fn is_weight_matrix(self) -> bool {
+        matches!(self, Role::ConvWeight | Role::LinearWeight)
+    }
+
+    /// The tensor's name within its layer, as torchvision's `state_dict` spells it.
+    pub fn suffix(self) -> &'static str {
+        match self {
+            Role::ConvWeight | Role::BnWeight { .. } | Role::LinearWeight => "weight",
+            Role::ConvBias { .. } | Role::BnBias | Role::LinearBias { .. } => "bias",
+            Role::RunningMean => "running_mean",
+            Role::RunningVar => "running_var",
+        }
+    }
+}
+
+/// The roles of a batch-norm layer's four tensors, in `state_dict` order.
+pub const BATCH_NORM_ROLES: [Role; 4] = [
+    Role::BnWeight { zero: false },
+    Role::BnBias,
+    Role::RunningMean,
+    Role::RunningVar,
+];
+
+/// The checkpoint name of the tensor of `role` in `layer`: `tensor_name("layer1.0.bn1",
+/// Role::RunningVar)` is `layer1.0.bn1.running_var`.
+pub fn tensor_name(layer: &str, role: Role) -> String {
+    format!("{layer}.{}", role.suffix())
 }
 
 /// One named tensor of the model, as stored in a checkpoint.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TensorInfo {
+    /// The checkpoint name (`layer1.0.conv1.weight`).
     pub name: String,
+    /// The layer it belongs to (`layer1.0.conv1`).
+    pub layer: String,
     pub shape: Vec<usize>,
     pub role: Role,
 }
@@ -46,9 +86,12 @@ impl TensorInfo {
     }
 }
 
-/// True for the names of buffers (`running_mean`, `running_var`), false for parameters.
-pub fn is_buffer_name(name: &str) -> bool {
-    name.ends_with(".running_mean") || name.ends_with(".running_var")
+/// A convolution and the batch-norm that normalises its output (the pair batch-norm
+/// folding and filter pruning act on), as layer names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConvBnPair {
+    pub conv: String,
+    pub bn: String,
 }
 
 /// torchvision's per-batch-norm counter, which brisk accepts on load and does not keep.
@@ -59,19 +102,27 @@ pub fn is_ignored_name(name: &str) -> bool {
 struct Table(Vec<TensorInfo>);
 
 impl Table {
-    fn push(&mut self, name: String, shape: Vec<usize>, role: Role) {
-        self.0.push(TensorInfo { name, shape, role });
+    fn push(&mut self, layer: &str, shape: Vec<usize>, role: Role) {
+        self.0.push(TensorInfo {
+            name: tensor_name(layer, role),
+            layer: layer.to_string(),
+            shape,
+            role,
+        });
     }
 
-    fn conv(&mut self, name: &str, cout: usize, cin: usize, k: usize) {
-        self.push(format!("{name}.weight"), vec![cout, cin, k, k], Role::ConvWeight);
+    fn conv(&mut self, layer: &str, cout: usize, cin: usize, k: usize) {
+        self.push(layer, vec![cout, cin, k, k], Role::ConvWeight);
     }
 
-    fn bn(&mut self, name: &str, c: usize, zero: bool) {
-        self.push(format!("{name}.weight"), vec![c], Role::BnWeight { zero });
-        self.push(format!("{name}.bias"), vec![c], Role::BnBias);
-        self.push(format!("{name}.running_mean"), vec![c], Role::RunningMean);
-        self.push(format!("{name}.running_var"), vec![c], Role::RunningVar);
+    fn bn(&mut self, layer: &str, c: usize, zero: bool) {
+        for role in BATCH_NORM_ROLES {
+            let role = match role {
+                Role::BnWeight { .. } => Role::BnWeight { zero },
+                r => r,
+            };
+            self.push(layer, vec![c], role);
+        }
     }
 }
 
@@ -90,41 +141,44 @@ impl ModelSpec {
             Stem::Cifar => 3,
             Stem::Imagenet => 7,
         };
-        t.conv("conv1", ch.stem, self.in_channels, k);
-        t.bn("bn1", ch.stem, false);
+        t.conv(STEM_CONV, ch.stem, self.in_channels, k);
+        t.bn(STEM_BN, ch.stem, false);
         for b in self.blocks() {
-            let n = &b.name;
-            t.conv(&format!("{n}.conv1"), b.mid, b.in_channels, 3);
-            t.bn(&format!("{n}.bn1"), b.mid, false);
-            t.conv(&format!("{n}.conv2"), b.out, b.mid, 3);
-            t.bn(&format!("{n}.bn2"), b.out, self.zero_init_residual);
+            t.conv(&b.conv1(), b.mid, b.in_channels, 3);
+            t.bn(&b.bn1(), b.mid, false);
+            t.conv(&b.conv2(), b.out, b.mid, 3);
+            t.bn(&b.bn2(), b.out, self.zero_init_residual);
             if let Some(h) = b.se {
-                t.conv(&format!("{n}.se.fc1"), h, b.out, 1);
-                t.push(
-                    format!("{n}.se.fc1.bias"),
-                    vec![h],
-                    Role::ConvBias { fan_in: b.out },
-                );
-                t.conv(&format!("{n}.se.fc2"), b.out, h, 1);
-                t.push(
-                    format!("{n}.se.fc2.bias"),
-                    vec![b.out],
-                    Role::ConvBias { fan_in: h },
-                );
+                let (fc1, fc2) = b.se_layers();
+                t.conv(&fc1, h, b.out, 1);
+                t.push(&fc1, vec![h], Role::ConvBias { fan_in: b.out });
+                t.conv(&fc2, b.out, h, 1);
+                t.push(&fc2, vec![b.out], Role::ConvBias { fan_in: h });
             }
-            if b.downsample {
-                t.conv(&format!("{n}.downsample.0"), b.out, b.in_channels, 1);
-                t.bn(&format!("{n}.downsample.1"), b.out, false);
+            if let Some((conv, bn)) = b.downsample_layers() {
+                t.conv(&conv, b.out, b.in_channels, 1);
+                t.bn(&bn, b.out, false);
             }
         }
         let feat = self.feature_channels();
-        t.push("fc.weight".into(), vec![self.classes, feat], Role::LinearWeight);
-        t.push(
-            "fc.bias".into(),
-            vec![self.classes],
-            Role::LinearBias { fan_in: feat },
-        );
+        t.push(CLASSIFIER, vec![self.classes, feat], Role::LinearWeight);
+        t.push(CLASSIFIER, vec![self.classes], Role::LinearBias { fan_in: feat });
         t.0
+    }
+
+    /// Every convolution followed by a batch-norm (all of them but SE's), stem first, in
+    /// block order.
+    pub fn conv_bn_pairs(&self) -> Vec<ConvBnPair> {
+        let pair = |conv: String, bn: String| ConvBnPair { conv, bn };
+        let mut pairs = vec![pair(STEM_CONV.into(), STEM_BN.into())];
+        for b in self.blocks() {
+            pairs.push(pair(b.conv1(), b.bn1()));
+            pairs.push(pair(b.conv2(), b.bn2()));
+            if let Some((conv, bn)) = b.downsample_layers() {
+                pairs.push(pair(conv, bn));
+            }
+        }
+        pairs
     }
 
     /// Trainable parameters (what PyTorch's `sum(p.numel() for p in model.parameters())` gives).
@@ -247,5 +301,46 @@ mod tests {
             assert!(names.iter().any(|x| x == n), "missing {n}");
         }
         assert!(!names.iter().any(|x| x == "layer1.0.downsample.0.weight"));
+    }
+
+    #[test]
+    fn roles_layers_and_pairs_agree_with_the_names() {
+        let spec = ModelSpec::seresnet18_cifar(10).with_width(0.25);
+        let table = spec.tensors();
+        for t in &table {
+            assert_eq!(t.name, tensor_name(&t.layer, t.role), "{t:?}");
+            let buffer = t.name.ends_with(".running_mean") || t.name.ends_with(".running_var");
+            assert_eq!(t.role.is_buffer(), buffer, "{}", t.name);
+            let matrix = t.name.ends_with(".weight") && t.shape.len() >= 2;
+            assert_eq!(t.role.is_weight_matrix(), matrix, "{}", t.name);
+        }
+        let pairs = spec.conv_bn_pairs();
+        // Stem, two per block, and three projection shortcuts.
+        assert_eq!(pairs.len(), 1 + 2 * 8 + 3);
+        assert_eq!(
+            pairs[0],
+            ConvBnPair {
+                conv: "conv1".into(),
+                bn: "bn1".into()
+            }
+        );
+        for p in &pairs {
+            let conv = table
+                .iter()
+                .find(|t| t.layer == p.conv && t.role == Role::ConvWeight);
+            let bn = table
+                .iter()
+                .find(|t| t.layer == p.bn && t.role == Role::RunningVar);
+            let (Some(conv), Some(bn)) = (conv, bn) else {
+                panic!("{p:?} is not in the table");
+            };
+            assert_eq!(
+                conv.shape[0], bn.shape[0],
+                "{p:?}: the batch-norm normalises the conv's output"
+            );
+        }
+        assert!(pairs
+            .iter()
+            .any(|p| p.conv == "layer2.0.downsample.0" && p.bn == "layer2.0.downsample.1"));
     }
 }

@@ -38,13 +38,38 @@ impl Arch {
     }
 
     /// The lowercase name used in specs and on the command line.
-    pub fn name(self) -> &'static str {
+    pub const fn name(self) -> &'static str {
         match self {
             Arch::Resnet18 => "resnet18",
             Arch::Resnet34 => "resnet34",
             Arch::Seresnet18 => "seresnet18",
             Arch::Seresnet34 => "seresnet34",
         }
+    }
+
+    /// Every name, in the order of [`Arch::ALL`].
+    pub const NAMES: [&'static str; 4] = [
+        Arch::ALL[0].name(),
+        Arch::ALL[1].name(),
+        Arch::ALL[2].name(),
+        Arch::ALL[3].name(),
+    ];
+}
+
+impl std::str::FromStr for Arch {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        Arch::ALL
+            .into_iter()
+            .find(|a| a.name() == s)
+            .ok_or_else(|| Error::spec("arch", format!("{s:?} is not one of {}", Arch::NAMES.join(", "))))
+    }
+}
+
+impl std::fmt::Display for Arch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
     }
 }
 
@@ -57,6 +82,44 @@ pub enum Stem {
     /// 7x7 stride-2 convolution and a 3x3 stride-2 max-pool, as torchvision.
     #[default]
     Imagenet,
+}
+
+impl Stem {
+    pub const ALL: [Stem; 2] = [Stem::Cifar, Stem::Imagenet];
+    pub const NAMES: [&'static str; 2] = [Stem::Cifar.name(), Stem::Imagenet.name()];
+
+    /// The lowercase name used in specs and on the command line.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Stem::Cifar => "cifar",
+            Stem::Imagenet => "imagenet",
+        }
+    }
+
+    /// The input size the stem is made for: 32 (CIFAR) or 224 (ImageNet).
+    pub const fn default_image_size(self) -> usize {
+        match self {
+            Stem::Cifar => 32,
+            Stem::Imagenet => 224,
+        }
+    }
+}
+
+impl std::str::FromStr for Stem {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        Stem::ALL
+            .into_iter()
+            .find(|a| a.name() == s)
+            .ok_or_else(|| Error::spec("stem", format!("{s:?} is not one of {}", Stem::NAMES.join(", "))))
+    }
+}
+
+impl std::fmt::Display for Stem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 /// Channel counts of one BasicBlock. `out` is the block's output (the residual width),
@@ -140,8 +203,44 @@ pub struct BlockPlan {
     pub downsample: bool,
 }
 
+/// The block's layer names, as torchvision's `state_dict` spells them.
+impl BlockPlan {
+    pub fn conv1(&self) -> String {
+        format!("{}.conv1", self.name)
+    }
+
+    pub fn bn1(&self) -> String {
+        format!("{}.bn1", self.name)
+    }
+
+    pub fn conv2(&self) -> String {
+        format!("{}.conv2", self.name)
+    }
+
+    pub fn bn2(&self) -> String {
+        format!("{}.bn2", self.name)
+    }
+
+    /// The squeeze-and-excitation unit's two 1x1 convolutions (`se.fc1`, `se.fc2`).
+    pub fn se_layers(&self) -> (String, String) {
+        (format!("{}.se.fc1", self.name), format!("{}.se.fc2", self.name))
+    }
+
+    /// The projection shortcut's convolution and batch-norm, when the block has one.
+    pub fn downsample_layers(&self) -> Option<(String, String)> {
+        self.downsample.then(|| {
+            (
+                format!("{}.downsample.0", self.name),
+                format!("{}.downsample.1", self.name),
+            )
+        })
+    }
+}
+
 impl ModelSpec {
-    fn preset(arch: Arch, stem: Stem, classes: usize, image_size: usize) -> Self {
+    /// A spec at width 1 with the stem's usual input size (32 or 224), 3 input channels,
+    /// SE ratio 16.
+    pub fn new(arch: Arch, stem: Stem, classes: usize) -> Self {
         ModelSpec {
             arch,
             stem,
@@ -150,34 +249,34 @@ impl ModelSpec {
             width: 1.0,
             se_ratio: 16,
             zero_init_residual: false,
-            image_size,
+            image_size: stem.default_image_size(),
             channels: None,
         }
     }
 
     /// torchvision's `resnet18`: ImageNet stem, 224x224 input.
     pub fn resnet18(classes: usize) -> Self {
-        Self::preset(Arch::Resnet18, Stem::Imagenet, classes, 224)
+        Self::new(Arch::Resnet18, Stem::Imagenet, classes)
     }
 
     /// torchvision's `resnet34`: ImageNet stem, 224x224 input.
     pub fn resnet34(classes: usize) -> Self {
-        Self::preset(Arch::Resnet34, Stem::Imagenet, classes, 224)
+        Self::new(Arch::Resnet34, Stem::Imagenet, classes)
     }
 
     /// SE-ResNet-18 with the ImageNet stem, r = 16.
     pub fn seresnet18(classes: usize) -> Self {
-        Self::preset(Arch::Seresnet18, Stem::Imagenet, classes, 224)
+        Self::new(Arch::Seresnet18, Stem::Imagenet, classes)
     }
 
     /// ResNet-18 with the CIFAR stem, 32x32 input.
     pub fn resnet18_cifar(classes: usize) -> Self {
-        Self::preset(Arch::Resnet18, Stem::Cifar, classes, 32)
+        Self::new(Arch::Resnet18, Stem::Cifar, classes)
     }
 
     /// SE-ResNet-18 with the CIFAR stem, r = 16, 32x32 input.
     pub fn seresnet18_cifar(classes: usize) -> Self {
-        Self::preset(Arch::Seresnet18, Stem::Cifar, classes, 32)
+        Self::new(Arch::Seresnet18, Stem::Cifar, classes)
     }
 
     /// The named presets `brisk models` lists, with their names.
@@ -373,6 +472,43 @@ impl ModelSpec {
         plans
     }
 
+    /// Checks that the model fits a dataset of `classes` classes and `channels`x`height`x
+    /// `width` images (square, any size: the network pools globally); the error names
+    /// both. The one place this is decided, for training, fine-tuning and evaluation.
+    pub fn check_fits(
+        &self,
+        classes: usize,
+        channels: usize,
+        (height, width): (usize, usize),
+        dataset: &Path,
+    ) -> Result<()> {
+        let problem = if self.classes != classes {
+            Some(format!(
+                "the model predicts {} classes, the dataset has {classes}",
+                self.classes
+            ))
+        } else if self.in_channels != channels {
+            Some(format!(
+                "the model takes {}-channel images, the dataset's are {channels}-channel",
+                self.in_channels
+            ))
+        } else if height != width {
+            Some(format!(
+                "the images are {height}x{width}; brisk's models need square images"
+            ))
+        } else {
+            None
+        };
+        match problem {
+            Some(problem) => Err(Error::DoesNotFit {
+                model: format!("{} width {}", self.arch, self.width),
+                dataset: dataset.to_path_buf(),
+                problem,
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// Output channels of the last block: the width the linear head reads.
     pub fn feature_channels(&self) -> usize {
         let ch = self.resolved_channels();
@@ -449,6 +585,25 @@ mod tests {
         assert_eq!(scaled(64, 0.0078125), 1);
         // 80 * 0.03125 = 2.5 exactly: half to even gives 2, as Python's round().
         assert_eq!(scaled(80, 0.03125), 2);
+    }
+
+    #[test]
+    fn a_model_that_does_not_fit_a_dataset_says_why() {
+        let spec = ModelSpec::resnet18_cifar(10);
+        let data = Path::new("data/mnist");
+        assert!(spec.check_fits(10, 3, (32, 32), data).is_ok());
+        assert!(spec.check_fits(10, 3, (8, 8), data).is_ok(), "any square size");
+        for (classes, channels, hw, want) in [
+            (100, 3, (32, 32), "100"),
+            (10, 1, (28, 28), "1-channel"),
+            (10, 3, (32, 24), "32x24"),
+        ] {
+            let e = spec
+                .check_fits(classes, channels, hw, data)
+                .expect_err("does not fit")
+                .to_string();
+            assert!(e.contains(want) && e.contains("data/mnist"), "{e}");
+        }
     }
 
     #[test]

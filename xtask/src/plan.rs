@@ -1,0 +1,372 @@
+//! An experiment file (`experiments/NAME.toml`: a dataset, a baseline training config,
+//! variants as overrides or compression steps) and the plan made from it: each variant's
+//! resolved config and cache key, checked against brisk's config types.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use brisk_schema::TrainConfig;
+use serde::{Deserialize, Serialize};
+
+/// The experiment file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Spec {
+    /// One paragraph: what the experiment asks.
+    pub description: String,
+    /// Expected run time on the 2-core development machine, for the user's information.
+    #[serde(default)]
+    pub expected_minutes: Option<f64>,
+    pub data: DataSpec,
+    /// A brisk training config (docs/training.md); `data` and `out` are set per run.
+    pub baseline: toml::Table,
+    #[serde(default)]
+    pub variants: Vec<VariantSpec>,
+}
+
+/// Where the dataset comes from.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSpec {
+    /// A packed dataset folder (relative to the repository root); `--data` replaces it.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// Pack brisk's synthetic set at `path` when it is absent.
+    #[serde(default)]
+    pub synthetic: Option<Synthetic>,
+    /// Said when neither --data nor a packable path is available.
+    #[serde(default)]
+    pub hint: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Synthetic {
+    pub train: usize,
+    pub test: usize,
+    #[serde(default = "default_size")]
+    pub size: usize,
+    #[serde(default)]
+    pub seed: u64,
+}
+
+fn default_size() -> usize {
+    32
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// A training run: the baseline config with `set` applied.
+    #[default]
+    Train,
+    /// `brisk prune` of the baseline's model, with `args`.
+    Prune,
+    /// `brisk distill` from the baseline's model as teacher, with `args`.
+    Distill,
+    /// `brisk quantize` of the baseline's model.
+    Quantize,
+}
+
+/// One variant: a change to the baseline.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VariantSpec {
+    pub name: String,
+    /// What the variant changes, in words (shown in the report).
+    #[serde(default)]
+    pub note: String,
+    #[serde(default)]
+    pub kind: Kind,
+    /// Config overrides (dotted keys, TOML values), for training variants.
+    #[serde(default)]
+    pub set: toml::Table,
+    /// MPI ranks (training variants; > 1 needs OpenMPI and a brisk built with `mpi`).
+    #[serde(default = "one")]
+    pub ranks: usize,
+    /// Extra flags for `brisk prune` / `brisk distill` / `brisk quantize`.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Another variant this one is also compared with in the reading (a distilled
+    /// student against the same student trained alone, say).
+    #[serde(default)]
+    pub control: Option<String>,
+}
+
+fn one() -> usize {
+    1
+}
+
+impl Kind {
+    /// The lowercase name (the experiment file's and the report's), which is also the
+    /// `brisk` subcommand of a compression variant.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Train => "train",
+            Kind::Prune => "prune",
+            Kind::Distill => "distill",
+            Kind::Quantize => "quantize",
+        }
+    }
+
+    /// The name a compression variant's cache key starts with (as earlier reports
+    /// hashed it, so their cached variants stay valid).
+    fn hash_name(self) -> &'static str {
+        match self {
+            Kind::Train => "Train",
+            Kind::Prune => "Prune",
+            Kind::Distill => "Distill",
+            Kind::Quantize => "Quantize",
+        }
+    }
+}
+
+/// A variant ready to run: its resolved config and its cache key.
+#[derive(Debug)]
+pub struct Plan {
+    pub name: String,
+    pub note: String,
+    pub kind: Kind,
+    pub ranks: usize,
+    /// The full training config (train variants) as TOML, without data/out.
+    pub config: Option<String>,
+    pub args: Vec<String>,
+    pub control: Option<String>,
+    pub hash: String,
+}
+
+/// The name of the implicit first variant.
+pub const BASELINE: &str = "baseline";
+
+/// Reads and checks an experiment file: unique names, every override valid against
+/// brisk's config (errors name the variant and the field).
+pub fn load(path: &Path) -> Result<(Spec, Vec<Plan>)> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let spec: Spec = toml::from_str(&text).with_context(|| format!("{}", path.display()))?;
+    let plans = plan(&spec).with_context(|| format!("{}", path.display()))?;
+    Ok((spec, plans))
+}
+
+/// FNV-1a, 64 bits: a stable hash for cache keys (std's hasher may change between
+/// Rust versions).
+pub fn fnv64(parts: &[&str]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in parts {
+        for b in part.bytes().chain([0xff]) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    format!("{h:016x}")
+}
+
+/// The variants in run order (baseline first), with resolved configs and hashes.
+pub fn plan(spec: &Spec) -> Result<Vec<Plan>> {
+    for forbidden in ["data", "out"] {
+        if spec.baseline.contains_key(forbidden) {
+            bail!("[baseline] must not set `{forbidden}`: the experiment sets it for each run");
+        }
+    }
+    let base_text = toml::to_string(&spec.baseline)?;
+    let base = TrainConfig::from_toml_str(&base_text, "baseline").context("[baseline]")?;
+    let base_config = base.to_toml()?;
+    let base_hash = fnv64(&["train", &base_config, "1"]);
+    let mut plans = vec![Plan {
+        name: BASELINE.into(),
+        note: "the baseline config".into(),
+        kind: Kind::Train,
+        ranks: 1,
+        config: Some(base_config),
+        args: Vec::new(),
+        control: None,
+        hash: base_hash.clone(),
+    }];
+    for v in &spec.variants {
+        check_name(v, &plans)?;
+        let (config, hash) = match v.kind {
+            Kind::Train => training_variant(v, &base)?,
+            kind => compression_variant(v, kind, &base_hash)?,
+        };
+        plans.push(Plan {
+            name: v.name.clone(),
+            note: v.note.clone(),
+            kind: v.kind,
+            ranks: v.ranks,
+            config,
+            args: v.args.clone(),
+            control: v.control.clone(),
+            hash,
+        });
+    }
+    check_controls(&plans)?;
+    Ok(plans)
+}
+
+/// A variant's name names a folder and must be unique.
+fn check_name(v: &VariantSpec, plans: &[Plan]) -> Result<()> {
+    let ok_name = !v.name.is_empty()
+        && v.name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if !ok_name {
+        bail!(
+            "variant name {:?}: use letters, digits, '-', '_' and '.' only (it names a folder)",
+            v.name
+        );
+    }
+    if plans.iter().any(|p| p.name == v.name) {
+        bail!(
+            "variant name {:?} is used twice (or is the reserved `baseline`)",
+            v.name
+        );
+    }
+    if v.ranks == 0 {
+        bail!("variant {}: ranks must be at least 1", v.name);
+    }
+    Ok(())
+}
+
+/// A training variant: the baseline with `set` applied, checked; its TOML and hash.
+fn training_variant(v: &VariantSpec, base: &TrainConfig) -> Result<(Option<String>, String)> {
+    if !v.args.is_empty() {
+        bail!(
+            "variant {}: `args` is for prune/distill/quantize; a training variant uses `set`",
+            v.name
+        );
+    }
+    let mut c = base.clone();
+    for (key, value) in &v.set {
+        if key == "data" || key == "out" {
+            bail!("variant {}: `{key}` is set by the experiment", v.name);
+        }
+        c.set(key, value.clone())
+            .with_context(|| format!("variant {}", v.name))?;
+    }
+    c.validate().with_context(|| format!("variant {}", v.name))?;
+    let text = c.to_toml()?;
+    let hash = fnv64(&["train", &text, &v.ranks.to_string()]);
+    Ok((Some(text), hash))
+}
+
+/// A compression variant: its hash joins the baseline's (its starting model) and its args.
+fn compression_variant(v: &VariantSpec, kind: Kind, base_hash: &str) -> Result<(Option<String>, String)> {
+    if !v.set.is_empty() || v.ranks != 1 {
+        bail!(
+            "variant {}: `set` and `ranks` are for training variants; {} takes `args`",
+            v.name,
+            kind.name()
+        );
+    }
+    let mut parts = vec![kind.hash_name(), base_hash];
+    parts.extend(v.args.iter().map(String::as_str));
+    Ok((None, fnv64(&parts)))
+}
+
+/// Every `control` names another variant.
+fn check_controls(plans: &[Plan]) -> Result<()> {
+    for p in plans {
+        if let Some(c) = &p.control {
+            if c == &p.name || !plans.iter().any(|q| &q.name == c) {
+                bail!(
+                    "variant {}: control {c:?} is not another variant of this experiment",
+                    p.name
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(text: &str) -> Result<Spec> {
+        Ok(toml::from_str(text)?)
+    }
+
+    fn good() -> String {
+        "description = \"test\"\n[data]\npath = \"x\"\n[baseline]\nepochs = 2\nmodel = { width = 0.25 }\n\
+         [[variants]]\nname = \"bf16\"\nset = { \"precision.mode\" = \"mixed-bf16\" }\n\
+         [[variants]]\nname = \"int8\"\nkind = \"quantize\"\n"
+            .to_string()
+    }
+
+    #[test]
+    fn variants_resolve_against_the_baseline_with_stable_hashes() -> Result<()> {
+        let s = spec(&good())?;
+        let plans = plan(&s)?;
+        assert_eq!(plans.len(), 3);
+        assert_eq!(plans[0].name, BASELINE);
+        assert!(plans[1]
+            .config
+            .as_deref()
+            .is_some_and(|c| c.contains("mixed-bf16")));
+        assert!(plans[1]
+            .config
+            .as_deref()
+            .is_some_and(|c| c.contains("epochs = 2")));
+        assert_eq!(plans[2].kind, Kind::Quantize);
+        // Same file, same hashes; any change to the baseline changes every hash.
+        let again = plan(&spec(&good())?)?;
+        assert!(plans.iter().zip(&again).all(|(a, b)| a.hash == b.hash));
+        let changed = plan(&spec(&good().replace("epochs = 2", "epochs = 3"))?)?;
+        assert!(plans.iter().zip(&changed).all(|(a, b)| a.hash != b.hash));
+        assert_ne!(plans[0].hash, plans[1].hash);
+        Ok(())
+    }
+
+    #[test]
+    fn bad_experiments_are_explained() -> Result<()> {
+        let cases = [
+            (good().replace("mixed-bf16", "f64"), "bf16"),
+            (
+                good().replace("\"precision.mode\"", "\"precision.colour\""),
+                "bf16",
+            ),
+            (
+                good().replace("name = \"bf16\"", "name = \"baseline\""),
+                "used twice",
+            ),
+            (good().replace("name = \"int8\"", "name = \"a b\""), "letters"),
+            (good().replace("epochs = 2", "epochs = 0"), "epochs"),
+            (
+                good() + "[[variants]]\nname = \"p\"\nkind = \"prune\"\nranks = 2\n",
+                "args",
+            ),
+            (
+                good() + "[[variants]]\nname = \"t\"\nset = { out = \"x\" }\n",
+                "set by the experiment",
+            ),
+            (
+                good() + "[[variants]]\nname = \"k\"\nkind = \"distill\"\ncontrol = \"nope\"\n",
+                "control",
+            ),
+        ];
+        for (text, want) in cases {
+            let e = plan(&spec(&text)?).expect_err("must fail");
+            let msg = format!("{e:#}");
+            assert!(msg.contains(want), "{msg:?} should mention {want:?}");
+        }
+        // Unknown top-level keys and kinds are refused by the parser.
+        assert!(spec(&(good() + "colour = 1\n")).is_err());
+        assert!(spec(&good().replace("\"quantize\"", "\"shrink\"")).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn the_shipped_experiments_parse() -> Result<()> {
+        let dir = crate::root()?.join("experiments");
+        let mut n = 0;
+        for e in std::fs::read_dir(&dir)? {
+            let p = e?.path();
+            if p.extension().is_some_and(|x| x == "toml") {
+                let (_, plans) = load(&p)?;
+                assert!(plans.len() > 1, "{}", p.display());
+                n += 1;
+            }
+        }
+        assert!(n >= 2);
+        Ok(())
+    }
+}

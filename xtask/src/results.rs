@@ -1,0 +1,270 @@
+//! What each variant of an experiment measured (`VariantResult`), read from the run
+//! folder brisk wrote — `summary.json` and `metrics.jsonl` through brisk-schema's types,
+//! and the JSON line a compression command prints.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use brisk_schema::layout::{LOG_FILE, MODEL_FILE, SUMMARY_FILE};
+use brisk_schema::{CompressReport, Event, TrainSummary};
+use serde::{Deserialize, Serialize};
+
+use crate::plan::{Kind, Plan};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Done,
+    Skipped,
+    Failed,
+}
+
+impl Status {
+    pub fn name(self) -> &'static str {
+        match self {
+            Status::Done => "done",
+            Status::Skipped => "skipped",
+            Status::Failed => "failed",
+        }
+    }
+}
+
+/// PyTorch's img/s for a variant's model, batch and precision, beside brisk's.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Torch {
+    pub arch: String,
+    pub width: f64,
+    pub batch: usize,
+    pub precision: String,
+    pub threads: usize,
+    pub brisk_img_per_s: f64,
+    pub torch_img_per_s: f64,
+    /// brisk / PyTorch.
+    pub ratio: f64,
+}
+
+/// What one variant measured. Absent figures (a skipped variant, a quantised model that
+/// was not trained) are `None`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VariantResult {
+    pub name: String,
+    pub note: String,
+    pub kind: Kind,
+    pub hash: String,
+    pub ranks: usize,
+    pub status: Status,
+    /// Why a variant was skipped or failed.
+    pub reason: Option<String>,
+    /// Wall time of the variant's brisk command (for compression variants: of the
+    /// compression step alone, after the baseline).
+    pub wall_s: f64,
+    /// Training time (without set-up and final writes), when it trained.
+    pub train_s: Option<f64>,
+    /// The training run's own clock (across resumes).
+    #[serde(default)]
+    pub elapsed_s: Option<f64>,
+    /// Training images/s (all ranks together).
+    pub img_per_s: Option<f64>,
+    pub data_wait: Option<f64>,
+    pub top1: Option<f64>,
+    pub top5: Option<f64>,
+    pub best_top1: Option<f64>,
+    pub updates: Option<u64>,
+    /// Parameters (non-zero ones for pruned models).
+    pub params: Option<u64>,
+    pub macs: Option<u64>,
+    /// Size of the model file written.
+    pub bytes: Option<u64>,
+    /// Peak resident memory of one process, MiB.
+    pub peak_rss_mib: Option<f64>,
+    /// (elapsed seconds, test top-1) at each evaluation.
+    pub curve: Vec<(f64, f64)>,
+    /// The full training config (training variants).
+    pub config: Option<String>,
+    pub pytorch: Option<Torch>,
+    /// The variant this one is also compared with.
+    #[serde(default)]
+    pub control: Option<String>,
+}
+
+impl VariantResult {
+    pub fn new(name: &str, note: &str, kind: Kind, hash: &str, ranks: usize) -> Self {
+        VariantResult {
+            name: name.into(),
+            note: note.into(),
+            kind,
+            hash: hash.into(),
+            ranks,
+            status: Status::Done,
+            reason: None,
+            wall_s: 0.0,
+            train_s: None,
+            elapsed_s: None,
+            img_per_s: None,
+            data_wait: None,
+            top1: None,
+            top5: None,
+            best_top1: None,
+            updates: None,
+            params: None,
+            macs: None,
+            bytes: None,
+            peak_rss_mib: None,
+            curve: Vec::new(),
+            config: None,
+            pytorch: None,
+            control: None,
+        }
+    }
+
+    pub fn skip(&mut self, why: String) {
+        self.status = Status::Skipped;
+        self.reason = Some(why);
+    }
+
+    pub fn fail(&mut self, why: String) {
+        self.status = Status::Failed;
+        self.reason = Some(why);
+    }
+
+    /// The first evaluation at or above `target` top-1: seconds from the start.
+    pub fn time_to(&self, target: f64) -> Option<f64> {
+        self.curve.iter().find(|(_, a)| *a >= target).map(|(t, _)| *t)
+    }
+}
+
+/// Test-accuracy curve from a run's `eval` events: (elapsed seconds, top-1).
+fn curve(run: &Path) -> Result<Vec<(f64, f64)>> {
+    let log = run.join(LOG_FILE);
+    Ok(Event::read_log(&log)?
+        .into_iter()
+        .filter_map(|r| match r.event {
+            Event::Eval { elapsed_s, top1, .. } => Some((elapsed_s, top1)),
+            _ => None,
+        })
+        .collect())
+}
+
+/// A training run's figures from its summary.json and metrics.jsonl.
+fn fill_training(r: &mut VariantResult, run: &Path) -> Result<()> {
+    let s = TrainSummary::read(&run.join(SUMMARY_FILE))?;
+    r.train_s = Some(s.train_s);
+    r.elapsed_s = Some(s.elapsed_s);
+    r.img_per_s = Some(s.img_per_s);
+    r.data_wait = Some(s.data_wait);
+    r.top1 = Some(s.top1);
+    r.top5 = Some(s.top5);
+    r.best_top1 = Some(s.best_top1);
+    r.updates = Some(s.updates);
+    r.params = Some(s.params as u64);
+    r.macs = Some(s.macs);
+    r.peak_rss_mib = s.peak_rss_mib;
+    r.bytes = std::fs::metadata(run.join(MODEL_FILE)).ok().map(|m| m.len());
+    r.curve = curve(run)?;
+    Ok(())
+}
+
+/// Reads what a finished variant measured into `r`: the run folder of a training (or
+/// fine-tuning) run, and a compression command's JSON line on `stdout`.
+pub fn fill(
+    r: &mut VariantResult,
+    plan: &Plan,
+    run: &Path,
+    stdout: &str,
+    peak_mib: Option<f64>,
+) -> Result<()> {
+    if plan.kind != Kind::Quantize {
+        fill_training(r, run)?;
+    }
+    if plan.kind == Kind::Train {
+        return Ok(());
+    }
+    let line = stdout
+        .lines()
+        .rev()
+        .find(|l| l.trim_start().starts_with('{'))
+        .context("no JSON result on brisk's output")?;
+    let report: CompressReport = serde_json::from_str(line).context("brisk's JSON result")?;
+    let after = report.after;
+    r.top1 = Some(after.top1);
+    r.top5 = Some(after.top5);
+    r.params = Some(after.params);
+    r.macs = Some(after.macs);
+    r.bytes = Some(after.bytes);
+    // A quantiser is no training run: its own process's peak is the figure.
+    r.peak_rss_mib = match plan.kind {
+        Kind::Quantize => peak_mib,
+        _ => r.peak_rss_mib.or(peak_mib),
+    };
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn figures_are_read_from_a_run_folder() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let run = dir.path();
+        let summary = TrainSummary {
+            top1: 0.5,
+            top5: 0.9,
+            loss: 1.0,
+            n: 100,
+            best_top1: 0.55,
+            best_epoch: 0,
+            epochs: 1,
+            updates: 7,
+            skipped: 0,
+            world: 1,
+            images: 800,
+            elapsed_s: 12.0,
+            train_s: 10.0,
+            img_per_s: 80.5,
+            data_wait: 0.01,
+            params: 1234,
+            macs: 99,
+            checkpoint_bytes: 64,
+            peak_rss_mib: Some(250.0),
+            hook_metrics: Default::default(),
+            model: run.join(MODEL_FILE),
+        };
+        summary.write(&run.join(SUMMARY_FILE))?;
+        let eval = |elapsed_s, top1| Event::Eval {
+            epoch: 0,
+            step: 1,
+            images: 1,
+            top1,
+            top5: 1.0,
+            loss: 1.0,
+            n: 100,
+            elapsed_s,
+        };
+        let log = [eval(5.0, 0.4), eval(11.0, 0.5)]
+            .iter()
+            .map(Event::to_line)
+            .collect::<std::result::Result<Vec<_>, _>>()?
+            .join("\n");
+        std::fs::write(run.join(LOG_FILE), log)?;
+        std::fs::write(run.join(MODEL_FILE), [0u8; 64])?;
+        let plans = crate::plan::plan(&toml::from_str(
+            "description = \"d\"\n[data]\n[baseline]\n[[variants]]\nname = \"p\"\nkind = \"prune\"\nargs = [\"--sparsity\", \"0.5\"]\n",
+        )?)?;
+        let mut r = VariantResult::new("baseline", "", Kind::Train, "h", 1);
+        fill(&mut r, &plans[0], run, "", None)?;
+        assert_eq!(r.curve, vec![(5.0, 0.4), (11.0, 0.5)]);
+        assert_eq!((r.updates, r.bytes, r.top1), (Some(7), Some(64), Some(0.5)));
+        assert_eq!(r.time_to(0.45), Some(11.0));
+        // A pruning variant takes accuracy and size from brisk's JSON line.
+        let mut p = VariantResult::new("p", "", Kind::Prune, "h", 1);
+        let stdout = "progress\n{\"method\":\"global\",\"before\":{\"params\":1,\"macs\":1,\"bytes\":1,\"top1\":0.5,\"top5\":1.0,\"loss\":1.0},\
+                      \"after\":{\"params\":600,\"macs\":99,\"bytes\":32,\"top1\":0.49,\"top5\":0.9,\"loss\":1.1},\"model\":\"m\"}\n";
+        fill(&mut p, &plans[1], run, stdout, Some(300.0))?;
+        assert_eq!((p.top1, p.params, p.bytes), (Some(0.49), Some(600), Some(32)));
+        assert_eq!(p.img_per_s, Some(80.5));
+        // A result line that is not a compression report is an error, not a silent gap.
+        assert!(fill(&mut p, &plans[1], run, "{\"top1\": 1}", None).is_err());
+        Ok(())
+    }
+}
