@@ -105,6 +105,12 @@ fn bench_step_json_has_the_contract_keys() -> Result<()> {
         assert_eq!(v["batch"], 2);
         assert_eq!(v["threads"], 1);
         assert_eq!(v["dtype"], "f32");
+        let kernels = if extra == ["--reference-ops"] {
+            "candle"
+        } else {
+            "brisk"
+        };
+        assert_eq!(v["kernels"], kernels, "{v}");
     }
     Ok(())
 }
@@ -115,10 +121,27 @@ fn bench_step_rejects_bad_values() -> Result<()> {
         brisk(&["bench", "step", "--dtype", "f64"])?.status.code(),
         Some(2)
     );
-    assert_eq!(
-        brisk(&["bench", "step", "--arch", "resnet50"])?.status.code(),
-        Some(2)
-    );
+    // A named value outside its list is a usage error that lists the names, which come
+    // from the owning crate's type.
+    let out = brisk(&["bench", "step", "--arch", "resnet50"])?;
+    assert_eq!(out.status.code(), Some(2));
+    let text = String::from_utf8(out.stderr)?;
+    assert!(text.contains("resnet18") && text.contains("seresnet34"), "{text}");
+    let out = brisk(&[
+        "prune",
+        "--method",
+        "random",
+        "--checkpoint",
+        "m",
+        "--data",
+        "d",
+        "--out",
+        "o",
+        "--sparsity",
+        "0.5",
+    ])?;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8(out.stderr)?.contains("gradual"));
     let out = brisk(&[
         "bench", "step", "--batch", "0", "--width", "0.0625", "--image", "8",
     ])?;

@@ -6,12 +6,8 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A file could not be read or written.
-    #[error("{action} {path}: {cause}")]
-    Io {
-        action: &'static str,
-        path: PathBuf,
-        cause: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] brisk_files::Error),
 
     /// A file exists but its contents are not what brisk wrote (or expects).
     #[error("{path}: {problem}")]
@@ -26,12 +22,8 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
-    pub(crate) fn io(action: &'static str, path: &std::path::Path, source: std::io::Error) -> Self {
-        Error::Io {
-            action,
-            path: path.to_path_buf(),
-            cause: source,
-        }
+    pub(crate) fn io(action: &'static str, path: &std::path::Path, cause: std::io::Error) -> Self {
+        Error::Io(brisk_files::Error::new(action, path, cause))
     }
 
     pub(crate) fn corrupt(path: &std::path::Path, problem: impl Into<String>) -> Self {

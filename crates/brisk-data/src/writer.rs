@@ -183,7 +183,7 @@ impl DatasetWriter {
         ]);
         let bytes =
             safetensors::serialize([("images", images), ("labels", labels)], Some(metadata)).map_err(bad)?;
-        write_atomic(&path, &bytes)?;
+        brisk_files::write_atomic(&path, &bytes)?;
         p.images.clear();
         p.labels.clear();
         p.shards_written += 1;
@@ -218,23 +218,7 @@ impl DatasetWriter {
         let path = self.dir.join(MANIFEST_FILE);
         let json =
             serde_json::to_string_pretty(&manifest).map_err(|e| Error::corrupt(&path, e.to_string()))?;
-        write_atomic(&path, json.as_bytes())?;
+        brisk_files::write_atomic(&path, json.as_bytes())?;
         Ok(manifest)
     }
-}
-
-/// Temporary file in the same folder, fsync, rename: a crash never leaves a torn file.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("tmp");
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    result.map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        Error::io("cannot write", path, e)
-    })
 }

@@ -72,3 +72,18 @@ pub fn keep_freed_memory() {
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_cores_are_shared_by_the_ranks_on_a_host() {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(super::default_threads(1), cores);
+        assert_eq!(super::default_threads(0), cores, "no ranks counts as one");
+        assert_eq!(
+            super::default_threads(cores * 4),
+            1,
+            "never fewer than one thread"
+        );
+    }
+}

@@ -209,10 +209,8 @@ pub fn read(dir: &Path, device: &Device) -> Result<Checkpoint> {
     let state_path = dir.join(STATE_FILE);
     let text = std::fs::read_to_string(&state_path).map_err(|e| Error::io("cannot read", &state_path, e))?;
     let de = &mut serde_json::Deserializer::from_str(&text);
-    let state: TrainState = serde_path_to_error::deserialize(de).map_err(|e| Error::ConfigParse {
-        source_name: state_path.display().to_string(),
-        field: e.path().to_string(),
-        message: e.inner().to_string(),
+    let state: TrainState = serde_path_to_error::deserialize(de).map_err(|e| Error::State {
+        problem: format!("{}: at `{}`: {}", state_path.display(), e.path(), e.inner()),
     })?;
     if state.format != STATE_FORMAT || state.version != 1 {
         return Err(Error::State {

@@ -9,15 +9,6 @@ pub enum Error {
     #[error("invalid setting `{field}`: {problem}")]
     InvalidConfig { field: &'static str, problem: String },
 
-    /// A configuration file or override could not be read as a training config.
-    #[error("{source_name}: `{field}`: {message}")]
-    ConfigParse {
-        /// The file (or "--set" for a command-line override).
-        source_name: String,
-        field: String,
-        message: String,
-    },
-
     /// A file could not be read or written.
     #[error(transparent)]
     Io(#[from] brisk_files::Error),
