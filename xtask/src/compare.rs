@@ -176,9 +176,15 @@ pub struct CompareArgs {
     /// Runs per side, alternated; the median is reported.
     #[arg(long, default_value_t = 2)]
     rounds: usize,
-    /// Width multiplier of the ResNet-18.
-    #[arg(long, default_value_t = 1.0)]
-    width: f64,
+    /// Width multipliers of the network.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    widths: Vec<f64>,
+    /// Architectures (resnet18, seresnet18).
+    #[arg(long, value_delimiter = ',', default_value = "resnet18")]
+    archs: Vec<String>,
+    /// Leave eval-mode forwards out.
+    #[arg(long)]
+    no_eval: bool,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -191,8 +197,49 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-/// `cargo xtask compare-torch`: CIFAR ResNet-18 training steps and eval forwards, brisk
-/// and PyTorch alternated, medians of `rounds`.
+/// The cases `compare-torch` times: every architecture × width × precision × batch,
+/// training steps, then eval forwards in f32.
+fn cases(a: &CompareArgs) -> Result<Vec<StepCase>> {
+    let mut out = Vec::new();
+    for eval in [false, true] {
+        if eval && a.no_eval {
+            continue;
+        }
+        for arch in &a.archs {
+            let arch: Arch = arch.parse().with_context(|| format!("--archs {arch}"))?;
+            for &width in &a.widths {
+                for precision in &a.precisions {
+                    let precision: &'static str = brisk_precision::Precision::NAMES
+                        .into_iter()
+                        .find(|p| p == precision)
+                        .with_context(|| format!("--precisions: unknown {precision:?}"))?;
+                    // Eval forwards are timed in f32 only.
+                    if eval && precision != "f32" {
+                        continue;
+                    }
+                    for &batch in &a.batches {
+                        out.push(StepCase {
+                            arch,
+                            stem: "cifar",
+                            width,
+                            classes: 10,
+                            image: 32,
+                            batch,
+                            threads: a.threads,
+                            steps: a.steps,
+                            precision,
+                            eval,
+                        });
+                    }
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// `cargo xtask compare-torch`: CIFAR ResNet training steps and eval forwards, brisk and
+/// PyTorch alternated, medians of `rounds`.
 pub fn run(a: &CompareArgs) -> Result<()> {
     if a.batches.is_empty() || a.batches.contains(&0) || a.threads == 0 || a.steps == 0 || a.rounds == 0 {
         bail!("every count must be at least 1");
@@ -200,42 +247,28 @@ pub fn run(a: &CompareArgs) -> Result<()> {
     if let Some(why) = torch_missing() {
         bail!("PyTorch is needed: {why}");
     }
+    let cases = cases(a)?;
     let root = crate::root()?;
     let brisk = crate::build_brisk(false)?;
     println!(
-        "CIFAR ResNet-18 width {}, {} threads, {} timed steps a run, {} rounds (median of rounds)",
-        a.width, a.threads, a.steps, a.rounds
+        "CIFAR ResNet, 32x32, {} threads, {} timed steps a run, {} rounds alternated (median of rounds)",
+        a.threads, a.steps, a.rounds
     );
     println!(
-        "{:<6} {:<10} {:>5} {:>12} {:>16} {:>7} {:>11} {:>11}",
-        "mode", "precision", "batch", "brisk img/s", "torch img/s", "ratio", "brisk MiB", "torch MiB"
+        "{:<6} {:<11} {:>6} {:<10} {:>5} {:>12} {:>16} {:>7} {:>11} {:>11}",
+        "mode",
+        "arch",
+        "width",
+        "precision",
+        "batch",
+        "brisk img/s",
+        "torch img/s",
+        "ratio",
+        "brisk MiB",
+        "torch MiB"
     );
-    for eval in [false, true] {
-        for precision in &a.precisions {
-            let precision: &'static str = brisk_precision::Precision::NAMES
-                .into_iter()
-                .find(|p| p == precision)
-                .with_context(|| format!("--precisions: unknown {precision:?}"))?;
-            // Eval forwards are timed in f32 only.
-            if eval && precision != "f32" {
-                continue;
-            }
-            for &batch in &a.batches {
-                let case = StepCase {
-                    arch: Arch::Resnet18,
-                    stem: "cifar",
-                    width: a.width,
-                    classes: 10,
-                    image: 32,
-                    batch,
-                    threads: a.threads,
-                    steps: a.steps,
-                    precision,
-                    eval,
-                };
-                print_row(&case, &brisk, root, a.rounds)?;
-            }
-        }
+    for case in &cases {
+        print_row(case, &brisk, root, a.rounds)?;
     }
     Ok(())
 }
@@ -252,8 +285,10 @@ fn print_row(case: &StepCase, brisk: &Path, root: &Path, rounds: usize) -> Resul
     }
     let (b, t) = (median(b), median(t));
     println!(
-        "{:<6} {:<10} {:>5} {:>12.1} {:>16} {:>7.2} {:>11.0} {:>11.0}",
+        "{:<6} {:<11} {:>6} {:<10} {:>5} {:>12.1} {:>16} {:>7.2} {:>11.0} {:>11.0}",
         if case.eval { "eval" } else { "train" },
+        case.arch.name(),
+        case.width,
         case.precision,
         case.batch,
         b,

@@ -10,6 +10,7 @@
 //! assert_eq!(net.forward_t(&x, false).unwrap().dims(), &[2, 10]);
 //! ```
 
+pub mod engine;
 pub mod error;
 pub mod init;
 pub mod network;
@@ -19,6 +20,7 @@ pub use brisk_spec::{
     model_file, read_sidecar, sidecar_path, write_sidecar, Arch, BlockChannels, BlockPlan, Channels,
     ModelSpec, Role, Stem, TensorInfo, MODEL_FILE,
 };
+pub use engine::Engine;
 pub use error::{Error, Result};
 pub use network::Network;
 pub use resnet::{Kernels, ResNet};

@@ -146,6 +146,21 @@ impl Network {
         &self.policy
     }
 
+    /// The kernels the network runs on.
+    pub fn kernels(&self) -> Kernels {
+        self.kernels
+    }
+
+    /// Whether batch-norm statistics are synchronised across ranks.
+    pub fn has_batch_norm_sync(&self) -> bool {
+        self.sync.is_some()
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        self.model.device()
+    }
+
     /// Loads a checkpoint written by [`Network::save`] (or by PyTorch, given a sidecar).
     /// The spec comes from the sidecar `<file>.json`.
     pub fn load(path: &Path, device: &Device) -> Result<Self> {

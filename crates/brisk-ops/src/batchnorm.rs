@@ -167,27 +167,9 @@ impl CustomOp1 for Stats {
         let (n, c, hw) = nchw(l)?;
         let x = f32_data(s, l, "input")?;
         let count = (n * hw) as f64;
-        // Per channel: the sum, and the sum of squares about the (f32) mean m.
-        let per_channel: Vec<(f64, f32, f64)> = (0..c)
-            .into_par_iter()
-            .map(|ch| {
-                // Sums in 16 f32 lanes within a plane (vectorised), f64 across planes.
-                let sum: f64 = channel_segments(x, n, c, hw, ch)
-                    .map(|s| lane_sum(s, |v| v) as f64)
-                    .sum();
-                let m = (sum / count) as f32;
-                let sq: f64 = channel_segments(x, n, c, hw, ch)
-                    .map(|s| lane_sum(s, |v| (v - m) * (v - m)) as f64)
-                    .sum();
-                (sum, m, sq)
-            })
-            .collect();
+        let per_channel = channel_moments(x, n, c, hw);
         let out: Vec<f32> = match &self.sync {
-            None => {
-                let mut out: Vec<f32> = per_channel.iter().map(|p| p.1).collect();
-                out.extend(per_channel.iter().map(|p| (p.2 / count) as f32));
-                out
-            }
+            None => moments_to_stats(&per_channel, count),
             Some(sync) => {
                 // Per channel, summed over ranks: Σv, the squared deviations about each
                 // rank's own mean (M2, accurate: no Σv² − n·mean² cancellation), and
@@ -216,6 +198,170 @@ impl CustomOp1 for Stats {
         let rows = out.len() / c;
         Ok((CpuStorage::F32(out), Shape::from((rows, c))))
     }
+}
+
+/// Per channel of `x` `[n, c, hw]`: the sum, the (f32) mean m, and the sum of squares
+/// about m — sums in 16 f32 lanes within a plane (vectorised), f64 across planes.
+fn channel_moments(x: &[f32], n: usize, c: usize, hw: usize) -> Vec<(f64, f32, f64)> {
+    let count = (n * hw) as f64;
+    (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            let sum: f64 = channel_segments(x, n, c, hw, ch)
+                .map(|s| lane_sum(s, |v| v) as f64)
+                .sum();
+            let m = (sum / count) as f32;
+            let sq: f64 = channel_segments(x, n, c, hw, ch)
+                .map(|s| lane_sum(s, |v| (v - m) * (v - m)) as f64)
+                .sum();
+            (sum, m, sq)
+        })
+        .collect()
+}
+
+/// `[mean(c); biased var(c)]` from [`channel_moments`] over `count` values a channel.
+fn moments_to_stats(per_channel: &[(f64, f32, f64)], count: f64) -> Vec<f32> {
+    let mut out: Vec<f32> = per_channel.iter().map(|p| p.1).collect();
+    out.extend(per_channel.iter().map(|p| (p.2 / count) as f32));
+    out
+}
+
+/// Per-channel mean and biased variance of `x` `[n, c, hw]` (f32 slices): `[mean(c);
+/// var(c)]`, as batch-norm's training statistics.
+pub fn bn_stats(x: &[f32], n: usize, c: usize, hw: usize) -> Vec<f32> {
+    moments_to_stats(&channel_moments(x, n, c, hw), (n * hw) as f64)
+}
+
+/// `relu?(γ (x − mean) / sqrt(var + eps) + β + residual?)` over `x` `[n, c, hw]`, with
+/// `stats` = `[mean; var]` and `affine` = `[γ; β]` (each `c` long).
+#[allow(clippy::too_many_arguments)]
+pub fn bn_normalize(
+    x: &[f32],
+    c: usize,
+    hw: usize,
+    stats: &[f32],
+    affine: &[f32],
+    eps: f64,
+    relu: bool,
+    residual: Option<&[f32]>,
+) -> Vec<f32> {
+    let ch = channels(stats, affine, c, eps);
+    let mut y = vec![0f32; x.len()];
+    y.par_chunks_mut(hw)
+        .zip(x.par_chunks(hw))
+        .enumerate()
+        .for_each(|(i, (yo, xi))| {
+            let p = &ch[i % c];
+            let scale = p.gamma * p.inv_std;
+            let shift = p.beta - p.mean * scale;
+            let act = |v: f32| if relu { v.max(0.0) } else { v };
+            match residual {
+                Some(r) => {
+                    for ((o, &v), &rv) in yo.iter_mut().zip(xi).zip(&r[i * hw..(i + 1) * hw]) {
+                        *o = act(v * scale + shift + rv);
+                    }
+                }
+                None => {
+                    for (o, &v) in yo.iter_mut().zip(xi) {
+                        *o = act(v * scale + shift);
+                    }
+                }
+            }
+        });
+    y
+}
+
+/// ReLU's backward over f32 slices: `dy` where the output `y` is positive, else 0.
+pub fn relu_backward(y: &[f32], dy: &[f32]) -> Vec<f32> {
+    let mut out = vec![0f32; y.len()];
+    out.par_chunks_mut(1 << 14)
+        .zip(y.par_chunks(1 << 14).zip(dy.par_chunks(1 << 14)))
+        .for_each(|(o, (y, g))| {
+            for ((o, &y), &g) in o.iter_mut().zip(y).zip(g) {
+                *o = if y > 0.0 { g } else { 0.0 };
+            }
+        });
+    out
+}
+
+/// Batch-norm's weight and bias gradients from the gradient `dz` reaching its affine
+/// output: `[Σ dz·x̂ (c); Σ dz (c)]` over `x` `[n, c, hw]`, f64 accumulation.
+pub fn bn_grad_sums(
+    x: &[f32],
+    dz: &[f32],
+    (n, c, hw): (usize, usize, usize),
+    stats: &[f32],
+    eps: f64,
+) -> Vec<f32> {
+    let ones = vec![1f32; 2 * c];
+    let ch = channels(stats, &ones, c, eps);
+    let sums: Vec<(f32, f32)> = (0..c)
+        .into_par_iter()
+        .map(|k| {
+            let p = &ch[k];
+            let (mut dg, mut db) = (0f64, 0f64);
+            for (xs, gs) in channel_segments(x, n, c, hw, k).zip(channel_segments(dz, n, c, hw, k)) {
+                // 16 independent lanes, so the compiler can vectorise.
+                let (mut la, mut lb) = ([0f32; 16], [0f32; 16]);
+                let (xc, gc) = (xs.chunks_exact(16), gs.chunks_exact(16));
+                let (mut a, mut b) = (0f32, 0f32);
+                for (&v, &g) in xc.remainder().iter().zip(gc.remainder()) {
+                    a += g * (v - p.mean);
+                    b += g;
+                }
+                for (xk, gk) in xc.zip(gc) {
+                    for i in 0..16 {
+                        la[i] += gk[i] * (xk[i] - p.mean);
+                        lb[i] += gk[i];
+                    }
+                }
+                dg += ((a + la.iter().sum::<f32>()) * p.inv_std) as f64;
+                db += (b + lb.iter().sum::<f32>()) as f64;
+            }
+            (dg as f32, db as f32)
+        })
+        .collect();
+    let mut out: Vec<f32> = sums.iter().map(|s| s.0).collect();
+    out.extend(sums.iter().map(|s| s.1));
+    out
+}
+
+/// Batch-norm's input gradient from `dz` (the gradient reaching its affine output):
+/// training (`batch_stats`) `γ σ⁻¹ (dz − mean(dz) − x̂ · mean(dz · x̂))`, where the means
+/// come from `sums` = [`bn_grad_sums`] over `count` values a channel; evaluation `γ σ⁻¹ dz`.
+#[allow(clippy::too_many_arguments)]
+pub fn bn_input_grad(
+    x: &[f32],
+    dz: &[f32],
+    (c, hw): (usize, usize),
+    stats: &[f32],
+    affine: &[f32],
+    sums: &[f32],
+    count: usize,
+    eps: f64,
+    batch_stats: bool,
+) -> Vec<f32> {
+    let ch = channels(stats, affine, c, eps);
+    let (dgamma, dbeta) = (&sums[..c], &sums[c..2 * c]);
+    let m = count as f32;
+    let mut dx = vec![0f32; x.len()];
+    dx.par_chunks_mut(hw).enumerate().for_each(|(i, out)| {
+        let k = i % c;
+        let p = &ch[k];
+        let xs = &x[i * hw..(i + 1) * hw];
+        let gs = &dz[i * hw..(i + 1) * hw];
+        let a = p.gamma * p.inv_std;
+        let (mean_dz, mean_dzx) = if batch_stats {
+            (dbeta[k] / m, dgamma[k] / m)
+        } else {
+            (0.0, 0.0)
+        };
+        for ((o, &v), &g) in out.iter_mut().zip(xs).zip(gs) {
+            let xh = (v - p.mean) * p.inv_std;
+            *o = a * (g - mean_dz - xh * mean_dzx);
+        }
+    });
+    dx
 }
 
 /// Per-channel constants of the normalisation: y = x * scale + shift.
@@ -266,7 +412,6 @@ impl Normalize {
         }
         let xs = f32_data(x.0, x.1, "input")?;
         let p = f32_data(params.0, params.1, "parameters")?;
-        let ch = channels(&p[..2 * c], &p[2 * c..], c, self.eps);
         let res = match residual {
             Some((s, l)) if l.dims() == x.1.dims() => Some(f32_values(s, l, "batch-norm", "residual")?),
             Some((_, l)) => candle_core::bail!(
@@ -276,29 +421,16 @@ impl Normalize {
             ),
             None => None,
         };
-        let mut y = vec![0f32; xs.len()];
-        let relu = self.relu;
-        y.par_chunks_mut(hw)
-            .zip(xs.par_chunks(hw))
-            .enumerate()
-            .for_each(|(i, (yo, xi))| {
-                let p = &ch[i % c];
-                let scale = p.gamma * p.inv_std;
-                let shift = p.beta - p.mean * scale;
-                let act = |v: f32| if relu { v.max(0.0) } else { v };
-                match res.as_deref() {
-                    Some(r) => {
-                        for ((o, &v), &rv) in yo.iter_mut().zip(xi).zip(&r[i * hw..(i + 1) * hw]) {
-                            *o = act(v * scale + shift + rv);
-                        }
-                    }
-                    None => {
-                        for (o, &v) in yo.iter_mut().zip(xi) {
-                            *o = act(v * scale + shift);
-                        }
-                    }
-                }
-            });
+        let y = bn_normalize(
+            xs,
+            c,
+            hw,
+            &p[..2 * c],
+            &p[2 * c..4 * c],
+            self.eps,
+            self.relu,
+            res.as_deref(),
+        );
         Ok((storage_of(y, self.out)?, x.1.shape().clone()))
     }
 
@@ -436,15 +568,7 @@ impl CustomOp2 for ReluMask {
                 l2.dims()
             );
         }
-        let mut out = vec![0f32; y.len()];
-        out.par_chunks_mut(1 << 14)
-            .zip(y.par_chunks(1 << 14).zip(dy.par_chunks(1 << 14)))
-            .for_each(|(o, (y, g))| {
-                for ((o, &y), &g) in o.iter_mut().zip(y).zip(g) {
-                    *o = if y > 0.0 { g } else { 0.0 };
-                }
-            });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        Ok((CpuStorage::F32(relu_backward(&y, &dy)), l1.shape().clone()))
     }
 }
 
@@ -456,14 +580,12 @@ struct GradInputs<'a> {
     x: &'a [f32],
     dz: &'a [f32],
     params: &'a [f32],
-    ch: Vec<Channel>,
 }
 
 impl<'a> GradInputs<'a> {
     /// Checks x, dz and a params tensor of at least `rows` per-channel rows (mean, var,
     /// gamma, beta, …).
     fn new(
-        eps: f64,
         x: (&'a CpuStorage, &Layout),
         dz: (&'a CpuStorage, &Layout),
         params: (&'a CpuStorage, &Layout),
@@ -483,7 +605,6 @@ impl<'a> GradInputs<'a> {
                 x.1.dims()
             );
         }
-        let ch = channels(&ps[..2 * c], &ps[2 * c..4 * c], c, eps);
         Ok(GradInputs {
             n,
             c,
@@ -491,7 +612,6 @@ impl<'a> GradInputs<'a> {
             x: xs,
             dz: dzs,
             params: ps,
-            ch,
         })
     }
 }
@@ -515,36 +635,15 @@ impl CustomOp3 for GradSums {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let GradInputs {
-            n, c, hw, x, dz, ch, ..
-        } = GradInputs::new(self.0.eps, (s1, l1), (s2, l2), (s3, l3), 4)?;
-        let sums: Vec<(f32, f32)> = (0..c)
-            .into_par_iter()
-            .map(|k| {
-                let p = &ch[k];
-                let (mut dg, mut db) = (0f64, 0f64);
-                for (xs, gs) in channel_segments(x, n, c, hw, k).zip(channel_segments(dz, n, c, hw, k)) {
-                    // 16 independent lanes, so the compiler can vectorise.
-                    let (mut la, mut lb) = ([0f32; 16], [0f32; 16]);
-                    let (xc, gc) = (xs.chunks_exact(16), gs.chunks_exact(16));
-                    let (mut a, mut b) = (0f32, 0f32);
-                    for (&v, &g) in xc.remainder().iter().zip(gc.remainder()) {
-                        a += g * (v - p.mean);
-                        b += g;
-                    }
-                    for (xk, gk) in xc.zip(gc) {
-                        for i in 0..16 {
-                            la[i] += gk[i] * (xk[i] - p.mean);
-                            lb[i] += gk[i];
-                        }
-                    }
-                    dg += ((a + la.iter().sum::<f32>()) * p.inv_std) as f64;
-                    db += (b + lb.iter().sum::<f32>()) as f64;
-                }
-                (dg as f32, db as f32)
-            })
-            .collect();
-        let mut out: Vec<f32> = sums.iter().map(|s| s.0).collect();
-        out.extend(sums.iter().map(|s| s.1));
+            n,
+            c,
+            hw,
+            x,
+            dz,
+            params,
+            ..
+        } = GradInputs::new((s1, l1), (s2, l2), (s3, l3), 4)?;
+        let out = bn_grad_sums(x, dz, (n, c, hw), &params[..2 * c], self.0.eps);
         Ok((CpuStorage::F32(out), Shape::from((2, c))))
     }
 }
@@ -574,29 +673,18 @@ impl CustomOp3 for InputGrad {
             x,
             dz,
             params,
-            ch,
-        } = GradInputs::new(self.0.eps, (s1, l1), (s2, l2), (s3, l3), 6)?;
-        let (dgamma, dbeta) = (&params[4 * c..5 * c], &params[5 * c..6 * c]);
-        let m = (n * hw) as f32;
-        let batch_stats = self.0.batch_stats;
-        let mut dx = vec![0f32; x.len()];
-        dx.par_chunks_mut(hw).enumerate().for_each(|(i, out)| {
-            let k = i % c;
-            let p = &ch[k];
-            let xs = &x[i * hw..(i + 1) * hw];
-            let gs = &dz[i * hw..(i + 1) * hw];
-            let a = p.gamma * p.inv_std;
-            // Training: dx = γ σ⁻¹ (dz − mean(dz) − x̂ · mean(dz · x̂)); evaluation: γ σ⁻¹ dz.
-            let (mean_dz, mean_dzx) = if batch_stats {
-                (dbeta[k] / m, dgamma[k] / m)
-            } else {
-                (0.0, 0.0)
-            };
-            for ((o, &v), &g) in out.iter_mut().zip(xs).zip(gs) {
-                let xh = (v - p.mean) * p.inv_std;
-                *o = a * (g - mean_dz - xh * mean_dzx);
-            }
-        });
+        } = GradInputs::new((s1, l1), (s2, l2), (s3, l3), 6)?;
+        let dx = bn_input_grad(
+            x,
+            dz,
+            (c, hw),
+            &params[..2 * c],
+            &params[2 * c..4 * c],
+            &params[4 * c..6 * c],
+            n * hw,
+            self.0.eps,
+            self.0.batch_stats,
+        );
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 }

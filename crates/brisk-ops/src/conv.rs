@@ -52,23 +52,25 @@ fn operand<'a>(s: &'a CpuStorage, l: &Layout, compute: DType, what: &str) -> Res
     Ok(v)
 }
 
-/// The sizes of one convolution.
+/// The sizes of one convolution: input `[n, cin, h, w]`, weight `[cout, cin, k, k]`,
+/// output `[n, cout, ho, wo]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Geom {
-    n: usize,
-    cin: usize,
-    h: usize,
-    w: usize,
-    cout: usize,
-    k: usize,
-    stride: usize,
-    pad: usize,
-    ho: usize,
-    wo: usize,
+pub struct ConvShape {
+    pub n: usize,
+    pub cin: usize,
+    pub h: usize,
+    pub w: usize,
+    pub cout: usize,
+    pub k: usize,
+    pub stride: usize,
+    pub pad: usize,
+    pub ho: usize,
+    pub wo: usize,
 }
 
-impl Geom {
-    fn new(x: &[usize], weight: &[usize], stride: usize, pad: usize) -> Result<Self> {
+impl ConvShape {
+    /// The shape of convolving `x` dims with `weight` dims; an error names what does not fit.
+    pub fn new(x: &[usize], weight: &[usize], stride: usize, pad: usize) -> Result<Self> {
         let (&[n, cin, h, w], &[cout, cin_w, k, k2]) = (x, weight) else {
             candle_core::bail!("brisk conv2d: expected 4-D input and weight, got {x:?} and {weight:?}");
         };
@@ -84,7 +86,7 @@ impl Geom {
         }
         let ho = (h + 2 * pad - k) / stride + 1;
         let wo = (w + 2 * pad - k) / stride + 1;
-        Ok(Geom {
+        Ok(ConvShape {
             n,
             cin,
             h,
@@ -103,15 +105,17 @@ impl Geom {
         self.cin * self.k * self.k
     }
 
-    fn out_hw(&self) -> usize {
+    pub fn out_hw(&self) -> usize {
         self.ho * self.wo
     }
 
-    fn in_len(&self) -> usize {
+    /// Values of one input image.
+    pub fn in_len(&self) -> usize {
         self.cin * self.h * self.w
     }
 
-    fn out_len(&self) -> usize {
+    /// Values of one output image.
+    pub fn out_len(&self) -> usize {
         self.cout * self.out_hw()
     }
 
@@ -141,7 +145,7 @@ impl Geom {
 
 /// Unfolds one image `[Cin, H, W]` into the `Ho*Wo` columns of `col` `[Cin*K*K, ld]`
 /// that start at its first element (row r at `col[r * ld..]`).
-fn im2col(g: &Geom, x: &[f32], col: &mut [f32], ld: usize) {
+fn im2col(g: &ConvShape, x: &[f32], col: &mut [f32], ld: usize) {
     let (k, s, howo) = (g.k, g.stride, g.out_hw());
     for c in 0..g.cin {
         let plane = &x[c * g.h * g.w..(c + 1) * g.h * g.w];
@@ -174,7 +178,7 @@ fn im2col(g: &Geom, x: &[f32], col: &mut [f32], ld: usize) {
 
 /// Folds the `Ho*Wo` columns of `col` `[Cin*K*K, ld]` that start at its first element
 /// back into one image gradient `[Cin, H, W]`, adding.
-fn col2im(g: &Geom, col: &[f32], ld: usize, dx: &mut [f32]) {
+fn col2im(g: &ConvShape, col: &[f32], ld: usize, dx: &mut [f32]) {
     let (k, s, howo) = (g.k, g.stride, g.out_hw());
     for c in 0..g.cin {
         let plane = &mut dx[c * g.h * g.w..(c + 1) * g.h * g.w];
@@ -230,14 +234,14 @@ const MIN_GEMM_COLUMNS: usize = 256;
 
 /// How many images share one GEMM: small feature maps are batched side by side so the
 /// product has at least `MIN_GEMM_COLUMNS` columns.
-fn group_size(g: &Geom) -> usize {
+fn group_size(g: &ConvShape) -> usize {
     (MIN_GEMM_COLUMNS / g.out_hw().max(1)).clamp(1, g.n.max(1))
 }
 
 /// Images per GEMM, columns of the im2col buffer, and the scratch floats a thread needs:
 /// the im2col (or its gradient) buffer, plus a buffer for the gathered output-shaped
 /// operand when several images share a GEMM.
-fn group_plan(g: &Geom) -> (usize, usize, usize) {
+fn group_plan(g: &ConvShape) -> (usize, usize, usize) {
     let group = group_size(g);
     let cols = group * g.out_hw();
     (
@@ -297,7 +301,7 @@ fn scatter(src: &[f32], count: usize, c: usize, hw: usize, dst: &mut [f32]) {
 
 /// The im2col matrix `[Cin*K*K, count*Ho*Wo]` of images `first..first + count`: the
 /// image itself for a single pointwise convolution, else unfolded into `buf`.
-fn unfold<'a>(g: &Geom, x: &'a [f32], first: usize, count: usize, buf: &'a mut [f32]) -> &'a [f32] {
+fn unfold<'a>(g: &ConvShape, x: &'a [f32], first: usize, count: usize, buf: &'a mut [f32]) -> &'a [f32] {
     if count == 1 && g.is_pointwise() {
         return &x[first * g.in_len()..(first + 1) * g.in_len()];
     }
@@ -309,7 +313,9 @@ fn unfold<'a>(g: &Geom, x: &'a [f32], first: usize, count: usize, buf: &'a mut [
     &buf[..g.kdim() * ld]
 }
 
-fn forward(g: &Geom, x: &[f32], w: &[f32]) -> Vec<f32> {
+/// The convolution of f32 slices: `x` `[n, cin, h, w]`, `w` `[cout, cin, k, k]` → `[n,
+/// cout, ho, wo]` (what the custom op computes; brisk-models' engine calls it directly).
+pub fn conv_forward(g: &ConvShape, x: &[f32], w: &[f32]) -> Vec<f32> {
     let mut out = vec![0f32; g.n * g.out_len()];
     let (group, cols, scratch) = group_plan(g);
     for_each_group(
@@ -333,7 +339,8 @@ fn forward(g: &Geom, x: &[f32], w: &[f32]) -> Vec<f32> {
     out
 }
 
-fn input_grad(g: &Geom, dy: &[f32], w: &[f32]) -> Vec<f32> {
+/// The input gradient `[n, cin, h, w]` of [`conv_forward`] from the output gradient `dy`.
+pub fn conv_input_grad(g: &ConvShape, dy: &[f32], w: &[f32]) -> Vec<f32> {
     let mut dx = vec![0f32; g.n * g.in_len()];
     let (group, cols, scratch) = group_plan(g);
     for_each_group(
@@ -369,7 +376,9 @@ fn input_grad(g: &Geom, dy: &[f32], w: &[f32]) -> Vec<f32> {
     dx
 }
 
-fn weight_grad(g: &Geom, x: &[f32], dy: &[f32]) -> Vec<f32> {
+/// The weight gradient `[cout, cin, k, k]` of [`conv_forward`] from the output gradient
+/// `dy`; the summation order depends only on the thread count.
+pub fn conv_weight_grad(g: &ConvShape, x: &[f32], dy: &[f32]) -> Vec<f32> {
     let wlen = g.cout * g.kdim();
     let (group, cols, scratch) = group_plan(g);
     let groups = g.n.div_ceil(group);
@@ -458,8 +467,8 @@ impl CustomOp2 for Conv2d {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let g = Geom::new(l1.dims(), l2.dims(), self.stride, self.padding)?;
-        let out = forward(
+        let g = ConvShape::new(l1.dims(), l2.dims(), self.stride, self.padding)?;
+        let out = conv_forward(
             &g,
             &operand(s1, l1, self.compute, "input")?,
             &operand(s2, l2, self.compute, "weight")?,
@@ -534,14 +543,14 @@ impl CustomOp2 for Conv2dInputGrad {
                 l2.dims()
             );
         };
-        let g = Geom::new(&[n, cin, self.h, self.w], l2.dims(), self.stride, self.padding)?;
+        let g = ConvShape::new(&[n, cin, self.h, self.w], l2.dims(), self.stride, self.padding)?;
         if (g.cout, g.ho, g.wo) != (cout, ho, wo) {
             candle_core::bail!(
                 "brisk conv2d input grad: gradient {:?} does not fit {g:?}",
                 l1.dims()
             );
         }
-        let dx = input_grad(
+        let dx = conv_input_grad(
             &g,
             &operand(s1, l1, self.compute, "gradient")?,
             &operand(s2, l2, self.compute, "weight")?,
@@ -581,14 +590,14 @@ impl CustomOp2 for Conv2dWeightGrad {
                 l2.dims()
             );
         };
-        let g = Geom::new(l1.dims(), &[cout, cin, self.k, self.k], self.stride, self.padding)?;
+        let g = ConvShape::new(l1.dims(), &[cout, cin, self.k, self.k], self.stride, self.padding)?;
         if l2.dims() != [g.n, g.cout, g.ho, g.wo] {
             candle_core::bail!(
                 "brisk conv2d weight grad: gradient {:?} does not fit {g:?}",
                 l2.dims()
             );
         }
-        let dw = weight_grad(
+        let dw = conv_weight_grad(
             &g,
             &operand(s1, l1, self.compute, "input")?,
             &operand(s2, l2, self.compute, "gradient")?,

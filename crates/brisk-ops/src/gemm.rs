@@ -4,7 +4,7 @@ use gemm::Parallelism;
 
 /// A read-only matrix view: element (i, j) is `data[i * rs + j * cs]`.
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct Mat<'a> {
+pub struct Mat<'a> {
     pub data: &'a [f32],
     pub rs: usize,
     pub cs: usize,
@@ -90,6 +90,19 @@ pub(crate) fn matmul(
             par,
         );
     }
+}
+
+/// `dst (m x n, row-major) = [dst +] a (m x k) * b (k x n)` on rayon's pool (one thread
+/// for small products, where forking costs more than it saves): the small products of
+/// brisk-models' engine (the classifier, squeeze-and-excitation).
+pub fn matmul_f32(dims: (usize, usize, usize), dst: &mut [f32], a: Mat, b: Mat, accumulate: bool) {
+    let (m, n, k) = dims;
+    let par = if m * n * k >= 1 << 18 {
+        parallelism(rayon::current_num_threads())
+    } else {
+        Parallelism::None
+    };
+    matmul(dims, dst, a, b, accumulate, par);
 }
 
 #[cfg(test)]

@@ -1,6 +1,12 @@
 //! Fast CPU kernels as candle custom ops with their own backward passes: 2-D convolution
 //! (im2col/col2im + AVX-512 GEMM, forward, input gradient and weight gradient), padded
 //! max-pooling, fused batch-norm (+ReLU) and the fused SGD update. Every op is checked against candle's reference op.
+//!
+//! Each op's arithmetic is also public on plain f32 slices (`conv_forward`,
+//! `conv_input_grad`, `conv_weight_grad`, `bn_stats`, `bn_normalize`, `bn_grad_sums`,
+//! `bn_input_grad`, `relu_backward`, `MaxPool::forward`/`backward`): the custom ops wrap
+//! them, and brisk-models' engine runs a whole training step on them without candle's
+//! autograd.
 
 mod batchnorm;
 mod conv;
@@ -10,10 +16,14 @@ mod optim;
 mod pool;
 mod storage;
 
-pub use batchnorm::{batch_norm, BatchNormOutput, BatchNormSync, Epilogue};
-pub use conv::conv2d;
+pub use batchnorm::{
+    batch_norm, bn_grad_sums, bn_input_grad, bn_normalize, bn_stats, relu_backward, BatchNormOutput,
+    BatchNormSync, Epilogue,
+};
+pub use conv::{conv2d, conv_forward, conv_input_grad, conv_weight_grad, ConvShape};
+pub use gemm::{matmul_f32, Mat};
 pub use optim::{sgd_update, SgdStep};
-pub use pool::max_pool2d;
+pub use pool::{max_pool2d, MaxPool};
 
 /// Prepares the process for brisk's kernels: `threads` compute threads for brisk's
 /// kernels and candle's own CPU ops (both run on rayon's global pool; candle also reads

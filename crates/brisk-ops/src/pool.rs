@@ -16,15 +16,17 @@ pub fn max_pool2d(x: &Tensor, k: usize, stride: usize, padding: usize) -> Result
     x.contiguous()?.apply_op1(MaxPool { k, stride, padding })
 }
 
+/// A `k`x`k` max-pool window moved by `stride` over an input padded by `padding`.
 #[derive(Clone, Copy, Debug)]
-struct MaxPool {
-    k: usize,
-    stride: usize,
-    padding: usize,
+pub struct MaxPool {
+    pub k: usize,
+    pub stride: usize,
+    pub padding: usize,
 }
 
 impl MaxPool {
-    fn out_size(&self, size: usize) -> Result<usize> {
+    /// The output size along an axis of `size`.
+    pub fn out_size(&self, size: usize) -> Result<usize> {
         if size + 2 * self.padding < self.k {
             candle_core::bail!(
                 "brisk max_pool2d: input size {size} is smaller than the {}x{} window",
@@ -59,16 +61,11 @@ fn f32_contiguous<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
     f32_slice(s, l, "max_pool2d", "input")
 }
 
-impl CustomOp1 for MaxPool {
-    fn name(&self) -> &'static str {
-        "brisk-max-pool2d"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (n, c, h, w) = l.shape().dims4()?;
+impl MaxPool {
+    /// Max-pools the `planes` planes of `h`x`w` in `x` (f32 slices).
+    pub fn forward(&self, x: &[f32], planes: usize, (h, w): (usize, usize)) -> Result<Vec<f32>> {
         let (ho, wo) = (self.out_size(h)?, self.out_size(w)?);
-        let x = f32_contiguous(s, l)?;
-        let mut out = vec![0f32; n * c * ho * wo];
+        let mut out = vec![0f32; planes * ho * wo];
         out.par_chunks_mut(ho * wo).enumerate().for_each(|(p, o)| {
             let plane = &x[p * h * w..(p + 1) * h * w];
             for oh in 0..ho {
@@ -77,6 +74,35 @@ impl CustomOp1 for MaxPool {
                 }
             }
         });
+        Ok(out)
+    }
+
+    /// The input gradient of [`MaxPool::forward`] from the output gradient `dy`: each
+    /// window's gradient goes to its first maximum.
+    pub fn backward(&self, x: &[f32], dy: &[f32], planes: usize, (h, w): (usize, usize)) -> Result<Vec<f32>> {
+        let (ho, wo) = (self.out_size(h)?, self.out_size(w)?);
+        let mut dx = vec![0f32; planes * h * w];
+        dx.par_chunks_mut(h * w).enumerate().for_each(|(p, d)| {
+            let plane = &x[p * h * w..(p + 1) * h * w];
+            for oh in 0..ho {
+                for ow in 0..wo {
+                    d[self.argmax(plane, h, w, oh, ow)] += dy[p * ho * wo + oh * wo + ow];
+                }
+            }
+        });
+        Ok(dx)
+    }
+}
+
+impl CustomOp1 for MaxPool {
+    fn name(&self) -> &'static str {
+        "brisk-max-pool2d"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, c, h, w) = l.shape().dims4()?;
+        let (ho, wo) = (self.out_size(h)?, self.out_size(w)?);
+        let out = self.forward(f32_contiguous(s, l)?, n * c, (h, w))?;
         Ok((CpuStorage::F32(out), Shape::from((n, c, ho, wo))))
     }
 
@@ -113,15 +139,7 @@ impl CustomOp2 for MaxPoolGrad {
             );
         }
         let (x, dy) = (f32_contiguous(s1, l1)?, f32_contiguous(s2, l2)?);
-        let mut dx = vec![0f32; n * c * h * w];
-        dx.par_chunks_mut(h * w).enumerate().for_each(|(p, d)| {
-            let plane = &x[p * h * w..(p + 1) * h * w];
-            for oh in 0..ho {
-                for ow in 0..wo {
-                    d[self.0.argmax(plane, h, w, oh, ow)] += dy[p * ho * wo + oh * wo + ow];
-                }
-            }
-        });
+        let dx = self.0.backward(x, dy, n * c, (h, w))?;
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 }

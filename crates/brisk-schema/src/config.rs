@@ -33,6 +33,10 @@ pub struct TrainConfig {
     pub label_smoothing: f64,
     /// Steps between `step` events in metrics.jsonl and plain progress lines. By default, 50.
     pub log_every: usize,
+    /// Run each step on brisk's engine (no autograd graph) when the network allows it:
+    /// f32, brisk's CPU kernels, per-rank batch statistics; false keeps candle's graph.
+    /// Both compute the same step to rounding. By default, true.
+    pub engine: bool,
     pub model: ModelChoice,
     /// Which layers compute in half precision (`mode`: f32, bf16, f16, mixed-bf16,
     /// mixed-f16; `overrides`: layer name → dtype). By default, f32.
@@ -63,6 +67,7 @@ impl Default for TrainConfig {
             threads: 0,
             label_smoothing: 0.0,
             log_every: 50,
+            engine: true,
             model: ModelChoice::default(),
             precision: PrecisionPolicy::default(),
             loss_scaler: ScalerConfig::default(),

@@ -28,6 +28,10 @@ pub enum Event {
         test_images: usize,
         /// Batches the whole run will train on.
         batches: u64,
+        /// What runs each step: "engine" (brisk's, no autograd graph) or "graph"
+        /// (candle's autograd).
+        #[serde(default)]
+        step_path: String,
     },
     /// Every `log_every` batches and at each epoch's end: figures over the batches since
     /// the previous `step` event.

@@ -10,6 +10,7 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::optim::{Param, Sgd};
+use crate::stepper::Stepper;
 use brisk_schema::SgdConfig;
 
 /// What one benchmark run measures.
@@ -25,6 +26,9 @@ pub struct StepBench {
     pub warmup: usize,
     /// Run on candle's own ops (the reference) instead of the device's kernels.
     pub reference_ops: bool,
+    /// Run training steps on brisk's engine when the network allows it (as training
+    /// does), else on candle's autograd graph.
+    pub engine: bool,
     /// Time eval-mode forward passes instead of training steps.
     pub eval: bool,
     /// Which layers compute in half precision. By default, none (f32).
@@ -51,6 +55,8 @@ pub struct StepReport {
     pub steps: usize,
     /// The kernels that ran: "brisk" or "candle".
     pub kernels: String,
+    /// What ran the training step: "engine" or "graph" (see `Stepper`).
+    pub step_path: String,
     /// The process's peak resident memory in MiB (Linux; absent elsewhere).
     pub peak_rss_mib: Option<f64>,
 }
@@ -111,22 +117,24 @@ impl StepBench {
                 weight_decay: 5e-4,
             },
         )?;
+        let params = net.trainable_vars()?;
+        let mut stepper = Stepper::new(&net, self.engine)?;
         let (mut total, mut fwd, mut bwd, mut opt) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for i in 0..self.warmup + self.steps {
             let t0 = Instant::now();
             let (t1, t2);
             if self.eval {
                 // candle's CPU backend is eager: the logits are computed when this returns.
-                net.forward_t(&x, false)?;
+                stepper.forward_eval(&net, &x)?;
                 dev.synchronize()?;
                 t1 = Instant::now();
                 t2 = t1;
             } else {
-                let logits = net.forward_t(&x, true)?;
+                let logits = stepper.forward(&net, &x)?;
                 let loss = crate::loss::cross_entropy(&logits, &labels, 0.0)?;
                 dev.synchronize()?;
                 t1 = Instant::now();
-                let grads = loss.backward()?;
+                let grads = stepper.backward(&loss, &params)?;
                 dev.synchronize()?;
                 t2 = Instant::now();
                 sgd.step(&grads)?;
@@ -152,6 +160,7 @@ impl StepBench {
             optimizer_ms: median(&mut opt),
             steps: self.steps,
             kernels: kernels.name().to_string(),
+            step_path: stepper.path().to_string(),
             peak_rss_mib: peak_rss_mib(),
         })
     }
@@ -165,18 +174,29 @@ mod tests {
     fn a_tiny_benchmark_reports_consistent_figures() -> Result<()> {
         let mut spec = ModelSpec::resnet18_cifar(10).with_width(0.0625);
         spec.image_size = 8;
-        for eval in [false, true] {
+        for (eval, precision) in [false, true]
+            .into_iter()
+            .flat_map(|e| [(e, Precision::F32), (e, Precision::MixedBf16)])
+        {
             let r = StepBench {
                 spec: spec.clone(),
                 batch: 2,
                 steps: 3,
                 warmup: 1,
                 reference_ops: false,
+                engine: true,
                 eval,
-                precision: Precision::MixedBf16,
+                precision,
                 device: Device::Cpu,
             }
             .run()?;
+            // f32 runs on the engine, half precision on candle's graph.
+            let path = if precision == Precision::F32 {
+                "engine"
+            } else {
+                "graph"
+            };
+            assert_eq!(r.step_path, path);
             assert!(
                 r.img_per_s_min <= r.img_per_s && r.img_per_s <= r.img_per_s_max,
                 "{r:?}"
@@ -196,6 +216,7 @@ mod tests {
             steps: 1,
             warmup: 0,
             reference_ops: false,
+            engine: true,
             eval: false,
             precision: Precision::F32,
             device: Device::Cpu,

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use brisk_data::{Batch, Dataset, Loader, LoaderConfig, Split};
-use brisk_models::Network;
+use brisk_models::{Engine, Network};
 use candle_core::{Device, Tensor};
 use serde::Serialize;
 
@@ -35,12 +35,20 @@ pub struct ClassAccuracy {
 }
 
 /// Adds one batch's loss, counts, top-1/top-5 hits and confusion to `sums`.
-fn add_batch(net: &Network, b: &Batch, classes: usize, sums: &mut [f64]) -> Result<()> {
+fn add_batch(
+    net: &Network,
+    engine: Option<&mut Engine>,
+    b: &Batch,
+    classes: usize,
+    sums: &mut [f64],
+) -> Result<()> {
     let dev = Device::Cpu;
     let (c, h, w) = b.shape;
-    let x = Tensor::from_slice(&b.images, (b.len(), c, h, w), &dev)?;
     let y = Tensor::from_slice(&b.labels, b.len(), &dev)?;
-    let logits = net.forward_t(&x, false)?;
+    let logits = match engine {
+        Some(engine) => Tensor::from_vec(engine.forward_eval(&b.images, b.len())?, (b.len(), classes), &dev)?,
+        None => net.forward_t(&Tensor::from_slice(&b.images, (b.len(), c, h, w), &dev)?, false)?,
+    };
     let loss = cross_entropy(&logits, &y, 0.0)?.to_scalar::<f32>()? as f64;
     sums[0] += loss * b.len() as f64;
     sums[1] += b.len() as f64;
@@ -95,8 +103,13 @@ pub fn evaluate(
     let loader = Loader::new(data.clone(), config)?;
     // Sums: loss, n, top-1, top-5, then the confusion matrix row by row.
     let mut sums = vec![0f64; 4 + classes * classes];
+    // brisk's engine when the network allows it (the same logits, without the graph).
+    let mut engine = match Engine::supports(net) {
+        Ok(()) => Some(Engine::new(net)?),
+        Err(_) => None,
+    };
     for b in loader.epoch(0, batch, 0)? {
-        add_batch(net, &b?, classes, &mut sums)?;
+        add_batch(net, engine.as_mut(), &b?, classes, &mut sums)?;
     }
     reduce(&mut sums)?;
     let n = sums[1];

@@ -12,6 +12,7 @@ pub mod hooks;
 pub mod loss;
 pub mod meters;
 pub mod optim;
+pub mod stepper;
 pub mod trainer;
 
 /// The config, schedules, events and summary are brisk-schema's (no candle there, so the
@@ -23,4 +24,5 @@ pub use error::{Error, Result};
 pub use eval::{evaluate, ClassAccuracy, EvalReport};
 pub use hooks::{CrossEntropy, Hook, LossFn, LossScaling, StepAction, StepContext};
 pub use optim::{AdamW, Optimizer, Param, Sgd};
+pub use stepper::Stepper;
 pub use trainer::{Rank, Trainer};

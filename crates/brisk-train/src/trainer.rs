@@ -29,6 +29,7 @@ use crate::hooks::{CrossEntropy, Hook, LossFn, LossScaling, StepAction, StepCont
 use crate::loss::top_k_correct;
 use crate::meters::{EpochClock, Meter, RunClock, StepOutcome};
 use crate::optim::Optimizer;
+use crate::stepper::Stepper;
 
 /// Skipped updates in a row after which a run is declared diverged (a loss scaler that
 /// halves its scale 50 times has gone from 2^16 to below 2^-33).
@@ -44,6 +45,9 @@ pub struct Trainer {
     params: Vec<(String, Var)>,
     optimizer: Optimizer,
     loss: Box<dyn LossFn>,
+    /// Runs each batch's forward and backward (the engine or candle's graph); made when
+    /// the run starts, once the network's set-up (synchronised batch-norm) is final.
+    stepper: Option<Stepper>,
     hooks: Vec<Box<dyn Hook>>,
     /// Hook state read from a checkpoint, applied when the run starts.
     hook_states: BTreeMap<String, serde_json::Value>,
@@ -267,6 +271,7 @@ impl Trainer {
             params,
             optimizer,
             loss,
+            stepper: None,
             hooks: Vec::new(),
             hook_states: BTreeMap::new(),
             position,
@@ -469,6 +474,7 @@ impl Trainer {
                 h.load_state(state)?;
             }
         }
+        self.stepper = Some(Stepper::new(&self.net, self.config.engine)?);
         Ok(())
     }
 
@@ -495,6 +501,7 @@ impl Trainer {
                 train_images: self.data.len(Split::Train),
                 test_images: self.data.len(Split::Test),
                 batches: plan.total_batches,
+                step_path: self.stepper.as_ref().map_or("graph", Stepper::path).into(),
             }
         };
         self.event(event)
@@ -585,7 +592,10 @@ impl Trainer {
         let x = Tensor::from_slice(&b.images, (n, c, h, w), &dev)?;
         let y = Tensor::from_slice(&b.labels, n, &dev)?;
         self.optimizer.set_learning_rate(lr);
-        let logits = self.net.forward_t(&x, true)?;
+        let stepper = self.stepper.as_mut().ok_or_else(|| Error::State {
+            problem: "a step before the run started".into(),
+        })?;
+        let logits = stepper.forward(&self.net, &x)?;
         let loss = self.loss.loss(&x, &logits, &y)?;
         let loss_value = loss.to_scalar::<f32>()?;
         let correct = top_k_correct(&logits, &y, 1)?;
@@ -593,7 +603,10 @@ impl Trainer {
         for h in &mut self.hooks {
             scaled = h.scale_loss(scaled)?;
         }
-        let mut grads = scaled.backward()?;
+        let stepper = self.stepper.as_mut().ok_or_else(|| Error::State {
+            problem: "a step before the run started".into(),
+        })?;
+        let mut grads = stepper.backward(&scaled, &self.params)?;
         let epoch = self.position.epoch;
         let mut action = StepAction::Apply;
         let ctx = StepContext {

@@ -191,6 +191,10 @@ struct StepArgs {
     /// Use candle's own convolution ops instead of brisk's kernels, for comparison.
     #[arg(long)]
     reference_ops: bool,
+    /// Run training steps on candle's autograd graph instead of brisk's engine, for
+    /// comparison (the engine runs f32 steps on brisk's kernels; see docs/kernels.md).
+    #[arg(long)]
+    graph: bool,
     /// Time eval-mode forward passes instead of training steps.
     #[arg(long)]
     eval: bool,
@@ -248,6 +252,7 @@ fn step(a: &StepArgs) -> Result<()> {
         steps: a.steps,
         warmup: a.warmup,
         reference_ops: a.reference_ops,
+        engine: !a.graph,
         eval: a.eval,
         precision: a.dtype,
         device: device(&a.device)?,
@@ -270,10 +275,11 @@ fn step(a: &StepArgs) -> Result<()> {
         println!("{v}");
     } else {
         println!(
-            "brisk {arch} {} batch={} on {} kernels: img/s median {:.2} (min {:.2} max {:.2}); forward {:.1} ms, backward {:.1} ms, optimizer {:.1} ms",
+            "brisk {arch} {} batch={} on {} kernels ({}): img/s median {:.2} (min {:.2} max {:.2}); forward {:.1} ms, backward {:.1} ms, optimizer {:.1} ms",
             a.dtype,
             a.batch,
             r.kernels,
+            r.step_path,
             r.img_per_s,
             r.img_per_s_min,
             r.img_per_s_max,
