@@ -244,7 +244,22 @@ impl Runner {
             result,
         };
         write_entry(&dir, &entry(None))?;
-        self.execute(plan, &dir, decision == CacheDecision::Resume, &mut result)?;
+        let resume = decision == CacheDecision::Resume;
+        self.execute(plan, &dir, resume, &mut result)?;
+        if resume && result.status == Status::Failed {
+            // No checkpoint verified (brisk says why in stderr.log): keep the old run for
+            // inspection, beside the fresh one, and start again.
+            let kept = dir.join(format!("{RUN_DIR}.unresumable-{}", timestamp()));
+            std::fs::rename(dir.join(RUN_DIR), &kept)?;
+            eprintln!(
+                "xtask: {}: could not resume (old run kept in {}); starting it afresh",
+                plan.name,
+                kept.display()
+            );
+            result = VariantResult::new(&plan.name, &plan.note, plan.kind, &plan.hash, plan.ranks);
+            result.control = plan.control.clone();
+            self.execute(plan, &dir, false, &mut result)?;
+        }
         if let Some(c) = &plan.config {
             result.config = Some(c.clone());
         }

@@ -30,8 +30,9 @@ enum Command {
     Pack(commands::data::PackArgs),
     /// Counts, shape, classes, per-class histogram, mean and std of a packed dataset.
     Inspect(commands::data::InspectArgs),
-    /// Read every shard of a packed dataset and check every checksum.
-    Verify(commands::data::InspectArgs),
+    /// Check every checksum of a packed dataset, a model file, or a run, checkpoint or
+    /// best/ folder.
+    Verify(commands::verify::VerifyArgs),
     /// Write a PNG grid of sample images, one row per class.
     Preview(commands::data::PreviewArgs),
     /// Train a model on a packed dataset: checkpoints, event log, resumable (--resume).
@@ -55,7 +56,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => commands::bench::run(&args),
         Command::Pack(args) => commands::data::pack(&args),
         Command::Inspect(args) => commands::data::inspect(&args),
-        Command::Verify(args) => commands::data::verify(&args),
+        Command::Verify(args) => commands::verify::verify(&args),
         Command::Preview(args) => commands::data::preview(&args),
         Command::Train(args) => commands::train::train(&args),
         Command::Eval(args) => commands::train::eval(&args),

@@ -44,11 +44,8 @@ where
     &'a V: safetensors::View,
 {
     let metadata = std::collections::HashMap::from([("format".to_string(), format.to_string())]);
-    let bytes = safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(metadata))
-        .map_err(|e| Error::Format {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
+    let views: Vec<(String, &'a V)> = tensors.iter().map(|(n, t)| (n.clone(), t)).collect();
+    let bytes = brisk_files::checksum::safetensors_with_checksums(views, metadata, path)?;
     brisk_files::write_atomic(path, &bytes)?;
     brisk_models::write_sidecar(path, spec)?;
     Ok(())

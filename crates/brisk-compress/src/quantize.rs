@@ -151,6 +151,7 @@ pub fn load(path: &Path, device: &Device) -> Result<Network> {
         message,
     };
     let bytes = std::fs::read(path).map_err(|e| Error::io("cannot read", path, e))?;
+    brisk_files::checksum::verify_safetensors(&bytes, path)?;
     let file = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
     let dev = Device::Cpu;
     let f32_of = |name: &str| -> Result<Tensor> {

@@ -53,7 +53,10 @@ pub fn load(path: &Path, device: &Device) -> Result<Network> {
         path: path.to_path_buf(),
         message,
     };
-    let stored = candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| bad(e.to_string()))?;
+    let bytes = std::fs::read(path).map_err(|e| Error::io("cannot read", path, e))?;
+    brisk_files::checksum::verify_safetensors(&bytes, path)?;
+    let stored =
+        candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).map_err(|e| bad(e.to_string()))?;
     let shapes: HashMap<String, Vec<usize>> = spec.tensors().into_iter().map(|t| (t.name, t.shape)).collect();
     let mut dense = Vec::new();
     for (name, t) in &stored {

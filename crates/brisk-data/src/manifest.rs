@@ -109,7 +109,9 @@ impl Manifest {
                 Error::io("cannot read", &path, e)
             }
         })?;
-        let m: Manifest = serde_json::from_str(&text).map_err(|e| Error::corrupt(&path, e.to_string()))?;
+        // The manifest carries its own checksum (datasets packed before it did read
+        // unverified): a changed mean, std or class name must not pass silently.
+        let (m, _): (Manifest, _) = brisk_files::checksum::json_checked(text.as_bytes(), &path)?;
         if m.format != MANIFEST_FORMAT {
             return Err(Error::corrupt(
                 &path,

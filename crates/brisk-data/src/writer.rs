@@ -216,9 +216,8 @@ impl DatasetWriter {
             shards: self.shards,
         };
         let path = self.dir.join(MANIFEST_FILE);
-        let json =
-            serde_json::to_string_pretty(&manifest).map_err(|e| Error::corrupt(&path, e.to_string()))?;
-        brisk_files::write_atomic(&path, json.as_bytes())?;
+        let json = brisk_files::checksum::json_with_checksum(&manifest, &path)?;
+        brisk_files::write_atomic(&path, &json)?;
         Ok(manifest)
     }
 }

@@ -137,9 +137,23 @@ fn missing_shard_is_named() -> Result<()> {
 
 #[test]
 fn manifest_that_disagrees_is_named() -> Result<()> {
+    // An edited manifest fails its own checksum, naming it.
     let msg = check_damage(|d| {
         let path = d.join("manifest.json");
         let text = std::fs::read_to_string(&path)?.replacen("\"count\": 10", "\"count\": 11", 1);
+        std::fs::write(&path, text)?;
+        Ok(())
+    })?;
+    assert!(msg.contains("manifest.json") && msg.contains("checksum"), "{msg}");
+    // One without a checksum (packed before manifests carried one) is still
+    // cross-checked against the shards, which name themselves.
+    let msg = check_damage(|d| {
+        let path = d.join("manifest.json");
+        let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
+        if let Some(o) = v.as_object_mut() {
+            o.remove("checksum");
+        }
+        let text = serde_json::to_string_pretty(&v)?.replacen("\"count\": 10", "\"count\": 11", 1);
         std::fs::write(&path, text)?;
         Ok(())
     })?;

@@ -1,25 +1,46 @@
 //! How brisk writes the files it later reads: atomically (a temporary file in the same
 //! folder, fsync, rename), so a crash or a full disk leaves the old file or the new one,
-//! never a torn one; and folder syncs that make a rename durable.
+//! never a torn one; folder syncs that make a rename durable; and checksums (`checksum`)
+//! that every read verifies.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-/// A file or folder could not be written; names the path and the action.
+pub mod checksum;
+
+pub use checksum::Checksum;
+
+/// A file could not be written or read, or its content is not what was written.
 #[derive(Debug, thiserror::Error)]
-#[error("{action} {path}: {cause}")]
-pub struct Error {
-    pub action: &'static str,
-    pub path: PathBuf,
-    pub cause: std::io::Error,
+pub enum Error {
+    /// An I/O error, with the action and the path.
+    #[error("{action} {path}: {cause}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        cause: std::io::Error,
+    },
+
+    /// The content is damaged or not what brisk wrote.
+    #[error("{path} is damaged: {problem}")]
+    Corrupt { path: PathBuf, problem: String },
 }
 
 impl Error {
+    /// An I/O error of `action` on `path`.
     pub fn new(action: &'static str, path: &Path, cause: std::io::Error) -> Self {
-        Error {
+        Error::Io {
             action,
             path: path.to_path_buf(),
             cause,
+        }
+    }
+
+    /// Damaged content of `path`.
+    pub fn corrupt(path: &Path, problem: String) -> Self {
+        Error::Corrupt {
+            path: path.to_path_buf(),
+            problem,
         }
     }
 }

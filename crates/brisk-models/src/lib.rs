@@ -22,5 +22,5 @@ pub use brisk_spec::{
 };
 pub use engine::Engine;
 pub use error::{Error, Result};
-pub use network::Network;
+pub use network::{verify_model_file, Network};
 pub use resnet::{Kernels, ResNet};

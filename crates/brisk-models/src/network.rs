@@ -174,6 +174,8 @@ impl Network {
     pub fn load_with_spec(path: &Path, spec: ModelSpec, device: &Device) -> Result<Self> {
         spec.validate()?;
         let bytes = std::fs::read(path).map_err(|e| Error::io("cannot read checkpoint", path, e))?;
+        // brisk's files carry per-tensor checksums; another tool's load unverified.
+        brisk_files::checksum::verify_safetensors(&bytes, path)?;
         let file = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| Error::CheckpointFormat {
             path: path.to_path_buf(),
             message: e.to_string(),
@@ -229,17 +231,12 @@ impl Network {
         Self::from_tensors(spec, values, device)
     }
 
-    /// Writes the weights (safetensors, torchvision names) and the sidecar `<file>.json`,
-    /// each atomically.
+    /// Writes the weights (safetensors, torchvision names, per-tensor checksums in the
+    /// metadata) and the sidecar `<file>.json`, each atomically.
     pub fn save(&self, path: &Path) -> Result<()> {
-        let tensors = self.named_tensors()?;
-        let bytes =
-            safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), None).map_err(|e| {
-                Error::CheckpointFormat {
-                    path: path.to_path_buf(),
-                    message: e.to_string(),
-                }
-            })?;
+        let tensors: Vec<(String, Tensor)> = self.named_tensors()?;
+        let views: Vec<(String, &Tensor)> = tensors.iter().map(|(n, t)| (n.clone(), t)).collect();
+        let bytes = brisk_files::checksum::safetensors_with_checksums(views, HashMap::new(), path)?;
         brisk_files::write_atomic(path, &bytes)?;
         Ok(write_sidecar(path, &self.spec)?)
     }
@@ -322,4 +319,14 @@ impl Network {
     pub fn model(&self) -> &ResNet {
         &self.model
     }
+}
+
+/// Checks a model file of any brisk format (dense, sparse, int8) and its `model.json`
+/// sidecar without building the network: every checksum must match. `Absent` when the
+/// weights carry none (another tool wrote them).
+pub fn verify_model_file(path: &Path) -> Result<brisk_files::Checksum> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io("cannot read", path, e))?;
+    let status = brisk_files::checksum::verify_safetensors(&bytes, path)?;
+    read_sidecar(path)?;
+    Ok(status)
 }

@@ -168,7 +168,7 @@ fn truncated_file_and_missing_sidecar_are_errors() -> Result<()> {
         .expect_err("truncated")
         .to_string();
     assert!(
-        msg.contains("m.safetensors") && msg.contains("not a valid safetensors"),
+        msg.contains("m.safetensors") && msg.contains("safetensors file"),
         "{msg}"
     );
     let msg = Network::load(Path::new("/nonexistent/x.safetensors"), &Device::Cpu)

@@ -440,10 +440,18 @@ impl TrainConfig {
         Ok(config)
     }
 
-    /// Reads a TOML file.
+    /// Reads a TOML file: a user's, or a run's `config.toml`, whose checksum line must
+    /// then match (an edited run config is an error, not a silently different run).
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io("cannot read config", path, e))?;
-        Self::from_toml_str(&text, &path.display().to_string())
+        let (body, _) = brisk_files::checksum::toml_checked(&text, path)?;
+        Self::from_toml_str(body, &path.display().to_string())
+    }
+
+    /// Writes the config as a run's `config.toml`: TOML with a checksum line, atomically.
+    pub fn write(&self, path: &Path) -> Result<()> {
+        let text = brisk_files::checksum::toml_with_checksum(&self.to_toml()?);
+        Ok(brisk_files::write_atomic(path, text.as_bytes())?)
     }
 
     /// The config as TOML text (what `config.toml` in the output folder holds).

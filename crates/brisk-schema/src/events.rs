@@ -78,6 +78,9 @@ pub enum Event {
         epoch: usize,
         batch: usize,
         from: Option<PathBuf>,
+        /// Newer checkpoints that did not verify: "where it is now: why".
+        #[serde(default)]
+        skipped: Vec<String>,
     },
     /// The run finished: its summary.
     End(TrainSummary),

@@ -52,22 +52,13 @@ fn one() -> usize {
 impl TrainSummary {
     /// Reads a run's `summary.json`; errors name the file and the field.
     pub fn read(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io("cannot read", path, e))?;
-        let de = &mut serde_json::Deserializer::from_str(&text);
-        serde_path_to_error::deserialize(de).map_err(|e| Error::ConfigParse {
-            source_name: path.display().to_string(),
-            field: e.path().to_string(),
-            message: e.inner().to_string(),
-        })
+        let text = std::fs::read(path).map_err(|e| Error::io("cannot read", path, e))?;
+        Ok(brisk_files::checksum::json_checked(&text, path)?.0)
     }
 
-    /// Writes `summary.json` atomically.
+    /// Writes `summary.json` atomically, with its checksum.
     pub fn write(&self, path: &Path) -> Result<()> {
-        let text = serde_json::to_string_pretty(self).map_err(|e| Error::ConfigParse {
-            source_name: path.display().to_string(),
-            field: String::new(),
-            message: format!("cannot serialise the summary: {e}"),
-        })?;
-        Ok(brisk_files::write_atomic(path, text.as_bytes())?)
+        let text = brisk_files::checksum::json_with_checksum(self, path)?;
+        Ok(brisk_files::write_atomic(path, &text)?)
     }
 }

@@ -44,12 +44,9 @@ pub fn write_sidecar(path: &Path, spec: &ModelSpec) -> Result<()> {
         version: 1,
         spec: spec.clone(),
     };
-    let json = serde_json::to_string_pretty(&sidecar).map_err(|e| Error::SpecParse {
-        path: sidecar_path(path),
-        field: String::new(),
-        message: format!("cannot serialise: {e}"),
-    })?;
-    Ok(brisk_files::write_atomic(&sidecar_path(path), json.as_bytes())?)
+    let sidecar_file = sidecar_path(path);
+    let json = brisk_files::checksum::json_with_checksum(&sidecar, &sidecar_file)?;
+    Ok(brisk_files::write_atomic(&sidecar_file, &json)?)
 }
 
 /// Reads the `ModelSpec` from a model file's sidecar, checked.
@@ -57,12 +54,7 @@ pub fn read_sidecar(model: &Path) -> Result<ModelSpec> {
     let path = sidecar_path(model);
     let text =
         std::fs::read_to_string(&path).map_err(|e| Error::io("cannot read model sidecar", &path, e))?;
-    let de = &mut serde_json::Deserializer::from_str(&text);
-    let sidecar: Sidecar = serde_path_to_error::deserialize(de).map_err(|e| Error::SpecParse {
-        path: path.clone(),
-        field: e.path().to_string(),
-        message: e.inner().to_string(),
-    })?;
+    let (sidecar, _): (Sidecar, _) = brisk_files::checksum::json_checked(text.as_bytes(), &path)?;
     if sidecar.format != SIDECAR_FORMAT {
         return Err(Error::SpecParse {
             path,

@@ -230,10 +230,14 @@ impl ModelSpec {
     pub fn checkpoint_bytes(&self) -> u64 {
         // The safetensors layout: an 8-byte header length, a compact JSON header padded
         // with spaces to a multiple of 8, then the data. Tensors of one dtype are laid out
-        // in name order, which fixes the offsets written in the header.
+        // in name order, which fixes the offsets written in the header; the metadata holds
+        // brisk's checksums (brisk-files), each `crc32:` and 8 hex digits.
         let mut tensors = self.tensors();
         tensors.sort_by(|a, b| a.name.cmp(&b.name));
         let mut header = serde_json::Map::new();
+        let mut metadata = serde_json::Map::new();
+        let checksum = serde_json::Value::from("crc32:00000000");
+        metadata.insert("brisk.crc32.header".into(), checksum.clone());
         let mut offset = 0usize;
         for t in &tensors {
             let end = offset + 4 * t.numel();
@@ -241,8 +245,10 @@ impl ModelSpec {
                 t.name.clone(),
                 serde_json::json!({"dtype": "F32", "shape": t.shape, "data_offsets": [offset, end]}),
             );
+            metadata.insert(format!("brisk.crc32.{}", t.name), checksum.clone());
             offset = end;
         }
+        header.insert("__metadata__".into(), serde_json::Value::Object(metadata));
         let header_len = serde_json::Value::Object(header).to_string().len().div_ceil(8) * 8;
         (8 + header_len + offset) as u64
     }

@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use brisk_files::{sync_dir, write_atomic};
+use brisk_files::{checksum, sync_dir, write_atomic};
 use brisk_models::{Network, MODEL_FILE};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -142,17 +142,11 @@ pub fn write(
     std::fs::create_dir(&partial).map_err(io("cannot create", &partial))?;
     net.save(&partial.join(MODEL_FILE))?;
     let opt_path = partial.join(OPTIMIZER_FILE);
-    let bytes =
-        safetensors::serialize(optimizer.iter().map(|(n, t)| (n.as_str(), t)), None).map_err(|e| {
-            Error::State {
-                problem: format!("cannot serialise the optimiser state: {e}"),
-            }
-        })?;
+    let views: Vec<(String, &Tensor)> = optimizer.iter().map(|(n, t)| (n.clone(), t)).collect();
+    let bytes = checksum::safetensors_with_checksums(views, HashMap::new(), &opt_path)?;
     write_atomic(&opt_path, &bytes)?;
-    let json = serde_json::to_vec_pretty(train).map_err(|e| Error::State {
-        problem: format!("cannot serialise the training state: {e}"),
-    })?;
-    write_atomic(&partial.join(STATE_FILE), &json)?;
+    let state_path = partial.join(STATE_FILE);
+    write_atomic(&state_path, &checksum::json_with_checksum(train, &state_path)?)?;
     sync_dir(&partial)?;
     if done.exists() {
         // Written twice at one step (epoch end and step cadence coincide): replace.
@@ -199,19 +193,105 @@ pub fn prune(root: &Path, keep: usize) -> Result<()> {
     Ok(())
 }
 
-/// Reads the checkpoint in `dir`.
+/// A checkpoint that did not verify when a run resumed: renamed `…​.damaged` (kept for
+/// inspection, out of the way of new checkpoints and pruning, never deleted).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Skipped {
+    /// Where it is now.
+    pub path: PathBuf,
+    /// Why it could not be used.
+    pub reason: String,
+}
+
+/// Reads the newest checkpoint under `root` that verifies. Newer ones that do not are
+/// reported and, when `set_aside` (the rank that writes), renamed `step-N.damaged`.
+/// An error when none verifies, naming each and why.
+pub fn read_newest_good(root: &Path, device: &Device, set_aside: bool) -> Result<(Checkpoint, Vec<Skipped>)> {
+    let mut skipped = Vec::new();
+    for (_, dir) in list(root)?.into_iter().rev() {
+        match read(&dir, device) {
+            Ok(ck) => return Ok((ck, skipped)),
+            Err(e) => {
+                let path = if set_aside { set_aside_damaged(&dir)? } else { dir };
+                skipped.push(Skipped {
+                    path,
+                    reason: e.to_string(),
+                });
+            }
+        }
+    }
+    let problem = if skipped.is_empty() {
+        format!(
+            "{} holds no checkpoint to resume from; start the run again without --resume",
+            root.display()
+        )
+    } else {
+        let reasons: Vec<String> = skipped
+            .iter()
+            .map(|s| format!("{}: {}", s.path.display(), s.reason))
+            .collect();
+        format!(
+            "no checkpoint under {} verifies ({}); start the run again without --resume",
+            root.display(),
+            reasons.join("; ")
+        )
+    };
+    Err(Error::State { problem })
+}
+
+/// Renames a damaged checkpoint folder `step-N` to `step-N.damaged` (or `.damaged-2`, …).
+fn set_aside_damaged(dir: &Path) -> Result<PathBuf> {
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut to = dir.with_file_name(format!("{name}.damaged"));
+    let mut k = 2;
+    while to.exists() {
+        to = dir.with_file_name(format!("{name}.damaged-{k}"));
+        k += 1;
+    }
+    std::fs::rename(dir, &to).map_err(|e| Error::io("cannot set aside damaged checkpoint", dir, e))?;
+    Ok(to)
+}
+
+/// Whether `dir` is a checkpoint folder (it holds a training state).
+pub fn is_checkpoint(dir: &Path) -> bool {
+    dir.join(STATE_FILE).is_file()
+}
+
+/// Whether a checkpoint's safetensors file is its model (not its optimiser state).
+pub fn is_model(path: &Path) -> bool {
+    path.file_name().is_some_and(|n| n == MODEL_FILE)
+}
+
+/// Checks a checkpoint's optimiser state and training state (its model is a model file:
+/// `brisk_models::verify_model_file`).
+pub fn verify_files(dir: &Path) -> Result<brisk_files::Checksum> {
+    let opt_path = dir.join(OPTIMIZER_FILE);
+    let bytes = std::fs::read(&opt_path).map_err(|e| Error::io("cannot read", &opt_path, e))?;
+    let opt = checksum::verify_safetensors(&bytes, &opt_path)?;
+    let state_path = dir.join(STATE_FILE);
+    let text = std::fs::read(&state_path).map_err(|e| Error::io("cannot read", &state_path, e))?;
+    let (_, state): (TrainState, _) = checksum::json_checked(&text, &state_path)?;
+    Ok(match (opt, state) {
+        (brisk_files::Checksum::Verified, brisk_files::Checksum::Verified) => brisk_files::Checksum::Verified,
+        _ => brisk_files::Checksum::Absent,
+    })
+}
+
+/// Reads the checkpoint in `dir`, verifying every file's checksums.
 pub fn read(dir: &Path, device: &Device) -> Result<Checkpoint> {
     let net = Network::load(&dir.join(MODEL_FILE), device)?;
     let opt_path = dir.join(OPTIMIZER_FILE);
-    let optimizer = candle_core::safetensors::load(&opt_path, device).map_err(|e| Error::State {
+    let bytes = std::fs::read(&opt_path).map_err(|e| Error::io("cannot read", &opt_path, e))?;
+    checksum::verify_safetensors(&bytes, &opt_path)?;
+    let optimizer = candle_core::safetensors::load_buffer(&bytes, device).map_err(|e| Error::State {
         problem: format!("cannot read {}: {e}", opt_path.display()),
     })?;
     let state_path = dir.join(STATE_FILE);
-    let text = std::fs::read_to_string(&state_path).map_err(|e| Error::io("cannot read", &state_path, e))?;
-    let de = &mut serde_json::Deserializer::from_str(&text);
-    let state: TrainState = serde_path_to_error::deserialize(de).map_err(|e| Error::State {
-        problem: format!("{}: at `{}`: {}", state_path.display(), e.path(), e.inner()),
-    })?;
+    let text = std::fs::read(&state_path).map_err(|e| Error::io("cannot read", &state_path, e))?;
+    let (state, _): (TrainState, _) = checksum::json_checked(&text, &state_path)?;
     if state.format != STATE_FORMAT || state.version != 1 {
         return Err(Error::State {
             problem: format!(

@@ -147,6 +147,7 @@ mod tests {
             epoch: 0,
             batch: 3,
             from: None,
+            skipped: Vec::new(),
         };
         log.write(&resume)?;
         let events: Vec<Event> = Event::read_log(&path)?.into_iter().map(|r| r.event).collect();

@@ -14,6 +14,7 @@ pub mod meters;
 pub mod optim;
 pub mod stepper;
 pub mod trainer;
+pub mod verify;
 
 /// The config, schedules, events and summary are brisk-schema's (no candle there, so the
 /// experiment runner reads them without building a model).

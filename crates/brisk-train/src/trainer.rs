@@ -55,6 +55,8 @@ pub struct Trainer {
     clock: Clock,
     best: Option<Best>,
     last_checkpoint: Option<PathBuf>,
+    /// Damaged checkpoints a resume passed over (set aside, reported).
+    skipped_checkpoints: Vec<checkpoint::Skipped>,
     skipped: u64,
     consecutive_skips: u64,
     /// The evaluation after the last epoch trained in this process (reused by the summary).
@@ -199,7 +201,7 @@ impl Trainer {
             .map_err(brisk_models::Error::from)?;
         let log = if rank.writes() {
             std::fs::create_dir_all(&out).map_err(|e| Error::io("cannot create output folder", &out, e))?;
-            brisk_files::write_atomic(&out.join(CONFIG_FILE), config.to_toml()?.as_bytes())?;
+            config.write(&out.join(CONFIG_FILE))?;
             Some(EventLog::open(&out.join(LOG_FILE), None)?)
         } else {
             None
@@ -222,16 +224,12 @@ impl Trainer {
         }
         config.out = Some(out.to_path_buf());
         config.validate()?;
-        let root = out.join(CHECKPOINTS_DIR);
-        let (_, dir) = checkpoint::list(&root)?.pop().ok_or_else(|| Error::State {
-            problem: format!(
-                "{} holds no checkpoint to resume from; start the run again without --resume",
-                root.display()
-            ),
-        })?;
         init_threads(config.threads, rank)?;
+        let root = out.join(CHECKPOINTS_DIR);
+        // The newest checkpoint that verifies; damaged newer ones are set aside (by the
+        // writing rank) and reported, never deleted.
+        let (ck, skipped) = checkpoint::read_newest_good(&root, &Device::Cpu, rank.writes())?;
         let data = Arc::new(Dataset::open(required(&config.data, "data", "--data")?)?);
-        let ck = checkpoint::read(&dir, &Device::Cpu)?;
         let log = match rank.writes() {
             true => Some(EventLog::open(&out.join(LOG_FILE), Some(ck.state.log_bytes))?),
             false => None,
@@ -242,7 +240,8 @@ impl Trainer {
         trainer.clock = ck.state.clock;
         trainer.best = ck.state.best;
         trainer.hook_states = ck.state.hooks;
-        trainer.last_checkpoint = Some(dir);
+        trainer.last_checkpoint = Some(ck.dir);
+        trainer.skipped_checkpoints = skipped;
         trainer.resumed = true;
         Ok(trainer)
     }
@@ -278,6 +277,7 @@ impl Trainer {
             clock: Clock::default(),
             best: None,
             last_checkpoint: None,
+            skipped_checkpoints: Vec::new(),
             skipped: 0,
             consecutive_skips: 0,
             last_eval: None,
@@ -330,6 +330,12 @@ impl Trainer {
 
     pub fn position(&self) -> &Position {
         &self.position
+    }
+
+    /// The damaged checkpoints a resume passed over, newest first (set aside as
+    /// `step-N.damaged`).
+    pub fn skipped_checkpoints(&self) -> &[checkpoint::Skipped] {
+        &self.skipped_checkpoints
     }
 
     /// Appends `event` to the log (rank 0; the other ranks keep none).
@@ -487,6 +493,11 @@ impl Trainer {
                 epoch: p.epoch,
                 batch: p.batch,
                 from: self.last_checkpoint.clone(),
+                skipped: self
+                    .skipped_checkpoints
+                    .iter()
+                    .map(|s| format!("{}: {}", s.path.display(), s.reason))
+                    .collect(),
             }
         } else {
             let spec = self.net.spec().clone();

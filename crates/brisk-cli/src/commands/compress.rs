@@ -6,17 +6,15 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use brisk_compress::masks::default_exclusions;
-use brisk_compress::{
-    load_model, measure, Distillation, FilterCriterion, FineTune, PruneMethod, PruneOptions, Pruning,
-};
+use brisk_compress::{measure, Distillation, FilterCriterion, FineTune, PruneMethod, PruneOptions, Pruning};
 use brisk_data::Dataset;
-use brisk_models::{model_file, MODEL_FILE};
+use brisk_models::MODEL_FILE;
 use brisk_schema::{CompressReport, Figures};
 use brisk_train::Trainer;
 use candle_core::Device;
 use serde::Serialize;
 
-use super::{init_threads, named};
+use super::{init_threads, load_model, named};
 
 /// Prints a compression command's result: one JSON object, or a before/after table.
 fn report(report: &CompressReport, json: bool) -> Result<()> {
@@ -93,8 +91,7 @@ pub struct PruneArgs {
 
 pub fn prune(a: &PruneArgs) -> Result<()> {
     init_threads(a.threads)?;
-    let file = model_file(&a.checkpoint);
-    let net = load_model(&file, &Device::Cpu)?;
+    let (file, net) = load_model(&a.checkpoint)?;
     let data = Arc::new(Dataset::open(&a.data)?);
     let before = measure(&net, &data, &file)?;
     let options = PruneOptions {
@@ -168,8 +165,7 @@ pub struct DistillArgs {
 
 pub fn distill(a: &DistillArgs) -> Result<()> {
     init_threads(a.threads)?;
-    let file = model_file(&a.teacher);
-    let teacher = load_model(&file, &Device::Cpu)?;
+    let (file, teacher) = load_model(&a.teacher)?;
     let data = Arc::new(Dataset::open(&a.data)?);
     let before = measure(&teacher, &data, &file)?;
     let finetune = FineTune {
@@ -224,8 +220,7 @@ pub struct QuantizeArgs {
 
 pub fn quantize(a: &QuantizeArgs) -> Result<()> {
     init_threads(a.threads)?;
-    let file = model_file(&a.checkpoint);
-    let net = load_model(&file, &Device::Cpu)?;
+    let (file, net) = load_model(&a.checkpoint)?;
     let data = Arc::new(Dataset::open(&a.data)?);
     let out = a.out.clone().unwrap_or_else(|| {
         file.with_file_name(format!(
@@ -240,7 +235,7 @@ pub fn quantize(a: &QuantizeArgs) -> Result<()> {
     }
     brisk_compress::quantize::save(&net, &out)?;
     let before = measure(&net, &data, &file)?;
-    let after = measure(&load_model(&out, &Device::Cpu)?, &data, &out)?;
+    let after = measure(&brisk_compress::load_model(&out, &Device::Cpu)?, &data, &out)?;
     let method = "quantize int8 (per-channel, BN folded)".to_string();
     report(
         &CompressReport {
@@ -272,10 +267,9 @@ struct LayerRow {
 }
 
 pub fn inspect_model(a: &InspectModelArgs) -> Result<()> {
-    let file = model_file(&a.file);
+    let (file, net) = load_model(&a.file)?;
     let file_size = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
     let format = brisk_compress::model_format(&file)?.unwrap_or_else(|| "dense".into());
-    let net = load_model(&file, &Device::Cpu)?;
     let mut rows = Vec::new();
     for (name, v) in net.trainable_vars()? {
         let values = v.as_tensor().flatten_all()?.to_vec1::<f32>()?;

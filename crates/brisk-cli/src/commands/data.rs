@@ -241,25 +241,6 @@ pub fn inspect(args: &InspectArgs) -> Result<()> {
     Ok(())
 }
 
-pub fn verify(args: &InspectArgs) -> Result<()> {
-    let d = Dataset::open(&args.dir)?;
-    d.verify()?;
-    let m = d.manifest();
-    if args.json {
-        println!(
-            "{}",
-            serde_json::json!({"ok": true, "shards": m.shards.len(), "images": m.count(Split::Train) + m.count(Split::Test)})
-        );
-    } else {
-        println!(
-            "{}: {} shards, every checksum matches",
-            args.dir.display(),
-            m.shards.len()
-        );
-    }
-    Ok(())
-}
-
 #[derive(Debug, clap::Args)]
 pub struct PreviewArgs {
     /// Dataset folder.

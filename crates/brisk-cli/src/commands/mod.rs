@@ -6,6 +6,7 @@ pub mod compress;
 pub mod data;
 pub mod models;
 pub mod train;
+pub mod verify;
 
 use clap::builder::{PossibleValuesParser, TypedValueParser};
 
@@ -14,6 +15,20 @@ pub fn init_threads(threads: Option<usize>) -> anyhow::Result<usize> {
     let n = threads.unwrap_or_else(|| brisk_ops::default_threads(1));
     brisk_ops::init_compute(n)?;
     Ok(n)
+}
+
+/// Loads a model file of any brisk format (a folder: its `model.safetensors`), saying on
+/// stderr when it carries no checksum (another tool wrote it: it loads unverified).
+pub fn load_model(path: &std::path::Path) -> anyhow::Result<(std::path::PathBuf, brisk_models::Network)> {
+    let file = brisk_models::model_file(path);
+    if let Ok(brisk_files::Checksum::Absent) = brisk_models::verify_model_file(&file) {
+        eprintln!(
+            "note: {} carries no checksum (not written by brisk): loading it unverified",
+            file.display()
+        );
+    }
+    let net = brisk_compress::load_model(&file, &candle_core::Device::Cpu)?;
+    Ok((file, net))
 }
 
 /// A clap parser for one of the crates' named values (`Arch`, `Precision`, a pruning

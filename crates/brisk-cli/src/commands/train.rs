@@ -178,8 +178,20 @@ fn train_as(a: &TrainArgs, comm: Arc<dyn Communicator>) -> Result<()> {
         local_ranks: comm.local_ranks(),
     };
     let mut trainer = match &a.resume {
-        Some(dir) => Trainer::resume_as(dir, a.data.clone(), rank)
-            .with_context(|| format!("cannot resume the run in {}", dir.display()))?,
+        Some(dir) => {
+            let t = Trainer::resume_as(dir, a.data.clone(), rank)
+                .with_context(|| format!("cannot resume the run in {}", dir.display()))?;
+            if rank.writes() {
+                for s in t.skipped_checkpoints() {
+                    eprintln!(
+                        "brisk train: skipped a damaged checkpoint, kept as {}: {}",
+                        s.path.display(),
+                        s.reason
+                    );
+                }
+            }
+            t
+        }
         None => {
             let config = build_config(a)?;
             brisk_dist::check_same_config(comm.as_ref(), &config.to_toml()?, &PER_RANK_FIELDS)?;
@@ -279,8 +291,7 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
         bail!("--batch must be at least 1");
     }
     super::init_threads(a.threads)?;
-    let file = brisk_models::model_file(&a.checkpoint);
-    let net = brisk_compress::load_model(&file, &candle_core::Device::Cpu)?;
+    let (file, net) = super::load_model(&a.checkpoint)?;
     let data = Arc::new(Dataset::open(&a.data)?);
     let report = evaluate(&net, &data, a.split, a.batch, (0, 1), &mut |_| Ok(()))
         .with_context(|| format!("cannot evaluate {}", file.display()))?;
