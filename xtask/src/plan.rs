@@ -369,4 +369,40 @@ mod tests {
         assert!(n >= 2);
         Ok(())
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config {
+            cases: std::env::var("BRISK_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(200),
+            failure_persistence: None,
+            ..Default::default()
+        })]
+
+        /// The fuzz campaign's experiment files: the shipped quick experiment with bytes
+        /// flipped, cut or overwritten reads as a plan or an error, never a panic.
+        #[test]
+        fn damaged_experiment_files_are_errors_or_plans(
+            at in proptest::prelude::any::<usize>(),
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 1..8),
+            cut in proptest::prelude::any::<bool>(),
+        ) {
+            let path = crate::root().map_err(|e| proptest::test_runner::TestCaseError::fail(e.to_string()))?
+                .join("experiments/quick.toml");
+            let mut text = std::fs::read(&path).map_err(|e| proptest::test_runner::TestCaseError::fail(e.to_string()))?;
+            let at = at % text.len();
+            if cut {
+                text.truncate(at);
+            } else {
+                for (i, b) in bytes.iter().enumerate() {
+                    if let Some(x) = text.get_mut(at + i) {
+                        *x = *b;
+                    }
+                }
+            }
+            let dir = tempfile::tempdir().map_err(|e| proptest::test_runner::TestCaseError::fail(e.to_string()))?;
+            let damaged = dir.path().join("damaged.toml");
+            std::fs::write(&damaged, &text).map_err(|e| proptest::test_runner::TestCaseError::fail(e.to_string()))?;
+            // An error or a plan; a panic fails the case.
+            let _ = load(&damaged);
+        }
+    }
 }

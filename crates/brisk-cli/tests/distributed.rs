@@ -4,6 +4,7 @@
 //! refused, naming the field.
 #![cfg(feature = "mpi")]
 
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -216,6 +217,81 @@ fn a_killed_rank_ends_the_job_with_an_error_naming_it() -> Result<()> {
     assert!(text.contains("rank 1"), "{text}");
     assert!(text.contains("signal 9") || text.contains("Killed"), "{text}");
     assert!(ranks_of(&out).is_empty(), "no rank survives");
+    Ok(())
+}
+
+#[test]
+fn a_two_rank_job_killed_and_resumed_ends_bit_identical() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    pack(&data, 128)?;
+    let extra = ["--epochs", "60", "--set", "checkpoint.every_steps=2"];
+    let (reference, out) = (dir.path().join("reference"), dir.path().join("killed"));
+    let mut c = mpirun();
+    c.args(["-np", "2", BRISK])
+        .args(train_args(&data, &reference, 8, &extra));
+    ok(&mut c)?;
+    // The same job, SIGKILLed as a whole (mpirun and both ranks) after its first
+    // checkpoint, then resumed under mpirun.
+    let mut c = mpirun();
+    c.args(["-np", "2", BRISK])
+        .args(train_args(&data, &out, 8, &extra))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0);
+    let mut job = c.spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    // A complete checkpoint (`step-N`, not a `step-N.partial` being written).
+    let complete = |out: &Path| {
+        out.join("checkpoints").read_dir().is_ok_and(|mut d| {
+            d.any(|e| {
+                e.is_ok_and(|e| {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    name.strip_prefix("step-")
+                        .is_some_and(|n| n.parse::<u64>().is_ok())
+                })
+            })
+        })
+    };
+    while !complete(&out) {
+        if Instant::now() > deadline || job.try_wait()?.is_some() {
+            bail!("the job ended or stalled before its first checkpoint");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // OpenMPI puts each rank in a process group of its own: kill the ranks, then the
+    // launcher's group.
+    let ranks = ranks_of(&out);
+    assert_eq!(ranks.len(), 2, "both ranks run");
+    for (pid, _) in ranks {
+        // SAFETY: kill(2) of a rank this test started through mpirun.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    // SAFETY: kill(2) of the process group this test created for the launcher.
+    unsafe { libc::kill(-(job.id() as i32), libc::SIGKILL) };
+    job.wait()?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !ranks_of(&out).is_empty() {
+        if Instant::now() > deadline {
+            bail!("ranks survived the kill");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        !out.join("summary.json").exists(),
+        "the job finished before the kill"
+    );
+    let mut c = mpirun();
+    c.args(["-np", "2", BRISK, "train", "--resume"])
+        .arg(&out)
+        .arg("--quiet");
+    ok(&mut c)?;
+    let same =
+        std::fs::read(reference.join("model.safetensors"))? == std::fs::read(out.join("model.safetensors"))?;
+    assert!(
+        same,
+        "the resumed 2-rank job's weights differ from the uninterrupted job's"
+    );
     Ok(())
 }
 

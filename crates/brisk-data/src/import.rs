@@ -187,15 +187,48 @@ pub struct IdxFiles {
     pub labels: PathBuf,
 }
 
-/// Largest label in an IDX label file, plus one.
+/// Largest label in an IDX label file, plus one. The labels are read in chunks: the
+/// header's count is checked against what the file holds, never trusted for a buffer.
 fn idx_classes(files: &IdxFiles) -> Result<usize> {
     let mut r = maybe_gzip(&files.labels)?;
-    let dims = idx_header(&mut r, &files.labels, 1)?;
-    let mut labels = vec![0u8; dims[0]];
-    if dims[0] > 0 && !read_record(&mut r, &mut labels, &files.labels)? {
-        return Err(Error::corrupt(&files.labels, "holds no labels"));
+    let count = idx_header(&mut r, &files.labels, 1)?[0];
+    let mut chunk = vec![0u8; count.min(1 << 16)];
+    let (mut left, mut max) = (count, None);
+    while left > 0 {
+        let part = &mut chunk[..left.min(1 << 16)];
+        if !read_record(&mut r, part, &files.labels)? {
+            return Err(Error::corrupt(
+                &files.labels,
+                format!(
+                    "ends after {} of the {count} labels its header announces",
+                    count - left
+                ),
+            ));
+        }
+        max = part.iter().copied().chain(max).max();
+        left -= part.len();
     }
-    Ok(labels.iter().copied().max().map_or(0, |m| m as usize + 1))
+    Ok(max.map_or(0, |m| m as usize + 1))
+}
+
+/// The largest image brisk packs: 2^28 values (16384x16384), far above any classifier's.
+const MAX_IMAGE_VALUES: usize = 1 << 28;
+
+/// Checks that an IDX image file holds the `count` images of `h`x`w` its header
+/// announces, by reading it through (nothing kept), before any buffer is sized from the
+/// header.
+fn check_idx_images(path: &Path, dims: &[usize]) -> Result<()> {
+    let mut r = maybe_gzip(path)?;
+    idx_header(&mut r, path, 3)?;
+    let held = std::io::copy(&mut r, &mut std::io::sink()).map_err(|e| Error::io("cannot read", path, e))?;
+    let wanted = dims.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d as u64));
+    if wanted.is_none_or(|w| held < w) {
+        return Err(Error::corrupt(
+            path,
+            format!("holds {held} bytes of images, its header announces {dims:?}"),
+        ));
+    }
+    Ok(())
 }
 
 /// Packs MNIST-style IDX files (any image size the header gives, one channel). Class
@@ -204,6 +237,16 @@ pub fn pack_idx(train: &IdxFiles, test: &IdxFiles, out: &Path, shard_size: usize
     let classes = idx_classes(train)?.max(idx_classes(test)?);
     let mut header = maybe_gzip(&train.images)?;
     let dims = idx_header(&mut header, &train.images, 3)?;
+    if dims[1]
+        .checked_mul(dims[2])
+        .is_none_or(|v| v > MAX_IMAGE_VALUES || v == 0)
+    {
+        return Err(Error::corrupt(
+            &train.images,
+            format!("announces {}x{} images: not a size brisk packs", dims[1], dims[2]),
+        ));
+    }
+    check_idx_images(&train.images, &dims)?;
     let shape = ImageShape {
         height: dims[1],
         width: dims[2],
@@ -214,6 +257,7 @@ pub fn pack_idx(train: &IdxFiles, test: &IdxFiles, out: &Path, shard_size: usize
     for (files, split) in [(train, Split::Train), (test, Split::Test)] {
         let mut images = maybe_gzip(&files.images)?;
         let dims = idx_header(&mut images, &files.images, 3)?;
+        check_idx_images(&files.images, &dims)?;
         if dims[1..] != [shape.height, shape.width] {
             return Err(Error::corrupt(
                 &files.images,

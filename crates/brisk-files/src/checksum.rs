@@ -65,29 +65,39 @@ pub fn safetensors_with_checksums<V: safetensors::View + Clone>(
     metadata: HashMap<String, String>,
     path: &Path,
 ) -> Result<Vec<u8>> {
+    // Every checksum needs the serialised file (the tensors' bytes at their offsets, the
+    // header's layout): serialise once with placeholders of the same length, then write
+    // the real values into the header.
     let mut meta = metadata;
-    for (name, view) in &tensors {
-        meta.insert(format!("{TENSOR_PREFIX}{name}"), tag(crc32(&view.data())));
+    for (name, _) in &tensors {
+        meta.insert(format!("{TENSOR_PREFIX}{name}"), tag(0));
     }
-    // The header checksum needs the offsets, which serialisation decides: serialise once
-    // without it, read the layout back, then serialise again with it.
-    let first = safetensors::serialize(
-        tensors.iter().map(|(n, v)| (n.as_str(), v.clone())),
-        Some(meta.clone()),
-    )
-    .map_err(|e| Error::corrupt(path, format!("cannot encode: {e}")))?;
-    let header = layout_checksum(&first, path)?;
-    meta.insert(HEADER_KEY.to_string(), header);
-    let bytes = safetensors::serialize(tensors.iter().map(|(n, v)| (n.as_str(), v.clone())), Some(meta))
+    meta.insert(HEADER_KEY.to_string(), tag(0));
+    let mut bytes = safetensors::serialize(tensors.iter().map(|(n, v)| (n.as_str(), v.clone())), Some(meta))
         .map_err(|e| Error::corrupt(path, format!("cannot encode: {e}")))?;
-    sorted_header(bytes, path)
+    let (header_len, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| Error::corrupt(path, format!("cannot encode: {e}")))?;
+    let data = &bytes[8 + header_len..];
+    let crcs: Vec<(String, String)> = meta
+        .tensors()
+        .into_iter()
+        .map(|(name, info)| {
+            let (a, b) = info.data_offsets;
+            (format!("{TENSOR_PREFIX}{name}"), tag(crc32(&data[a..b])))
+        })
+        .collect();
+    set_header_entries(&mut bytes, &crcs, path)?;
+    let header = layout_checksum(&bytes, path)?;
+    set_header_entries(&mut bytes, &[(HEADER_KEY.to_string(), header)], path)?;
+    Ok(bytes)
 }
 
-/// The same file with its header's keys in sorted order: safetensors writes metadata in
-/// a hash map's (random) order, and brisk's files should be the same bytes for the same
+/// Sets `entries` of the header's metadata (each the same length as its placeholder) and
+/// rewrites the header with its keys in sorted order: safetensors writes metadata in a
+/// hash map's (random) order, and brisk's files should be the same bytes for the same
 /// content (a resumed run's model equals an uninterrupted one's, byte for byte).
-fn sorted_header(mut bytes: Vec<u8>, path: &Path) -> Result<Vec<u8>> {
-    let bad = |what: &str| Error::corrupt(path, format!("cannot reorder the header: {what}"));
+fn set_header_entries(bytes: &mut [u8], entries: &[(String, String)], path: &Path) -> Result<()> {
+    let bad = |what: &str| Error::corrupt(path, format!("cannot finish the header: {what}"));
     let len = u64::from_le_bytes(
         bytes
             .get(..8)
@@ -96,7 +106,14 @@ fn sorted_header(mut bytes: Vec<u8>, path: &Path) -> Result<Vec<u8>> {
     ) as usize;
     let header = bytes.get(8..8 + len).ok_or_else(|| bad("too short"))?;
     // serde_json's maps are ordered by key: parsing and printing sorts every level.
-    let value: serde_json::Value = serde_json::from_slice(header).map_err(|e| bad(&e.to_string()))?;
+    let mut value: serde_json::Value = serde_json::from_slice(header).map_err(|e| bad(&e.to_string()))?;
+    let meta = value
+        .get_mut("__metadata__")
+        .and_then(|m| m.as_object_mut())
+        .ok_or_else(|| bad("no metadata"))?;
+    for (k, v) in entries {
+        meta.insert(k.clone(), v.as_str().into());
+    }
     let sorted = serde_json::to_vec(&value).map_err(|e| bad(&e.to_string()))?;
     if sorted.len() > len {
         return Err(bad("it grew"));
@@ -104,7 +121,7 @@ fn sorted_header(mut bytes: Vec<u8>, path: &Path) -> Result<Vec<u8>> {
     let padded = &mut bytes[8..8 + len];
     padded[..sorted.len()].copy_from_slice(&sorted);
     padded[sorted.len()..].fill(b' ');
-    Ok(bytes)
+    Ok(())
 }
 
 /// The header checksum of a serialised safetensors file (the header entry itself left out).
