@@ -13,7 +13,7 @@ use brisk_spec::Arch;
 use serde::Deserialize;
 
 use crate::plan::{Kind, Plan};
-use crate::results::{Status, Torch, VariantResult};
+use crate::results::{Status, Torch, Variant};
 
 /// The reference script, in the repository.
 const SCRIPT: &str = "scripts/torch_reference.py";
@@ -303,7 +303,7 @@ fn print_row(case: &StepCase, brisk: &Path, root: &Path, rounds: usize) -> Resul
 /// Adds PyTorch's training-step img/s beside brisk's for each distinct case among the
 /// single-rank, fixed-batch training variants that finished.
 pub fn add_pytorch(
-    results: &mut [VariantResult],
+    results: &mut [Variant],
     plans: &[Plan],
     brisk: &Path,
     classes: usize,
@@ -316,7 +316,7 @@ pub fn add_pytorch(
     let root = crate::root()?;
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut seen: Vec<(StepCase, Torch)> = Vec::new();
-    for r in results.iter_mut().filter(|r| r.status == Status::Done) {
+    for r in results.iter_mut().filter(|r| r.status() == Status::Done) {
         let Some(plan) = plans
             .iter()
             .find(|p| p.name == r.name && p.kind == Kind::Train && p.ranks == 1)

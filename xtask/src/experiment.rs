@@ -1,6 +1,7 @@
 //! `cargo xtask experiment NAME`: runs an ablation (`experiments/NAME.toml`, read by
-//! `plan`) through the `brisk` binary, caches finished variants by config hash, resumes
-//! interrupted ones, and writes a report (`reports/NAME/TIMESTAMP/`).
+//! `plan`) through the `brisk` binary, each variant once per seed, caches finished runs by
+//! (config, seed) hash, resumes interrupted ones, and writes a report
+//! (`reports/NAME/TIMESTAMP/`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -10,19 +11,20 @@ use anyhow::{bail, Context, Result};
 use brisk_schema::layout::{CHECKPOINTS_DIR, MODEL_FILE};
 use serde::{Deserialize, Serialize};
 
-use crate::plan::{fnv64, load, Kind, Plan, Spec, BASELINE};
+use crate::plan::{check_repeats, fnv64, load, Kind, Plan, RunPlan, Spec, BASELINE};
 use crate::report::{Machine, Report};
-use crate::results::{Status, VariantResult};
+use crate::results::{RunResult, Status, Variant};
 
-/// A variant's brisk run folder inside its cache folder.
+/// A run's brisk run folder inside its cache folder.
 const RUN_DIR: &str = "run";
 
 /// `cargo xtask experiment`'s options.
 #[derive(Debug, clap::Args)]
 #[command(
-    after_help = "NAME is experiments/NAME.toml (or a path to an experiment file). Each variant's run is \
-kept in reports/NAME/runs/VARIANT/ and skipped next time while its config hash is the same \
-(--force reruns); an interrupted training run resumes from its checkpoint. The report goes to \
+    after_help = "NAME is experiments/NAME.toml (or a path to an experiment file). Each variant runs once per \
+seed (--repeats, or `repeats` in the file); each run is kept in reports/NAME/runs/VARIANT/seed-S/ \
+and skipped next time while its (config, seed) hash is the same (--force reruns), so raising \
+--repeats runs only the new seeds; an interrupted training run resumes from its checkpoint. The report goes to \
 reports/NAME/TIMESTAMP/ (report.md, report.html, results.json, results.csv, SVG plots)."
 )]
 pub struct ExperimentArgs {
@@ -37,6 +39,10 @@ pub struct ExperimentArgs {
     /// Rerun variants even when a cached result matches.
     #[arg(long)]
     force: bool,
+    /// Runs per variant, with seeds base, base+1, … (the report's intervals need at least
+    /// 2). By default, the experiment file's `repeats` (1 when absent).
+    #[arg(long, value_name = "N")]
+    repeats: Option<usize>,
     /// Add PyTorch's img/s for the same model, batch and precision, and the brisk/PyTorch
     /// ratio (needs python3 with torch).
     #[arg(long)]
@@ -85,16 +91,16 @@ fn spec_path(name: &str) -> Result<PathBuf> {
     Ok(p)
 }
 
-/// What the cache keeps for a variant: its hash and, once finished, its result.
+/// What the cache keeps for a run: its hash and, once finished, its result.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct CacheEntry {
     pub hash: String,
-    pub result: Option<VariantResult>,
+    pub result: Option<RunResult>,
 }
 
 pub const CACHE_FILE: &str = "variant.json";
 
-/// What to do with a variant's run folder.
+/// What to do with a run's folder.
 #[derive(Debug, PartialEq, Eq)]
 pub enum CacheDecision {
     /// A finished result with the same hash: reuse it.
@@ -215,23 +221,26 @@ struct Runner {
 }
 
 impl Runner {
-    fn dir(&self, name: &str) -> PathBuf {
-        self.runs.join(name)
+    /// The cache folder of a variant's run with `seed`.
+    fn dir(&self, name: &str, seed: u64) -> PathBuf {
+        self.runs.join(name).join(format!("seed-{seed}"))
     }
 
-    /// Runs (or reuses) one variant.
-    fn variant(&self, plan: &Plan, baseline: Option<&VariantResult>) -> Result<VariantResult> {
-        let dir = self.dir(&plan.name);
-        let decision = decide(&dir, &plan.hash, plan.kind, self.force);
+    /// Runs (or reuses) one run of a variant; `baseline` is the baseline's run with the
+    /// same seed (a compression variant's starting model).
+    fn run(&self, plan: &Plan, run: &RunPlan, baseline: Option<&RunResult>) -> Result<RunResult> {
+        let dir = self.dir(&plan.name, run.seed);
+        let label = format!("{} (seed {})", plan.name, run.seed);
+        let decision = decide(&dir, &run.hash, plan.kind, self.force);
         if decision == CacheDecision::Reuse {
-            if let Some(r) = self.cached(plan, &dir)? {
+            if let Some(r) = cached(&dir)? {
+                eprintln!("xtask: {label}: cached (config {}), not rerun", run.hash);
                 return Ok(r);
             }
         }
-        let mut result = VariantResult::new(&plan.name, &plan.note, plan.kind, &plan.hash, plan.ranks);
-        result.control = plan.control.clone();
+        let mut result = RunResult::new(run.seed, &run.hash);
         if let Some(why) = self.cannot_run(plan, baseline) {
-            eprintln!("xtask: {}: skipped: {why}", plan.name);
+            eprintln!("xtask: {label}: skipped: {why}");
             result.skip(why);
             return Ok(result);
         }
@@ -240,90 +249,82 @@ impl Runner {
         }
         std::fs::create_dir_all(&dir)?;
         let entry = |result| CacheEntry {
-            hash: plan.hash.clone(),
+            hash: run.hash.clone(),
             result,
         };
         write_entry(&dir, &entry(None))?;
         let resume = decision == CacheDecision::Resume;
-        self.execute(plan, &dir, resume, &mut result)?;
+        self.execute(plan, run, &dir, resume, &mut result)?;
         if resume && result.status == Status::Failed {
             // No checkpoint verified (brisk says why in stderr.log): keep the old run for
             // inspection, beside the fresh one, and start again.
             let kept = dir.join(format!("{RUN_DIR}.unresumable-{}", timestamp()));
             std::fs::rename(dir.join(RUN_DIR), &kept)?;
             eprintln!(
-                "xtask: {}: could not resume (old run kept in {}); starting it afresh",
-                plan.name,
+                "xtask: {label}: could not resume (old run kept in {}); starting it afresh",
                 kept.display()
             );
-            result = VariantResult::new(&plan.name, &plan.note, plan.kind, &plan.hash, plan.ranks);
-            result.control = plan.control.clone();
-            self.execute(plan, &dir, false, &mut result)?;
+            result = RunResult::new(run.seed, &run.hash);
+            self.execute(plan, run, &dir, false, &mut result)?;
         }
-        if let Some(c) = &plan.config {
-            result.config = Some(c.clone());
-        }
+        result.config.clone_from(&run.config);
         write_entry(&dir, &entry(Some(result.clone())))?;
         Ok(result)
     }
 
-    /// A finished result from the cache, with the file's current note and control.
-    fn cached(&self, plan: &Plan, dir: &Path) -> Result<Option<VariantResult>> {
-        let entry: CacheEntry = serde_json::from_str(&std::fs::read_to_string(dir.join(CACHE_FILE))?)?;
-        Ok(entry.result.map(|mut r| {
-            r.note = plan.note.clone();
-            r.control = plan.control.clone();
-            eprintln!("xtask: {}: cached (config {}), not rerun", plan.name, plan.hash);
-            r
-        }))
-    }
-
     /// Why a variant cannot run here, if it cannot: several ranks without MPI, or a
     /// compression step without a baseline model.
-    fn cannot_run(&self, plan: &Plan, baseline: Option<&VariantResult>) -> Option<String> {
+    fn cannot_run(&self, plan: &Plan, baseline: Option<&RunResult>) -> Option<String> {
         if plan.ranks > 1 {
             if let Err(why) = &self.mpi {
                 return Some(why.clone());
             }
         }
         let no_model = baseline.is_none_or(|b| b.status != Status::Done);
-        (plan.kind != Kind::Train && no_model)
-            .then(|| "the baseline did not finish, so there is no model to start from".into())
+        (plan.kind != Kind::Train && no_model).then(|| {
+            "the baseline's run with this seed did not finish, so there is no model to start from".into()
+        })
     }
 
-    /// Runs the variant's brisk command and reads what it measured into `result`.
-    fn execute(&self, plan: &Plan, dir: &Path, resume: bool, result: &mut VariantResult) -> Result<()> {
-        let run = dir.join(RUN_DIR);
-        let mut cmd = self.command(plan, dir, &run, resume)?;
+    /// Runs the brisk command and reads what it measured into `result`.
+    fn execute(
+        &self,
+        plan: &Plan,
+        run: &RunPlan,
+        dir: &Path,
+        resume: bool,
+        result: &mut RunResult,
+    ) -> Result<()> {
+        let run_dir = dir.join(RUN_DIR);
+        let mut cmd = self.command(plan, run, dir, &run_dir, resume)?;
+        let label = format!("{} (seed {})", plan.name, run.seed);
         let resuming = if resume {
             "resuming from its checkpoint: "
         } else {
             ""
         };
-        eprintln!("xtask: {}: {resuming}{}", plan.name, describe(&cmd));
+        eprintln!("xtask: {label}: {resuming}{}", describe(&cmd));
         let (stdout, stderr, exit, wall, peak) = measure(&mut cmd)?;
         std::fs::write(dir.join("stderr.log"), &stderr)?;
         std::fs::write(dir.join("stdout.log"), &stdout)?;
         match exit {
             Exit::Interrupted => bail!(
-                "{} was interrupted (its checkpoint is kept): run the same command again to resume the experiment",
-                plan.name
+                "{label} was interrupted (its checkpoint is kept): run the same command again to resume the experiment"
             ),
             Exit::Failure => {
                 result.fail(format!("`{}` failed:\n{}", describe(&cmd), tail(&stderr, 12)));
-                eprintln!("xtask: {}: FAILED (see {})", plan.name, dir.join("stderr.log").display());
+                eprintln!("xtask: {label}: FAILED (see {})", dir.join("stderr.log").display());
             }
             Exit::Success => {
                 result.wall_s = wall;
                 let peak = if plan.ranks > 1 { None } else { peak };
-                crate::results::fill(result, plan, &run, &stdout, peak)?;
+                crate::results::fill(result, plan, &run_dir, &stdout, peak)?;
                 if resume {
                     // This command ran only the rest; the run's own clock spans every part.
                     result.wall_s = result.elapsed_s.unwrap_or(wall).max(wall);
                 }
                 eprintln!(
-                    "xtask: {}: top-1 {:.2}% in {:.0} s",
-                    plan.name,
+                    "xtask: {label}: top-1 {:.2}% in {:.0} s",
                     100.0 * result.top1.unwrap_or(f64::NAN),
                     wall
                 );
@@ -332,9 +333,16 @@ impl Runner {
         Ok(())
     }
 
-    /// The brisk command line of a variant.
-    fn command(&self, plan: &Plan, dir: &Path, run: &Path, resume: bool) -> Result<Command> {
-        let baseline_model = self.dir(BASELINE).join(RUN_DIR).join(MODEL_FILE);
+    /// The brisk command line of a run.
+    fn command(
+        &self,
+        plan: &Plan,
+        run: &RunPlan,
+        dir: &Path,
+        run_dir: &Path,
+        resume: bool,
+    ) -> Result<Command> {
+        let baseline_model = self.dir(BASELINE, run.seed).join(RUN_DIR).join(MODEL_FILE);
         let mut cmd = match plan.ranks {
             1 => Command::new(&self.brisk),
             n => {
@@ -351,19 +359,19 @@ impl Runner {
                 if resume {
                     cmd.arg("train")
                         .arg("--resume")
-                        .arg(run)
+                        .arg(run_dir)
                         .arg("--data")
                         .arg(&self.data);
                 } else {
                     let config = dir.join(brisk_schema::layout::CONFIG_FILE);
-                    std::fs::write(&config, plan.config.as_deref().unwrap_or_default())?;
+                    std::fs::write(&config, run.config.as_deref().unwrap_or_default())?;
                     cmd.arg("train")
                         .arg("--config")
                         .arg(&config)
                         .arg("--data")
                         .arg(&self.data)
                         .arg("--out")
-                        .arg(run);
+                        .arg(run_dir);
                 }
                 cmd.args(["--quiet", "--json"]);
             }
@@ -376,16 +384,23 @@ impl Runner {
                 }
                 cmd.arg("--data").arg(&self.data);
                 if plan.kind == Kind::Quantize {
-                    std::fs::create_dir_all(run)?;
-                    cmd.arg("--out").arg(run.join("model-int8.safetensors"));
+                    std::fs::create_dir_all(run_dir)?;
+                    cmd.arg("--out").arg(run_dir.join("model-int8.safetensors"));
                 } else {
-                    cmd.arg("--out").arg(run);
+                    cmd.arg("--out").arg(run_dir);
+                    cmd.args(["--seed", &run.seed.to_string()]);
                 }
                 cmd.args(&plan.args).arg("--json");
             }
         }
         Ok(cmd)
     }
+}
+
+/// A finished result from a run folder's cache entry.
+fn cached(dir: &Path) -> Result<Option<RunResult>> {
+    let entry: CacheEntry = serde_json::from_str(&std::fs::read_to_string(dir.join(CACHE_FILE))?)?;
+    Ok(entry.result)
 }
 
 fn describe(cmd: &Command) -> String {
@@ -529,6 +544,8 @@ pub fn run(o: &ExperimentArgs) -> Result<()> {
         .file_stem()
         .map_or_else(|| name.clone(), |s| s.to_string_lossy().into_owned());
     let (spec, plans) = load(&path)?;
+    let repeats = o.repeats.unwrap_or(spec.repeats);
+    check_repeats(repeats).context("--repeats")?;
     let wanted = selected(&plans, &o.only)?;
     let started = Instant::now();
     let mpi = mpi_available();
@@ -555,8 +572,9 @@ pub fn run(o: &ExperimentArgs) -> Result<()> {
     std::fs::create_dir_all(&runs)?;
     if let Some(m) = spec.expected_minutes {
         eprintln!(
-            "xtask: experiment {name}: {} variants, about {m:.0} minutes on a 2-core machine (cached variants are skipped)",
-            plans.len()
+            "xtask: experiment {name}: {} variants x {repeats} seed(s), about {m:.0} minutes on a 2-core machine at {} seed(s) (cached runs are skipped)",
+            plans.len(),
+            spec.repeats
         );
     }
     let runner = Runner {
@@ -566,11 +584,18 @@ pub fn run(o: &ExperimentArgs) -> Result<()> {
         force: o.force,
         mpi,
     };
-    let mut results: Vec<VariantResult> = Vec::new();
+    let mut results: Vec<Variant> = Vec::new();
     for (plan, _) in plans.iter().zip(&wanted).filter(|(_, w)| **w) {
-        let baseline = results.iter().find(|r| r.name == BASELINE);
-        let r = runner.variant(plan, baseline)?;
-        results.push(r);
+        let mut variant = Variant::new(plan);
+        for seed in plan.seeds(repeats) {
+            let baseline = results
+                .iter()
+                .find(|r| r.name == BASELINE)
+                .and_then(|b| b.runs.iter().find(|r| r.seed == seed));
+            let run = plan.run(seed)?;
+            variant.runs.push(runner.run(plan, &run, baseline)?);
+        }
+        results.push(variant);
     }
     if o.with_pytorch {
         let m: serde_json::Value = serde_json::from_str(&manifest)?;
@@ -586,6 +611,7 @@ pub fn run(o: &ExperimentArgs) -> Result<()> {
         elapsed_s: started.elapsed().as_secs_f64(),
         git: crate::report::git_revision(),
         machine: Machine::read(),
+        repeats,
         baseline_config: plans[0].config.clone().unwrap_or_default(),
         variants: results,
     };
@@ -600,12 +626,12 @@ fn finish(report: &Report, dir: &Path, runs: &Path) -> Result<()> {
     let failed: Vec<&str> = report
         .variants
         .iter()
-        .filter(|v| v.status == Status::Failed)
+        .filter(|v| v.status() == Status::Failed)
         .map(|v| v.name.as_str())
         .collect();
     if !failed.is_empty() {
         bail!(
-            "variant(s) {} failed (their errors are in the report and in {}/VARIANT/stderr.log)",
+            "variant(s) {} failed (their errors are in the report and in {}/VARIANT/seed-S/stderr.log)",
             failed.join(", "),
             runs.display()
         );
@@ -637,7 +663,7 @@ mod tests {
         assert_eq!(decide(d, "h1", Kind::Prune, false), CacheDecision::Fresh);
         assert_eq!(decide(d, "h2", Kind::Train, false), CacheDecision::Fresh);
         // Finished: reuse, unless forced or the config changed.
-        let mut r = VariantResult::new("v", "", Kind::Train, "h1", 1);
+        let mut r = RunResult::new(0, "h1");
         r.status = Status::Done;
         write_entry(
             d,

@@ -17,6 +17,10 @@ pub struct Spec {
     /// Expected run time on the 2-core development machine, for the user's information.
     #[serde(default)]
     pub expected_minutes: Option<f64>,
+    /// Runs per variant, each with its own seed (the baseline config's seed, +1, +2, …);
+    /// `--repeats` overrides it. By default, 1.
+    #[serde(default = "one")]
+    pub repeats: usize,
     pub data: DataSpec,
     /// A brisk training config (docs/training.md); `data` and `out` are set per run.
     pub baseline: toml::Table,
@@ -132,7 +136,54 @@ pub struct Plan {
     pub config: Option<String>,
     pub args: Vec<String>,
     pub control: Option<String>,
+    /// The first run's seed (the training config's; the baseline's for compression
+    /// variants, whose run k starts from the baseline's run k).
+    pub seed: u64,
     pub hash: String,
+}
+
+/// One run of a variant: its seed, its training config with that seed, its cache key.
+#[derive(Debug)]
+pub struct RunPlan {
+    pub seed: u64,
+    pub config: Option<String>,
+    pub hash: String,
+}
+
+impl Plan {
+    /// The seeds of `repeats` runs.
+    pub fn seeds(&self, repeats: usize) -> impl Iterator<Item = u64> + '_ {
+        (0..repeats as u64).map(|k| self.seed + k)
+    }
+
+    /// The run with `seed`: the config with its seed replaced, and a cache key joining
+    /// the variant's and the seed.
+    pub fn run(&self, seed: u64) -> Result<RunPlan> {
+        let config = match &self.config {
+            Some(text) => {
+                let mut c = TrainConfig::from_toml_str(text, &self.name)?;
+                c.seed = seed;
+                Some(c.to_toml()?)
+            }
+            None => None,
+        };
+        Ok(RunPlan {
+            seed,
+            config,
+            hash: fnv64(&[&self.hash, "seed", &seed.to_string()]),
+        })
+    }
+}
+
+/// Most runs per variant an experiment may ask for.
+pub const MAX_REPEATS: usize = 100;
+
+/// Checks a repeat count.
+pub fn check_repeats(n: usize) -> Result<()> {
+    if n == 0 || n > MAX_REPEATS {
+        bail!("repeats = {n}: give 1 to {MAX_REPEATS} runs per variant");
+    }
+    Ok(())
 }
 
 /// The name of the implicit first variant.
@@ -144,6 +195,7 @@ pub fn load(path: &Path) -> Result<(Spec, Vec<Plan>)> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let spec: Spec = toml::from_str(&text).with_context(|| format!("{}", path.display()))?;
     let plans = plan(&spec).with_context(|| format!("{}", path.display()))?;
+    check_repeats(spec.repeats).with_context(|| format!("{}", path.display()))?;
     Ok((spec, plans))
 }
 
@@ -179,13 +231,17 @@ pub fn plan(spec: &Spec) -> Result<Vec<Plan>> {
         config: Some(base_config),
         args: Vec::new(),
         control: None,
+        seed: base.seed,
         hash: base_hash.clone(),
     }];
     for v in &spec.variants {
         check_name(v, &plans)?;
-        let (config, hash) = match v.kind {
+        let (config, hash, seed) = match v.kind {
             Kind::Train => training_variant(v, &base)?,
-            kind => compression_variant(v, kind, &base_hash)?,
+            kind => {
+                let (config, hash) = compression_variant(v, kind, &base_hash)?;
+                (config, hash, base.seed)
+            }
         };
         plans.push(Plan {
             name: v.name.clone(),
@@ -195,6 +251,7 @@ pub fn plan(spec: &Spec) -> Result<Vec<Plan>> {
             config,
             args: v.args.clone(),
             control: v.control.clone(),
+            seed,
             hash,
         });
     }
@@ -226,8 +283,8 @@ fn check_name(v: &VariantSpec, plans: &[Plan]) -> Result<()> {
     Ok(())
 }
 
-/// A training variant: the baseline with `set` applied, checked; its TOML and hash.
-fn training_variant(v: &VariantSpec, base: &TrainConfig) -> Result<(Option<String>, String)> {
+/// A training variant: the baseline with `set` applied, checked; its TOML, hash and seed.
+fn training_variant(v: &VariantSpec, base: &TrainConfig) -> Result<(Option<String>, String, u64)> {
     if !v.args.is_empty() {
         bail!(
             "variant {}: `args` is for prune/distill/quantize; a training variant uses `set`",
@@ -245,7 +302,7 @@ fn training_variant(v: &VariantSpec, base: &TrainConfig) -> Result<(Option<Strin
     c.validate().with_context(|| format!("variant {}", v.name))?;
     let text = c.to_toml()?;
     let hash = fnv64(&["train", &text, &v.ranks.to_string()]);
-    Ok((Some(text), hash))
+    Ok((Some(text), hash, c.seed))
 }
 
 /// A compression variant: its hash joins the baseline's (its starting model) and its args.
@@ -255,6 +312,12 @@ fn compression_variant(v: &VariantSpec, kind: Kind, base_hash: &str) -> Result<(
             "variant {}: `set` and `ranks` are for training variants; {} takes `args`",
             v.name,
             kind.name()
+        );
+    }
+    if v.args.iter().any(|a| a == "--seed" || a.starts_with("--seed=")) {
+        bail!(
+            "variant {}: `--seed` is set by the experiment (run k starts from the baseline's run k, with its seed)",
+            v.name
         );
     }
     let mut parts = vec![kind.hash_name(), base_hash];
@@ -317,6 +380,35 @@ mod tests {
     }
 
     #[test]
+    fn each_seed_is_its_own_run_with_its_own_cache_key() -> Result<()> {
+        let s = spec(&good().replace("epochs = 2", "epochs = 2\nseed = 10"))?;
+        assert_eq!(s.repeats, 1);
+        let plans = plan(&s)?;
+        let seeds: Vec<u64> = plans[1].seeds(3).collect();
+        assert_eq!(seeds, vec![10, 11, 12]);
+        // A compression variant counts from the baseline's seed (run k uses its model k).
+        assert_eq!(plans[2].seeds(2).collect::<Vec<_>>(), vec![10, 11]);
+        let runs: Vec<RunPlan> = seeds.iter().map(|&k| plans[1].run(k)).collect::<Result<_>>()?;
+        for r in &runs {
+            let c = TrainConfig::from_toml_str(r.config.as_deref().unwrap_or_default(), "run")?;
+            assert_eq!(c.seed, r.seed);
+            assert_eq!(
+                c.precision,
+                TrainConfig::from_toml_str(plans[1].config.as_deref().unwrap_or_default(), "v")?.precision
+            );
+        }
+        // Keys differ by seed and are stable; raising the repeats keeps the first keys.
+        assert_ne!(runs[0].hash, runs[1].hash);
+        assert_eq!(runs[2].hash, plans[1].run(12)?.hash);
+        assert!(plans[2].run(10)?.config.is_none());
+        // `repeats` in the file, checked.
+        let five = spec(&format!("repeats = 5\n{}", good()))?;
+        assert_eq!(five.repeats, 5);
+        assert!(check_repeats(0).is_err() && check_repeats(MAX_REPEATS + 1).is_err());
+        Ok(())
+    }
+
+    #[test]
     fn bad_experiments_are_explained() -> Result<()> {
         let cases = [
             (good().replace("mixed-bf16", "f64"), "bf16"),
@@ -341,6 +433,10 @@ mod tests {
             (
                 good() + "[[variants]]\nname = \"k\"\nkind = \"distill\"\ncontrol = \"nope\"\n",
                 "control",
+            ),
+            (
+                good() + "[[variants]]\nname = \"s\"\nkind = \"prune\"\nargs = [\"--seed\", \"3\"]\n",
+                "set by the experiment",
             ),
         ];
         for (text, want) in cases {

@@ -12,7 +12,8 @@ use plotters::style::text_anchor::{HPos, Pos, VPos};
 use serde::{Deserialize, Serialize};
 
 use crate::plan::{Kind, BASELINE};
-use crate::results::{Status, VariantResult};
+use crate::results::{RunResult, Status, Variant};
+use crate::stats::{Difference, Estimate, Test, Verdict};
 
 /// The machine a report was measured on.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -87,20 +88,42 @@ pub struct Report {
     pub elapsed_s: f64,
     pub git: String,
     pub machine: Machine,
+    /// Runs per variant asked for (seeds base, base+1, …).
+    pub repeats: usize,
     pub baseline_config: String,
-    pub variants: Vec<VariantResult>,
+    pub variants: Vec<Variant>,
 }
 
 impl Report {
-    fn baseline(&self) -> Option<&VariantResult> {
+    /// The baseline, when it finished.
+    fn baseline(&self) -> Option<&Variant> {
+        self.done(BASELINE)
+    }
+
+    /// A finished variant by name.
+    fn done(&self, name: &str) -> Option<&Variant> {
         self.variants
             .iter()
-            .find(|v| v.name == BASELINE && v.status == Status::Done)
+            .find(|v| v.name == name && v.status() == Status::Done)
+    }
+
+    /// The accuracy every variant's time is measured to: the baseline's mean final top-1.
+    fn target(&self) -> Option<f64> {
+        self.baseline()?.estimate(|r| r.top1).map(|e| e.mean)
     }
 }
 
-fn pct(v: Option<f64>) -> String {
-    v.map_or("–".into(), |v| format!("{:.2}%", 100.0 * v))
+/// A mean with its 95% interval, scaled (100 for percentages).
+fn estimate(e: Option<Estimate>, scale: f64, digits: usize) -> String {
+    match e {
+        None => "–".into(),
+        Some(Estimate {
+            mean, half: Some(h), ..
+        }) => {
+            format!("{:.digits$} ± {:.digits$}", scale * mean, scale * h)
+        }
+        Some(Estimate { mean, .. }) => format!("{:.digits$}", scale * mean),
+    }
 }
 
 fn ratio(v: Option<f64>, base: Option<f64>) -> String {
@@ -110,32 +133,30 @@ fn ratio(v: Option<f64>, base: Option<f64>) -> String {
     }
 }
 
-fn num(v: Option<f64>, digits: usize) -> String {
-    v.map_or("–".into(), |v| format!("{v:.digits$}"))
-}
-
-fn count(v: Option<u64>) -> String {
+fn count(v: Option<f64>) -> String {
     match v {
         None => "–".into(),
-        Some(v) if v >= 1_000_000 => format!("{:.2} M", v as f64 / 1e6),
-        Some(v) if v >= 1_000 => format!("{:.1} k", v as f64 / 1e3),
-        Some(v) => v.to_string(),
+        Some(v) if v >= 1e6 => format!("{:.2} M", v / 1e6),
+        Some(v) if v >= 1e3 => format!("{:.1} k", v / 1e3),
+        Some(v) => format!("{v:.0}"),
     }
 }
 
-fn to_f(v: Option<u64>) -> Option<f64> {
-    v.map(|v| v as f64)
+/// The mean of a figure over a variant's finished runs.
+fn mean(v: &Variant, figure: impl Fn(&RunResult) -> Option<f64>) -> Option<f64> {
+    v.estimate(figure).map(|e| e.mean)
 }
 
 /// The table's columns.
-const COLUMNS: [&str; 15] = [
+const COLUMNS: [&str; 16] = [
     "variant",
     "change",
-    "top-1",
-    "Δ top-1",
-    "best top-1",
+    "seeds",
+    "top-1 %",
+    "Δ top-1 (points)",
+    "best top-1 %",
     "wall s",
-    "time to baseline top-1",
+    "training s to baseline top-1",
     "img/s",
     "data wait",
     "updates",
@@ -149,171 +170,328 @@ const COLUMNS: [&str; 15] = [
 /// The table's rows as cells (shared by Markdown and HTML).
 fn table(report: &Report) -> Vec<Vec<String>> {
     let base = report.baseline();
-    report.variants.iter().map(|v| row(v, base)).collect()
+    report
+        .variants
+        .iter()
+        .map(|v| row(v, base, report.target()))
+        .collect()
 }
 
 /// A count with its ratio to the baseline's.
-fn counted(v: Option<u64>, base: Option<u64>) -> String {
-    format!("{}{}", count(v), ratio(to_f(v), to_f(base)))
+fn counted(v: &Variant, base: Option<&Variant>, figure: fn(&RunResult) -> Option<u64>) -> String {
+    let f = |r: &RunResult| figure(r).map(|x| x as f64);
+    let a = mean(v, f);
+    format!("{}{}", count(a), ratio(a, base.and_then(|b| mean(b, f))))
 }
 
-/// One variant's cells, ratios against the baseline `base`.
-fn row(v: &VariantResult, base: Option<&VariantResult>) -> Vec<String> {
-    let target = base.and_then(|b| b.top1);
-    let delta = match (v.top1, target) {
-        (Some(a), Some(b)) => format!("{:+.2}", 100.0 * (a - b)),
+/// A difference in a table cell: `+1.20 ± 0.80 (higher)`.
+fn difference_cell(d: &Difference, scale: f64, digits: usize) -> String {
+    let m = scale * d.mean;
+    match (d.half, d.verdict()) {
+        (None, _) => format!("{m:+.digits$} (untested)"),
+        (Some(h), Verdict::Higher) => format!("{m:+.digits$} ± {:.digits$} (higher)", scale * h),
+        (Some(h), Verdict::Lower) => format!("{m:+.digits$} ± {:.digits$} (lower)", scale * h),
+        (Some(h), _) => format!("{m:+.digits$} ± {:.digits$} (not shown)", scale * h),
+    }
+}
+
+/// One variant's cells, ratios and differences against the baseline `base`.
+fn row(v: &Variant, base: Option<&Variant>, target: Option<f64>) -> Vec<String> {
+    let top1 = v.estimate(|r| r.top1);
+    let delta = match base.and_then(|b| Difference::of(&v.by_seed(|r| r.top1), &b.by_seed(|r| r.top1))) {
+        Some(d) if v.name != BASELINE => difference_cell(&d, 100.0, 2),
         _ => "–".into(),
     };
     let tta = match (v.kind, target) {
-        (Kind::Train, Some(t)) => match v.time_to(t) {
-            Some(s) => format!("{s:.0} s{}", ratio(Some(s), base.and_then(|b| b.time_to(t)))),
-            None if v.status == Status::Done => "not reached".into(),
-            None => "–".into(),
-        },
+        (Kind::Train, Some(t)) if v.status() == Status::Done => {
+            let (e, reached, n) = v.time_to(t);
+            let base_mean = base.and_then(|b| b.time_to(t).0).map(|e| e.mean);
+            match e {
+                Some(e) => format!(
+                    "{}{}{}",
+                    estimate(Some(e), 1.0, 0),
+                    ratio(Some(e.mean), base_mean),
+                    if reached < n {
+                        format!(", {reached} of {n} runs")
+                    } else {
+                        String::new()
+                    }
+                ),
+                None => "not reached".into(),
+            }
+        }
+        (Kind::Train, _) => "–".into(),
         _ => "n/a".into(),
     };
-    let status = match (&v.status, &v.reason) {
+    let status = match (v.status(), v.reason()) {
         (Status::Done, _) => "done".to_string(),
         (s, Some(r)) => format!("{}: {}", s.name(), r.lines().next().unwrap_or("")),
         (s, None) => s.name().to_string(),
     };
-    let wall = if v.status == Status::Done {
-        format!("{:.0}{}", v.wall_s, ratio(Some(v.wall_s), base.map(|b| b.wall_s)))
-    } else {
-        "–".into()
-    };
-    let b = |f: fn(&VariantResult) -> Option<u64>| base.and_then(f);
+    let wall = v.estimate(|r| Some(r.wall_s));
+    let base_wall = base.and_then(|b| mean(b, |r| Some(r.wall_s)));
+    let ips = v.estimate(|r| r.img_per_s);
+    let base_ips = base.and_then(|b| mean(b, |r| r.img_per_s));
     vec![
         v.name.clone(),
         v.note.clone(),
-        pct(v.top1),
+        v.done().count().to_string(),
+        estimate(top1, 100.0, 2),
         delta,
-        pct(v.best_top1),
-        wall,
+        estimate(v.estimate(|r| r.best_top1), 100.0, 2),
+        format!(
+            "{}{}",
+            estimate(wall, 1.0, 0),
+            ratio(wall.map(|e| e.mean), base_wall)
+        ),
         tta,
         format!(
             "{}{}",
-            num(v.img_per_s, 0),
-            ratio(v.img_per_s, base.and_then(|b| b.img_per_s))
+            estimate(ips, 1.0, 0),
+            ratio(ips.map(|e| e.mean), base_ips)
         ),
-        v.data_wait.map_or("–".into(), |w| format!("{:.1}%", 100.0 * w)),
-        v.updates.map_or("–".into(), |u| u.to_string()),
-        counted(v.params, b(|x| x.params)),
-        counted(v.macs, b(|x| x.macs)),
-        counted(v.bytes, b(|x| x.bytes)),
-        num(v.peak_rss_mib, 0),
+        mean(v, |r| r.data_wait).map_or("–".into(), |w| format!("{:.1}%", 100.0 * w)),
+        mean(v, |r| r.updates.map(|u| u as f64)).map_or("–".into(), |u| format!("{u:.0}")),
+        counted(v, base, |r| r.params),
+        counted(v, base, |r| r.macs),
+        counted(v, base, |r| r.bytes),
+        estimate(v.estimate(|r| r.peak_rss_mib), 1.0, 0),
         status,
     ]
 }
 
-/// The report's reading: one plain sentence per variant against the baseline, with
-/// this machine's noise in mind. Generated from the numbers, so it can say "slower".
+/// How the reading was made: seeds, the interval and test, what time-to-accuracy means.
+fn method(report: &Report, base: &Variant) -> String {
+    let mut s = if report.repeats < 2 {
+        format!(
+            "One run per variant on a shared {}-core machine: no interval can be drawn from one run, \
+             so no difference below is tested (the differences are as measured, run-to-run noise \
+             included); rerun with --repeats 3 or more to test them.",
+            report.machine.cores
+        )
+    } else {
+        format!(
+            "Each variant ran with {} seeds (the seed sets the initial weights, the data order and the \
+             augmentation; compression variant k starts from the baseline's run k); the table's `seeds` \
+             column counts the finished runs each figure rests on. Figures are means ± the half-width of \
+             a 95% Student-t interval over the seeds. A difference from the baseline (or a control) is \
+             tested on runs paired by seed — the 95% t interval of the per-seed differences (the paired \
+             t-test), since runs with the same seed share the data order and augmentation (and the initial \
+             weights where the networks match) — or with Welch's interval where the seeds do not pair up; \
+             it is called real only when that interval excludes zero (the two-sided test at the 5% \
+             level); otherwise the reading says no difference was shown, which is not evidence of no \
+             difference.",
+            report.repeats
+        )
+    };
+    if let (Some(p), Some(n)) = (base.estimate(|r| r.top1), base.done().find_map(|r| r.test_images)) {
+        let half = 1.96 * (p.mean * (1.0 - p.mean) / n.max(1) as f64).sqrt();
+        let _ = write!(
+            s,
+            " Every run is scored on the same {n} test images: the intervals cover seed-to-seed variation \
+             on them, not how well {n} images stand for the population (about ±{:.1} points, binomial, at \
+             the baseline's {:.1}%), which shifts every variant alike.",
+            100.0 * half,
+            100.0 * p.mean
+        );
+    }
+    let probes = brisk_schema::TrainConfig::from_toml_str(&report.baseline_config, "baseline")
+        .ok()
+        .map(|c| c.eval)
+        .filter(|e| e.probe_every_steps > 0);
+    match probes {
+        Some(e) => {
+            let _ = write!(
+                s,
+                " Time to the baseline's accuracy is training time (probes and evaluations excluded) until \
+                 the first probe (top-1 on the first {} test images every {} updates) or evaluation at or \
+                 above the baseline's mean final top-1, averaged over the runs that got there.",
+                e.probe_images, e.probe_every_steps
+            );
+        }
+        None => s.push_str(
+            " Time to the baseline's accuracy is training time until the first evaluation (once per epoch, \
+             so coarse) at or above the baseline's mean final top-1.",
+        ),
+    }
+    s
+}
+
+/// The report's reading: one plain sentence per variant against the baseline (and its
+/// control), each difference tested as `method` says. Generated from the numbers.
 fn reading(report: &Report) -> Vec<String> {
     let Some(base) = report.baseline() else {
         return vec!["The baseline did not finish, so nothing can be compared.".into()];
     };
-    let mut out = vec![format!(
-        "One run per variant on a shared {}-core machine: speed differences under about 10% and \
-         accuracy differences under about 1 point are within run-to-run noise here. Time to the \
-         baseline's accuracy is measured at the evaluations (once per epoch), so it is coarse.",
-        report.machine.cores
-    )];
+    let mut out = vec![method(report, base)];
     for v in report.variants.iter().filter(|v| v.name != BASELINE) {
-        if v.status != Status::Done {
+        if v.status() != Status::Done {
             out.push(format!(
                 "**{}** was {}: {}",
                 v.name,
-                v.status.name(),
-                v.reason.as_deref().unwrap_or("").lines().next().unwrap_or("")
+                v.status().name(),
+                v.reason().unwrap_or("").lines().next().unwrap_or("")
             ));
             continue;
         }
-        let mut parts = accuracy_and_speed(v, base);
-        parts.extend(costs(v, base));
-        let control = v.control.as_ref().and_then(|c| {
-            report
-                .variants
-                .iter()
-                .find(|x| &x.name == c && x.status == Status::Done)
-        });
-        if let (Some(c), Some(a), Some(b)) = (control, v.top1, control.and_then(|c| c.top1)) {
-            parts.push(format!(
-                "{:+.2} points against {} ({})",
-                100.0 * (a - b),
-                c.name,
-                pct(c.top1)
-            ));
+        let mut sentence = format!(
+            "**{}**, {} — against the baseline{}: {}",
+            v.name,
+            v.note,
+            basis(v, base),
+            accuracy_and_speed(v, base, report.target()).join("; ")
+        );
+        let costs = costs(v, base);
+        if !costs.is_empty() {
+            let _ = write!(sentence, "; {}", costs.join("; "));
+        }
+        if let Some(c) = v.control.as_deref().and_then(|c| report.done(c)) {
+            if let Some(acc) = accuracy(v, c, &c.name) {
+                let _ = write!(
+                    sentence,
+                    ". Against {} ({}){}: {acc}",
+                    c.name,
+                    c.note,
+                    basis(v, c)
+                );
+            }
         }
         if let Some(t) = &v.pytorch {
-            parts.push(format!(
-                "brisk/PyTorch step speed {:.2} ({:.0} vs {:.0} img/s)",
+            let _ = write!(
+                sentence,
+                ". brisk/PyTorch step speed {:.2} ({:.0} vs {:.0} img/s)",
                 t.ratio, t.brisk_img_per_s, t.torch_img_per_s
-            ));
+            );
         }
-        out.push(format!("**{}**, {}: {}.", v.name, v.note, parts.join("; ")));
+        sentence.push('.');
+        out.push(sentence);
     }
     out
 }
 
-/// The reading's accuracy, speed and time-to-accuracy phrases for a variant.
-fn accuracy_and_speed(v: &VariantResult, base: &VariantResult) -> Vec<String> {
-    let mut parts = Vec::new();
-    if let (Some(a), Some(b)) = (v.top1, base.top1) {
-        let d = 100.0 * (a - b);
-        parts.push(if d.abs() < 1.0 {
-            format!("accuracy within a point of the baseline ({d:+.2})")
-        } else if d > 0.0 {
-            format!("accuracy {d:+.2} points better")
-        } else {
-            format!("accuracy {d:+.2} points worse")
-        });
+/// Which comparison a sentence makes, for training runs: epochs and updates against
+/// `other`'s ("at equal epochs, 2.00x its updates").
+fn basis(v: &Variant, other: &Variant) -> String {
+    if v.kind != Kind::Train || other.kind != Kind::Train {
+        return String::new();
     }
+    let epochs = |x: &Variant| mean(x, |r| r.epochs.map(|e| e as f64));
+    let updates = |x: &Variant| mean(x, |r| r.updates.map(|u| u as f64));
+    let (Some(ea), Some(eb), Some(ua), Some(ub)) = (epochs(v), epochs(other), updates(v), updates(other))
+    else {
+        return String::new();
+    };
+    let part = |a: f64, b: f64, what: &str| {
+        if (a / b - 1.0).abs() < 0.05 {
+            format!("equal {what}")
+        } else {
+            format!("{:.2}x its {what}", a / b)
+        }
+    };
+    format!(" ({}, {})", part(ea, eb, "epochs"), part(ua, ub, "updates"))
+}
+
+/// A difference in words: "+1.20 points (95% CI +0.40 to +2.00, paired by seed)".
+fn interval_words(d: &Difference, scale: f64, unit: &str) -> String {
+    let m = scale * d.mean;
+    let test = match d.test {
+        Test::Paired => "paired by seed",
+        Test::Welch => "Welch",
+    };
+    match d.half {
+        Some(h) => format!(
+            "{m:+.2}{unit} (95% CI {:+.2} to {:+.2}, {test})",
+            m - scale * h,
+            m + scale * h
+        ),
+        None => format!("{m:+.2}{unit}"),
+    }
+}
+
+/// The accuracy phrase against `other` (named `what`).
+fn accuracy(v: &Variant, other: &Variant, what: &str) -> Option<String> {
+    let d = Difference::of(&v.by_seed(|r| r.top1), &other.by_seed(|r| r.top1))?;
+    let words = interval_words(&d, 100.0, " points");
+    Some(match d.verdict() {
+        Verdict::Higher => format!("accuracy higher than {what}'s, {words}"),
+        Verdict::Lower => format!("accuracy lower than {what}'s, {words}"),
+        Verdict::Unclear => format!("no accuracy difference from {what} shown, {words}"),
+        Verdict::Untested => format!("accuracy {words} (one run: not tested)"),
+    })
+}
+
+/// The reading's accuracy, speed and time-to-accuracy phrases for a variant.
+fn accuracy_and_speed(v: &Variant, base: &Variant, target: Option<f64>) -> Vec<String> {
+    let mut parts: Vec<String> = accuracy(v, base, "the baseline").into_iter().collect();
     if v.kind != Kind::Train {
         return parts;
     }
-    if let (Some(a), Some(b)) = (v.img_per_s, base.img_per_s) {
-        let r = a / b;
-        parts.push(if (r - 1.0).abs() < 0.1 {
-            format!("training speed about the same ({r:.2}x img/s)")
-        } else if r > 1.0 {
-            format!("{r:.2}x the baseline's img/s")
-        } else {
-            format!("slower: {r:.2}x the baseline's img/s")
+    let speed = Difference::of(&v.by_seed(|r| r.img_per_s), &base.by_seed(|r| r.img_per_s));
+    if let (Some(d), Some(a), Some(b)) = (speed, v.estimate(|r| r.img_per_s), base.estimate(|r| r.img_per_s))
+    {
+        let r = a.mean / b.mean;
+        let range = d.half.map_or(String::new(), |h| {
+            format!(
+                " (95% CI {:.2}x to {:.2}x)",
+                1.0 + (d.mean - h) / b.mean,
+                1.0 + (d.mean + h) / b.mean
+            )
+        });
+        parts.push(match d.verdict() {
+            Verdict::Higher => format!("faster: {r:.2}x the baseline's img/s{range}"),
+            Verdict::Lower => format!("slower: {r:.2}x the baseline's img/s{range}"),
+            Verdict::Unclear => format!("no speed difference shown: {r:.2}x the baseline's img/s{range}"),
+            Verdict::Untested => format!("{r:.2}x the baseline's img/s (one run: not tested)"),
         });
     }
-    let target = base.top1;
-    match (
-        target.and_then(|t| v.time_to(t)),
-        target.and_then(|t| base.time_to(t)),
-    ) {
-        (Some(t), Some(tb)) => parts.push(format!(
-            "reached the baseline's final accuracy after {t:.0} s ({:.2}x)",
-            t / tb
+    let Some(t) = target else {
+        return parts;
+    };
+    let (e, reached, n) = v.time_to(t);
+    let (eb, _, _) = base.time_to(t);
+    let reached_at = |x: &Variant| x.by_seed(|r| r.time_to(t));
+    match (e, eb, Difference::of(&reached_at(v), &reached_at(base))) {
+        (Some(e), Some(eb), Some(d)) => {
+            let verdict = match d.verdict() {
+                Verdict::Higher => "later, the interval says",
+                Verdict::Lower => "sooner, the interval says",
+                Verdict::Unclear => "no difference shown",
+                Verdict::Untested => "not tested",
+            };
+            let some = if reached < n {
+                format!(" in {reached} of {n} runs")
+            } else {
+                String::new()
+            };
+            parts.push(format!(
+                "reached the baseline's accuracy{some} after {} s of training ({:.2}x the baseline's time; {verdict})",
+                estimate(Some(e), 1.0, 0),
+                e.mean / eb.mean
+            ));
+        }
+        _ => parts.push(format!(
+            "did not reach the baseline's final accuracy in any of its {n} runs"
         )),
-        _ if target.is_some() => parts.push("did not reach the baseline's final accuracy".into()),
-        _ => {}
     }
     parts
 }
 
 /// The reading's size, MACs and memory phrases, when they differ from the baseline's.
-fn costs(v: &VariantResult, base: &VariantResult) -> Vec<String> {
+fn costs(v: &Variant, base: &Variant) -> Vec<String> {
     let mut parts = Vec::new();
-    if let (Some(a), Some(b)) = (v.bytes, base.bytes) {
-        let r = a as f64 / b as f64;
+    let r = |f: fn(&RunResult) -> Option<f64>| Some(mean(v, f)? / mean(base, f)?);
+    if let Some(r) = r(|x| x.bytes.map(|b| b as f64)) {
         if (r - 1.0).abs() >= 0.05 {
             parts.push(format!("model file {r:.2}x the baseline's"));
         }
     }
-    if let (Some(a), Some(b)) = (v.macs, base.macs) {
-        let r = a as f64 / b as f64;
+    if let Some(r) = r(|x| x.macs.map(|b| b as f64)) {
         if (r - 1.0).abs() >= 0.05 {
             parts.push(format!("{r:.2}x the MACs"));
         }
     }
     // Peak memory compares training processes only (a quantiser is no training run).
-    if let (Kind::Train, Some(a), Some(b)) = (v.kind, v.peak_rss_mib, base.peak_rss_mib) {
-        let r = a / b;
+    if let (Kind::Train, Some(r)) = (v.kind, r(|x| x.peak_rss_mib)) {
         if (r - 1.0).abs() >= 0.1 {
             parts.push(format!("peak memory {r:.2}x"));
         }
@@ -341,7 +519,7 @@ fn markdown(report: &Report) -> String {
         report.machine.os,
         report.data
     );
-    let _ = writeln!(s, "## Results\n\nRatios in brackets are against the baseline.\n");
+    let _ = writeln!(s, "## Results\n\n{}\n", results_caption(report));
     let _ = writeln!(s, "| {} |", COLUMNS.join(" | "));
     let _ = writeln!(s, "|{}|", COLUMNS.map(|_| "---").join("|"));
     for r in &table(report) {
@@ -358,7 +536,7 @@ fn markdown(report: &Report) -> String {
     s.push_str(&torch_section(report));
     let _ = writeln!(
         s,
-        "\n## Plots\n\n![accuracy vs wall time](accuracy_vs_time.svg)\n\n![training speed](speed.svg)\n\n![model size](size.svg)\n\n![accuracy](accuracy.svg)\n"
+        "\n## Plots\n\n![accuracy vs training time](accuracy_vs_time.svg)\n\n![training speed](speed.svg)\n\n![model size](size.svg)\n\n![accuracy](accuracy.svg)\n"
     );
     let _ = writeln!(
         s,
@@ -367,8 +545,8 @@ fn markdown(report: &Report) -> String {
     );
     let _ = writeln!(
         s,
-        "Each variant's full config, command output and run folder are in `reports/{}/runs/VARIANT/`; \
-         the numbers above are in results.json and results.csv.",
+        "Each run's full config, command output and run folder are in `reports/{}/runs/VARIANT/seed-S/`; \
+         the numbers above are in results.json, results.csv (one row per variant) and runs.csv (one row per run).",
         report.experiment
     );
     s
@@ -409,32 +587,48 @@ fn csv_field(s: &str) -> String {
     }
 }
 
+/// One row per variant: means and 95% half-widths.
 fn csv(report: &Report) -> String {
     let mut s = String::from(
-        "variant,kind,ranks,status,top1,top5,best_top1,wall_s,train_s,time_to_baseline_top1_s,img_per_s,data_wait,updates,params,macs,bytes,peak_rss_mib,torch_img_per_s,brisk_over_torch\n",
+        "variant,kind,ranks,status,seeds,top1,top1_half,delta_top1,delta_top1_half,delta_top1_verdict,best_top1,wall_s,train_s,\
+         time_to_baseline_top1_s,reached,img_per_s,img_per_s_half,data_wait,updates,params,macs,bytes,peak_rss_mib,\
+         torch_img_per_s,brisk_over_torch\n",
     );
-    let target = report.baseline().and_then(|b| b.top1);
+    let target = report.target();
+    let base_top1 = report.baseline().map(|b| b.by_seed(|r| r.top1));
     let f = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v}"));
-    let u = |v: Option<u64>| v.map_or(String::new(), |v| v.to_string());
     for v in &report.variants {
+        let top1 = v.estimate(|r| r.top1);
+        let delta = base_top1
+            .as_ref()
+            .and_then(|b| Difference::of(&v.by_seed(|r| r.top1), b));
+        let (tta, reached, n) = target.map_or((None, 0, 0), |t| v.time_to(t));
+        let ips = v.estimate(|r| r.img_per_s);
+        let m = |g: fn(&RunResult) -> Option<f64>| f(mean(v, g));
         let row = [
             csv_field(&v.name),
             v.kind.name().to_string(),
             v.ranks.to_string(),
-            v.status.name().to_string(),
-            f(v.top1),
-            f(v.top5),
-            f(v.best_top1),
-            f((v.status == Status::Done).then_some(v.wall_s)),
-            f(v.train_s),
-            f(target.and_then(|t| v.time_to(t))),
-            f(v.img_per_s),
-            f(v.data_wait),
-            u(v.updates),
-            u(v.params),
-            u(v.macs),
-            u(v.bytes),
-            f(v.peak_rss_mib),
+            v.status().name().to_string(),
+            v.done().count().to_string(),
+            f(top1.map(|e| e.mean)),
+            f(top1.and_then(|e| e.half)),
+            f(delta.map(|d| d.mean)),
+            f(delta.and_then(|d| d.half)),
+            delta.map_or(String::new(), |d| format!("{:?}", d.verdict()).to_lowercase()),
+            m(|r| r.best_top1),
+            m(|r| Some(r.wall_s)),
+            m(|r| r.train_s),
+            f(tta.map(|e| e.mean)),
+            format!("{reached}/{n}"),
+            f(ips.map(|e| e.mean)),
+            f(ips.and_then(|e| e.half)),
+            m(|r| r.data_wait),
+            m(|r| r.updates.map(|u| u as f64)),
+            m(|r| r.params.map(|u| u as f64)),
+            m(|r| r.macs.map(|u| u as f64)),
+            m(|r| r.bytes.map(|u| u as f64)),
+            m(|r| r.peak_rss_mib),
             f(v.pytorch.as_ref().map(|t| t.torch_img_per_s)),
             f(v.pytorch.as_ref().map(|t| t.ratio)),
         ];
@@ -442,6 +636,54 @@ fn csv(report: &Report) -> String {
         s.push('\n');
     }
     s
+}
+
+/// One row per run.
+fn runs_csv(report: &Report) -> String {
+    let mut s = String::from(
+        "variant,seed,status,top1,best_top1,wall_s,train_s,time_to_baseline_top1_s,img_per_s,data_wait,updates,params,macs,bytes,peak_rss_mib\n",
+    );
+    let target = report.target();
+    let f = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v}"));
+    let u = |v: Option<u64>| v.map_or(String::new(), |v| v.to_string());
+    for v in &report.variants {
+        for r in &v.runs {
+            let row = [
+                csv_field(&v.name),
+                r.seed.to_string(),
+                r.status.name().to_string(),
+                f(r.top1),
+                f(r.best_top1),
+                f((r.status == Status::Done).then_some(r.wall_s)),
+                f(r.train_s),
+                f(target.and_then(|t| r.time_to(t))),
+                f(r.img_per_s),
+                f(r.data_wait),
+                u(r.updates),
+                u(r.params),
+                u(r.macs),
+                u(r.bytes),
+                f(r.peak_rss_mib),
+            ];
+            s.push_str(&row.join(","));
+            s.push('\n');
+        }
+    }
+    s
+}
+
+/// What the results table shows.
+fn results_caption(report: &Report) -> String {
+    if report.repeats < 2 {
+        "One run per variant. Ratios in brackets are against the baseline.".into()
+    } else {
+        format!(
+            "Means over {} seeds ± the half-width of their 95% interval; Δ top-1 is the difference from the \
+             baseline with its 95% interval, runs paired by seed (higher / lower: the interval excludes zero; \
+             not shown: it does not). Ratios in brackets are of the means, against the baseline's.",
+            report.repeats
+        )
+    }
 }
 
 fn escape(s: &str) -> String {
@@ -482,7 +724,11 @@ fn html(report: &Report, dir: &Path) -> Result<String> {
         escape(&report.machine.os),
         escape(&report.data)
     );
-    s.push_str("<h2>Results</h2><p>Ratios in brackets are against the baseline.</p><table><tr>");
+    let _ = write!(
+        s,
+        "<h2>Results</h2><p>{}</p><table><tr>",
+        escape(&results_caption(report))
+    );
     for h in COLUMNS {
         let _ = write!(s, "<th>{}</th>", escape(h));
     }
@@ -517,8 +763,11 @@ fn html(report: &Report, dir: &Path) -> Result<String> {
 
 const PLOTS: [&str; 4] = ["accuracy_vs_time.svg", "speed.svg", "size.svg", "accuracy.svg"];
 
-/// A bar per item.
-fn bars(path: &Path, title: &str, unit: &str, items: &[(String, f64)]) -> Result<()> {
+/// One bar of a bar chart: a name, a mean and the half-width of its interval.
+type Bar = (String, f64, Option<f64>);
+
+/// A bar per item, with its 95% interval as a whisker when there is one.
+fn bars(path: &Path, title: &str, unit: &str, items: &[Bar]) -> Result<()> {
     let root = SVGBackend::new(path, (960, 460)).into_drawing_area();
     root.fill(&WHITE)?;
     if items.is_empty() {
@@ -526,7 +775,12 @@ fn bars(path: &Path, title: &str, unit: &str, items: &[(String, f64)]) -> Result
         root.present()?;
         return Ok(());
     }
-    let top = items.iter().map(|i| i.1).fold(0.0, f64::max).max(1e-9) * 1.15;
+    let top = items
+        .iter()
+        .map(|i| i.1 + i.2.unwrap_or(0.0))
+        .fold(0.0, f64::max)
+        .max(1e-9)
+        * 1.15;
     let mut chart = ChartBuilder::on(&root)
         .caption(title, ("sans-serif", 20))
         .margin(12)
@@ -544,7 +798,7 @@ fn bars(path: &Path, title: &str, unit: &str, items: &[(String, f64)]) -> Result
             _ => String::new(),
         })
         .draw()?;
-    chart.draw_series(items.iter().enumerate().map(|(i, (_, v))| {
+    chart.draw_series(items.iter().enumerate().map(|(i, (_, v, _))| {
         let mut bar = Rectangle::new(
             [(SegmentValue::Exact(i), 0.0), (SegmentValue::Exact(i + 1), *v)],
             Palette99::pick(i).filled(),
@@ -552,13 +806,24 @@ fn bars(path: &Path, title: &str, unit: &str, items: &[(String, f64)]) -> Result
         bar.set_margin(0, 0, 6, 6);
         bar
     }))?;
-    let label = TextStyle::from(("sans-serif", 11).into_font()).pos(Pos::new(HPos::Center, VPos::Bottom));
-    chart.draw_series(
-        items
-            .iter()
-            .enumerate()
-            .map(|(i, (_, v))| Text::new(format_value(*v), (SegmentValue::CenterOf(i), *v), label.clone())),
-    )?;
+    chart.draw_series(items.iter().enumerate().filter_map(|(i, (_, v, half))| {
+        let h = (*half)?;
+        Some(PathElement::new(
+            vec![
+                (SegmentValue::CenterOf(i), (v - h).max(0.0)),
+                (SegmentValue::CenterOf(i), v + h),
+            ],
+            BLACK.stroke_width(2),
+        ))
+    }))?;
+    let label = TextStyle::from(("sans-serif", 11).into_font()).pos(Pos::new(HPos::Left, VPos::Bottom));
+    chart.draw_series(items.iter().enumerate().map(|(i, (_, v, half))| {
+        let text = match half {
+            Some(h) => format!("{} ± {}", format_value(*v), format_value(*h)),
+            None => format_value(*v),
+        };
+        Text::new(text, (SegmentValue::CenterOf(i), *v), label.clone())
+    }))?;
     root.present()?;
     Ok(())
 }
@@ -573,34 +838,33 @@ fn format_value(v: f64) -> String {
     }
 }
 
-/// Test top-1 against wall time, one line per training variant.
+/// (training seconds, top-1 %) points of one run.
+type Curve = Vec<(f64, f64)>;
+
+/// Test top-1 (probes and evaluations) against training time, one colour per training
+/// variant and one line per seed.
 fn accuracy_vs_time(path: &Path, report: &Report) -> Result<()> {
-    let series: Vec<(&str, Vec<(f64, f64)>)> = report
+    let series: Vec<(&str, Vec<Curve>)> = report
         .variants
         .iter()
-        .filter(|v| v.kind == Kind::Train && !v.curve.is_empty())
+        .filter(|v| v.kind == Kind::Train && v.done().any(|r| !r.curve.is_empty()))
         .map(|v| {
             (
                 v.name.as_str(),
-                v.curve.iter().map(|(t, a)| (*t, 100.0 * a)).collect(),
+                v.done()
+                    .map(|r| r.curve.iter().map(|(t, a)| (*t, 100.0 * a)).collect())
+                    .collect(),
             )
         })
         .collect();
+    let points = || series.iter().flat_map(|s| s.1.iter().flatten());
     let root = SVGBackend::new(path, (960, 540)).into_drawing_area();
     root.fill(&WHITE)?;
-    let xmax = series
-        .iter()
-        .flat_map(|s| s.1.iter().map(|p| p.0))
-        .fold(1.0, f64::max)
-        * 1.05;
-    let ymin = series
-        .iter()
-        .flat_map(|s| s.1.iter().map(|p| p.1))
-        .fold(100.0, f64::min)
-        .min(90.0);
+    let xmax = points().map(|p| p.0).fold(1.0, f64::max) * 1.05;
+    let ymin = points().map(|p| p.1).fold(100.0, f64::min).min(90.0);
     let mut chart = ChartBuilder::on(&root)
         .caption(
-            "Test top-1 against wall time (training variants)",
+            "Test top-1 against training time (training variants, every seed)",
             ("sans-serif", 20),
         )
         .margin(12)
@@ -609,16 +873,19 @@ fn accuracy_vs_time(path: &Path, report: &Report) -> Result<()> {
         .build_cartesian_2d(0.0..xmax, (ymin - 2.0).max(0.0)..100.0)?;
     chart
         .configure_mesh()
-        .x_desc("seconds since the run started")
+        .x_desc("training seconds (evaluations excluded)")
         .y_desc("test top-1 (%)")
         .draw()?;
-    for (i, (name, pts)) in series.iter().enumerate() {
+    for (i, (name, runs)) in series.iter().enumerate() {
         let color = Palette99::pick(i).to_rgba();
-        chart
-            .draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2)))?
-            .label(*name)
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
-        chart.draw_series(pts.iter().map(|p| Circle::new(*p, 3, color.filled())))?;
+        for (k, pts) in runs.iter().enumerate() {
+            let line = chart.draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2)))?;
+            if k == 0 {
+                line.label(*name)
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
+            }
+            chart.draw_series(pts.iter().map(|p| Circle::new(*p, 2, color.filled())))?;
+        }
     }
     if !series.is_empty() {
         chart
@@ -632,38 +899,46 @@ fn accuracy_vs_time(path: &Path, report: &Report) -> Result<()> {
     Ok(())
 }
 
-/// Writes report.md, report.html, results.json, results.csv and the plots into `dir`.
+/// Writes report.md, report.html, results.json, results.csv, runs.csv and the plots
+/// into `dir`.
 pub fn write(report: &Report, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let done: Vec<&VariantResult> = report
+    let done: Vec<&Variant> = report
         .variants
         .iter()
-        .filter(|v| v.status == Status::Done)
+        .filter(|v| v.status() == Status::Done)
         .collect();
     accuracy_vs_time(&dir.join(PLOTS[0]), report)?;
-    let speed: Vec<(String, f64)> = done
-        .iter()
-        .filter_map(|v| Some((v.name.clone(), v.img_per_s?)))
-        .collect();
+    let bar = |scale: f64, figure: fn(&RunResult) -> Option<f64>| -> Vec<Bar> {
+        done.iter()
+            .filter_map(|v| {
+                let e = v.estimate(figure)?;
+                Some((v.name.clone(), scale * e.mean, e.half.map(|h| scale * h)))
+            })
+            .collect()
+    };
     bars(
         &dir.join(PLOTS[1]),
-        "Training images/s (fine-tuning for pruned and distilled models)",
+        "Training images/s (fine-tuning for pruned and distilled models), 95% intervals",
         "img/s",
-        &speed,
+        &bar(1.0, |r| r.img_per_s),
     )?;
-    let size: Vec<(String, f64)> = done
-        .iter()
-        .filter_map(|v| Some((v.name.clone(), v.bytes? as f64 / 1e6)))
-        .collect();
-    bars(&dir.join(PLOTS[2]), "Model file size", "MB", &size)?;
-    let acc: Vec<(String, f64)> = done
-        .iter()
-        .filter_map(|v| Some((v.name.clone(), 100.0 * v.top1?)))
-        .collect();
-    bars(&dir.join(PLOTS[3]), "Final test top-1", "%", &acc)?;
+    bars(
+        &dir.join(PLOTS[2]),
+        "Model file size",
+        "MB",
+        &bar(1e-6, |r| r.bytes.map(|b| b as f64)),
+    )?;
+    bars(
+        &dir.join(PLOTS[3]),
+        "Final test top-1, 95% intervals",
+        "%",
+        &bar(100.0, |r| r.top1),
+    )?;
     std::fs::write(dir.join("report.md"), markdown(report))?;
     std::fs::write(dir.join("results.json"), serde_json::to_string_pretty(report)?)?;
     std::fs::write(dir.join("results.csv"), csv(report))?;
+    std::fs::write(dir.join("runs.csv"), runs_csv(report))?;
     std::fs::write(dir.join("report.html"), html(report, dir)?)?;
     Ok(())
 }
@@ -672,25 +947,43 @@ pub fn write(report: &Report, dir: &Path) -> Result<()> {
 mod tests {
     use super::*;
 
-    fn variant(name: &str, kind: Kind, top1: f64, ips: f64, bytes: u64) -> VariantResult {
-        let mut v = VariantResult::new(name, "a change", kind, "h", 1);
-        v.wall_s = 100.0;
-        v.top1 = Some(top1);
-        v.best_top1 = Some(top1);
-        v.img_per_s = Some(ips);
-        v.bytes = Some(bytes);
-        v.params = Some(1000);
-        v.macs = Some(5000);
-        v.peak_rss_mib = Some(300.0);
-        if kind == Kind::Train {
-            v.curve = vec![(40.0, top1 - 0.1), (90.0, top1)];
+    /// A variant whose runs (seeds 0, 1, …) reached `top1s`, at `ips` img/s (±1 per
+    /// seed), each reaching its final accuracy at 90 s of training.
+    fn variant(name: &str, kind: Kind, top1s: &[f64], ips: f64, bytes: u64) -> Variant {
+        let runs = top1s
+            .iter()
+            .enumerate()
+            .map(|(k, &top1)| {
+                let mut r = RunResult::new(k as u64, "h");
+                r.wall_s = 100.0;
+                r.top1 = Some(top1);
+                r.best_top1 = Some(top1);
+                r.img_per_s = Some(ips + k as f64 - 1.0);
+                r.bytes = Some(bytes);
+                r.params = Some(1000);
+                r.macs = Some(5000);
+                r.epochs = Some(4);
+                r.updates = Some(100);
+                r.test_images = Some(1000);
+                r.peak_rss_mib = Some(300.0);
+                if kind == Kind::Train {
+                    r.curve = vec![(40.0, top1 - 0.1), (90.0, top1)];
+                }
+                r
+            })
+            .collect();
+        Variant {
+            name: name.into(),
+            note: "a change".into(),
+            kind,
+            ranks: 1,
+            control: None,
+            runs,
+            pytorch: None,
         }
-        v
     }
 
-    fn report() -> Report {
-        let mut skipped = VariantResult::new("two-ranks", "2 MPI ranks", Kind::Train, "h", 2);
-        skipped.skip("MPI is not installed: apt-get install libopenmpi-dev openmpi-bin".into());
+    fn report(repeats: usize, variants: Vec<Variant>) -> Report {
         Report {
             experiment: "tiny".into(),
             description: "A tiny experiment.".into(),
@@ -699,40 +992,65 @@ mod tests {
             elapsed_s: 123.0,
             git: "abc".into(),
             machine: Machine::read(),
+            repeats,
             baseline_config: "epochs = 1\n".into(),
-            variants: vec![
-                variant(BASELINE, Kind::Train, 0.90, 100.0, 4000),
-                variant("faster", Kind::Train, 0.905, 150.0, 4000),
-                variant("int8", Kind::Quantize, 0.80, 0.0, 1000),
-                skipped,
-            ],
+            variants,
         }
+    }
+
+    /// The reading's sentence about `name`.
+    fn sentence<'a>(lines: &'a [String], name: &str) -> &'a str {
+        lines
+            .iter()
+            .find(|l| l.starts_with(&format!("**{name}**")))
+            .map_or("", String::as_str)
     }
 
     #[test]
     fn a_report_has_every_file_and_says_what_it_measured() -> Result<()> {
         let dir = tempfile::tempdir()?;
-        let r = report();
+        let mut skipped = variant("two-ranks", Kind::Train, &[0.9], 100.0, 4000);
+        skipped.runs[0].skip("MPI is not installed: apt-get install libopenmpi-dev openmpi-bin".into());
+        let r = report(
+            3,
+            vec![
+                variant(BASELINE, Kind::Train, &[0.89, 0.90, 0.91], 100.0, 4000),
+                variant("faster", Kind::Train, &[0.895, 0.905, 0.915], 150.0, 4000),
+                variant("int8", Kind::Quantize, &[0.79, 0.80, 0.81], 0.0, 1000),
+                skipped,
+            ],
+        );
         write(&r, dir.path())?;
-        for f in ["report.md", "report.html", "results.json", "results.csv"]
-            .iter()
-            .chain(PLOTS.iter())
+        for f in [
+            "report.md",
+            "report.html",
+            "results.json",
+            "results.csv",
+            "runs.csv",
+        ]
+        .iter()
+        .chain(PLOTS.iter())
         {
             let len = std::fs::metadata(dir.path().join(f))?.len();
             assert!(len > 100, "{f} is nearly empty");
         }
         let md = std::fs::read_to_string(dir.path().join("report.md"))?;
-        // Ratios come from the numbers: 150 / 100 img/s, 1000 / 4000 bytes.
-        assert!(md.contains("150 (1.50x)"), "{md}");
+        // Means and intervals come from the numbers: img/s 149, 150, 151 → 150 ± 2.48
+        // (t(0.975, 2) = 4.303, sd 1); 1000 / 4000 bytes.
+        assert!(md.contains("150 ± 2 (1.50x)"), "{md}");
         assert!(md.contains("(0.25x)"), "{md}");
-        assert!(md.contains("1.50x the baseline's img/s"), "{md}");
-        assert!(md.contains("accuracy -10.00 points worse"), "{md}");
+        assert!(md.contains("faster: 1.50x the baseline's img/s"), "{md}");
+        assert!(
+            md.contains("accuracy lower than the baseline's, -10.00 points"),
+            "{md}"
+        );
         assert!(
             md.contains("two-ranks** was skipped: MPI is not installed"),
             "{md}"
         );
-        // Time to the baseline's 90%: the faster variant got there at its second eval.
-        assert!(md.contains("90 s (1.00x)"), "{md}");
+        assert!(md.contains("Each variant ran with 3 seeds"), "{md}");
+        // Time to the baseline's 90%: every run got there at its second point.
+        assert!(md.contains("90 ± 0 (1.00x)"), "{md}");
         let html = std::fs::read_to_string(dir.path().join("report.html"))?;
         assert!(html.contains("<svg") && html.contains("<table>"));
         assert!(!html.contains("<?xml"));
@@ -743,10 +1061,117 @@ mod tests {
         assert!(csv
             .lines()
             .nth(3)
-            .is_some_and(|l| l.starts_with("int8,quantize,1,done,0.8,")));
+            .is_some_and(|l| l.starts_with("int8,quantize,1,done,3,0.8")));
+        let runs = std::fs::read_to_string(dir.path().join("runs.csv"))?;
+        assert_eq!(runs.lines().count(), 1 + 3 + 3 + 3 + 1);
         let back: Report = serde_json::from_str(&std::fs::read_to_string(dir.path().join("results.json"))?)?;
         assert_eq!(back.variants.len(), 4);
-        assert_eq!(back.variants[3].status, Status::Skipped);
+        assert_eq!(back.variants[3].status(), Status::Skipped);
         Ok(())
+    }
+
+    /// The issue's check: a variant of known different accuracy is called different, one
+    /// drawn from the baseline's own distribution is not, and one run tests nothing.
+    #[test]
+    fn the_reading_calls_real_differences_and_only_those() {
+        // Five seeds each: the baseline around 70%, "better" around 78% (the same spread),
+        // "same" around 70% with other draws, "worse" around 66%.
+        let base = [0.701, 0.713, 0.694, 0.708, 0.699];
+        let r = report(
+            5,
+            vec![
+                variant(BASELINE, Kind::Train, &base, 100.0, 4000),
+                variant(
+                    "better",
+                    Kind::Train,
+                    &[0.772, 0.789, 0.781, 0.775, 0.786],
+                    100.0,
+                    4000,
+                ),
+                variant(
+                    "same",
+                    Kind::Train,
+                    &[0.706, 0.692, 0.710, 0.703, 0.697],
+                    100.0,
+                    4000,
+                ),
+                variant(
+                    "worse",
+                    Kind::Train,
+                    &[0.655, 0.668, 0.661, 0.649, 0.664],
+                    100.0,
+                    4000,
+                ),
+            ],
+        );
+        let lines = reading(&r);
+        assert!(
+            lines[0].contains("paired t-test"),
+            "the test is stated: {}",
+            lines[0]
+        );
+        assert!(lines[0].contains("1000 test images"), "{}", lines[0]);
+        let better = sentence(&lines, "better");
+        assert!(
+            better.contains("accuracy higher than the baseline's, +7.76 points"),
+            "{better}"
+        );
+        let same = sentence(&lines, "same");
+        assert!(
+            same.contains("no accuracy difference from the baseline shown"),
+            "{same}"
+        );
+        let worse = sentence(&lines, "worse");
+        assert!(worse.contains("accuracy lower than the baseline's"), "{worse}");
+        // Equal img/s (the same per-seed values) is no speed difference.
+        assert!(same.contains("no speed difference shown: 1.00x"), "{same}");
+        // The table marks the same verdicts.
+        let rows = table(&r);
+        assert!(rows[1][4].ends_with("(higher)"), "{:?}", rows[1]);
+        assert!(rows[2][4].ends_with("(not shown)"), "{:?}", rows[2]);
+        assert!(rows[3][4].ends_with("(lower)"), "{:?}", rows[3]);
+        // With one run each, nothing is tested, whatever the difference.
+        let one = report(
+            1,
+            vec![
+                variant(BASELINE, Kind::Train, &base[..1], 100.0, 4000),
+                variant("better", Kind::Train, &[0.772], 100.0, 4000),
+            ],
+        );
+        let lines = reading(&one);
+        assert!(lines[0].contains("no difference below is tested"), "{}", lines[0]);
+        assert!(sentence(&lines, "better").contains("(one run: not tested)"));
+    }
+
+    #[test]
+    fn a_control_comparison_names_its_basis() {
+        // A growing-batch-like variant: twice the baseline's updates, equal to its
+        // control's; better than the baseline, not shown against the control.
+        let mut grow = variant("grow", Kind::Train, &[0.80, 0.81, 0.79], 100.0, 4000);
+        grow.control = Some("small-batch".into());
+        let mut small = variant("small-batch", Kind::Train, &[0.805, 0.795, 0.80], 90.0, 4000);
+        for r in grow.runs.iter_mut().chain(small.runs.iter_mut()) {
+            r.updates = Some(200);
+        }
+        let r = report(
+            3,
+            vec![
+                variant(BASELINE, Kind::Train, &[0.70, 0.71, 0.69], 100.0, 4000),
+                grow,
+                small,
+            ],
+        );
+        let lines = reading(&r);
+        let s = sentence(&lines, "grow");
+        assert!(
+            s.contains("against the baseline (equal epochs, 2.00x its updates): accuracy higher"),
+            "{s}"
+        );
+        assert!(
+            s.contains(
+                "Against small-batch (a change) (equal epochs, equal updates): no accuracy difference"
+            ),
+            "{s}"
+        );
     }
 }

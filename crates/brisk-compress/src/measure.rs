@@ -26,7 +26,13 @@ pub fn nonzero_params(net: &Network) -> Result<u64> {
 /// `net`'s figures: evaluated on `data`'s test split, its size read from `file` (0 when
 /// the file is absent).
 pub fn measure(net: &Network, data: &Arc<Dataset>, file: &Path) -> Result<Figures> {
-    let r = brisk_train::evaluate(net, data, Split::Test, EVAL_BATCH, (0, 1), &mut |_| Ok(()))?;
+    let r = brisk_train::evaluate(
+        net,
+        data,
+        brisk_train::EvalScope::all(Split::Test, EVAL_BATCH),
+        (0, 1),
+        &mut |_| Ok(()),
+    )?;
     let spec = net.spec();
     Ok(Figures {
         params: nonzero_params(net)?,

@@ -89,6 +89,8 @@ pub struct FineTune {
     pub lr: f64,
     pub batch: usize,
     pub threads: Option<usize>,
+    /// Seed of the data order and augmentation (and of a distilled student's weights).
+    pub seed: u64,
 }
 
 impl FineTune {
@@ -98,6 +100,7 @@ impl FineTune {
             data: Some(data.to_path_buf()),
             out: Some(out.to_path_buf()),
             epochs: self.epochs.max(1),
+            seed: self.seed,
             threads: self.threads.unwrap_or(0),
             batch: BatchSchedule::Fixed { size: self.batch },
             lr: brisk_schema::LrConfig {

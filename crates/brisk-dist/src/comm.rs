@@ -38,6 +38,32 @@ pub fn broadcast_vec(comm: &dyn Communicator, bytes: &mut Vec<u8>, root: usize) 
     comm.broadcast_bytes(bytes, root)
 }
 
+/// This machine's host name (its UTS name: a container's or a namespace's own).
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown host".into())
+}
+
+/// Every rank's host name, by rank (each rank broadcasts its own in turn): which rank ran
+/// where, for messages about the job.
+pub fn rank_hosts(comm: &dyn Communicator) -> Result<Vec<String>> {
+    let mine = host_name();
+    (0..comm.world())
+        .map(|root| {
+            let mut bytes = if comm.rank() == root {
+                mine.clone().into_bytes()
+            } else {
+                Vec::new()
+            };
+            broadcast_vec(comm, &mut bytes, root)?;
+            Ok(String::from_utf8_lossy(&bytes).into_owned())
+        })
+        .collect()
+}
+
 /// The communicator of a single process: world 1, every operation the identity.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Local;
@@ -69,5 +95,20 @@ impl Communicator for Local {
     }
     fn abort(&self, code: i32) -> ! {
         std::process::exit(code)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::run_ranks;
+
+    #[test]
+    fn every_rank_learns_every_ranks_host() -> anyhow::Result<()> {
+        let hosts = run_ranks(3, |comm| Ok(rank_hosts(comm.as_ref())?))?;
+        // Three threads of one process: one host, the same list on every rank.
+        assert!(hosts.iter().all(|h| *h == vec![host_name(); 3]), "{hosts:?}");
+        assert_eq!(rank_hosts(&Local)?, vec![host_name()]);
+        Ok(())
     }
 }

@@ -21,7 +21,7 @@ pub mod nccl;
 #[cfg(test)]
 mod testing;
 
-pub use comm::{broadcast_vec, Communicator, Local};
+pub use comm::{broadcast_vec, host_name, rank_hosts, Communicator, Local};
 pub use error::{Error, Result};
 pub use fusion::{all_reduce_mean_fused, bench_all_reduce, AllReduceReport};
 pub use hook::{CommBatchNormSync, GradientAllReduce, DEFAULT_FUSION_BYTES};

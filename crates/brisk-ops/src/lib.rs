@@ -51,12 +51,50 @@ pub fn init_compute(threads: usize) -> candle_core::Result<()> {
     }
 }
 
-/// The compute threads a process gets when none are asked for: the host's cores shared
-/// by the `ranks_on_host` processes on it (so `mpirun -np 2` on two cores does not
-/// oversubscribe), at least one. The one place this default is decided.
+/// The compute threads a process gets when none are asked for, at least one. The one
+/// place this default is decided. A process bound to fewer cores than the host has (a
+/// launcher's binding, `taskset`) takes the cores it is bound to: that is its share.
+/// Otherwise the host's cores are shared by the `ranks_on_host` processes on it (so
+/// `mpirun -np 2 --bind-to none` on two cores does not oversubscribe).
 pub fn default_threads(ranks_on_host: usize) -> usize {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    (cores / ranks_on_host.max(1)).max(1)
+    let (usable, online) = cores();
+    threads_for(usable, online, ranks_on_host)
+}
+
+fn threads_for(usable: usize, online: usize, ranks_on_host: usize) -> usize {
+    if usable < online {
+        usable.max(1)
+    } else {
+        (online / ranks_on_host.max(1)).max(1)
+    }
+}
+
+/// (cores this process may run on, cores online on the host).
+pub fn cores() -> (usize, usize) {
+    let usable = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // SAFETY: sysconf has no preconditions; it returns -1 when the value is unknown.
+    let online = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    (usable, usize::try_from(online).map_or(usable, |n| n.max(usable)))
+}
+
+/// When `ranks_on_host` processes bound like this one leave most of the host idle (OpenMPI
+/// binds each of up to two ranks to one core by default), a sentence saying so and what to
+/// pass instead; `None` when the ranks' bindings cover the host.
+pub fn binding_warning(ranks_on_host: usize) -> Option<String> {
+    let (usable, online) = cores();
+    binding_warning_for(usable, online, ranks_on_host)
+}
+
+fn binding_warning_for(usable: usize, online: usize, ranks_on_host: usize) -> Option<String> {
+    (usable * ranks_on_host.max(1) < online).then(|| {
+        format!(
+            "this rank may run on {usable} of the host's {online} cores (the launcher bound it); \
+             with {ranks_on_host} rank(s) on this host, {} cores stay idle: pass `--bind-to none` to \
+             mpirun (each rank then takes {} threads) or `--map-by slot:PE=N`",
+            online - usable * ranks_on_host.max(1),
+            (online / ranks_on_host.max(1)).max(1)
+        )
+    })
 }
 
 /// Compute threads in use (the global pool's size).
@@ -85,15 +123,39 @@ pub fn keep_freed_memory() {
 
 #[cfg(test)]
 mod tests {
+    use super::{binding_warning_for, threads_for};
+
     #[test]
     fn the_cores_are_shared_by_the_ranks_on_a_host() {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        assert_eq!(super::default_threads(1), cores);
-        assert_eq!(super::default_threads(0), cores, "no ranks counts as one");
-        assert_eq!(
-            super::default_threads(cores * 4),
-            1,
-            "never fewer than one thread"
+        // Unbound (16 of 16 cores usable): the host's cores divided by its ranks.
+        assert_eq!(threads_for(16, 16, 1), 16);
+        assert_eq!(threads_for(16, 16, 0), 16, "no ranks counts as one");
+        assert_eq!(threads_for(16, 16, 4), 4);
+        assert_eq!(threads_for(2, 2, 8), 1, "never fewer than one thread");
+        // Bound by a launcher to 4 of 16 cores: those 4 are this rank's share.
+        assert_eq!(threads_for(4, 16, 4), 4);
+        assert_eq!(threads_for(1, 16, 2), 1);
+        // This process: whatever its binding, at least one thread, at most its cores.
+        let (usable, online) = super::cores();
+        assert!(usable >= 1 && online >= usable);
+        assert!((1..=usable).contains(&super::default_threads(1)));
+    }
+
+    #[test]
+    fn a_binding_that_leaves_cores_idle_is_explained() {
+        // OpenMPI's default for two ranks: each bound to one core of 16.
+        let w = binding_warning_for(1, 16, 2).unwrap_or_default();
+        assert!(
+            w.contains("1 of the host's 16 cores") && w.contains("14 cores stay idle"),
+            "{w}"
         );
+        assert!(
+            w.contains("--bind-to none") && w.contains("takes 8 threads"),
+            "{w}"
+        );
+        // Bindings that cover the host, or no binding: nothing to say.
+        assert_eq!(binding_warning_for(8, 16, 2), None);
+        assert_eq!(binding_warning_for(16, 16, 2), None);
+        assert_eq!(binding_warning_for(1, 2, 2), None);
     }
 }

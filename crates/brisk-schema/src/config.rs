@@ -95,6 +95,11 @@ pub struct ModelChoice {
     /// Width multiplier; by default the preset's or the file's own (1 for presets).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub width: Option<f64>,
+    /// Squeeze-and-excitation reduction ratio r (hidden width max(1, C / r)); by default
+    /// the preset's or the file's own (16). A narrow SE net needs a smaller r for its
+    /// units to keep real channels.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub se_ratio: Option<usize>,
 }
 
 impl Default for ModelChoice {
@@ -103,6 +108,7 @@ impl Default for ModelChoice {
             preset: "resnet18-cifar".into(),
             spec_file: None,
             width: None,
+            se_ratio: None,
         }
     }
 }
@@ -368,6 +374,13 @@ pub struct EvalSettings {
     pub every_epochs: usize,
     /// Images per evaluation batch. By default, 256.
     pub batch: usize,
+    /// Also measure test top-1 every this many updates on the first `probe_images` test
+    /// images (`probe` events: accuracy against training time at a finer grain than
+    /// epochs); 0: never. By default, 0.
+    pub probe_every_steps: u64,
+    /// Test images a probe evaluates (the first ones, the same every time). By default,
+    /// 512.
+    pub probe_images: usize,
 }
 
 impl Default for EvalSettings {
@@ -375,6 +388,8 @@ impl Default for EvalSettings {
         EvalSettings {
             every_epochs: 1,
             batch: 256,
+            probe_every_steps: 0,
+            probe_images: 512,
         }
     }
 }
@@ -547,6 +562,15 @@ impl TrainConfig {
         if self.eval.batch == 0 {
             return bad("eval.batch", "must be at least 1".into());
         }
+        if self.eval.probe_every_steps > 0 && self.eval.probe_images == 0 {
+            return bad(
+                "eval.probe_images",
+                "must be at least 1 when probes are on".into(),
+            );
+        }
+        if self.model.se_ratio == Some(0) {
+            return bad("model.se_ratio", "must be at least 1".into());
+        }
         if self.checkpoint.keep_last == 0 {
             return bad("checkpoint.keep_last", "must be at least 1".into());
         }
@@ -580,6 +604,9 @@ impl TrainConfig {
         };
         if let Some(w) = self.model.width {
             spec = spec.with_width(w);
+        }
+        if let Some(r) = self.model.se_ratio {
+            spec.se_ratio = r;
         }
         spec.classes = classes;
         spec.in_channels = in_channels;

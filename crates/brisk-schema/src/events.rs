@@ -69,6 +69,19 @@ pub enum Event {
         loss: f64,
         n: u64,
         elapsed_s: f64,
+        /// Training time so far (evaluations excluded).
+        #[serde(default)]
+        train_s: f64,
+    },
+    /// Test top-1 on the first `n` test images, every `eval.probe_every_steps` updates.
+    Probe {
+        epoch: usize,
+        step: u64,
+        top1: f64,
+        n: u64,
+        /// Training time so far (probes and evaluations excluded).
+        train_s: f64,
+        elapsed_s: f64,
     },
     /// A checkpoint was written.
     Checkpoint { step: u64, epoch: usize, path: PathBuf },
@@ -228,6 +241,7 @@ mod tests {
             loss: 1.5,
             n: 100,
             elapsed_s: 4.0,
+            train_s: 3.0,
         };
         let text = [step.clone(), eval.clone(), end.clone()]
             .iter()

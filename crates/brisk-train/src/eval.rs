@@ -68,17 +68,37 @@ fn add_batch(
     Ok(())
 }
 
-/// Evaluates `net` (eval mode: running statistics) on `split`, `batch` images at a time,
-/// on this rank's share (`rank` of `world`); `reduce` sums the per-rank figures across
-/// ranks in place (the identity for one process).
+/// What an evaluation reads: a split, in batches of `batch`, all of it or its first
+/// `limit` images (a probe's fixed subset).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EvalScope {
+    pub split: Split,
+    pub batch: usize,
+    pub limit: Option<usize>,
+}
+
+impl EvalScope {
+    /// The whole `split`, `batch` images at a time.
+    pub fn all(split: Split, batch: usize) -> Self {
+        EvalScope {
+            split,
+            batch,
+            limit: None,
+        }
+    }
+}
+
+/// Evaluates `net` (eval mode: running statistics) on `scope`, on this rank's share
+/// (`rank` of `world`); `reduce` sums the per-rank figures across ranks in place (the
+/// identity for one process).
 pub fn evaluate(
     net: &Network,
     data: &Arc<Dataset>,
-    split: Split,
-    batch: usize,
+    scope: EvalScope,
     (rank, world): (usize, usize),
     reduce: &mut dyn FnMut(&mut [f64]) -> Result<()>,
 ) -> Result<EvalReport> {
+    let EvalScope { split, batch, limit } = scope;
     let m = data.manifest();
     let classes = m.classes.len();
     net.spec()
@@ -108,8 +128,20 @@ pub fn evaluate(
         Ok(()) => Some(Engine::new(net)?),
         Err(_) => None,
     };
+    // This rank's share of a limited scope (ranks read interleaved images).
+    let mut left = limit.map_or(usize::MAX, |l| l.div_ceil(world.max(1)));
     for b in loader.epoch(0, batch, 0)? {
-        add_batch(net, engine.as_mut(), &b?, classes, &mut sums)?;
+        let mut b = b?;
+        if left == 0 {
+            break;
+        }
+        if b.len() > left {
+            let per_image = b.images.len() / b.len();
+            b.images.truncate(left * per_image);
+            b.labels.truncate(left);
+        }
+        left -= b.len();
+        add_batch(net, engine.as_mut(), &b, classes, &mut sums)?;
     }
     reduce(&mut sums)?;
     let n = sums[1];

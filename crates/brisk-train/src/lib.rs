@@ -22,7 +22,7 @@ pub use brisk_schema::{
     layout, BatchSchedule, Event, LrScaling, LrSchedule, LrShape, OptimizerKind, TrainConfig, TrainSummary,
 };
 pub use error::{Error, Result};
-pub use eval::{evaluate, ClassAccuracy, EvalReport};
+pub use eval::{evaluate, ClassAccuracy, EvalReport, EvalScope};
 pub use hooks::{CrossEntropy, Hook, LossFn, LossScaling, StepAction, StepContext};
 pub use optim::{AdamW, Optimizer, Param, Sgd};
 pub use stepper::Stepper;

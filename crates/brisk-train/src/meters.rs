@@ -134,6 +134,12 @@ impl EpochClock {
         self.wait_s += seconds;
     }
 
+    /// Starts counting training time again from now, leaving out the time since the last
+    /// booking (an evaluation in between, say).
+    pub fn restart(&mut self) {
+        self.unbooked_since = Instant::now();
+    }
+
     /// Adds the training time and waits since the last booking to `clock`.
     pub fn book(&mut self, clock: &mut Clock) {
         clock.train_s += self.unbooked_since.elapsed().as_secs_f64();

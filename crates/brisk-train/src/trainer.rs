@@ -23,7 +23,7 @@ use candle_core::{Device, Tensor, Var};
 
 use crate::checkpoint::{self, Best, Clock, Position, TrainState};
 use crate::error::{Error, Result};
-use crate::eval::{evaluate, EvalReport};
+use crate::eval::{evaluate, EvalReport, EvalScope};
 use crate::events::{EventLog, Progress};
 use crate::hooks::{CrossEntropy, Hook, LossFn, LossScaling, StepAction, StepContext};
 use crate::loss::top_k_correct;
@@ -370,6 +370,11 @@ impl Trainer {
 
     /// Evaluates the network on the test split (across ranks through the hooks).
     pub fn evaluate(&mut self) -> Result<EvalReport> {
+        self.evaluate_first(None)
+    }
+
+    /// Evaluates on the test split's first `limit` images (all when `None`).
+    fn evaluate_first(&mut self, limit: Option<usize>) -> Result<EvalReport> {
         self.synchronize()?;
         let hooks = &mut self.hooks;
         let mut reduce = |sums: &mut [f64]| -> Result<()> {
@@ -378,11 +383,15 @@ impl Trainer {
             }
             Ok(())
         };
+        let scope = EvalScope {
+            split: Split::Test,
+            batch: self.config.eval.batch,
+            limit,
+        };
         evaluate(
             &self.net,
             &self.data,
-            Split::Test,
-            self.config.eval.batch,
+            scope,
             (self.rank.rank, self.rank.world),
             &mut reduce,
         )
@@ -573,6 +582,11 @@ impl Trainer {
             } else {
                 progress.update(self.position.batches, "", false);
             }
+            if self.probe_due(outcome.applied) {
+                epoch_clock.book(&mut self.clock);
+                self.probe(epoch, clock)?;
+                epoch_clock.restart();
+            }
             let stop = self.stop_requested()?;
             if (self.step_checkpoint_due(outcome.applied) || stop) && self.position.batch < per_epoch {
                 epoch_clock.book(&mut self.clock);
@@ -703,6 +717,26 @@ impl Trainer {
         self.position.batches.is_multiple_of(self.config.log_every as u64) || self.position.batch == per_epoch
     }
 
+    /// A probe is due every `eval.probe_every_steps` applied updates.
+    fn probe_due(&self, applied: bool) -> bool {
+        let every = self.config.eval.probe_every_steps;
+        every > 0 && applied && self.position.step.is_multiple_of(every)
+    }
+
+    /// Test top-1 on the first `eval.probe_images` test images, logged as a `probe`
+    /// event; not counted as training time.
+    fn probe(&mut self, epoch: usize, clock: &RunClock) -> Result<()> {
+        let report = self.evaluate_first(Some(self.config.eval.probe_images))?;
+        self.event(Event::Probe {
+            epoch,
+            step: self.position.step,
+            top1: report.top1,
+            n: report.n,
+            train_s: self.clock.train_s,
+            elapsed_s: clock.elapsed_s(),
+        })
+    }
+
     /// A mid-epoch checkpoint is due every `checkpoint.every_steps` applied updates.
     fn step_checkpoint_due(&self, applied: bool) -> bool {
         let every = self.config.checkpoint.every_steps;
@@ -819,6 +853,7 @@ impl Trainer {
             loss: report.loss,
             n: report.n,
             elapsed_s,
+            train_s: self.clock.train_s,
         })?;
         progress.line(&format!(
             "epoch {}/{}: train loss {:.4} top1 {:.2}% | test loss {:.4} top1 {:.2}% top5 {:.2}% | {:.0} s",

@@ -7,7 +7,7 @@ use std::path::Path;
 use anyhow::Result;
 use brisk_data::Split;
 use brisk_testkit::pack_synthetic;
-use brisk_train::{evaluate, BatchSchedule, TrainConfig, Trainer};
+use brisk_train::{evaluate, BatchSchedule, EvalScope, TrainConfig, Trainer};
 
 /// A config for a narrow CIFAR ResNet-18 on `data`, written to `out`.
 fn tiny_config(data: &Path, out: &Path, epochs: usize) -> Result<TrainConfig> {
@@ -49,7 +49,13 @@ fn a_tiny_model_overfits_a_tiny_set() -> Result<()> {
     let summary = trainer.run()?;
     assert_eq!(summary.updates, 25 * 4);
     let ds = std::sync::Arc::new(brisk_data::Dataset::open(&data)?);
-    let train = evaluate(trainer.network(), &ds, Split::Train, 64, (0, 1), &mut |_| Ok(()))?;
+    let train = evaluate(
+        trainer.network(),
+        &ds,
+        EvalScope::all(Split::Train, 64),
+        (0, 1),
+        &mut |_| Ok(()),
+    )?;
     assert_eq!(train.n, 64);
     assert!(
         train.top1 >= 58.0 / 64.0,
@@ -195,7 +201,13 @@ fn mixed_precision_learns_as_well_as_f32_with_f32_weights() -> Result<()> {
         for (name, t) in trainer.network().named_tensors()? {
             assert_eq!(t.dtype(), candle_core::DType::F32, "{mode}: {name} must stay f32");
         }
-        let train = evaluate(trainer.network(), &ds, Split::Train, 64, (0, 1), &mut |_| Ok(()))?;
+        let train = evaluate(
+            trainer.network(),
+            &ds,
+            EvalScope::all(Split::Train, 64),
+            (0, 1),
+            &mut |_| Ok(()),
+        )?;
         accuracy.push((mode, train.top1));
         // The final model is an ordinary f32 checkpoint.
         let back = brisk_models::Network::load(&out.join("model.safetensors"), &candle_core::Device::Cpu)?;

@@ -81,6 +81,9 @@ pub struct PruneArgs {
     /// Layers left unpruned (exact names or prefixes). By default, conv1 and fc.
     #[arg(long, value_name = "NAME")]
     exclude: Vec<String>,
+    /// Seed of the fine-tuning's data order and augmentation.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
     /// Compute threads. By default, every core.
     #[arg(long)]
     threads: Option<usize>,
@@ -108,6 +111,7 @@ pub fn prune(a: &PruneArgs) -> Result<()> {
             lr: a.lr,
             batch: a.batch,
             threads: a.threads,
+            seed: a.seed,
         },
     };
     let mut pruning = Pruning::new(net, &data, &a.out, options)?;
@@ -156,6 +160,9 @@ pub struct DistillArgs {
     /// Weight α of the distillation term (1 − α on the labels' cross-entropy).
     #[arg(long, default_value_t = 0.5)]
     alpha: f64,
+    /// Seed of the student's initial weights, data order and augmentation.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
     #[arg(long)]
     threads: Option<usize>,
     /// Print one JSON object `{method, before (teacher), after (student), model}`.
@@ -173,6 +180,7 @@ pub fn distill(a: &DistillArgs) -> Result<()> {
         lr: a.lr,
         batch: a.batch,
         threads: a.threads,
+        seed: a.seed,
     };
     let mut config = finetune.config(&a.data, &a.out)?;
     if Path::new(&a.student).is_file() {

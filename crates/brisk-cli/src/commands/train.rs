@@ -10,7 +10,7 @@ use brisk_data::{Dataset, Split};
 use brisk_dist::{CommBatchNormSync, Communicator, GradientAllReduce};
 use brisk_precision::Precision;
 use brisk_schema::OptimizerKind;
-use brisk_train::{evaluate, EvalReport, Rank, TrainConfig, Trainer};
+use brisk_train::{evaluate, EvalReport, EvalScope, Rank, TrainConfig, Trainer};
 use toml::Value;
 
 use super::named;
@@ -134,13 +134,20 @@ fn build_config(a: &TrainArgs) -> Result<TrainConfig> {
 }
 
 /// Ctrl-C (or SIGTERM) asks the run to checkpoint and stop; a second one exits at once.
-fn stop_on_signal() -> Result<Arc<AtomicBool>> {
+fn stop_on_signal(job: Option<String>) -> Result<Arc<AtomicBool>> {
     let flag = Arc::new(AtomicBool::new(false));
     let seen = flag.clone();
     ctrlc::set_handler(move || {
         if seen.swap(true, Ordering::SeqCst) {
             eprintln!("brisk: stopping now, without a checkpoint");
             std::process::exit(130);
+        }
+        if let Some(job) = &job {
+            // Under mpirun a stop signal is usually the launcher ending the job because a
+            // rank or a host failed: say which ranks ran where.
+            eprintln!(
+                "brisk: {job}: a stop signal (Ctrl-C, or mpirun ending the job after a rank or host failed)"
+            );
         }
         eprintln!("brisk: stopping after this batch and writing a checkpoint (Ctrl-C again to quit now)");
     })
@@ -209,7 +216,24 @@ fn train_as(a: &TrainArgs, comm: Arc<dyn Communicator>) -> Result<()> {
         )));
     }
     trainer.set_quiet(a.quiet);
-    trainer.set_stop_flag(stop_on_signal()?);
+    let job = if rank.world > 1 {
+        let hosts = brisk_dist::rank_hosts(comm.as_ref())?;
+        let map: Vec<String> = hosts
+            .iter()
+            .enumerate()
+            .map(|(r, h)| format!("rank {r} on {h}"))
+            .collect();
+        Some(format!(
+            "rank {} of {} on {} (this job: {})",
+            rank.rank,
+            rank.world,
+            hosts.get(rank.rank).map_or("?", String::as_str),
+            map.join(", ")
+        ))
+    } else {
+        None
+    };
+    trainer.set_stop_flag(stop_on_signal(job)?);
     let out = trainer.config().out.clone().unwrap_or_default();
     if !a.quiet && rank.writes() {
         if rank.world > 1 {
@@ -219,6 +243,11 @@ fn train_as(a: &TrainArgs, comm: Arc<dyn Communicator>) -> Result<()> {
                 rank.local_ranks,
                 brisk_ops::compute_threads()
             );
+            if a.threads.is_none() {
+                if let Some(w) = brisk_ops::binding_warning(rank.local_ranks) {
+                    eprintln!("brisk train: {w}");
+                }
+            }
         }
         let spec = trainer.network().spec();
         eprintln!(
@@ -293,8 +322,10 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
     super::init_threads(a.threads)?;
     let (file, net) = super::load_model(&a.checkpoint)?;
     let data = Arc::new(Dataset::open(&a.data)?);
-    let report = evaluate(&net, &data, a.split, a.batch, (0, 1), &mut |_| Ok(()))
-        .with_context(|| format!("cannot evaluate {}", file.display()))?;
+    let report = evaluate(&net, &data, EvalScope::all(a.split, a.batch), (0, 1), &mut |_| {
+        Ok(())
+    })
+    .with_context(|| format!("cannot evaluate {}", file.display()))?;
     if a.json {
         let mut v = serde_json::to_value(&report)?;
         if !a.confusion {
