@@ -226,6 +226,25 @@ impl Runner {
         self.runs.join(name).join(format!("seed-{seed}"))
     }
 
+    /// Runs (or reuses) every run of the `plans`, `repeats` seeds each, in order (the
+    /// baseline's run k before the compression variants' run k).
+    fn variants<'a>(&self, plans: impl Iterator<Item = &'a Plan>, repeats: usize) -> Result<Vec<Variant>> {
+        let mut results: Vec<Variant> = Vec::new();
+        for plan in plans {
+            let mut variant = Variant::new(plan);
+            for seed in plan.seeds(repeats) {
+                let baseline = results
+                    .iter()
+                    .find(|r| r.name == BASELINE)
+                    .and_then(|b| b.runs.iter().find(|r| r.seed == seed));
+                let run = plan.run(seed)?;
+                variant.runs.push(self.run(plan, &run, baseline)?);
+            }
+            results.push(variant);
+        }
+        Ok(results)
+    }
+
     /// Runs (or reuses) one run of a variant; `baseline` is the baseline's run with the
     /// same seed (a compression variant's starting model).
     fn run(&self, plan: &Plan, run: &RunPlan, baseline: Option<&RunResult>) -> Result<RunResult> {
@@ -584,19 +603,8 @@ pub fn run(o: &ExperimentArgs) -> Result<()> {
         force: o.force,
         mpi,
     };
-    let mut results: Vec<Variant> = Vec::new();
-    for (plan, _) in plans.iter().zip(&wanted).filter(|(_, w)| **w) {
-        let mut variant = Variant::new(plan);
-        for seed in plan.seeds(repeats) {
-            let baseline = results
-                .iter()
-                .find(|r| r.name == BASELINE)
-                .and_then(|b| b.runs.iter().find(|r| r.seed == seed));
-            let run = plan.run(seed)?;
-            variant.runs.push(runner.run(plan, &run, baseline)?);
-        }
-        results.push(variant);
-    }
+    let selected = plans.iter().zip(&wanted).filter(|(_, w)| **w).map(|(p, _)| p);
+    let mut results = runner.variants(selected, repeats)?;
     if o.with_pytorch {
         let m: serde_json::Value = serde_json::from_str(&manifest)?;
         let classes = m["classes"].as_array().map_or(10, Vec::len);

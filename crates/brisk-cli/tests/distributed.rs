@@ -21,26 +21,11 @@ fn pack(dir: &Path, train: usize) -> Result<()> {
     Brisk(BRISK).pack(dir, train, 32, 16)
 }
 
-/// Training flags shared by the runs: a narrow ResNet-18, one compute thread per
-/// process, no progress display.
+/// Training flags shared by the runs: brisk-testkit's narrow ResNet-18 with one compute
+/// thread per process.
 fn train_args(data: &Path, out: &Path, batch: usize, extra: &[&str]) -> Vec<String> {
-    let mut args: Vec<String> = [
-        "train",
-        "--width",
-        "0.0625",
-        "--threads",
-        "1",
-        "--quiet",
-        "--batch",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    args.push(batch.to_string());
-    args.extend(["--data".into(), data.display().to_string()]);
-    args.extend(["--out".into(), out.display().to_string()]);
-    args.extend(extra.iter().map(|s| s.to_string()));
-    args
+    let extra: Vec<&str> = ["--threads", "1"].iter().chain(extra).copied().collect();
+    brisk_testkit::train_args(data, out, batch, &extra)
 }
 
 /// The largest |a − b| over a tensor, relative to the largest |b|, for every tensor.

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use brisk_hosts::{skipped, Hosts, NAMES};
 use brisk_models::Network;
-use brisk_testkit::{max_rel, ok, Brisk};
+use brisk_testkit::{max_rel, ok, train_args, Brisk};
 use candle_core::Device;
 
 const BRISK: &str = env!("CARGO_BIN_EXE_brisk");
@@ -29,19 +29,6 @@ fn hosts(test: &str, slots: usize) -> Result<Option<Hosts>> {
         }
         Err(e) => Err(e.into()),
     }
-}
-
-/// `brisk train` flags: a narrow ResNet-18 on `data`, writing to `out`, no progress.
-fn train_args(data: &Path, out: &Path, batch: usize, extra: &[&str]) -> Vec<String> {
-    let mut args: Vec<String> = ["train", "--width", "0.0625", "--quiet", "--batch"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    args.push(batch.to_string());
-    args.extend(["--data".into(), data.display().to_string()]);
-    args.extend(["--out".into(), out.display().to_string()]);
-    args.extend(extra.iter().map(|s| s.to_string()));
-    args
 }
 
 /// The worst relative difference of any tensor between two runs' final models.
@@ -124,19 +111,18 @@ fn compute_threads_follow_the_ranks_per_host() -> Result<()> {
     let data = dir.path().join("data");
     Brisk(BRISK).pack(&data, 16, 8, 16)?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
-    // 2 ranks fill one slot per host (by node); 4 ranks fill two. Unbound (OpenMPI binds
-    // up to two ranks to one core each by default), each rank takes its host's cores
-    // divided by the ranks on that host.
+    // 2 ranks fill one slot per host (by node); 4 ranks fill two. Unbound (the harness
+    // passes --bind-to none), each rank takes its host's cores divided by the ranks on
+    // that host.
     for (np, per_host) in [(2u64, 1u64), (4, 2)] {
         let out = dir.path().join(format!("np{np}"));
         let mut c = hosts.mpirun(np as usize);
-        c.args(["--map-by", "node", "--bind-to", "none", BRISK])
-            .args(train_args(
-                &data,
-                &out,
-                4,
-                &["--epochs", "1", "--set", "eval.every_epochs=0"],
-            ));
+        c.args(["--map-by", "node", BRISK]).args(train_args(
+            &data,
+            &out,
+            4,
+            &["--epochs", "1", "--set", "eval.every_epochs=0"],
+        ));
         ok(&mut c)?;
         assert_eq!(
             threads_of(&out)?,

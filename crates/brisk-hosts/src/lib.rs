@@ -215,10 +215,13 @@ impl Hosts {
     /// `mpirun -np NP` started on h1 with the hostfile, launching on h2 through the
     /// namespace agent and talking over the hosts' subnet only; add the transport
     /// (`--mca btl tcp,self` leaves TCP the only way between ranks) and the program.
+    /// Ranks are not bound to cores: the simulated hosts share the machine's cores, and
+    /// each host's daemon would bind its first rank to the same core 0.
     pub fn mpirun(&self, np: usize) -> Command {
         let mut c = self.on(0, "mpirun");
         c.env("OMPI_ALLOW_RUN_AS_ROOT", "1")
             .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+            .args(["--bind-to", "none"])
             .arg("--hostfile")
             .arg(self.hostfile())
             .args(["-np", &np.to_string()])

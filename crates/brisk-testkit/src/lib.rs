@@ -127,6 +127,20 @@ pub fn ok(c: &mut Command) -> Result<Output> {
     Ok(out)
 }
 
+/// `brisk train` arguments of the CLI's tests: a narrow ResNet-18 (width 0.0625) on
+/// `data` at `batch` images per step, writing to `out`, no progress display; then `extra`.
+pub fn train_args(data: &Path, out: &Path, batch: usize, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = ["train", "--width", "0.0625", "--quiet", "--batch"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    args.push(batch.to_string());
+    args.extend(["--data".into(), data.display().to_string()]);
+    args.extend(["--out".into(), out.display().to_string()]);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
 /// `mpirun` as a test needs it wherever it runs: root allowed (CI runs as root), more
 /// ranks than cores allowed.
 pub fn mpirun() -> Command {

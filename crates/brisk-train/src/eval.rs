@@ -68,6 +68,16 @@ fn add_batch(
     Ok(())
 }
 
+/// The batch's first `n` images (all of them when it holds no more).
+fn first_images(mut b: Batch, n: usize) -> Batch {
+    if b.len() > n {
+        let per_image = b.images.len() / b.len();
+        b.images.truncate(n * per_image);
+        b.labels.truncate(n);
+    }
+    b
+}
+
 /// What an evaluation reads: a split, in batches of `batch`, all of it or its first
 /// `limit` images (a probe's fixed subset).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -131,15 +141,10 @@ pub fn evaluate(
     // This rank's share of a limited scope (ranks read interleaved images).
     let mut left = limit.map_or(usize::MAX, |l| l.div_ceil(world.max(1)));
     for b in loader.epoch(0, batch, 0)? {
-        let mut b = b?;
         if left == 0 {
             break;
         }
-        if b.len() > left {
-            let per_image = b.images.len() / b.len();
-            b.images.truncate(left * per_image);
-            b.labels.truncate(left);
-        }
+        let b = first_images(b?, left);
         left -= b.len();
         add_batch(net, engine.as_mut(), &b, classes, &mut sums)?;
     }

@@ -155,6 +155,61 @@ fn stop_on_signal(job: Option<String>) -> Result<Arc<AtomicBool>> {
     Ok(flag)
 }
 
+/// The start lines of a run (rank 0, unless --quiet): ranks and threads, model, data,
+/// epochs and output folder, and a warning when the launcher's binding idles cores.
+fn announce(trainer: &Trainer, rank: Rank, a: &TrainArgs) {
+    let out = trainer.config().out.clone().unwrap_or_default();
+    if rank.world > 1 {
+        eprintln!(
+            "brisk train: {} ranks ({} on this host), {} compute threads each",
+            rank.world,
+            rank.local_ranks,
+            brisk_ops::compute_threads()
+        );
+        if a.threads.is_none() {
+            if let Some(w) = brisk_ops::binding_warning(rank.local_ranks) {
+                eprintln!("brisk train: {w}");
+            }
+        }
+    }
+    let spec = trainer.network().spec();
+    eprintln!(
+        "brisk train: {} (width {}, {} parameters) on {} for {} epochs -> {}",
+        spec.arch.name(),
+        spec.width,
+        spec.param_count(),
+        trainer
+            .config()
+            .data
+            .as_deref()
+            .unwrap_or(Path::new("?"))
+            .display(),
+        trainer.config().epochs,
+        out.display()
+    );
+}
+
+/// In a job of several ranks, which rank this is and where every rank runs ("rank 0 of 2
+/// on h1 (this job: rank 0 on h1, rank 1 on h2)"); collective: every rank calls it.
+fn job_description(comm: &dyn Communicator, rank: Rank) -> Result<Option<String>> {
+    if rank.world < 2 {
+        return Ok(None);
+    }
+    let hosts = brisk_dist::rank_hosts(comm)?;
+    let map: Vec<String> = hosts
+        .iter()
+        .enumerate()
+        .map(|(r, h)| format!("rank {r} on {h}"))
+        .collect();
+    Ok(Some(format!(
+        "rank {} of {} on {} (this job: {})",
+        rank.rank,
+        rank.world,
+        hosts.get(rank.rank).map_or("?", String::as_str),
+        map.join(", ")
+    )))
+}
+
 /// Config fields that may differ between ranks.
 const PER_RANK_FIELDS: [&str; 1] = ["threads"];
 
@@ -216,54 +271,10 @@ fn train_as(a: &TrainArgs, comm: Arc<dyn Communicator>) -> Result<()> {
         )));
     }
     trainer.set_quiet(a.quiet);
-    let job = if rank.world > 1 {
-        let hosts = brisk_dist::rank_hosts(comm.as_ref())?;
-        let map: Vec<String> = hosts
-            .iter()
-            .enumerate()
-            .map(|(r, h)| format!("rank {r} on {h}"))
-            .collect();
-        Some(format!(
-            "rank {} of {} on {} (this job: {})",
-            rank.rank,
-            rank.world,
-            hosts.get(rank.rank).map_or("?", String::as_str),
-            map.join(", ")
-        ))
-    } else {
-        None
-    };
+    let job = job_description(comm.as_ref(), rank)?;
     trainer.set_stop_flag(stop_on_signal(job)?);
-    let out = trainer.config().out.clone().unwrap_or_default();
     if !a.quiet && rank.writes() {
-        if rank.world > 1 {
-            eprintln!(
-                "brisk train: {} ranks ({} on this host), {} compute threads each",
-                rank.world,
-                rank.local_ranks,
-                brisk_ops::compute_threads()
-            );
-            if a.threads.is_none() {
-                if let Some(w) = brisk_ops::binding_warning(rank.local_ranks) {
-                    eprintln!("brisk train: {w}");
-                }
-            }
-        }
-        let spec = trainer.network().spec();
-        eprintln!(
-            "brisk train: {} (width {}, {} parameters) on {} for {} epochs -> {}",
-            spec.arch.name(),
-            spec.width,
-            spec.param_count(),
-            trainer
-                .config()
-                .data
-                .as_deref()
-                .unwrap_or(Path::new("?"))
-                .display(),
-            trainer.config().epochs,
-            out.display()
-        );
+        announce(&trainer, rank, a);
     }
     let summary = trainer.run()?;
     if !rank.writes() {
