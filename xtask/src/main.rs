@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 mod compare;
 mod experiment;
 mod mpi;
+mod nvrtc;
 mod plan;
 mod report;
 mod results;
@@ -118,6 +119,7 @@ fn test(skip_mpi: bool) -> Result<()> {
     }
     // xtask is single-threaded here; the variable is for the test processes.
     std::env::set_var("BRISK_SKIP_DIR", &skips);
+    nvrtc::provide();
     cargo(&[&["test", "--workspace"], features].concat())?;
     let skipped: Vec<String> = std::fs::read_dir(&skips)
         .map(|d| {

@@ -1,0 +1,246 @@
+//! brisk's own CUDA kernels, as CUDA C compiled at run time by NVRTC (no toolkit at build
+//! time), each compiled once per process and architecture: the fused SGD update over one
+//! flat parameter buffer, softmax cross-entropy with label smoothing (loss, gradient,
+//! top-1/top-5), global average pooling and the squeeze-and-excitation gate.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use cudarc::nvrtc::{compile_ptx_with_opts, CompileError, CompileOptions, Ptx};
+
+use crate::error::{Error, Result};
+
+/// One kernel: its entry point's name and its CUDA C source.
+#[derive(Debug)]
+pub struct Kernel {
+    pub name: &'static str,
+    pub source: &'static str,
+}
+
+/// PyTorch's SGD (dampening 0) over a flat buffer, one thread per value: d = g·scale
+/// (+ weight decay · w where `decays[i]`), m = momentum·m + d (m starts at zero, so the
+/// first step's m is d, as PyTorch's), step = d + momentum·m (Nesterov) or m, w −= lr·step.
+pub const SGD_UPDATE: Kernel = Kernel {
+    name: "sgd_update",
+    source: r#"
+extern "C" __global__ void sgd_update(float* __restrict__ w, const float* __restrict__ g,
+                                      float* __restrict__ m, const unsigned char* __restrict__ decays,
+                                      long long n, float lr, float momentum, float weight_decay,
+                                      int nesterov, float grad_scale) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        float d = g[i] * grad_scale;
+        if (decays[i]) d += weight_decay * w[i];
+        float buf = momentum * m[i] + d;
+        m[i] = buf;
+        w[i] -= lr * (nesterov ? d + momentum * buf : buf);
+    }
+}
+"#,
+};
+
+/// Softmax cross-entropy with label smoothing ε, one thread per sample: the loss
+/// −Σ t·log p with t = 1 − ε + ε/C on the label and ε/C elsewhere, the gradient
+/// (p − t)·`inv_batch` of the logits, and whether the label is in the top 1 / top 5 (ties
+/// count for the label).
+pub const SOFTMAX_XENT: Kernel = Kernel {
+    name: "softmax_xent",
+    source: r#"
+extern "C" __global__ void softmax_xent(const float* __restrict__ logits, const int* __restrict__ labels,
+                                        int n, int classes, float smoothing, float inv_batch,
+                                        float* __restrict__ loss, float* __restrict__ dlogits,
+                                        int* __restrict__ top1, int* __restrict__ top5) {
+    int s = blockIdx.x * blockDim.x + threadIdx.x;
+    if (s >= n) return;
+    const float* z = logits + (long long)s * classes;
+    float* dz = dlogits + (long long)s * classes;
+    int y = labels[s];
+    float mx = __int_as_float(0xff800000);  // -infinity (NVRTC has no math headers)
+    for (int c = 0; c < classes; ++c) mx = fmaxf(mx, z[c]);
+    float sum = 0.0f;
+    for (int c = 0; c < classes; ++c) sum += expf(z[c] - mx);
+    float lse = mx + logf(sum);
+    float off = smoothing / classes, on = 1.0f - smoothing + off;
+    float l = 0.0f;
+    int above = 0;
+    for (int c = 0; c < classes; ++c) {
+        float t = (c == y) ? on : off;
+        l -= t * (z[c] - lse);
+        dz[c] = (expf(z[c] - lse) - t) * inv_batch;
+        if (z[c] > z[y]) above++;
+    }
+    loss[s] = l;
+    top1[s] = above < 1;
+    top5[s] = above < 5;
+}
+"#,
+};
+
+/// Global average pooling of `nc` planes of `hw` values: forward one thread per plane,
+/// backward one thread per value (dx = dy / hw).
+pub const GLOBAL_AVG_POOL: Kernel = Kernel {
+    name: "global_avg_pool_fwd",
+    source: r#"
+extern "C" __global__ void global_avg_pool_fwd(const float* __restrict__ x, float* __restrict__ y,
+                                               int nc, int hw) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= nc) return;
+    const float* p = x + (long long)i * hw;
+    float s = 0.0f;
+    for (int k = 0; k < hw; ++k) s += p[k];
+    y[i] = s / hw;
+}
+
+extern "C" __global__ void global_avg_pool_bwd(const float* __restrict__ dy, float* __restrict__ dx,
+                                               int nc, int hw) {
+    long long total = (long long)nc * hw;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+         i += (long long)gridDim.x * blockDim.x) {
+        dx[i] = dy[i / hw] / hw;
+    }
+}
+"#,
+};
+
+/// The squeeze-and-excitation gate y = x · s, `s` one value per plane: forward one thread
+/// per value; backward one thread per plane (ds = Σ dy·x over the plane, dx = dy·s).
+pub const SE_GATE: Kernel = Kernel {
+    name: "se_gate_fwd",
+    source: r#"
+extern "C" __global__ void se_gate_fwd(const float* __restrict__ x, const float* __restrict__ s,
+                                       float* __restrict__ y, int nc, int hw) {
+    long long total = (long long)nc * hw;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+         i += (long long)gridDim.x * blockDim.x) {
+        y[i] = x[i] * s[i / hw];
+    }
+}
+
+extern "C" __global__ void se_gate_bwd(const float* __restrict__ x, const float* __restrict__ s,
+                                       const float* __restrict__ dy, float* __restrict__ dx,
+                                       float* __restrict__ ds, int nc, int hw) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= nc) return;
+    long long base = (long long)i * hw;
+    float acc = 0.0f, scale = s[i];
+    for (int k = 0; k < hw; ++k) {
+        acc += dy[base + k] * x[base + k];
+        dx[base + k] = dy[base + k] * scale;
+    }
+    ds[i] = acc;
+}
+"#,
+};
+
+/// Every kernel source brisk compiles.
+pub const KERNELS: [&Kernel; 4] = [&SGD_UPDATE, &SOFTMAX_XENT, &GLOBAL_AVG_POOL, &SE_GATE];
+
+/// Whether NVRTC (libnvrtc, from the CUDA toolkit or PyPI's `nvidia-cuda-nvrtc` wheel on
+/// `LD_LIBRARY_PATH`) loads here.
+pub fn nvrtc_present() -> bool {
+    // SAFETY: only tries to dlopen the library and reports whether it could.
+    unsafe { cudarc::nvrtc::sys::is_culib_present() }
+}
+
+type Cache = Mutex<HashMap<(&'static str, &'static str), Arc<Ptx>>>;
+
+/// `kernel` compiled to PTX for `arch` ("sm_90" for Hopper), once per process.
+pub fn compile(kernel: &'static Kernel, arch: &'static str) -> Result<Arc<Ptx>> {
+    static CACHE: OnceLock<Cache> = OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    let key = (kernel.name, arch);
+    if let Some(ptx) = cache.lock().ok().and_then(|c| c.get(&key).cloned()) {
+        return Ok(ptx);
+    }
+    if !nvrtc_present() {
+        return Err(Error::Missing {
+            library: "libnvrtc (CUDA's run-time compiler)",
+            hint: "install the CUDA toolkit, or `pip install nvidia-cuda-nvrtc` and put its lib folder on LD_LIBRARY_PATH",
+        });
+    }
+    let opts = CompileOptions {
+        arch: Some(arch),
+        ..Default::default()
+    };
+    let ptx = compile_ptx_with_opts(kernel.source, opts).map_err(|e| Error::Compile {
+        kernel: kernel.name,
+        arch,
+        log: match e {
+            CompileError::CompileError { log, .. } => log.to_string_lossy().into_owned(),
+            other => format!("{other:?}"),
+        },
+    })?;
+    let ptx = Arc::new(ptx);
+    if let Ok(mut c) = cache.lock() {
+        c.insert(key, ptx.clone());
+    }
+    Ok(ptx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The entry points a source defines.
+    fn entries(source: &str) -> Vec<&str> {
+        source
+            .split("__global__ void ")
+            .skip(1)
+            .filter_map(|rest| rest.split('(').next())
+            .collect()
+    }
+
+    #[test]
+    fn every_kernel_is_named_after_its_first_entry_point() {
+        for k in KERNELS {
+            assert_eq!(entries(k.source).first(), Some(&k.name), "{}", k.name);
+        }
+        let names: Vec<&str> = KERNELS.iter().flat_map(|k| entries(k.source)).collect();
+        assert_eq!(names.len(), 6, "{names:?}");
+    }
+
+    #[test]
+    fn every_kernel_compiles_for_ampere_and_hopper() -> std::result::Result<(), Box<dyn std::error::Error>> {
+        if !nvrtc_present() {
+            brisk_hosts::skipped(
+                "brisk_cuda::every_kernel_compiles_for_ampere_and_hopper",
+                "NVRTC (libnvrtc.so) is not on the library path: .ci/run fetches it from PyPI",
+            );
+            // Without NVRTC, compiling says what to install.
+            let e = compile(&SGD_UPDATE, "sm_90")
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(e.contains("libnvrtc"), "{e}");
+            return Ok(());
+        }
+        for arch in ["sm_80", "sm_90"] {
+            for k in KERNELS {
+                let ptx = compile(k, arch)?.to_src();
+                for entry in entries(k.source) {
+                    assert!(
+                        ptx.contains(&format!(".entry {entry}")),
+                        "{arch}: no {entry} in the PTX"
+                    );
+                }
+                assert!(ptx.contains(&format!(".target {arch}")), "{arch}");
+            }
+        }
+        // A second request is the cached PTX, not a new compile.
+        assert!(Arc::ptr_eq(
+            &compile(&SE_GATE, "sm_90")?,
+            &compile(&SE_GATE, "sm_90")?
+        ));
+        // A source that does not compile names the kernel and carries NVRTC's log.
+        static BROKEN: Kernel = Kernel {
+            name: "broken",
+            source: "extern \"C\" __global__ void broken(float* x) { x[0] = undefined_name; }",
+        };
+        let e = compile(&BROKEN, "sm_90")
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("broken") && e.contains("undefined_name"), "{e}");
+        Ok(())
+    }
+}

@@ -1,0 +1,16 @@
+//! brisk's own GPU compute path (issue 15), the first pieces: CUDA devices opened through
+//! cudarc's dynamic loading — so `cargo build` needs no GPU, driver or toolkit, and a
+//! machine without the driver gets an error naming the missing library instead of
+//! cudarc's panic — and brisk's element-wise and reduction kernels (fused SGD, softmax
+//! cross-entropy with label smoothing and top-1/top-5 counts, global average pooling, the
+//! SE gate), CUDA C compiled at run time by NVRTC for the device's architecture and cached
+//! per process. Convolutions and batch-norm (cuDNN) and the training step that joins them
+//! are the next pieces; see docs/gpu.md.
+
+mod device;
+mod error;
+pub mod kernels;
+
+pub use device::{driver_present, Gpu};
+pub use error::{Error, Result};
+pub use kernels::{compile, nvrtc_present, Kernel, KERNELS};
