@@ -8,7 +8,7 @@ use cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 
 use crate::device::Gpu;
 use crate::error::{Error, Result};
-use crate::kernels::{compile, Kernel, SGD_UPDATE, SOFTMAX_XENT};
+use crate::kernels::{compile, Kernel, GLOBAL_AVG_POOL, SE_GATE, SGD_UPDATE, SOFTMAX_XENT};
 
 /// Threads per block of the element-wise kernels.
 const BLOCK: u32 = 256;
@@ -25,6 +25,28 @@ fn driver(what: &str, e: impl std::fmt::Display) -> Error {
     Error::Driver {
         what: what.into(),
         detail: e.to_string(),
+    }
+}
+
+/// An error unless `ok`, naming the kernel and what does not fit.
+fn check(ok: bool, kernel: &str, what: impl FnOnce() -> String) -> Result<()> {
+    if ok {
+        Ok(())
+    } else {
+        Err(driver(kernel, what()))
+    }
+}
+
+/// Blocks of `BLOCK` threads covering `n` items (grid-stride kernels cap it).
+fn grid(n: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (
+            (n as u64).div_ceil(u64::from(BLOCK)).clamp(1, 65_535) as u32,
+            1,
+            1,
+        ),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
     }
 }
 
@@ -96,12 +118,7 @@ impl Kernels {
         let f = self.function(&SGD_UPDATE, "sgd_update")?;
         let stream = self.gpu.context().default_stream();
         let (n64, nesterov) = (n as i64, i32::from(step.nesterov));
-        let blocks = (n as u64).div_ceil(u64::from(BLOCK)).clamp(1, 65_535) as u32;
-        let cfg = LaunchConfig {
-            grid_dim: (blocks, 1, 1),
-            block_dim: (BLOCK, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = grid(n);
         let mut launch = stream.launch_builder(&f);
         launch
             .arg(w)
@@ -151,11 +168,7 @@ impl Kernels {
         let f = self.function(&SOFTMAX_XENT, "softmax_xent")?;
         let stream = self.gpu.context().default_stream();
         let (n32, c32, inv) = (n as i32, classes as i32, 1.0 / n as f32);
-        let cfg = LaunchConfig {
-            grid_dim: ((n as u32).div_ceil(BLOCK), 1, 1),
-            block_dim: (BLOCK, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = grid(n);
         let mut launch = stream.launch_builder(&f);
         launch
             .arg(logits)
@@ -171,6 +184,93 @@ impl Kernels {
         // SAFETY: the arguments match softmax_xent's parameters in order and type, the
         // buffers hold n × classes / n values (checked above), one thread per sample.
         unsafe { launch.launch(cfg) }.map_err(|e| driver("launching softmax_xent", e))?;
+        Ok(())
+    }
+
+    /// Global average pooling of `x` (nc planes of hw values) into `y` (nc values).
+    pub fn global_avg_pool(&self, x: &CudaSlice<f32>, y: &mut CudaSlice<f32>, hw: usize) -> Result<()> {
+        let nc = y.len();
+        check(x.len() == nc * hw && hw > 0, "global_avg_pool_fwd", || {
+            format!("x {} != {nc} x {hw}", x.len())
+        })?;
+        let f = self.function(&GLOBAL_AVG_POOL, "global_avg_pool_fwd")?;
+        let stream = self.gpu.context().default_stream();
+        let (nc32, hw32) = (nc as i32, hw as i32);
+        let mut launch = stream.launch_builder(&f);
+        launch.arg(x).arg(y).arg(&nc32).arg(&hw32);
+        // SAFETY: (x, y, nc, hw) match the kernel's parameters; x holds nc·hw values and y
+        // nc (checked); one thread per plane.
+        unsafe { launch.launch(grid(nc)) }.map_err(|e| driver("launching global_avg_pool_fwd", e))?;
+        Ok(())
+    }
+
+    /// The gradient of global average pooling: `dx` (nc·hw) from `dy` (nc).
+    pub fn global_avg_pool_backward(
+        &self,
+        dy: &CudaSlice<f32>,
+        dx: &mut CudaSlice<f32>,
+        hw: usize,
+    ) -> Result<()> {
+        let nc = dy.len();
+        check(dx.len() == nc * hw && hw > 0, "global_avg_pool_bwd", || {
+            format!("dx {} != {nc} x {hw}", dx.len())
+        })?;
+        let f = self.function(&GLOBAL_AVG_POOL, "global_avg_pool_bwd")?;
+        let stream = self.gpu.context().default_stream();
+        let (nc32, hw32) = (nc as i32, hw as i32);
+        let mut launch = stream.launch_builder(&f);
+        launch.arg(dy).arg(dx).arg(&nc32).arg(&hw32);
+        // SAFETY: (dy, dx, nc, hw) match the kernel's parameters and sizes (checked); the
+        // grid-stride loop stays below nc·hw.
+        unsafe { launch.launch(grid(nc * hw)) }.map_err(|e| driver("launching global_avg_pool_bwd", e))?;
+        Ok(())
+    }
+
+    /// The SE gate y = x · s (`s` one value per plane of `hw` values).
+    pub fn se_gate(
+        &self,
+        x: &CudaSlice<f32>,
+        s: &CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+        hw: usize,
+    ) -> Result<()> {
+        let nc = s.len();
+        check(
+            x.len() == nc * hw && y.len() == x.len() && hw > 0,
+            "se_gate_fwd",
+            || format!("x {}, y {} for {nc} x {hw}", x.len(), y.len()),
+        )?;
+        let f = self.function(&SE_GATE, "se_gate_fwd")?;
+        let stream = self.gpu.context().default_stream();
+        let (nc32, hw32) = (nc as i32, hw as i32);
+        let mut launch = stream.launch_builder(&f);
+        launch.arg(x).arg(s).arg(y).arg(&nc32).arg(&hw32);
+        // SAFETY: (x, s, y, nc, hw) match the kernel's parameters and sizes (checked).
+        unsafe { launch.launch(grid(nc * hw)) }.map_err(|e| driver("launching se_gate_fwd", e))?;
+        Ok(())
+    }
+
+    /// The SE gate's gradients: `dx` = dy · s and `ds` = Σ dy · x over each plane.
+    pub fn se_gate_backward(
+        &self,
+        (x, s, dy): (&CudaSlice<f32>, &CudaSlice<f32>, &CudaSlice<f32>),
+        dx: &mut CudaSlice<f32>,
+        ds: &mut CudaSlice<f32>,
+        hw: usize,
+    ) -> Result<()> {
+        let nc = s.len();
+        let ok = x.len() == nc * hw && dy.len() == x.len() && dx.len() == x.len() && ds.len() == nc && hw > 0;
+        check(ok, "se_gate_bwd", || {
+            format!("buffers do not fit {nc} planes of {hw}")
+        })?;
+        let f = self.function(&SE_GATE, "se_gate_bwd")?;
+        let stream = self.gpu.context().default_stream();
+        let (nc32, hw32) = (nc as i32, hw as i32);
+        let mut launch = stream.launch_builder(&f);
+        launch.arg(x).arg(s).arg(dy).arg(dx).arg(ds).arg(&nc32).arg(&hw32);
+        // SAFETY: (x, s, dy, dx, ds, nc, hw) match the kernel's parameters and sizes
+        // (checked); one thread per plane.
+        unsafe { launch.launch(grid(nc)) }.map_err(|e| driver("launching se_gate_bwd", e))?;
         Ok(())
     }
 }
@@ -293,6 +393,66 @@ mod tests {
             let above = z.iter().filter(|&&v| v > z[y]).count();
             assert_eq!((t1[i] == 1, t5[i] == 1), (above < 1, above < 5), "sample {i}");
         }
+        Ok(())
+    }
+
+    #[test]
+    fn pooling_and_the_se_gate_on_the_gpu_match_f64() -> std::result::Result<(), Box<dyn std::error::Error>> {
+        let Some((gpu, k)) = kernels("pooling_and_the_se_gate_on_the_gpu_match_f64") else {
+            return Ok(());
+        };
+        let (nc, hw) = (3 * 16, 49);
+        let x: Vec<f32> = (0..nc * hw)
+            .map(|i| ((i * 29 % 61) as f32 - 30.0) / 15.0)
+            .collect();
+        let sc: Vec<f32> = (0..nc).map(|i| (i % 7) as f32 / 7.0).collect();
+        let dy: Vec<f32> = (0..nc * hw)
+            .map(|i| ((i * 17 % 23) as f32 - 11.0) / 11.0)
+            .collect();
+        let st = gpu.context().default_stream();
+        let (xd, sd, dyd) = (st.clone_htod(&x)?, st.clone_htod(&sc)?, st.clone_htod(&dy)?);
+        let mut pooled = st.alloc_zeros::<f32>(nc)?;
+        k.global_avg_pool(&xd, &mut pooled, hw)?;
+        let mut dpool = st.alloc_zeros::<f32>(nc * hw)?;
+        k.global_avg_pool_backward(&st.clone_htod(&sc)?, &mut dpool, hw)?;
+        let mut gated = st.alloc_zeros::<f32>(nc * hw)?;
+        k.se_gate(&xd, &sd, &mut gated, hw)?;
+        let (mut dx, mut ds) = (st.alloc_zeros::<f32>(nc * hw)?, st.alloc_zeros::<f32>(nc)?);
+        k.se_gate_backward((&xd, &sd, &dyd), &mut dx, &mut ds, hw)?;
+        let (pooled, dpool) = (st.clone_dtoh(&pooled)?, st.clone_dtoh(&dpool)?);
+        let (gated, dx, ds) = (st.clone_dtoh(&gated)?, st.clone_dtoh(&dx)?, st.clone_dtoh(&ds)?);
+        for p in 0..nc {
+            let plane = &x[p * hw..][..hw];
+            let mean = plane.iter().map(|&v| f64::from(v)).sum::<f64>() / hw as f64;
+            assert!((f64::from(pooled[p]) - mean).abs() < 1e-6, "pool {p}");
+            let dsum: f64 = (0..hw)
+                .map(|j| f64::from(dy[p * hw + j]) * f64::from(x[p * hw + j]))
+                .sum();
+            assert!(
+                (f64::from(ds[p]) - dsum).abs() < 1e-4,
+                "ds {p}: {} vs {dsum}",
+                ds[p]
+            );
+            for j in 0..hw {
+                let i = p * hw + j;
+                assert!(
+                    (f64::from(dpool[i]) - f64::from(sc[p]) / hw as f64).abs() < 1e-7,
+                    "dpool {i}"
+                );
+                assert!(
+                    (f64::from(gated[i]) - f64::from(x[i]) * f64::from(sc[p])).abs() < 1e-6,
+                    "gate {i}"
+                );
+                assert!(
+                    (f64::from(dx[i]) - f64::from(dy[i]) * f64::from(sc[p])).abs() < 1e-6,
+                    "dx {i}"
+                );
+            }
+        }
+        // Buffers that do not fit are refused before any launch.
+        assert!(k
+            .global_avg_pool(&xd, &mut st.alloc_zeros::<f32>(nc + 1)?, hw)
+            .is_err());
         Ok(())
     }
 }
