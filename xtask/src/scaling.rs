@@ -233,10 +233,11 @@ pub fn run(a: &ScalingArgs) -> Result<()> {
     let out = crate::root()?.join(&a.out);
     std::fs::create_dir_all(&out)?;
     std::fs::write(out.join("scaling.json"), serde_json::to_string_pretty(&s)?)?;
-    std::fs::write(out.join("scaling.md"), markdown(&s))?;
+    let md = markdown(&s);
+    std::fs::write(out.join("scaling.md"), &md)?;
     plot_allreduce(&out.join("allreduce.svg"), &s)?;
     plot_efficiency(&out.join("efficiency.svg"), &s)?;
-    print!("{}", markdown(&s));
+    print!("{md}");
     eprintln!("xtask: scaling figures written to {}", out.display());
     Ok(())
 }

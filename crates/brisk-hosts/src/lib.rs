@@ -28,7 +28,6 @@ pub const SKIP_DIR_VAR: &str = "BRISK_SKIP_DIR";
 #[derive(Debug)]
 pub struct Hosts {
     namespaces: [String; 2],
-    slots: usize,
     dir: tempfile::TempDir,
 }
 
@@ -85,11 +84,7 @@ impl Hosts {
             source,
         })?;
         // From here on, Drop cleans up whatever was made.
-        let hosts = Hosts {
-            namespaces,
-            slots,
-            dir,
-        };
+        let hosts = Hosts { namespaces, dir };
         hosts.connect(&id)?;
         write(
             &hosts.hostfile(),
@@ -188,11 +183,6 @@ impl Hosts {
 
     fn agent(&self) -> PathBuf {
         self.dir.path().join("netns-agent")
-    }
-
-    /// MPI slots per host.
-    pub fn slots(&self) -> usize {
-        self.slots
     }
 
     /// `program` started on host `k` (0 or 1), under the host's name; add its arguments.

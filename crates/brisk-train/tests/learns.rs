@@ -9,6 +9,20 @@ use brisk_data::Split;
 use brisk_testkit::pack_synthetic;
 use brisk_train::{evaluate, BatchSchedule, EvalScope, TrainConfig, Trainer};
 
+/// `net` evaluated on `ds`'s training split (all of it, 64 images at a time).
+fn train_accuracy(
+    net: &brisk_models::Network,
+    ds: &std::sync::Arc<brisk_data::Dataset>,
+) -> Result<brisk_train::EvalReport> {
+    Ok(evaluate(
+        net,
+        ds,
+        EvalScope::all(Split::Train, 64),
+        (0, 1),
+        &mut |_| Ok(()),
+    )?)
+}
+
 /// A config for a narrow CIFAR ResNet-18 on `data`, written to `out`.
 fn tiny_config(data: &Path, out: &Path, epochs: usize) -> Result<TrainConfig> {
     let text = format!(
@@ -49,13 +63,7 @@ fn a_tiny_model_overfits_a_tiny_set() -> Result<()> {
     let summary = trainer.run()?;
     assert_eq!(summary.updates, 25 * 4);
     let ds = std::sync::Arc::new(brisk_data::Dataset::open(&data)?);
-    let train = evaluate(
-        trainer.network(),
-        &ds,
-        EvalScope::all(Split::Train, 64),
-        (0, 1),
-        &mut |_| Ok(()),
-    )?;
+    let train = train_accuracy(trainer.network(), &ds)?;
     assert_eq!(train.n, 64);
     assert!(
         train.top1 >= 58.0 / 64.0,
@@ -201,13 +209,7 @@ fn mixed_precision_learns_as_well_as_f32_with_f32_weights() -> Result<()> {
         for (name, t) in trainer.network().named_tensors()? {
             assert_eq!(t.dtype(), candle_core::DType::F32, "{mode}: {name} must stay f32");
         }
-        let train = evaluate(
-            trainer.network(),
-            &ds,
-            EvalScope::all(Split::Train, 64),
-            (0, 1),
-            &mut |_| Ok(()),
-        )?;
+        let train = train_accuracy(trainer.network(), &ds)?;
         accuracy.push((mode, train.top1));
         // The final model is an ordinary f32 checkpoint.
         let back = brisk_models::Network::load(&out.join("model.safetensors"), &candle_core::Device::Cpu)?;
