@@ -20,6 +20,10 @@ Timing runs the work PyTorch users run: forward, cross-entropy, backward and SGD
 Prints `torch <arch> <dtype> <mode> batch=B img/s median M (min a max b)`, or with --json
 one JSON object with the keys `brisk bench step --json` uses (img_per_s, img_per_s_min,
 img_per_s_max, peak_rss_mib, batch, threads, dtype, arch, width, image, mode, device).
+With --profile (training, CPU), `--steps` more steps run under torch.profiler and the
+output adds `ops`: milliseconds per step by the op names of `brisk bench step --profile`
+(PyTorch's convolution backward is one op, `conv-backward`, for both gradients), so
+`cargo xtask compare-torch --profile` can print the two side by side.
 """
 
 import argparse
@@ -137,6 +141,64 @@ def time_steps(a, model, x, y):
     return times
 
 
+# PyTorch's ops by brisk's names (`brisk_models::Op`), per phase of the step. In the
+# forward, ReLU and the residual add count with batch-norm, which brisk fuses with them;
+# in the backward, ReLU's backward and the gradient sums are `relu-backward`.
+def brisk_op(phase, name):
+    n = name.removeprefix("aten::")
+    if phase == "optimizer":
+        return "optimizer"
+    if "conv" in n:
+        return "conv-forward" if phase == "forward" else "conv-backward"
+    if "batch_norm" in n:
+        return "batch-norm-forward" if phase == "forward" else "batch-norm-backward"
+    if n.startswith(("relu", "clamp", "threshold", "add")):
+        return "batch-norm-forward" if phase == "forward" else "relu-backward"
+    if n.startswith(("adaptive_avg_pool", "mean", "linear", "addmm", "mm", "max_pool", "sum", "div", "expand")):
+        return "pool-and-classifier"
+    return "rest"
+
+
+def profile_steps(a, model, x, y):
+    """The `ops` table: self CPU time of every PyTorch op over `a.steps` steps, by
+    brisk's op names; steps are split into forward (with the loss), backward and optimizer
+    by record_function ranges."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(a.steps):
+            with record_function("brisk:forward"):
+                loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            with record_function("brisk:backward"):
+                loss.backward()
+            with record_function("brisk:optimizer"):
+                opt.step()
+    totals = {}
+    for ev in prof.events():
+        phase, p = None, ev
+        while p is not None and phase is None:
+            if p.name.startswith("brisk:"):
+                phase = p.name.removeprefix("brisk:")
+            p = p.cpu_parent
+        if phase is None or ev.name.startswith("brisk:"):
+            continue
+        op = brisk_op(phase, ev.name)
+        ms, calls = totals.get(op, (0.0, 0))
+        # Calls count ops that no other op called (an autograd node or a phase did);
+        # self time covers every level.
+        top = not (ev.cpu_parent is not None and ev.cpu_parent.name.startswith("aten::"))
+        totals[op] = (ms + ev.self_cpu_time_total / 1e3, calls + int(top))
+    order = ["conv-forward", "conv-backward", "batch-norm-forward", "batch-norm-backward",
+             "relu-backward", "pool-and-classifier", "optimizer", "rest"]
+    return [
+        {"op": op, "ms_per_step": totals[op][0] / a.steps, "calls_per_step": totals[op][1] / a.steps}
+        for op in order
+        if op in totals
+    ]
+
+
 def peak_mib(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
@@ -162,6 +224,7 @@ def parse():
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--profile", action="store_true", help="add the per-op table (training on the CPU)")
     a = p.parse_args()
     a.image = a.image or (32 if a.stem == "cifar" else 224)
     return a
@@ -199,6 +262,8 @@ def main():
         "device": a.device,
         "torch": torch.__version__,
     }
+    if a.profile and a.mode == "train" and dev.type == "cpu":
+        result["ops"] = profile_steps(a, model, x, y)
     if a.json:
         print(json.dumps(result))
     else:
@@ -206,6 +271,8 @@ def main():
             f"torch {a.arch} {a.dtype} {a.mode} batch={a.batch} img/s median {result['img_per_s']:.2f} "
             f"(min {result['img_per_s_min']:.2f} max {result['img_per_s_max']:.2f})"
         )
+        for row in result.get("ops", []):
+            print(f"{row['op']:<22} {row['ms_per_step']:>10.1f} ms/step {row['calls_per_step']:>6.0f} calls/step")
 
 
 if __name__ == "__main__":

@@ -32,6 +32,8 @@ pub struct StepCase {
     /// brisk's precision name; PyTorch runs autocast in its half format.
     pub precision: &'static str,
     pub eval: bool,
+    /// Ask both sides for their per-op tables (`--profile`).
+    pub profile: bool,
 }
 
 impl StepCase {
@@ -66,6 +68,9 @@ impl StepCase {
         ];
         if self.eval {
             args.push("--eval".into());
+        }
+        if self.profile {
+            args.push("--profile".into());
         }
         args
     }
@@ -120,15 +125,26 @@ impl StepCase {
             steps: 5,
             precision: config.precision.mode.name(),
             eval: false,
+            profile: false,
         }))
     }
 }
 
 /// What one side measured.
-#[derive(Clone, Copy, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 pub struct Figure {
     pub img_per_s: f64,
     pub peak_rss_mib: Option<f64>,
+    /// The per-op table, when asked for (`--profile`, training steps).
+    #[serde(default)]
+    pub ops: Vec<OpRow>,
+}
+
+/// One row of a side's per-op table, by brisk's op names.
+#[derive(Clone, Debug, Deserialize)]
+pub struct OpRow {
+    pub op: String,
+    pub ms_per_step: f64,
 }
 
 /// Runs a measuring command and reads the JSON object it prints last.
@@ -185,6 +201,11 @@ pub struct CompareArgs {
     /// Leave eval-mode forwards out.
     #[arg(long)]
     no_eval: bool,
+    /// After each training row, where the step's time goes on both sides: brisk's engine
+    /// timing itself per kind of op, PyTorch's profiler (self CPU time per op, grouped
+    /// under brisk's names), medians of the rounds.
+    #[arg(long)]
+    profile: bool,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -229,6 +250,7 @@ fn cases(a: &CompareArgs) -> Result<Vec<StepCase>> {
                             steps: a.steps,
                             precision,
                             eval,
+                            profile: a.profile && !eval,
                         });
                     }
                 }
@@ -275,6 +297,7 @@ pub fn run(a: &CompareArgs) -> Result<()> {
 
 fn print_row(case: &StepCase, brisk: &Path, root: &Path, rounds: usize) -> Result<()> {
     let (mut b, mut t, mut bm, mut tm) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut bops, mut tops) = (Vec::new(), Vec::new());
     for _ in 0..rounds {
         let fb = case.brisk(brisk)?;
         let ft = case.torch(root)?;
@@ -282,6 +305,8 @@ fn print_row(case: &StepCase, brisk: &Path, root: &Path, rounds: usize) -> Resul
         t.push(ft.img_per_s);
         bm.push(fb.peak_rss_mib.unwrap_or(f64::NAN));
         tm.push(ft.peak_rss_mib.unwrap_or(f64::NAN));
+        bops.push(fb.ops);
+        tops.push(ft.ops);
     }
     let (b, t) = (median(b), median(t));
     println!(
@@ -297,7 +322,77 @@ fn print_row(case: &StepCase, brisk: &Path, root: &Path, rounds: usize) -> Resul
         median(bm),
         median(tm)
     );
+    if case.profile {
+        print!("{}", op_table(&bops, &tops));
+    }
     Ok(())
+}
+
+/// brisk's two convolution gradients, which PyTorch computes in one op.
+const CONV_GRADS: [&str; 2] = ["conv-input-grad", "conv-weight-grad"];
+
+/// The median over rounds of each op's ms per step (0 where a round lacks it).
+fn op_medians(rounds: &[Vec<OpRow>], op: &str) -> Option<f64> {
+    let found: Vec<f64> = rounds
+        .iter()
+        .filter_map(|r| r.iter().find(|o| o.op == op).map(|o| o.ms_per_step))
+        .collect();
+    (!found.is_empty()).then(|| median(found))
+}
+
+/// The side-by-side per-op table: brisk's rows in its order, its two convolution
+/// gradients also summed as PyTorch's `conv-backward`, then PyTorch's rows brisk lacks.
+fn op_table(brisk: &[Vec<OpRow>], torch: &[Vec<OpRow>]) -> String {
+    let names = |rounds: &[Vec<OpRow>]| -> Vec<String> {
+        let mut v: Vec<String> = Vec::new();
+        for o in rounds.iter().flatten() {
+            if !v.contains(&o.op) {
+                v.push(o.op.clone());
+            }
+        }
+        v
+    };
+    let mut ops = names(brisk);
+    if let Some(i) = ops.iter().position(|o| o == CONV_GRADS[1]) {
+        ops.insert(i + 1, "conv-backward".into());
+    }
+    for op in names(torch) {
+        if !ops.contains(&op) {
+            ops.push(op);
+        }
+    }
+    let cell = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
+    let mut out = format!(
+        "       {:<22} {:>10} {:>10} {:>12}\n",
+        "op (ms per step)", "brisk", "torch", "brisk/torch"
+    );
+    let (mut bsum, mut tsum) = (0.0, 0.0);
+    for op in &ops {
+        let b = if op == "conv-backward" {
+            let parts: Vec<f64> = CONV_GRADS.iter().filter_map(|g| op_medians(brisk, g)).collect();
+            (!parts.is_empty()).then(|| parts.iter().sum())
+        } else {
+            op_medians(brisk, op)
+        };
+        let t = op_medians(torch, op);
+        if op != "conv-backward" {
+            bsum += b.unwrap_or(0.0);
+        }
+        tsum += t.unwrap_or(0.0);
+        let ratio = match (b, t) {
+            (Some(b), Some(t)) if t > 0.0 => format!("{:.2}", b / t),
+            _ => "-".into(),
+        };
+        out += &format!("       {op:<22} {:>10} {:>10} {ratio:>12}\n", cell(b), cell(t));
+    }
+    out += &format!(
+        "       {:<22} {:>10.1} {:>10.1} {:>12.2}\n",
+        "sum",
+        bsum,
+        tsum,
+        bsum / tsum.max(f64::MIN_POSITIVE)
+    );
+    out
 }
 
 /// Adds PyTorch's training-step img/s beside brisk's for each distinct case among the
@@ -384,5 +479,65 @@ mod tests {
             "a growing batch has no counterpart"
         );
         Ok(())
+    }
+
+    fn rows(v: &[(&str, f64)]) -> Vec<OpRow> {
+        v.iter()
+            .map(|&(op, ms)| OpRow {
+                op: op.into(),
+                ms_per_step: ms,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_op_table_pairs_brisks_conv_gradients_with_torchs_one_op() {
+        let brisk = [
+            rows(&[
+                ("conv-forward", 10.0),
+                ("conv-input-grad", 8.0),
+                ("conv-weight-grad", 12.0),
+            ]),
+            rows(&[
+                ("conv-forward", 14.0),
+                ("conv-input-grad", 10.0),
+                ("conv-weight-grad", 14.0),
+            ]),
+        ];
+        let torch = [
+            rows(&[("conv-forward", 6.0), ("conv-backward", 11.0), ("rest", 1.0)]),
+            rows(&[("conv-forward", 6.0), ("conv-backward", 13.0), ("rest", 3.0)]),
+        ];
+        let table = op_table(&brisk, &torch);
+        let line = |op: &str| -> Vec<String> {
+            let l = table
+                .lines()
+                .find(|l| l.split_whitespace().next() == Some(op))
+                .unwrap_or_else(|| panic!("no {op} row in\n{table}"));
+            l.split_whitespace().skip(1).map(String::from).collect()
+        };
+        // Medians of the two rounds; the gradients' medians summed (9 + 13).
+        assert_eq!(line("conv-forward"), ["12.0", "6.0", "2.00"]);
+        assert_eq!(line("conv-input-grad"), ["9.0", "-", "-"]);
+        assert_eq!(line("conv-backward"), ["22.0", "12.0", "1.83"]);
+        assert_eq!(line("rest"), ["-", "2.0", "-"]);
+        // The sum counts brisk's gradients once: 12 + 9 + 13.
+        assert_eq!(line("sum"), ["34.0", "20.0", "1.70"]);
+        let order: Vec<&str> = table
+            .lines()
+            .skip(1)
+            .filter_map(|l| l.split_whitespace().next())
+            .collect();
+        assert_eq!(
+            order,
+            [
+                "conv-forward",
+                "conv-input-grad",
+                "conv-weight-grad",
+                "conv-backward",
+                "rest",
+                "sum"
+            ]
+        );
     }
 }

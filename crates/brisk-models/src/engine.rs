@@ -15,14 +15,15 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use brisk_ops::{
-    bn_grad_sums, bn_input_grad, bn_normalize, bn_stats, conv_forward, conv_input_grad, conv_weight_grad,
-    matmul_f32, relu_backward, ConvShape, Mat, MaxPool,
+    add_assign, bn_grad_sums, bn_input_grad, bn_normalize, bn_stats, conv_forward, conv_input_grad,
+    conv_weight_grad, matmul_f32, relu_backward, ConvShape, Mat, MaxPool,
 };
 use brisk_spec::{tensor_name, BlockPlan, ModelSpec, Role, Stem, BN_EPS, BN_MOMENTUM};
 use candle_core::{Tensor, Var};
 
 use crate::error::{Error, Result};
 use crate::network::Network;
+use crate::op_times::{Op, OpTimes};
 use crate::resnet::Kernels;
 
 /// An activation: values of `[n, c, h, w]`.
@@ -134,6 +135,8 @@ pub struct Engine {
     /// The variables' values, read at the start of each step.
     values: HashMap<String, Vec<f32>>,
     saved: Option<Saved>,
+    /// Wall time per kind of operation, when asked for (`brisk bench step --profile`).
+    times: OpTimes,
 }
 
 /// The head of the network.
@@ -173,7 +176,14 @@ impl Engine {
             vars: net.all_vars()?.into_iter().collect(),
             values: HashMap::new(),
             saved: None,
+            times: OpTimes::default(),
         })
+    }
+
+    /// Where the steps' time goes, by kind of operation: call `op_times().enable()` to
+    /// start recording.
+    pub fn op_times(&self) -> &OpTimes {
+        &self.times
     }
 
     fn var(&self, name: &str) -> Result<&Var> {
@@ -197,10 +207,13 @@ impl Engine {
 
     /// Reads every variable's current value (the optimiser changed them since last time).
     fn read_values(&mut self) -> Result<()> {
-        for (name, var) in &self.vars {
-            let v = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
-            self.values.insert(name.clone(), v);
-        }
+        let values = self.times.time(Op::ReadWeights, || {
+            self.vars
+                .iter()
+                .map(|(name, var)| Ok((name.clone(), var.as_tensor().flatten_all()?.to_vec1::<f32>()?)))
+                .collect::<Result<HashMap<_, _>>>()
+        })?;
+        self.values = values;
         Ok(())
     }
 
@@ -248,8 +261,10 @@ impl Engine {
             x = block.out.clone();
             saved.blocks.push(block);
         }
-        let features = global_average(&x, n);
-        let logits = self.linear_forward(&features, n)?;
+        let (features, logits) = self.times.time(Op::PoolAndClassifier, || {
+            let features = global_average(&x, n);
+            self.linear_forward(&features, n).map(|logits| (features, logits))
+        })?;
         saved.features = features;
         Ok((logits, saved))
     }
@@ -265,8 +280,11 @@ impl Engine {
             return Ok(saved.stem_y.clone());
         }
         let (y, pool) = (&saved.stem_y, stem_pool());
+        let v = self.times.time(Op::PoolAndClassifier, || {
+            pool.forward(&y.v, saved.n * y.c, (y.h, y.w))
+        })?;
         Ok(Arc::new(Act {
-            v: pool.forward(&y.v, saved.n * y.c, (y.h, y.w))?,
+            v,
             c: y.c,
             h: pool.out_size(y.h)?,
             w: pool.out_size(y.w)?,
@@ -283,8 +301,9 @@ impl Engine {
 
     fn conv_forward(&self, conv: &Conv, x: &Act, n: usize) -> Result<Act> {
         let g = conv.shape(n, x)?;
+        let w = self.value(&conv.weight)?;
         Ok(Act {
-            v: conv_forward(&g, &x.v, self.value(&conv.weight)?),
+            v: self.times.time(Op::ConvForward, || conv_forward(&g, &x.v, w)),
             c: g.cout,
             h: g.ho,
             w: g.wo,
@@ -305,31 +324,35 @@ impl Engine {
     ) -> Result<(Act, BnSaved)> {
         let (c, hw) = (a.c, a.hw());
         let count = n * hw;
-        let stats = match mode {
-            Mode::Train if count < 2 => {
-                return Err(Error::BatchTooSmall {
-                    layer: layer.to_string(),
-                    shape: vec![n, c, a.h, a.w],
-                })
-            }
-            Mode::Train => bn_stats(&a.v, n, c, hw),
+        if mode == Mode::Train && count < 2 {
+            return Err(Error::BatchTooSmall {
+                layer: layer.to_string(),
+                shape: vec![n, c, a.h, a.w],
+            });
+        }
+        let running = match mode {
+            Mode::Train => None,
             Mode::Eval => {
                 let mut s = self.value(&tensor_name(layer, Role::RunningMean))?.to_vec();
                 s.extend_from_slice(self.value(&tensor_name(layer, Role::RunningVar))?);
-                s
+                Some(s)
             }
         };
         let affine = self.affine(layer)?;
-        let y = bn_normalize(
-            &a.v,
-            c,
-            hw,
-            &stats,
-            &affine,
-            BN_EPS,
-            relu,
-            residual.map(|r| r.v.as_slice()),
-        );
+        let (stats, y) = self.times.time(Op::BatchNormForward, || {
+            let stats = running.unwrap_or_else(|| bn_stats(&a.v, n, c, hw));
+            let y = bn_normalize(
+                &a.v,
+                c,
+                hw,
+                &stats,
+                &affine,
+                BN_EPS,
+                relu,
+                residual.map(|r| r.v.as_slice()),
+            );
+            (stats, y)
+        });
         if mode == Mode::Train {
             self.update_running(layer, &stats, count)?;
         }
@@ -393,12 +416,15 @@ impl Engine {
             }
             Some(hidden) => {
                 let (y2, bn2) = self.bn_forward(&plan.bn2(), a2, n, mode, (false, None))?;
-                let (mut scaled, se) = self.se_forward(plan, y2, n, hidden)?;
-                scaled
-                    .v
-                    .iter_mut()
-                    .zip(&shortcut.v)
-                    .for_each(|(a, b)| *a = (*a + b).max(0.0));
+                let (scaled, se) = self.times.time(Op::SqueezeExcitation, || {
+                    let (mut scaled, se) = self.se_forward(plan, y2, n, hidden)?;
+                    scaled
+                        .v
+                        .iter_mut()
+                        .zip(&shortcut.v)
+                        .for_each(|(a, b)| *a = (*a + b).max(0.0));
+                    Ok::<_, Error>((scaled, se))
+                })?;
                 (scaled, bn2, Some(se))
             }
         };
@@ -499,15 +525,17 @@ impl Engine {
         }
         let mut grads = Vec::new();
         let fin = self.spec.feature_channels();
-        let dfeatures = self.dense_backward(
-            FC,
-            dlogits,
-            &saved.features,
-            (n, fin, self.spec.classes),
-            &mut grads,
-        )?;
         let last = saved.blocks.last().map_or(&saved.stem_y, |b| &b.out);
-        let mut d = spread_average(&dfeatures, last, n);
+        let mut d = self.times.time(Op::PoolAndClassifier, || {
+            let dfeatures = self.dense_backward(
+                FC,
+                dlogits,
+                &saved.features,
+                (n, fin, self.spec.classes),
+                &mut grads,
+            )?;
+            Ok::<_, Error>(spread_average(&dfeatures, last, n))
+        })?;
         for (plan, block) in self.plan.iter().zip(&saved.blocks).rev() {
             d = self.block_backward(plan, block, d, n, &mut grads)?;
         }
@@ -563,19 +591,22 @@ impl Engine {
     ) -> Result<Vec<f32>> {
         let x = &saved.x;
         let (c, hw) = (x.c, x.hw());
-        let sums = bn_grad_sums(&x.v, dz, (n, c, hw), &saved.stats, BN_EPS);
         let affine = self.affine(layer)?;
-        let dx = bn_input_grad(
-            &x.v,
-            dz,
-            (c, hw),
-            &saved.stats,
-            &affine,
-            &sums,
-            n * hw,
-            BN_EPS,
-            true,
-        );
+        let (sums, dx) = self.times.time(Op::BatchNormBackward, || {
+            let sums = bn_grad_sums(&x.v, dz, (n, c, hw), &saved.stats, BN_EPS);
+            let dx = bn_input_grad(
+                &x.v,
+                dz,
+                (c, hw),
+                &saved.stats,
+                &affine,
+                &sums,
+                n * hw,
+                BN_EPS,
+                true,
+            );
+            (sums, dx)
+        });
         grads.push((
             tensor_name(layer, Role::BnWeight { zero: false }),
             sums[..c].to_vec(),
@@ -597,8 +628,11 @@ impl Engine {
     ) -> Result<Option<Vec<f32>>> {
         let g = conv.shape(n, x)?;
         let w = self.value(&conv.weight)?;
-        grads.push((conv.weight.clone(), conv_weight_grad(&g, &x.v, dy)));
-        Ok(input_grad.then(|| conv_input_grad(&g, dy, w)))
+        let dw = self
+            .times
+            .time(Op::ConvWeightGrad, || conv_weight_grad(&g, &x.v, dy));
+        grads.push((conv.weight.clone(), dw));
+        Ok(input_grad.then(|| self.times.time(Op::ConvInputGrad, || conv_input_grad(&g, dy, w))))
     }
 
     fn block_backward(
@@ -610,17 +644,24 @@ impl Engine {
         grads: &mut Vec<(String, Vec<f32>)>,
     ) -> Result<Vec<f32>> {
         // Through the final ReLU: the gradient of (branch + shortcut).
-        let dz = relu_backward(&s.out.v, &dout);
-        let dbn2 = match (&s.se, plan.se) {
-            (Some(se), Some(hidden)) => self.se_backward(plan, se, &dz, n, hidden, grads)?,
-            _ => dz.clone(),
+        let mut dz = dout;
+        self.times
+            .time(Op::ReluBackward, || relu_backward(&s.out.v, &mut dz));
+        let through_se = match (&s.se, plan.se) {
+            (Some(se), Some(hidden)) => Some(self.times.time(Op::SqueezeExcitation, || {
+                self.se_backward(plan, se, &dz, n, hidden, grads)
+            })?),
+            _ => None,
         };
-        let da2 = self.bn_backward(&plan.bn2(), &s.bn2, &dbn2, n, grads)?;
+        let dbn2 = through_se.as_deref().unwrap_or(&dz);
+        let da2 = self.bn_backward(&plan.bn2(), &s.bn2, dbn2, n, grads)?;
         let conv2 = Conv::new(&plan.conv2(), plan.out, 3, 1, 1);
         let dy1 = self
             .conv_backward(&conv2, &s.y1, &da2, n, true, grads)?
             .unwrap_or_default();
-        let dz1 = relu_backward(&s.y1.v, &dy1);
+        let mut dz1 = dy1;
+        self.times
+            .time(Op::ReluBackward, || relu_backward(&s.y1.v, &mut dz1));
         let da1 = self.bn_backward(&plan.bn1(), &s.bn1, &dz1, n, grads)?;
         let conv1 = Conv::new(&plan.conv1(), plan.mid, 3, plan.stride, 1);
         let mut dx = self
@@ -633,9 +674,9 @@ impl Engine {
                 let dsx = self
                     .conv_backward(&ds, &s.input, &da, n, true, grads)?
                     .unwrap_or_default();
-                dx.iter_mut().zip(&dsx).for_each(|(a, b)| *a += b);
+                self.times.time(Op::ReluBackward, || add_assign(&mut dx, &dsx));
             }
-            _ => dx.iter_mut().zip(&dz).for_each(|(a, b)| *a += b),
+            _ => self.times.time(Op::ReluBackward, || add_assign(&mut dx, &dz)),
         }
         Ok(dx)
     }
@@ -685,10 +726,13 @@ impl Engine {
         let n = saved.n;
         let y = &saved.stem_y;
         let dy = match self.spec.stem {
-            Stem::Imagenet => stem_pool().backward(&y.v, &d, n * y.c, (y.h, y.w))?,
+            Stem::Imagenet => self.times.time(Op::PoolAndClassifier, || {
+                stem_pool().backward(&y.v, &d, n * y.c, (y.h, y.w))
+            })?,
             Stem::Cifar => d,
         };
-        let dz = relu_backward(&y.v, &dy);
+        let mut dz = dy;
+        self.times.time(Op::ReluBackward, || relu_backward(&y.v, &mut dz));
         let da = self.bn_backward(brisk_spec::tensors::STEM_BN, &saved.stem_bn, &dz, n, grads)?;
         // No gradient for the images.
         self.conv_backward(&self.stem_conv(), &saved.image, &da, n, false, grads)?;

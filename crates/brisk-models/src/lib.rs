@@ -14,6 +14,7 @@ pub mod engine;
 pub mod error;
 pub mod init;
 pub mod network;
+pub mod op_times;
 pub mod resnet;
 
 pub use brisk_spec::{
@@ -23,4 +24,5 @@ pub use brisk_spec::{
 pub use engine::Engine;
 pub use error::{Error, Result};
 pub use network::{verify_model_file, Network};
+pub use op_times::{Op, OpTime, OpTimes};
 pub use resnet::{Kernels, ResNet};

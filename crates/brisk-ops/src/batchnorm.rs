@@ -271,17 +271,28 @@ pub fn bn_normalize(
     y
 }
 
-/// ReLU's backward over f32 slices: `dy` where the output `y` is positive, else 0.
-pub fn relu_backward(y: &[f32], dy: &[f32]) -> Vec<f32> {
-    let mut out = vec![0f32; y.len()];
-    out.par_chunks_mut(1 << 14)
-        .zip(y.par_chunks(1 << 14).zip(dy.par_chunks(1 << 14)))
-        .for_each(|(o, (y, g))| {
-            for ((o, &y), &g) in o.iter_mut().zip(y).zip(g) {
-                *o = if y > 0.0 { g } else { 0.0 };
+/// ReLU's backward over f32 slices, in place: `dy` is kept where the output `y` is
+/// positive and zeroed elsewhere (no new buffer: the engine owns its gradients).
+pub fn relu_backward(y: &[f32], dy: &mut [f32]) {
+    assert_eq!(y.len(), dy.len(), "relu_backward: lengths differ");
+    dy.par_chunks_mut(1 << 14)
+        .zip(y.par_chunks(1 << 14))
+        .for_each(|(g, y)| {
+            for (g, &y) in g.iter_mut().zip(y) {
+                if y <= 0.0 {
+                    *g = 0.0;
+                }
             }
         });
-    out
+}
+
+/// `dst += src`, element by element, in parallel: where a residual block's two branch
+/// gradients meet.
+pub fn add_assign(dst: &mut [f32], src: &[f32]) {
+    assert_eq!(dst.len(), src.len(), "add_assign: lengths differ");
+    dst.par_chunks_mut(1 << 14)
+        .zip(src.par_chunks(1 << 14))
+        .for_each(|(d, s)| d.iter_mut().zip(s).for_each(|(d, s)| *d += s));
 }
 
 /// Batch-norm's weight and bias gradients from the gradient `dz` reaching its affine
@@ -568,7 +579,9 @@ impl CustomOp2 for ReluMask {
                 l2.dims()
             );
         }
-        Ok((CpuStorage::F32(relu_backward(&y, &dy)), l1.shape().clone()))
+        let mut dx = dy.into_owned();
+        relu_backward(&y, &mut dx);
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 }
 
@@ -694,6 +707,18 @@ mod tests {
     use super::*;
     use brisk_testkit::{max_rel, rand_uniform, randn};
     use candle_core::{Device, Var};
+
+    #[test]
+    fn add_assign_adds_every_element_across_chunk_boundaries() {
+        let len = 3 * (1 << 14) + 123;
+        let a: Vec<f32> = (0..len).map(|i| (i % 97) as f32 * 0.5).collect();
+        let b: Vec<f32> = (0..len).map(|i| (i % 31) as f32 - 15.0).collect();
+        let mut sum = a.clone();
+        add_assign(&mut sum, &b);
+        for i in 0..len {
+            assert_eq!(sum[i], a[i] + b[i], "element {i}");
+        }
+    }
 
     /// candle's reference batch-norm (+residual, +ReLU) built from elementary ops.
     fn reference(x: &Tensor, w: &Tensor, b: &Tensor, stats: Option<&Tensor>, e: Epilogue) -> Result<Tensor> {

@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use brisk_models::{Kernels, ModelSpec, Network};
+use brisk_models::{Kernels, ModelSpec, Network, OpTimes};
 use brisk_precision::{Precision, PrecisionPolicy};
 use candle_core::{Device, Tensor};
 use serde::Serialize;
@@ -35,6 +35,19 @@ pub struct StepBench {
     pub precision: Precision,
     /// Where to run: the CPU (brisk's kernels) or a CUDA GPU (candle's kernels).
     pub device: Device,
+    /// Record the engine's wall time per kind of operation over the timed steps
+    /// ([`StepReport::ops`]).
+    pub profile: bool,
+}
+
+/// One row of the per-op table: the mean over the timed steps.
+#[derive(Clone, Debug, Serialize)]
+pub struct OpReport {
+    /// An engine op's name (`brisk_models::Op::name`), `optimizer`, or `rest` (the
+    /// loss, handing gradients to candle, what no op covers).
+    pub op: String,
+    pub ms_per_step: f64,
+    pub calls_per_step: f64,
 }
 
 /// Figures of one run; img/s are batch / step time.
@@ -59,6 +72,10 @@ pub struct StepReport {
     pub step_path: String,
     /// The process's peak resident memory in MiB (Linux; absent elsewhere).
     pub peak_rss_mib: Option<f64>,
+    /// With [`StepBench::profile`] on the engine: where the mean step's time went, the
+    /// rows summing to the mean step.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ops: Option<Vec<OpReport>>,
 }
 
 /// Peak resident set size of this process (`VmHWM`), in MiB.
@@ -121,6 +138,9 @@ impl StepBench {
         let mut stepper = Stepper::new(&net, self.engine)?;
         let (mut total, mut fwd, mut bwd, mut opt) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for i in 0..self.warmup + self.steps {
+            if i == self.warmup {
+                stepper.op_times().filter(|_| self.profile).map(OpTimes::enable);
+            }
             let t0 = Instant::now();
             let (t1, t2);
             if self.eval {
@@ -148,6 +168,9 @@ impl StepBench {
                 opt.push((t3 - t2).as_secs_f64() * 1e3);
             }
         }
+        let ops = (stepper.op_times())
+            .filter(|_| self.profile)
+            .map(|t| op_table(t, &total, &opt));
         let b = self.batch as f64;
         let slowest = total.iter().copied().fold(f64::MIN, f64::max);
         let fastest = total.iter().copied().fold(f64::MAX, f64::min);
@@ -162,8 +185,39 @@ impl StepBench {
             kernels: kernels.name().to_string(),
             step_path: stepper.path().to_string(),
             peak_rss_mib: peak_rss_mib(),
+            ops,
         })
     }
+}
+
+/// The per-op table: the engine's ops, the optimiser, and the rest of the mean step
+/// (`total` in seconds, `opt` in milliseconds, one entry per timed step).
+fn op_table(times: &OpTimes, total: &[f64], opt: &[f64]) -> Vec<OpReport> {
+    let steps = total.len().max(1) as f64;
+    let mut rows: Vec<OpReport> = times
+        .snapshot()
+        .into_iter()
+        .filter(|(_, t)| t.calls > 0)
+        .map(|(op, t)| OpReport {
+            op: op.name().to_string(),
+            ms_per_step: t.seconds * 1e3 / steps,
+            calls_per_step: t.calls as f64 / steps,
+        })
+        .collect();
+    let optimizer = opt.iter().sum::<f64>() / steps;
+    let step = total.iter().sum::<f64>() * 1e3 / steps;
+    let covered: f64 = rows.iter().map(|r| r.ms_per_step).sum::<f64>() + optimizer;
+    rows.push(OpReport {
+        op: "optimizer".into(),
+        ms_per_step: optimizer,
+        calls_per_step: 1.0,
+    });
+    rows.push(OpReport {
+        op: "rest".into(),
+        ms_per_step: (step - covered).max(0.0),
+        calls_per_step: 1.0,
+    });
+    rows
 }
 
 #[cfg(test)]
@@ -188,6 +242,7 @@ mod tests {
                 eval,
                 precision,
                 device: Device::Cpu,
+                profile: true,
             }
             .run()?;
             // f32 runs on the engine, half precision on candle's graph.
@@ -203,6 +258,19 @@ mod tests {
             );
             assert_eq!(r.steps, 3);
             assert_eq!(eval, r.backward_ms == 0.0);
+            // The per-op table comes from the engine: every convolution of the plan
+            // (stem, 16 in the blocks, 3 projections) once a step.
+            match (&r.ops, path) {
+                (Some(ops), "engine") => {
+                    let calls = |name: &str| ops.iter().find(|o| o.op == name).map(|o| o.calls_per_step);
+                    assert_eq!(calls("conv-forward"), Some(20.0), "{ops:?}");
+                    assert_eq!(calls("conv-weight-grad"), (!eval).then_some(20.0), "{ops:?}");
+                    assert_eq!(calls("optimizer"), Some(1.0));
+                    assert!(ops.iter().all(|o| o.ms_per_step >= 0.0), "{ops:?}");
+                }
+                (None, "graph") => {}
+                (ops, path) => panic!("{path} step with per-op table {ops:?}"),
+            }
         }
         Ok(())
     }
@@ -220,6 +288,7 @@ mod tests {
             eval: false,
             precision: Precision::F32,
             device: Device::Cpu,
+            profile: false,
         }
         .run()
         .expect_err("batch 0");

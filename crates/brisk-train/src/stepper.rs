@@ -3,7 +3,7 @@
 //! `brisk_models::Engine`), else on candle's autograd graph. Both hand back candle's
 //! `GradStore`, so losses, hooks and optimisers are the same either way.
 
-use brisk_models::{Engine, Network};
+use brisk_models::{Engine, Network, OpTimes};
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 
@@ -34,6 +34,11 @@ impl Stepper {
         } else {
             "graph"
         }
+    }
+
+    /// The engine's per-op wall times (`None` on the graph path, which has none).
+    pub fn op_times(&self) -> Option<&OpTimes> {
+        self.engine.as_ref().map(Engine::op_times)
     }
 
     /// The training-mode logits of images `x` `[N, C, H, W]` (batch-norm running

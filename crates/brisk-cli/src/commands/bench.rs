@@ -198,6 +198,12 @@ struct StepArgs {
     /// Time eval-mode forward passes instead of training steps.
     #[arg(long)]
     eval: bool,
+    /// Also print where the step's time goes: the engine's wall time per kind of
+    /// operation (convolution forward, input and weight gradients, batch-norm, ...), the
+    /// optimiser and the rest, per step (engine steps only; `cargo xtask compare-torch
+    /// --profile` puts PyTorch's profiler beside it).
+    #[arg(long)]
+    profile: bool,
     /// Print one JSON object on stdout.
     #[arg(long)]
     json: bool,
@@ -256,6 +262,7 @@ fn step(a: &StepArgs) -> Result<()> {
         eval: a.eval,
         precision: a.dtype,
         device: device(&a.device)?,
+        profile: a.profile,
     };
     let mode = if a.eval { "eval" } else { "train" };
     eprintln!(
@@ -287,6 +294,32 @@ fn step(a: &StepArgs) -> Result<()> {
             r.backward_ms,
             r.optimizer_ms
         );
+        match &r.ops {
+            Some(ops) => print_ops(ops),
+            None if a.profile => {
+                println!("(no per-op table: the step ran on candle's graph, not brisk's engine)")
+            }
+            None => {}
+        }
     }
     Ok(())
+}
+
+/// The per-op table of `--profile`.
+fn print_ops(ops: &[brisk_train::bench::OpReport]) {
+    let step: f64 = ops.iter().map(|o| o.ms_per_step).sum();
+    println!(
+        "{:<22} {:>10} {:>7} {:>11}",
+        "op", "ms/step", "share", "calls/step"
+    );
+    for o in ops {
+        println!(
+            "{:<22} {:>10.1} {:>6.1}% {:>11.0}",
+            o.op,
+            o.ms_per_step,
+            100.0 * o.ms_per_step / step.max(f64::MIN_POSITIVE),
+            o.calls_per_step
+        );
+    }
+    println!("{:<22} {:>10.1}", "mean step", step);
 }
