@@ -10,6 +10,7 @@ use rayon::prelude::*;
 
 use crate::gemm::{matmul, parallelism, Mat};
 use crate::half::{f32_values, round_to, storage_of};
+use crate::packed::{self, PackedWeight};
 
 /// Convolves `x` `[N, Cin, H, W]` with `weight` `[Cout, Cin, K, K]` (no bias, no groups
 /// or dilation) using brisk's kernels; differentiable in both arguments. The input
@@ -101,7 +102,7 @@ impl ConvShape {
     }
 
     /// Rows of the im2col matrix: Cin * K * K.
-    fn kdim(&self) -> usize {
+    pub(crate) fn kdim(&self) -> usize {
         self.cin * self.k * self.k
     }
 
@@ -120,13 +121,29 @@ impl ConvShape {
     }
 
     /// A 1x1, stride-1, unpadded convolution reads the image itself as its im2col matrix.
-    fn is_pointwise(&self) -> bool {
+    pub(crate) fn is_pointwise(&self) -> bool {
         self.k == 1 && self.stride == 1 && self.pad == 0
     }
 
     /// For kernel offset `kj`, the range of output columns whose input column
     /// `ow * stride + kj - pad` lies inside the image.
-    fn valid_cols(&self, kj: usize) -> (usize, usize) {
+    /// The convolution whose output is this stride-1 convolution's input gradient: over
+    /// the output gradient, padded by `k - 1 - pad`, with [`flipped_weight`]. `None` for
+    /// other strides, and for 1x1 unpadded convolutions (whose gradient is one product).
+    fn input_grad_as_conv(&self) -> Option<ConvShape> {
+        (self.stride == 1 && self.pad < self.k && !self.is_pointwise()).then_some(ConvShape {
+            cin: self.cout,
+            h: self.ho,
+            w: self.wo,
+            cout: self.cin,
+            pad: self.k - 1 - self.pad,
+            ho: self.h,
+            wo: self.w,
+            ..*self
+        })
+    }
+
+    pub(crate) fn valid_cols(&self, kj: usize) -> (usize, usize) {
         let lo = self.pad.saturating_sub(kj).div_ceil(self.stride);
         let hi = if self.w + self.pad > kj {
             (self.w + self.pad - kj - 1) / self.stride + 1
@@ -315,7 +332,14 @@ fn unfold<'a>(g: &ConvShape, x: &'a [f32], first: usize, count: usize, buf: &'a 
 
 /// The convolution of f32 slices: `x` `[n, cin, h, w]`, `w` `[cout, cin, k, k]` → `[n,
 /// cout, ho, wo]` (what the custom op computes; brisk-models' engine calls it directly).
+/// On AVX-512 CPUs it runs brisk's packed kernels (`packed`), else im2col + `gemm`.
 pub fn conv_forward(g: &ConvShape, x: &[f32], w: &[f32]) -> Vec<f32> {
+    conv_packed(g, x, || PackedWeight::rows(w, g.cout, g.kdim()))
+        .unwrap_or_else(|| conv_forward_gemm(g, x, w))
+}
+
+/// [`conv_forward`] by im2col and the `gemm` crate.
+fn conv_forward_gemm(g: &ConvShape, x: &[f32], w: &[f32]) -> Vec<f32> {
     let mut out = vec![0f32; g.n * g.out_len()];
     let (group, cols, scratch) = group_plan(g);
     for_each_group(
@@ -339,8 +363,66 @@ pub fn conv_forward(g: &ConvShape, x: &[f32], w: &[f32]) -> Vec<f32> {
     out
 }
 
+/// The convolution `g` on brisk's packed kernels with the weight `weight()` packs, when
+/// the CPU has them and there are enough image groups to keep every thread busy (the
+/// packed kernels run one group per thread); `None` otherwise.
+fn conv_packed(g: &ConvShape, x: &[f32], weight: impl FnOnce() -> PackedWeight) -> Option<Vec<f32>> {
+    let group = (packed::NC / g.out_hw().max(1)).clamp(1, g.n.max(1));
+    let t = threads();
+    if !packed::available() || (t > 1 && g.n.div_ceil(group) < t) {
+        return None;
+    }
+    Some(run_packed(g, x, &weight(), group))
+}
+
+/// The convolution `g` of `x` with the packed weight `a`, `group` images a task.
+fn run_packed(g: &ConvShape, x: &[f32], a: &PackedWeight, group: usize) -> Vec<f32> {
+    let mut out = vec![0f32; g.n * g.out_len()];
+    for_each_group(
+        &mut out,
+        g.out_len(),
+        group,
+        packed::scratch_len(g.cout),
+        |first, count, o, buf, _| packed::conv_images(g, x, a, first, count, o, buf),
+    );
+    out
+}
+
 /// The input gradient `[n, cin, h, w]` of [`conv_forward`] from the output gradient `dy`.
+///
+/// A stride-1 convolution's input gradient is itself a convolution: of `dy`, padded by
+/// `k - 1 - pad`, with the weight flipped in space and transposed in channels. On AVX-512
+/// CPUs that convolution runs on the packed kernels, the flipped weight packed straight
+/// from `w`; otherwise (and for other strides) the column gradient `Wᵀ·dy` is computed and
+/// folded back with col2im.
 pub fn conv_input_grad(g: &ConvShape, dy: &[f32], w: &[f32]) -> Vec<f32> {
+    if let Some(flipped) = g.input_grad_as_conv() {
+        if let Some(dx) = conv_packed(&flipped, dy, || flipped_weight(g, w)) {
+            return dx;
+        }
+    }
+    conv_input_grad_col2im(g, dy, w)
+}
+
+/// `w` `[cout, cin, k, k]` flipped in both spatial axes and transposed to `[cin, cout, k,
+/// k]`, packed: the weight of [`ConvShape::input_grad_as_conv`].
+fn flipped_weight(g: &ConvShape, w: &[f32]) -> PackedWeight {
+    let kk = g.k * g.k;
+    PackedWeight::new(g.cin, g.cout * kk, |ci, r0, buf| {
+        // Element r = (co, t) of row ci is w[co][ci][kk - 1 - t].
+        let (mut co, mut t) = (r0 / kk, r0 % kk);
+        for d in buf.iter_mut() {
+            *d = w[(co * g.cin + ci) * kk + kk - 1 - t];
+            t += 1;
+            if t == kk {
+                (co, t) = (co + 1, 0);
+            }
+        }
+    })
+}
+
+/// [`conv_input_grad`] by `Wᵀ·dy` and col2im: any stride.
+fn conv_input_grad_col2im(g: &ConvShape, dy: &[f32], w: &[f32]) -> Vec<f32> {
     let mut dx = vec![0f32; g.n * g.in_len()];
     let (group, cols, scratch) = group_plan(g);
     for_each_group(
@@ -769,6 +851,67 @@ mod tests {
             }
         }
         Ok(())
+    }
+
+    /// The packed kernels against im2col + `gemm`, forward and stride-1 input gradient, on
+    /// shapes that exercise their edges: channel counts off the 8-row tiles, position
+    /// counts off the 32-wide tiles and across the 256-position blocks, reductions longer
+    /// than one 256-row block, images split between blocks, strides, 1x1 and 7x7, rows
+    /// packed by masked loads (wide or odd maps) and by gathers (small maps).
+    #[test]
+    fn packed_kernels_match_the_gemm_path() {
+        let shapes: [Shape8; 9] = [
+            (3, 5, 12, 12, 13, 3, 1, 1),
+            (4, 6, 8, 8, 10, 3, 2, 1),
+            (2, 40, 6, 6, 9, 3, 1, 1),
+            (4, 3, 9, 7, 8, 3, 2, 1),
+            (2, 6, 11, 10, 7, 7, 2, 3),
+            (5, 16, 4, 4, 24, 1, 2, 0),
+            (3, 7, 5, 5, 6, 3, 1, 2),
+            (2, 31, 3, 3, 17, 3, 1, 0),
+            (9, 8, 4, 4, 16, 3, 1, 1),
+        ];
+        for (n, cin, h, wd, cout, k, s, p) in shapes {
+            let g = ConvShape::new(&[n, cin, h, wd], &[cout, cin, k, k], s, p).expect("shape");
+            let len = |d: &[usize]| d.iter().product::<usize>();
+            let x: Vec<f32> = (0..len(&[n, cin, h, wd]))
+                .map(|i| ((i * 7 % 23) as f32 - 11.0) * 0.1)
+                .collect();
+            let w: Vec<f32> = (0..len(&[cout, cin, k, k]))
+                .map(|i| ((i * 5 % 17) as f32 - 8.0) * 0.1)
+                .collect();
+            let want = conv_forward_gemm(&g, &x, &w);
+            for group in [1, 2, n] {
+                let got = run_packed(&g, &x, &PackedWeight::rows(&w, cout, g.kdim()), group);
+                let err = want
+                    .iter()
+                    .zip(&got)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                assert!(
+                    err < 1e-4,
+                    "forward {:?} group {group}: {err}",
+                    (n, cin, h, wd, cout, k, s, p)
+                );
+            }
+            if let Some(flipped) = g.input_grad_as_conv() {
+                let dy: Vec<f32> = (0..want.len())
+                    .map(|i| ((i * 3 % 13) as f32 - 6.0) * 0.1)
+                    .collect();
+                let want = conv_input_grad_col2im(&g, &dy, &w);
+                let got = run_packed(&flipped, &dy, &flipped_weight(&g, &w), 2);
+                let err = want
+                    .iter()
+                    .zip(&got)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                assert!(
+                    err < 1e-4,
+                    "input grad {:?}: {err}",
+                    (n, cin, h, wd, cout, k, s, p)
+                );
+            }
+        }
     }
 
     #[test]

@@ -13,6 +13,7 @@ mod conv;
 mod gemm;
 mod half;
 mod optim;
+mod packed;
 mod pool;
 mod storage;
 

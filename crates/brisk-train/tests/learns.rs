@@ -231,9 +231,11 @@ fn mixed_precision_learns_as_well_as_f32_with_f32_weights() -> Result<()> {
     }
     let f32_top1 = accuracy[0].1;
     assert!(f32_top1 > 0.9, "f32 itself must learn the set: {accuracy:?}");
+    // "As well as": at most one image of 128 fewer right than f32 (doing better is no
+    // failure; the f32 run's own rounding moves it by an image or two).
     for &(mode, top1) in &accuracy[1..] {
         assert!(
-            (top1 - f32_top1).abs() <= 0.01,
+            top1 >= f32_top1 - 0.01,
             "{mode} {top1} vs f32 {f32_top1}: {accuracy:?}"
         );
     }

@@ -1,0 +1,501 @@
+//! Convolution as brisk's own blocked GEMM on AVX-512: the weights packed once per call
+//! into 8-row panels, the right-hand panels packed straight from the image (im2col fused
+//! into the packing, so no im2col matrix is written and re-read, and nothing is packed
+//! twice: row runs by masked loads, small maps by gathers), and an 8 x 32 micro-kernel
+//! (8 output channels x 32 output positions).
+//!
+//! `conv.rs` uses it, when the CPU has AVX-512, for the forward pass and for the input
+//! gradient of stride-1 convolutions (a convolution of the output gradient with the
+//! flipped, transposed weight, packed straight from the weight); elsewhere the `gemm`
+//! crate's path runs. Both are tested against each other and against candle.
+
+use rayon::prelude::*;
+
+use crate::conv::ConvShape;
+
+/// Output channels per micro-kernel tile (rows of the packed weight panels).
+const MR: usize = 8;
+/// Output positions per micro-kernel tile: two 16-float vectors.
+const NR: usize = 32;
+/// Reduction rows per block: a weight block (channels x KC) stays in L2, an 8-row panel of
+/// it and a 32-position image panel in L1.
+const KC: usize = 256;
+/// Output positions per block (a multiple of NR): the image panel (KC x NC) stays in L2.
+pub(crate) const NC: usize = 256;
+
+/// Whether this CPU runs the packed kernels (x86-64 with AVX-512F).
+pub(crate) fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *HAS.get_or_init(|| std::arch::is_x86_feature_detected!("avx512f"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// A weight matrix `[rows, kdim]` packed for the micro-kernel: for each block of KC
+/// reduction rows, for each block of MR rows, `kc` groups of MR values (row-minor), rows
+/// past `rows` zero. A reduction block's panels are contiguous, so the weight block a
+/// block of positions multiplies is one stretch of memory.
+pub(crate) struct PackedWeight {
+    data: Vec<f32>,
+    rows: usize,
+    kdim: usize,
+}
+
+thread_local! {
+    /// The last packed weight's buffer, kept for the next (a fresh one would be zeroed
+    /// or faulted in at every call: 9 MB for a layer4 convolution).
+    static SPARE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl Drop for PackedWeight {
+    fn drop(&mut self) {
+        let data = std::mem::take(&mut self.data);
+        // A thread being torn down has no spare to keep.
+        let _ = SPARE.try_with(|s| {
+            let mut s = s.borrow_mut();
+            if s.capacity() < data.capacity() {
+                *s = data;
+            }
+        });
+    }
+}
+
+impl PackedWeight {
+    /// Packs the `rows x kdim` matrix where `values(row, r0, buf)` writes elements
+    /// `r0..r0 + buf.len()` of row `row` into `buf`; reduction blocks are packed in
+    /// parallel.
+    pub(crate) fn new(rows: usize, kdim: usize, values: impl Fn(usize, usize, &mut [f32]) + Sync) -> Self {
+        let padded = rows.div_ceil(MR) * MR;
+        let mut data = SPARE.with(|s| std::mem::take(&mut *s.borrow_mut()));
+        // Every element is written below; resizing keeps old values where it can.
+        data.resize(padded * kdim, 0.0);
+        data.par_chunks_mut((padded * KC).max(1))
+            .enumerate()
+            .for_each_init(
+                || vec![0f32; MR * KC],
+                |rows_buf, (kb, block)| {
+                    let (kc0, kc) = (kb * KC, block.len() / padded);
+                    for (b, panel) in block.chunks_mut(kc * MR).enumerate() {
+                        for (i, buf) in rows_buf.chunks_mut(KC).enumerate() {
+                            match b * MR + i {
+                                row if row < rows => values(row, kc0, &mut buf[..kc]),
+                                _ => buf.fill(0.0),
+                            }
+                        }
+                        for (kk, group) in panel.chunks_mut(MR).enumerate() {
+                            for (i, d) in group.iter_mut().enumerate() {
+                                *d = rows_buf[i * KC + kk];
+                            }
+                        }
+                    }
+                },
+            );
+        PackedWeight { data, rows, kdim }
+    }
+
+    /// The row-major `[rows, kdim]` weight of a convolution.
+    pub(crate) fn rows(w: &[f32], rows: usize, kdim: usize) -> Self {
+        Self::new(rows, kdim, |row, r0, buf| {
+            buf.copy_from_slice(&w[row * kdim + r0..][..buf.len()])
+        })
+    }
+
+    fn blocks(&self) -> usize {
+        self.rows.div_ceil(MR)
+    }
+
+    /// Reduction rows `kc0..kc0 + kc` (a whole reduction block) of row block `b`: `kc`
+    /// groups of MR values.
+    fn panel(&self, b: usize, kc0: usize, kc: usize) -> &[f32] {
+        &self.data[kc0 * self.blocks() * MR + b * kc * MR..][..kc * MR]
+    }
+}
+
+/// Scratch floats one call of [`conv_block`] needs for `rows` output channels.
+pub(crate) fn scratch_len(rows: usize) -> usize {
+    KC * NC + rows.div_ceil(MR) * MR * NC
+}
+
+/// The convolution `g` of images `first..first + count` of `x` with the packed weight
+/// `a` (`g.cout` rows of `g.cin * k * k`), written to `out` (those images' outputs,
+/// `[count, cout, ho, wo]`). `scratch` holds at least [`scratch_len`]`(g.cout)` floats.
+pub(crate) fn conv_images(
+    g: &ConvShape,
+    x: &[f32],
+    a: &PackedWeight,
+    first: usize,
+    count: usize,
+    out: &mut [f32],
+    scratch: &mut [f32],
+) {
+    let positions = count * g.out_hw();
+    let (panel, acc) = scratch.split_at_mut(KC * NC);
+    for p0 in (0..positions).step_by(NC) {
+        let np = NC.min(positions - p0);
+        conv_block(g, x, a, first, p0, np, panel, acc);
+        store(g, acc, p0, np, out);
+    }
+}
+
+/// A run of output positions in one output row: `run` positions from column `ow` of row
+/// `oh` of image `img`, packed at offset `j` of its NR-wide column group `nb`.
+#[derive(Clone, Copy, Debug)]
+struct Run {
+    nb: usize,
+    j: usize,
+    run: usize,
+    img: usize,
+    oh: usize,
+    ow: usize,
+}
+
+/// The runs of positions `p0..p0 + np` (counted from image `first`), by column group.
+fn runs(g: &ConvShape, first: usize, p0: usize, np: usize) -> Vec<Run> {
+    let howo = g.out_hw();
+    let mut out = Vec::with_capacity(np / g.wo.max(1) + 2 * np.div_ceil(NR));
+    for nb in 0..np.div_ceil(NR) {
+        let q0 = p0 + nb * NR;
+        let qn = NR.min(np - nb * NR);
+        let mut j = 0;
+        while j < qn {
+            let p = q0 + j;
+            let rem = p % howo;
+            let (oh, ow) = (rem / g.wo, rem % g.wo);
+            let run = (g.wo - ow).min(qn - j);
+            out.push(Run {
+                nb,
+                j,
+                run,
+                img: first + p / howo,
+                oh,
+                ow,
+            });
+            j += run;
+        }
+    }
+    out
+}
+
+/// Output positions `p0..p0 + np` (counted from image `first`) of every channel into
+/// `acc` `[blocks * MR, NC]`.
+#[allow(clippy::too_many_arguments)]
+fn conv_block(
+    g: &ConvShape,
+    x: &[f32],
+    a: &PackedWeight,
+    first: usize,
+    p0: usize,
+    np: usize,
+    panel: &mut [f32],
+    acc: &mut [f32],
+) {
+    let kdim = a.kdim;
+    let runs = runs(g, first, p0, np);
+    let cols: Vec<(usize, usize)> = (0..g.k).map(|kj| g.valid_cols(kj)).collect();
+    let gathers = Gathers::new(g, first, p0, np);
+    let groups = np.div_ceil(NR);
+    for kc0 in (0..kdim).step_by(KC) {
+        let kc = KC.min(kdim - kc0);
+        match &gathers {
+            Some(gathers) => gathers.pack(g, x, kc0, kc, panel),
+            None => pack_image(g, x, &runs, &cols, groups, kc0, kc, panel),
+        }
+        // Each image micro-panel (kc x NR, in L1) meets every weight panel (streamed
+        // from L2, where the weight block fits).
+        for nb in 0..groups {
+            let bp = &panel[nb * KC * NR..][..kc * NR];
+            for b in 0..a.blocks() {
+                let c = &mut acc[b * MR * NC + nb * NR..];
+                kernel(kc, a.panel(b, kc0, kc), bp, c, NC, kc0 > 0);
+            }
+        }
+    }
+}
+
+/// Packs reduction rows `kc0..kc0 + kc` (r = (channel, ki, kj)) of the im2col matrix
+/// for the positions of `runs` into `panel`: for each of the `groups` NR-wide column
+/// groups, `kc` rows of NR values (zero outside the image and past the last position).
+/// `cols[kj]` is [`ConvShape::valid_cols`] of `kj`.
+#[allow(clippy::too_many_arguments)]
+fn pack_image(
+    g: &ConvShape,
+    x: &[f32],
+    runs: &[Run],
+    cols: &[(usize, usize)],
+    groups: usize,
+    kc0: usize,
+    kc: usize,
+    panel: &mut [f32],
+) {
+    let k = g.k;
+    // Positions past the last run (a partial last group) stay zero.
+    if let Some(last) = runs.last() {
+        let end = last.j + last.run;
+        if end < NR {
+            let sub = &mut panel[last.nb * KC * NR..][..kc * NR];
+            sub.chunks_mut(NR).for_each(|row| row[end..].fill(0.0));
+        }
+    }
+    debug_assert!(runs.iter().all(|r| r.nb < groups));
+    for kk in 0..kc {
+        let r = kc0 + kk;
+        let (c, ki, kj) = (r / (k * k), r / k % k, r % k);
+        let (lo, hi) = cols[kj];
+        for run in runs {
+            let dst = &mut panel[(run.nb * KC + kk) * NR + run.j..][..run.run];
+            match (run.oh * g.stride + ki).checked_sub(g.pad).filter(|&ih| ih < g.h) {
+                None => dst.fill(0.0),
+                Some(ih) => {
+                    let row = &x[((run.img * g.cin + c) * g.h + ih) * g.w..][..g.w];
+                    fill_row(g, row, (lo, hi), kj, run.ow, dst);
+                }
+            }
+        }
+    }
+}
+
+/// `seg[t]` = the input at column `(ow + t) * stride + kj - pad` of `row`, 0 outside;
+/// `(lo, hi)` are the output columns whose input lies inside the row.
+fn fill_row(g: &ConvShape, row: &[f32], (lo, hi): (usize, usize), kj: usize, ow: usize, seg: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if g.stride == 1 && seg.len() <= NR && available() {
+        let start = (ow + kj) as isize - g.pad as isize;
+        // SAFETY: AVX-512F was detected; the function reads only row[start + t] for t <
+        // seg.len() with 0 <= start + t < row.len(), and writes seg[..seg.len()].
+        unsafe { fill_run_avx512(row, start, seg) };
+        return;
+    }
+    let (a, b) = (lo.max(ow), hi.min(ow + seg.len()));
+    if a >= b {
+        seg.fill(0.0);
+        return;
+    }
+    seg[..a - ow].fill(0.0);
+    seg[b - ow..].fill(0.0);
+    let start = a * g.stride + kj - g.pad;
+    let dst = &mut seg[a - ow..b - ow];
+    if g.stride == 1 {
+        dst.copy_from_slice(&row[start..start + dst.len()]);
+    } else {
+        for (t, d) in dst.iter_mut().enumerate() {
+            *d = row[start + t * g.stride];
+        }
+    }
+}
+
+/// `seg[t] = row[start + t]` where that index lies in `row`, else 0, for `seg` of at
+/// most NR values: two masked 16-lane loads (lanes outside `row` are not read).
+///
+/// # Safety
+/// The CPU must have AVX-512F; `seg.len() <= 32`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn fill_run_avx512(row: &[f32], start: isize, seg: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let (w, len) = (row.len() as isize, seg.len());
+    for half in 0..len.div_ceil(16) {
+        let first = start + 16 * half as isize;
+        let lanes = (len - 16 * half).min(16);
+        // Lanes t < lanes with 0 <= first + t < w: t in [lo, hi).
+        let lo = (-first).clamp(0, 16) as u32;
+        let hi = (w - first).clamp(0, lanes as isize) as u32;
+        let below = |n: u32| ((1u32 << n) - 1) as u16;
+        let mask = if hi > lo { below(hi) & !below(lo) } else { 0 };
+        // SAFETY: masked-off lanes are neither read nor faulted on; enabled lanes read
+        // row[first + t], inside row; the pointer is only formed with wrapping arithmetic.
+        // The store writes `lanes` values inside seg.
+        unsafe {
+            let v = _mm512_maskz_loadu_ps(mask, row.as_ptr().wrapping_offset(first));
+            let store: u16 = if lanes == 16 {
+                u16::MAX
+            } else {
+                (1u16 << lanes) - 1
+            };
+            _mm512_mask_storeu_ps(seg.as_mut_ptr().add(16 * half), store, v);
+        }
+    }
+}
+
+/// Packing by AVX-512 gathers, for small output maps (rows of fewer than 16 positions,
+/// where copying row runs costs more than the products) whose planes hold whole 16-lane
+/// vectors: for each vector of 16 positions and each kernel offset (ki, kj), the offsets of
+/// its input values in a channel plane and which of them lie inside it.
+struct Gathers {
+    /// Per vector: its image.
+    img: Vec<usize>,
+    /// Per (vector, offset): the 16 in-plane offsets (0 where outside) and the lane mask.
+    idx: Vec<[i32; 16]>,
+    mask: Vec<u16>,
+}
+
+impl Gathers {
+    /// `None` unless this CPU gathers, rows are shorter than 16 positions and every
+    /// 16-position vector lies in one image.
+    fn new(g: &ConvShape, first: usize, p0: usize, np: usize) -> Option<Self> {
+        let howo = g.out_hw();
+        if !available() || g.wo >= 16 || !howo.is_multiple_of(16) || !p0.is_multiple_of(16) || g.h * g.w > i32::MAX as usize {
+            return None;
+        }
+        let (k, vectors) = (g.k, np.div_ceil(16));
+        let mut out = Gathers {
+            img: Vec::with_capacity(vectors),
+            idx: Vec::with_capacity(vectors * k * k),
+            mask: Vec::with_capacity(vectors * k * k),
+        };
+        for v in 0..vectors {
+            let p = p0 + v * 16;
+            out.img.push(first + p / howo);
+            for ki in 0..k {
+                for kj in 0..k {
+                    let (mut idx, mut mask) = ([0i32; 16], 0u16);
+                    for (t, slot) in idx.iter_mut().enumerate() {
+                        let rem = (p + t) % howo;
+                        let (oh, ow) = (rem / g.wo, rem % g.wo);
+                        let ih = (oh * g.stride + ki).checked_sub(g.pad).filter(|&ih| ih < g.h);
+                        let iw = (ow * g.stride + kj).checked_sub(g.pad).filter(|&iw| iw < g.w);
+                        if let (Some(ih), Some(iw), true) = (ih, iw, p + t < p0 + np) {
+                            *slot = (ih * g.w + iw) as i32;
+                            mask |= 1 << t;
+                        }
+                    }
+                    out.idx.push(idx);
+                    out.mask.push(mask);
+                }
+            }
+        }
+        Some(out)
+    }
+
+    /// [`pack_image`] by gathers.
+    fn pack(&self, g: &ConvShape, x: &[f32], kc0: usize, kc: usize, panel: &mut [f32]) {
+        let (kk, plane) = (g.k * g.k, g.h * g.w);
+        let vectors = self.img.len();
+        if vectors % 2 == 1 {
+            // The last group's second vector has no positions.
+            let sub = &mut panel[(vectors / 2) * KC * NR..][..kc * NR];
+            sub.chunks_mut(NR).for_each(|row| row[16..].fill(0.0));
+        }
+        for r in kc0..kc0 + kc {
+            let (c, off) = (r / kk, r % kk);
+            for (v, &img) in self.img.iter().enumerate() {
+                let base = &x[(img * g.cin + c) * plane..][..plane];
+                let dst = &mut panel[((v / 2) * KC + r - kc0) * NR + (v % 2) * 16..][..16];
+                gather16(base, &self.idx[v * kk + off], self.mask[v * kk + off], dst);
+            }
+        }
+    }
+}
+
+/// `dst[t] = base[idx[t]]` where bit t of `mask` is set, else 0.
+fn gather16(base: &[f32], idx: &[i32; 16], mask: u16, dst: &mut [f32]) {
+    assert!(dst.len() >= 16);
+    assert!(
+        (0..16).all(|t| mask & (1 << t) == 0 || (idx[t] as usize) < base.len()),
+        "gather index outside its plane"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        // SAFETY: AVX-512F was detected; every lane the mask enables reads
+        // base[idx[t]], inside `base` by the assert; the store writes dst[..16].
+        unsafe { gather16_avx512(base.as_ptr(), idx, mask, dst.as_mut_ptr()) };
+        return;
+    }
+    for t in 0..16 {
+        dst[t] = if mask & (1 << t) != 0 {
+            base[idx[t] as usize]
+        } else {
+            0.0
+        };
+    }
+}
+
+/// # Safety
+/// The CPU must have AVX-512F; every lane enabled in `mask` must index inside the
+/// allocation `base` points into; `dst` must hold 16 floats.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn gather16_avx512(base: *const f32, idx: &[i32; 16], mask: u16, dst: *mut f32) {
+    use std::arch::x86_64::*;
+    // SAFETY: the caller's contract.
+    unsafe {
+        let vindex = _mm512_loadu_si512(idx.as_ptr().cast());
+        let v = _mm512_mask_i32gather_ps::<4>(_mm512_setzero_ps(), mask, vindex, base.cast());
+        _mm512_storeu_ps(dst, v);
+    }
+}
+
+/// Copies positions `p0..p0 + np` of `acc` (rows = output channels) to their images'
+/// places in `out` `[count, cout, ho, wo]`.
+fn store(g: &ConvShape, acc: &[f32], p0: usize, np: usize, out: &mut [f32]) {
+    let howo = g.out_hw();
+    let mut j = 0;
+    while j < np {
+        let p = p0 + j;
+        let (img, rem) = (p / howo, p % howo);
+        let run = (howo - rem).min(np - j);
+        for co in 0..g.cout {
+            out[(img * g.cout + co) * howo + rem..][..run].copy_from_slice(&acc[co * NC + j..][..run]);
+        }
+        j += run;
+    }
+}
+
+/// `c[i][j] (+)= Σ_k a[k][i] · b[k][j]` for an MR x NR tile: `a` is `kc` groups of MR,
+/// `b` `kc` rows of NR, `c` MR rows `ldc` apart.
+fn kernel(kc: usize, a: &[f32], b: &[f32], c: &mut [f32], ldc: usize, accumulate: bool) {
+    assert!(a.len() >= kc * MR && b.len() >= kc * NR && c.len() >= (MR - 1) * ldc + NR);
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        // SAFETY: AVX-512F was detected on this CPU; the assert above bounds every access
+        // the kernel makes (kc groups of MR in `a`, kc rows of NR in `b`, MR rows of NR
+        // at stride ldc in `c`).
+        unsafe { kernel_avx512(kc, a.as_ptr(), b.as_ptr(), c.as_mut_ptr(), ldc, accumulate) };
+        return;
+    }
+    for i in 0..MR {
+        for j in 0..NR {
+            let s: f32 = (0..kc).map(|k| a[k * MR + i] * b[k * NR + j]).sum();
+            let d = &mut c[i * ldc + j];
+            *d = if accumulate { *d + s } else { s };
+        }
+    }
+}
+
+/// # Safety
+/// The CPU must have AVX-512F; `a` must hold `kc * MR` floats, `b` `kc * NR`, and `c`
+/// MR rows of NR floats `ldc` apart.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn kernel_avx512(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, accumulate: bool) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+    for k in 0..kc {
+        // SAFETY: k < kc: row k of b (NR floats) and group k of a (MR floats) are in bounds.
+        unsafe {
+            let b0 = _mm512_loadu_ps(b.add(k * NR));
+            let b1 = _mm512_loadu_ps(b.add(k * NR + 16));
+            let ak = a.add(k * MR);
+            for (i, row) in acc.iter_mut().enumerate() {
+                let ai = _mm512_set1_ps(*ak.add(i));
+                row[0] = _mm512_fmadd_ps(ai, b0, row[0]);
+                row[1] = _mm512_fmadd_ps(ai, b1, row[1]);
+            }
+        }
+    }
+    for (i, row) in acc.iter().enumerate() {
+        // SAFETY: row i of c spans c[i * ldc .. i * ldc + NR], inside c by the contract.
+        unsafe {
+            let ci = c.add(i * ldc);
+            let (mut v0, mut v1) = (row[0], row[1]);
+            if accumulate {
+                v0 = _mm512_add_ps(v0, _mm512_loadu_ps(ci));
+                v1 = _mm512_add_ps(v1, _mm512_loadu_ps(ci.add(16)));
+            }
+            _mm512_storeu_ps(ci, v0);
+            _mm512_storeu_ps(ci.add(16), v1);
+        }
+    }
+}
