@@ -871,6 +871,10 @@ mod tests {
             (2, 31, 3, 3, 17, 3, 1, 0),
             (9, 8, 4, 4, 16, 3, 1, 1),
         ];
+        let max_diff = |a: &[f32], b: &[f32]| -> f32 {
+            assert_eq!(a.len(), b.len());
+            a.iter().zip(b).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max)
+        };
         for (n, cin, h, wd, cout, k, s, p) in shapes {
             let g = ConvShape::new(&[n, cin, h, wd], &[cout, cin, k, k], s, p).expect("shape");
             let len = |d: &[usize]| d.iter().product::<usize>();
@@ -883,11 +887,7 @@ mod tests {
             let want = conv_forward_gemm(&g, &x, &w);
             for group in [1, 2, n] {
                 let got = run_packed(&g, &x, &PackedWeight::rows(&w, cout, g.kdim()), group);
-                let err = want
-                    .iter()
-                    .zip(&got)
-                    .map(|(a, b)| (a - b).abs())
-                    .fold(0f32, f32::max);
+                let err = max_diff(&want, &got);
                 assert!(
                     err < 1e-4,
                     "forward {:?} group {group}: {err}",
@@ -900,11 +900,7 @@ mod tests {
                     .collect();
                 let want = conv_input_grad_col2im(&g, &dy, &w);
                 let got = run_packed(&flipped, &dy, &flipped_weight(&g, &w), 2);
-                let err = want
-                    .iter()
-                    .zip(&got)
-                    .map(|(a, b)| (a - b).abs())
-                    .fold(0f32, f32::max);
+                let err = max_diff(&want, &got);
                 assert!(
                     err < 1e-4,
                     "input grad {:?}: {err}",
