@@ -101,30 +101,20 @@ impl StepBench {
     /// momentum 0.9, weight decay 5e-4, as the PyTorch reference) per step. On a GPU the
     /// kernels are candle's and every phase is timed to the device's completion.
     pub fn run(&self) -> Result<StepReport> {
-        if self.batch == 0 {
-            return Err(Error::InvalidConfig {
-                field: "batch",
-                problem: "must be at least 1".into(),
-            });
-        }
-        if self.steps == 0 {
-            return Err(Error::InvalidConfig {
-                field: "steps",
-                problem: "must be at least 1".into(),
-            });
+        for (field, value) in [("batch", self.batch), ("steps", self.steps)] {
+            if value == 0 {
+                return Err(Error::InvalidConfig {
+                    field,
+                    problem: "must be at least 1".into(),
+                });
+            }
         }
         let dev = self.device.clone();
         let mut net = Network::new(self.spec.clone(), 0, &dev)?;
         let kernels = Kernels::for_device(&dev, self.reference_ops);
         net.set_kernels(kernels)?;
         net.set_precision(PrecisionPolicy::new(self.precision))?;
-        let size = self.spec.image_size;
-        let x = Tensor::randn(0f32, 1.0, (self.batch, self.spec.in_channels, size, size), &dev)?;
-        // Fixed labels spread over the classes.
-        let labels: Vec<u32> = (0..self.batch)
-            .map(|i| ((7 * i + 3) % self.spec.classes) as u32)
-            .collect();
-        let labels = Tensor::new(labels.as_slice(), &dev)?;
+        let (x, labels) = self.random_batch(&dev)?;
         let mut sgd = Sgd::new(
             Param::from_named(net.trainable_vars()?, true),
             SgdConfig {
@@ -187,6 +177,16 @@ impl StepBench {
             peak_rss_mib: peak_rss_mib(),
             ops,
         })
+    }
+
+    /// Random images and fixed labels spread over the classes.
+    fn random_batch(&self, dev: &Device) -> Result<(Tensor, Tensor)> {
+        let size = self.spec.image_size;
+        let x = Tensor::randn(0f32, 1.0, (self.batch, self.spec.in_channels, size, size), dev)?;
+        let labels: Vec<u32> = (0..self.batch)
+            .map(|i| ((7 * i + 3) % self.spec.classes) as u32)
+            .collect();
+        Ok((x, Tensor::new(labels.as_slice(), dev)?))
     }
 }
 
