@@ -10,13 +10,13 @@
 //! reports a larger campaign run by hand).
 
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 use anyhow::Result;
 use brisk_models::{ModelSpec, Network};
+use brisk_testkit::write_idx;
 use candle_core::{Device, Tensor};
 use proptest::prelude::*;
 use proptest::test_runner::Config;
@@ -197,21 +197,6 @@ fn make_seeds() -> Result<Seeds> {
         }
     }
     Ok(Seeds { _dir: dir, root })
-}
-
-fn write_idx(path: &Path, dims: &[u32], data: &[u8], gzip: bool) -> Result<()> {
-    let mut bytes = vec![0, 0, 8, dims.len() as u8];
-    for d in dims {
-        bytes.extend(d.to_be_bytes());
-    }
-    bytes.extend(data);
-    if gzip {
-        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-        enc.write_all(&bytes)?;
-        bytes = enc.finish()?;
-    }
-    std::fs::write(path, bytes)?;
-    Ok(())
 }
 
 /// Copies the seed `name` (a file or folder) into a fresh folder, damages `target`

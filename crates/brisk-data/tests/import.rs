@@ -1,10 +1,10 @@
 //! Importers on files written in their real formats by the tests themselves.
 
-use std::io::Write;
 use std::path::Path;
 
 use anyhow::Result;
 use brisk_data::{pack_cifar, pack_folder, pack_idx, Cifar, Dataset, IdxFiles, Split};
+use brisk_testkit::write_idx;
 
 /// One CIFAR record: label byte(s), then red, green and blue planes of 32x32.
 fn cifar_record(labels: &[u8], rgb: [u8; 3]) -> Vec<u8> {
@@ -98,21 +98,6 @@ fn truncated_cifar_file_is_named() -> Result<()> {
         err.contains("train.bin") && err.contains("ends inside a record"),
         "{err}"
     );
-    Ok(())
-}
-
-fn write_idx(path: &Path, dims: &[u32], data: &[u8], gzip: bool) -> Result<()> {
-    let mut bytes = vec![0, 0, 8, dims.len() as u8];
-    for d in dims {
-        bytes.extend(d.to_be_bytes());
-    }
-    bytes.extend(data);
-    if gzip {
-        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-        enc.write_all(&bytes)?;
-        bytes = enc.finish()?;
-    }
-    std::fs::write(path, bytes)?;
     Ok(())
 }
 

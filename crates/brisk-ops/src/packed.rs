@@ -184,6 +184,16 @@ fn runs(g: &ConvShape, first: usize, p0: usize, np: usize) -> Vec<Run> {
     out
 }
 
+/// How a block's image panels are packed: by gathers (small maps), or by row runs with
+/// each kernel column's valid output range ([`ConvShape::valid_cols`]).
+enum Packing {
+    Gathers(Gathers),
+    Runs {
+        runs: Vec<Run>,
+        cols: Vec<(usize, usize)>,
+    },
+}
+
 /// Output positions `p0..p0 + np` (counted from image `first`) of every channel into
 /// `acc` `[blocks * MR, NC]`.
 #[allow(clippy::too_many_arguments)]
@@ -198,15 +208,19 @@ fn conv_block(
     acc: &mut [f32],
 ) {
     let kdim = a.kdim;
-    let runs = runs(g, first, p0, np);
-    let cols: Vec<(usize, usize)> = (0..g.k).map(|kj| g.valid_cols(kj)).collect();
-    let gathers = Gathers::new(g, first, p0, np);
     let groups = np.div_ceil(NR);
+    let packing = match Gathers::new(g, first, p0, np) {
+        Some(gathers) => Packing::Gathers(gathers),
+        None => Packing::Runs {
+            runs: runs(g, first, p0, np),
+            cols: (0..g.k).map(|kj| g.valid_cols(kj)).collect(),
+        },
+    };
     for kc0 in (0..kdim).step_by(KC) {
         let kc = KC.min(kdim - kc0);
-        match &gathers {
-            Some(gathers) => gathers.pack(g, x, kc0, kc, panel),
-            None => pack_image(g, x, &runs, &cols, groups, kc0, kc, panel),
+        match &packing {
+            Packing::Gathers(gathers) => gathers.pack(g, x, kc0, kc, panel),
+            Packing::Runs { runs, cols } => pack_image(g, x, runs, cols, groups, kc0, kc, panel),
         }
         // Each image micro-panel (kc x NR, in L1) meets every weight panel (streamed
         // from L2, where the weight block fits).
@@ -328,6 +342,9 @@ unsafe fn fill_run_avx512(row: &[f32], start: isize, seg: &mut [f32]) {
 /// where copying row runs costs more than the products) whose planes hold whole 16-lane
 /// vectors: for each vector of 16 positions and each kernel offset (ki, kj), the offsets of
 /// its input values in a channel plane and which of them lie inside it.
+///
+/// Invariant (what makes the gathers safe): a lane's mask bit is set only where its offset
+/// `ih * w + iw` has `ih < h` and `iw < w`, inside the `h * w` plane.
 struct Gathers {
     /// Per vector: its image.
     img: Vec<usize>,
@@ -393,23 +410,25 @@ impl Gathers {
             for (v, &img) in self.img.iter().enumerate() {
                 let base = &x[(img * g.cin + c) * plane..][..plane];
                 let dst = &mut panel[((v / 2) * KC + r - kc0) * NR + (v % 2) * 16..][..16];
-                gather16(base, &self.idx[v * kk + off], self.mask[v * kk + off], dst);
+                // SAFETY: by the struct's invariant every enabled lane's offset lies in
+                // the plane, and `base` is the whole plane.
+                unsafe { gather16(base, &self.idx[v * kk + off], self.mask[v * kk + off], dst) };
             }
         }
     }
 }
 
 /// `dst[t] = base[idx[t]]` where bit t of `mask` is set, else 0.
-fn gather16(base: &[f32], idx: &[i32; 16], mask: u16, dst: &mut [f32]) {
+///
+/// # Safety
+/// Every lane enabled in `mask` must have `0 <= idx[t] < base.len()` (checked once, when
+/// the indices are built, instead of at each of the millions of calls).
+unsafe fn gather16(base: &[f32], idx: &[i32; 16], mask: u16, dst: &mut [f32]) {
     assert!(dst.len() >= 16);
-    assert!(
-        (0..16).all(|t| mask & (1 << t) == 0 || (idx[t] as usize) < base.len()),
-        "gather index outside its plane"
-    );
     #[cfg(target_arch = "x86_64")]
     if available() {
-        // SAFETY: AVX-512F was detected; every lane the mask enables reads
-        // base[idx[t]], inside `base` by the assert; the store writes dst[..16].
+        // SAFETY: AVX-512F was detected; every lane the mask enables reads base[idx[t]],
+        // inside `base` by the caller's contract; the store writes dst[..16].
         unsafe { gather16_avx512(base.as_ptr(), idx, mask, dst.as_mut_ptr()) };
         return;
     }

@@ -113,6 +113,23 @@ impl Brisk {
     }
 }
 
+/// Writes an IDX file (MNIST's format: unsigned bytes, big-endian dimensions), gzipped
+/// when `gzip`.
+pub fn write_idx(path: &Path, dims: &[u32], data: &[u8], gzip: bool) -> Result<()> {
+    let mut bytes = vec![0, 0, 8, dims.len() as u8];
+    for d in dims {
+        bytes.extend(d.to_be_bytes());
+    }
+    bytes.extend(data);
+    if gzip {
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut enc, &bytes)?;
+        bytes = enc.finish()?;
+    }
+    std::fs::write(path, bytes)?;
+    Ok(())
+}
+
 /// Runs `c`, failing with its output unless it succeeds.
 pub fn ok(c: &mut Command) -> Result<Output> {
     let out = c.output().with_context(|| format!("cannot run {c:?}"))?;
