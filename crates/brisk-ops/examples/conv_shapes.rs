@@ -6,7 +6,7 @@
 use std::time::Instant;
 
 use anyhow::Result;
-use candle_core::{Device, Tensor, Var};
+use brisk_ops::ConvShape;
 
 /// (name, Cin, Cout, input size, kernel, stride, count in the network).
 const SHAPES: [(&str, usize, usize, usize, usize, usize, usize); 11] = [
@@ -38,25 +38,26 @@ fn main() -> Result<()> {
     let args: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
     let batch = args.first().copied().unwrap_or(32);
     brisk_ops::init_compute(args.get(1).copied().unwrap_or(2))?;
-    let dev = Device::Cpu;
+    brisk_ops::keep_freed_memory();
     println!(
         "{:<16} {:>9} {:>9} {:>9} {:>7} {:>7} {:>7}  (ms, best of 5; GFLOP/s)",
         "shape", "fwd", "dx", "dw", "fwd", "dx", "dw"
     );
     let mut totals = [0f64; 3];
+    let values = |len: usize, seed: usize| -> Vec<f32> {
+        (0..len)
+            .map(|i| ((i * 7 + seed) % 23) as f32 * 0.1 - 1.1)
+            .collect()
+    };
     for (name, cin, cout, hw, k, s, count) in SHAPES {
-        let pad = k / 2;
-        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (batch, cin, hw, hw), &dev)?)?;
-        let w = Var::from_tensor(&Tensor::randn(0f32, 1.0, (cout, cin, k, k), &dev)?)?;
-        let y = brisk_ops::conv2d(&x, &w, s, pad)?;
-        let ho = y.dim(2)?;
-        let flops = 2.0 * (batch * cout * ho * ho * cin * k * k) as f64;
-        let fwd = time(|| Ok(brisk_ops::conv2d(&x, &w, s, pad)?))?;
-        // The whole backward (dx + dw) minus a backward with a plain input (dw only).
-        let both = time(|| Ok(brisk_ops::conv2d(&x, &w, s, pad)?.sum_all()?.backward()?))? - fwd;
-        let xp = x.as_tensor().detach();
-        let dw = time(|| Ok(brisk_ops::conv2d(&xp, &w, s, pad)?.sum_all()?.backward()?))? - fwd;
-        let dx = (both - dw).max(0.0);
+        let g = ConvShape::new(&[batch, cin, hw, hw], &[cout, cin, k, k], s, k / 2)?;
+        let x = values(batch * g.in_len(), 1);
+        let w = values(cout * cin * k * k, 2);
+        let dy = values(batch * g.out_len(), 3);
+        let flops = 2.0 * (batch * g.out_len() * cin * k * k) as f64;
+        let fwd = time(|| Ok(brisk_ops::conv_forward(&g, &x, &w)))?;
+        let dx = time(|| Ok(brisk_ops::conv_input_grad(&g, &dy, &w)))?;
+        let dw = time(|| Ok(brisk_ops::conv_weight_grad(&g, &x, &dy)))?;
         for (t, v) in totals.iter_mut().zip([fwd, dx, dw]) {
             *t += v * count as f64;
         }
@@ -66,7 +67,7 @@ fn main() -> Result<()> {
             dx * 1e3,
             dw * 1e3,
             flops / fwd / 1e9,
-            flops / dx.max(1e-9) / 1e9,
+            flops / dx / 1e9,
             flops / dw / 1e9
         );
     }

@@ -382,7 +382,7 @@ fn run_packed(g: &ConvShape, x: &[f32], a: &PackedWeight, group: usize) -> Vec<f
         &mut out,
         g.out_len(),
         group,
-        packed::scratch_len(g.cout),
+        packed::scratch_len(g, group),
         |first, count, o, buf, _| packed::conv_images(g, x, a, first, count, o, buf),
     );
     out
@@ -860,7 +860,7 @@ mod tests {
     /// packed by masked loads (wide or odd maps) and by gathers (small maps).
     #[test]
     fn packed_kernels_match_the_gemm_path() {
-        let shapes: [Shape8; 9] = [
+        let shapes: [Shape8; 14] = [
             (3, 5, 12, 12, 13, 3, 1, 1),
             (4, 6, 8, 8, 10, 3, 2, 1),
             (2, 40, 6, 6, 9, 3, 1, 1),
@@ -870,6 +870,13 @@ mod tests {
             (3, 7, 5, 5, 6, 3, 1, 2),
             (2, 31, 3, 3, 17, 3, 1, 0),
             (9, 8, 4, 4, 16, 3, 1, 1),
+            // Direct convolutions (stride 1, output rows of 16k positions), partial
+            // 32-position groups, padding 0 and 2.
+            (3, 5, 16, 16, 13, 3, 1, 1),
+            (2, 3, 32, 32, 9, 3, 1, 1),
+            (2, 4, 18, 17, 8, 3, 1, 0),
+            (2, 6, 16, 16, 11, 5, 1, 2),
+            (3, 9, 4, 16, 7, 1, 1, 0),
         ];
         let max_diff = |a: &[f32], b: &[f32]| -> f32 {
             assert_eq!(a.len(), b.len());

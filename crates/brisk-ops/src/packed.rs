@@ -1,8 +1,9 @@
 //! Convolution as brisk's own blocked GEMM on AVX-512: the weights packed once per call
-//! into 8-row panels, the right-hand panels packed straight from the image (im2col fused
-//! into the packing, so no im2col matrix is written and re-read, and nothing is packed
-//! twice: row runs by masked loads, small maps by gathers), and an 8 x 32 micro-kernel
-//! (8 output channels x 32 output positions).
+//! into 8-row panels, the image operand either read in place from a zero-padded copy
+//! (stride 1, output rows of 16k positions: [`Direct`]) or packed straight from the image
+//! (im2col fused into the packing, so no im2col matrix is written and re-read: row runs
+//! by masked loads, small maps by gathers), and an 8 x 32 micro-kernel (8 output channels
+//! x 32 output positions).
 //!
 //! `conv.rs` uses it, when the CPU has AVX-512, for the forward pass and for the input
 //! gradient of stride-1 convolutions (a convolution of the output gradient with the
@@ -119,9 +120,10 @@ impl PackedWeight {
     }
 }
 
-/// Scratch floats one call of [`conv_block`] needs for `rows` output channels.
-pub(crate) fn scratch_len(rows: usize) -> usize {
-    KC * NC + rows.div_ceil(MR) * MR * NC
+/// Scratch floats one call of [`conv_images`] needs for `count` images of `g`: the image
+/// panel, the accumulator (`g.cout` rows) and, for direct convolutions, the padded images.
+pub(crate) fn scratch_len(g: &ConvShape, count: usize) -> usize {
+    KC * NC + g.cout.div_ceil(MR) * MR * NC + Direct::padded_len(g, count)
 }
 
 /// The convolution `g` of images `first..first + count` of `x` with the packed weight
@@ -137,11 +139,110 @@ pub(crate) fn conv_images(
     scratch: &mut [f32],
 ) {
     let positions = count * g.out_hw();
-    let (panel, acc) = scratch.split_at_mut(KC * NC);
+    let (panel, rest) = scratch.split_at_mut(KC * NC);
+    let (acc, padded) = rest.split_at_mut(g.cout.div_ceil(MR) * MR * NC);
+    let direct = Direct::new(g, x, first, count, padded);
     for p0 in (0..positions).step_by(NC) {
         let np = NC.min(positions - p0);
-        conv_block(g, x, a, first, p0, np, panel, acc);
+        match &direct {
+            Some(d) => d.conv_block(a, p0, np, acc),
+            None => conv_block(g, x, a, first, p0, np, panel, acc),
+        }
         store(g, acc, p0, np, out);
+    }
+}
+
+/// Direct convolution, for stride-1 convolutions whose output rows hold whole 16-lane
+/// vectors (layers 1 and 2 of a CIFAR ResNet, and their input gradients): the group's
+/// images are copied once with their zero padding, and the micro-kernel loads each
+/// 16-position vector of the image operand straight from that copy (row `ki`, column `kj`
+/// of an output row's window is one contiguous run there) instead of packing an im2col
+/// panel for every reduction block: for 64-channel layers that packing cost a third of
+/// the products' time.
+struct Direct<'a> {
+    g: ConvShape,
+    /// The images, each channel a `(h + 2 pad) x (w + 2 pad)` plane with zeros around.
+    padded: &'a [f32],
+}
+
+impl<'a> Direct<'a> {
+    /// Whether `g` runs directly: stride 1, output rows of a multiple of 16 positions,
+    /// on a CPU with the packed kernels.
+    fn applies(g: &ConvShape) -> bool {
+        available() && g.stride == 1 && g.wo.is_multiple_of(16) && g.wo > 0
+    }
+
+    fn plane(g: &ConvShape) -> (usize, usize) {
+        (g.h + 2 * g.pad, g.w + 2 * g.pad)
+    }
+
+    /// Floats of the padded copy of `count` images (0 where `g` does not run directly).
+    fn padded_len(g: &ConvShape, count: usize) -> usize {
+        let (hp, wp) = Self::plane(g);
+        if Self::applies(g) {
+            count * g.cin * hp * wp
+        } else {
+            0
+        }
+    }
+
+    /// Copies images `first..first + count` of `x` with their padding into `buf`, or
+    /// `None` where `g` does not run directly.
+    fn new(g: &ConvShape, x: &[f32], first: usize, count: usize, buf: &'a mut [f32]) -> Option<Self> {
+        if !Self::applies(g) {
+            return None;
+        }
+        let (hp, wp) = Self::plane(g);
+        let (pad, plane) = (g.pad, g.h * g.w);
+        let padded = &mut buf[..count * g.cin * hp * wp];
+        let src = &x[first * g.cin * plane..][..count * g.cin * plane];
+        for (dst, src) in padded.chunks_mut(hp * wp).zip(src.chunks(plane)) {
+            dst[..pad * wp].fill(0.0);
+            dst[(pad + g.h) * wp..].fill(0.0);
+            for (drow, srow) in dst[pad * wp..].chunks_mut(wp).zip(src.chunks(g.w)) {
+                drow[..pad].fill(0.0);
+                drow[pad..pad + g.w].copy_from_slice(srow);
+                drow[pad + g.w..].fill(0.0);
+            }
+        }
+        Some(Direct { g: *g, padded })
+    }
+
+    /// [`conv_block`]'s products, the image operand read from the padded copy.
+    fn conv_block(&self, a: &PackedWeight, p0: usize, np: usize, acc: &mut [f32]) {
+        let g = &self.g;
+        let (hp, wp) = Self::plane(g);
+        let (k, howo) = (g.k, g.out_hw());
+        // Where the 16 positions from `q` start in the padded copy: the window's corner.
+        let start = |q: usize| {
+            let (img, rem) = (q / howo, q % howo);
+            img * g.cin * hp * wp + rem / g.wo * wp + rem % g.wo
+        };
+        let mut offsets = [0usize; KC];
+        for kc0 in (0..a.kdim).step_by(KC) {
+            let kc = KC.min(a.kdim - kc0);
+            // Reduction row r = (channel, ki, kj) reads the window shifted by this.
+            for (kk, o) in offsets[..kc].iter_mut().enumerate() {
+                let r = kc0 + kk;
+                *o = (r / (k * k) * hp + r / k % k) * wp + r % k;
+            }
+            for nb in 0..np.div_ceil(NR) {
+                let q = p0 + nb * NR;
+                // A partial last group (fewer than 32 positions) computes its second
+                // vector from the first's data; those columns of `acc` are not stored.
+                let second = if np - nb * NR > 16 {
+                    start(q + 16)
+                } else {
+                    start(q)
+                };
+                let src =
+                    DirectPanel::new([&self.padded[start(q)..], &self.padded[second..]], &offsets[..kc]);
+                for b in 0..a.blocks() {
+                    let c = &mut acc[b * MR * NC + nb * NR..];
+                    kernel(kc, a.panel(b, kc0, kc), &src, c, NC, kc0 > 0);
+                }
+            }
+        }
     }
 }
 
@@ -225,10 +326,10 @@ fn conv_block(
         // Each image micro-panel (kc x NR, in L1) meets every weight panel (streamed
         // from L2, where the weight block fits).
         for nb in 0..groups {
-            let bp = &panel[nb * KC * NR..][..kc * NR];
+            let bp = PackedPanel(&panel[nb * KC * NR..][..kc * NR]);
             for b in 0..a.blocks() {
                 let c = &mut acc[b * MR * NC + nb * NR..];
-                kernel(kc, a.panel(b, kc0, kc), bp, c, NC, kc0 > 0);
+                kernel(kc, a.panel(b, kc0, kc), &bp, c, NC, kc0 > 0);
             }
         }
     }
@@ -472,21 +573,82 @@ fn store(g: &ConvShape, acc: &[f32], p0: usize, np: usize, out: &mut [f32]) {
     }
 }
 
+/// The image operand of one micro-kernel call: `kc` rows of NR values, each row two
+/// 16-value halves somewhere in memory.
+trait ImagePanel {
+    /// Whether rows `0..kc` lie inside the memory the operand borrows.
+    fn holds(&self, kc: usize) -> bool;
+    /// Where row `k`'s two halves start (dereferenced only where `holds` covers `k`).
+    fn halves(&self, k: usize) -> [*const f32; 2];
+}
+
+/// A packed panel: `kc` rows of NR values one after another.
+struct PackedPanel<'a>(&'a [f32]);
+
+impl ImagePanel for PackedPanel<'_> {
+    fn holds(&self, kc: usize) -> bool {
+        self.0.len() >= kc * NR
+    }
+
+    #[inline(always)]
+    fn halves(&self, k: usize) -> [*const f32; 2] {
+        let row = self.0.as_ptr().wrapping_add(k * NR);
+        [row, row.wrapping_add(16)]
+    }
+}
+
+/// Rows read in place: row `k`'s halves are 16 values at `offsets[k]` from each base.
+struct DirectPanel<'a> {
+    base: [&'a [f32]; 2],
+    offsets: &'a [usize],
+}
+
+impl<'a> DirectPanel<'a> {
+    /// Checks once that every offset's 16 values lie inside both bases (instead of at
+    /// every row of every call).
+    fn new(base: [&'a [f32]; 2], offsets: &'a [usize]) -> Self {
+        let end = offsets.iter().max().map_or(0, |&o| o + 16);
+        assert!(
+            base.iter().all(|b| b.len() >= end),
+            "direct panel reads past its images"
+        );
+        DirectPanel { base, offsets }
+    }
+}
+
+impl ImagePanel for DirectPanel<'_> {
+    fn holds(&self, kc: usize) -> bool {
+        self.offsets.len() >= kc
+    }
+
+    #[inline(always)]
+    fn halves(&self, k: usize) -> [*const f32; 2] {
+        let o = self.offsets[k];
+        self.base.map(|b| b.as_ptr().wrapping_add(o))
+    }
+}
+
 /// `c[i][j] (+)= Σ_k a[k][i] · b[k][j]` for an MR x NR tile: `a` is `kc` groups of MR,
 /// `b` `kc` rows of NR, `c` MR rows `ldc` apart.
-fn kernel(kc: usize, a: &[f32], b: &[f32], c: &mut [f32], ldc: usize, accumulate: bool) {
-    assert!(a.len() >= kc * MR && b.len() >= kc * NR && c.len() >= (MR - 1) * ldc + NR);
+fn kernel(kc: usize, a: &[f32], b: &impl ImagePanel, c: &mut [f32], ldc: usize, accumulate: bool) {
+    assert!(a.len() >= kc * MR && b.holds(kc) && c.len() >= (MR - 1) * ldc + NR);
     #[cfg(target_arch = "x86_64")]
     if available() {
         // SAFETY: AVX-512F was detected on this CPU; the assert above bounds every access
         // the kernel makes (kc groups of MR in `a`, kc rows of NR in `b`, MR rows of NR
         // at stride ldc in `c`).
-        unsafe { kernel_avx512(kc, a.as_ptr(), b.as_ptr(), c.as_mut_ptr(), ldc, accumulate) };
+        unsafe { kernel_avx512(kc, a.as_ptr(), b, c.as_mut_ptr(), ldc, accumulate) };
         return;
     }
     for i in 0..MR {
         for j in 0..NR {
-            let s: f32 = (0..kc).map(|k| a[k * MR + i] * b[k * NR + j]).sum();
+            let s: f32 = (0..kc)
+                .map(|k| {
+                    let half = b.halves(k)[j / 16];
+                    // SAFETY: `b` holds rows 0..kc (asserted above): 16 values per half.
+                    a[k * MR + i] * unsafe { *half.add(j % 16) }
+                })
+                .sum();
             let d = &mut c[i * ldc + j];
             *d = if accumulate { *d + s } else { s };
         }
@@ -494,18 +656,27 @@ fn kernel(kc: usize, a: &[f32], b: &[f32], c: &mut [f32], ldc: usize, accumulate
 }
 
 /// # Safety
-/// The CPU must have AVX-512F; `a` must hold `kc * MR` floats, `b` `kc * NR`, and `c`
-/// MR rows of NR floats `ldc` apart.
+/// The CPU must have AVX-512F; `a` must hold `kc * MR` floats, `b` must hold `kc` rows,
+/// and `c` MR rows of NR floats `ldc` apart.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn kernel_avx512(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, accumulate: bool) {
+unsafe fn kernel_avx512(
+    kc: usize,
+    a: *const f32,
+    b: &impl ImagePanel,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+) {
     use std::arch::x86_64::*;
     let mut acc = [[_mm512_setzero_ps(); 2]; MR];
     for k in 0..kc {
-        // SAFETY: k < kc: row k of b (NR floats) and group k of a (MR floats) are in bounds.
+        // SAFETY: k < kc: row k of b (two halves of 16 floats) and group k of a (MR
+        // floats) are in bounds.
         unsafe {
-            let b0 = _mm512_loadu_ps(b.add(k * NR));
-            let b1 = _mm512_loadu_ps(b.add(k * NR + 16));
+            let [h0, h1] = b.halves(k);
+            let b0 = _mm512_loadu_ps(h0);
+            let b1 = _mm512_loadu_ps(h1);
             let ak = a.add(k * MR);
             for (i, row) in acc.iter_mut().enumerate() {
                 let ai = _mm512_set1_ps(*ak.add(i));
