@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use brisk_ops::{
-    add_assign, bn_grad_sums, bn_input_grad, bn_normalize, bn_stats, conv_forward, conv_input_grad,
+    add_assign, bn_grad_sums, bn_input_grad_in_place, bn_normalize, bn_stats, conv_forward, conv_input_grad,
     conv_weight_grad, matmul_f32, relu_backward, ConvShape, Mat, MaxPool,
 };
 use brisk_spec::{tensor_name, BlockPlan, ModelSpec, Role, Stem, BN_EPS, BN_MOMENTUM};
@@ -580,23 +580,23 @@ impl Engine {
     }
 
     /// Batch-norm `layer`'s backward from the gradient `dz` of its affine output: its
-    /// weight and bias gradients go to `grads`; returns its input's.
+    /// weight and bias gradients go to `grads`; returns its input's, written over `dz`.
     fn bn_backward(
         &self,
         layer: &str,
         saved: &BnSaved,
-        dz: &[f32],
+        mut dz: Vec<f32>,
         n: usize,
         grads: &mut Vec<(String, Vec<f32>)>,
     ) -> Result<Vec<f32>> {
         let x = &saved.x;
         let (c, hw) = (x.c, x.hw());
         let affine = self.affine(layer)?;
-        let (sums, dx) = self.times.time(Op::BatchNormBackward, || {
-            let sums = bn_grad_sums(&x.v, dz, (n, c, hw), &saved.stats, BN_EPS);
-            let dx = bn_input_grad(
+        let sums = self.times.time(Op::BatchNormBackward, || {
+            let sums = bn_grad_sums(&x.v, &dz, (n, c, hw), &saved.stats, BN_EPS);
+            bn_input_grad_in_place(
                 &x.v,
-                dz,
+                &mut dz,
                 (c, hw),
                 &saved.stats,
                 &affine,
@@ -605,14 +605,14 @@ impl Engine {
                 BN_EPS,
                 true,
             );
-            (sums, dx)
+            sums
         });
         grads.push((
             tensor_name(layer, Role::BnWeight { zero: false }),
             sums[..c].to_vec(),
         ));
         grads.push((tensor_name(layer, Role::BnBias), sums[c..].to_vec()));
-        Ok(dx)
+        Ok(dz)
     }
 
     /// A convolution's backward from its output gradient `dy`: its weight gradient goes
@@ -653,7 +653,8 @@ impl Engine {
             })?),
             _ => None,
         };
-        let dbn2 = through_se.as_deref().unwrap_or(&dz);
+        // The shortcut still needs dz: bn2 works on a copy unless SE made one.
+        let dbn2 = through_se.unwrap_or_else(|| dz.clone());
         let da2 = self.bn_backward(&plan.bn2(), &s.bn2, dbn2, n, grads)?;
         let conv2 = Conv::new(&plan.conv2(), plan.out, 3, 1, 1);
         let dy1 = self
@@ -662,14 +663,14 @@ impl Engine {
         let mut dz1 = dy1;
         self.times
             .time(Op::ReluBackward, || relu_backward(&s.y1.v, &mut dz1));
-        let da1 = self.bn_backward(&plan.bn1(), &s.bn1, &dz1, n, grads)?;
+        let da1 = self.bn_backward(&plan.bn1(), &s.bn1, dz1, n, grads)?;
         let conv1 = Conv::new(&plan.conv1(), plan.mid, 3, plan.stride, 1);
         let mut dx = self
             .conv_backward(&conv1, &s.input, &da1, n, true, grads)?
             .unwrap_or_default();
         match (plan.downsample_layers(), &s.shortcut_bn) {
             (Some((conv, bn)), Some(saved)) => {
-                let da = self.bn_backward(&bn, saved, &dz, n, grads)?;
+                let da = self.bn_backward(&bn, saved, dz, n, grads)?;
                 let ds = Conv::new(&conv, plan.out, 1, plan.stride, 0);
                 let dsx = self
                     .conv_backward(&ds, &s.input, &da, n, true, grads)?
@@ -733,7 +734,7 @@ impl Engine {
         };
         let mut dz = dy;
         self.times.time(Op::ReluBackward, || relu_backward(&y.v, &mut dz));
-        let da = self.bn_backward(brisk_spec::tensors::STEM_BN, &saved.stem_bn, &dz, n, grads)?;
+        let da = self.bn_backward(brisk_spec::tensors::STEM_BN, &saved.stem_bn, dz, n, grads)?;
         // No gradient for the images.
         self.conv_backward(&self.stem_conv(), &saved.image, &da, n, false, grads)?;
         Ok(())

@@ -339,6 +339,7 @@ pub fn bn_grad_sums(
 /// Batch-norm's input gradient from `dz` (the gradient reaching its affine output):
 /// training (`batch_stats`) `γ σ⁻¹ (dz − mean(dz) − x̂ · mean(dz · x̂))`, where the means
 /// come from `sums` = [`bn_grad_sums`] over `count` values a channel; evaluation `γ σ⁻¹ dz`.
+/// A new buffer; [`bn_input_grad_in_place`] writes over `dz` instead.
 #[allow(clippy::too_many_arguments)]
 pub fn bn_input_grad(
     x: &[f32],
@@ -351,27 +352,51 @@ pub fn bn_input_grad(
     eps: f64,
     batch_stats: bool,
 ) -> Vec<f32> {
+    let mut g = dz.to_vec();
+    bn_input_grad_in_place(x, &mut g, (c, hw), stats, affine, sums, count, eps, batch_stats);
+    g
+}
+
+/// [`bn_input_grad`] written over its input: `g` holds `dz` on entry and the input
+/// gradient on return (no buffer to allocate and zero; each value is read once and
+/// written once).
+#[allow(clippy::too_many_arguments)]
+pub fn bn_input_grad_in_place(
+    x: &[f32],
+    g: &mut [f32],
+    (c, hw): (usize, usize),
+    stats: &[f32],
+    affine: &[f32],
+    sums: &[f32],
+    count: usize,
+    eps: f64,
+    batch_stats: bool,
+) {
+    assert_eq!(
+        x.len(),
+        g.len(),
+        "bn_input_grad: input and gradient lengths differ"
+    );
     let ch = channels(stats, affine, c, eps);
     let (dgamma, dbeta) = (&sums[..c], &sums[c..2 * c]);
     let m = count as f32;
-    let mut dx = vec![0f32; x.len()];
-    dx.par_chunks_mut(hw).enumerate().for_each(|(i, out)| {
+    g.par_chunks_mut(hw).enumerate().for_each(|(i, gs)| {
         let k = i % c;
         let p = &ch[k];
         let xs = &x[i * hw..(i + 1) * hw];
-        let gs = &dz[i * hw..(i + 1) * hw];
         let a = p.gamma * p.inv_std;
         let (mean_dz, mean_dzx) = if batch_stats {
             (dbeta[k] / m, dgamma[k] / m)
         } else {
             (0.0, 0.0)
         };
-        for ((o, &v), &g) in out.iter_mut().zip(xs).zip(gs) {
-            let xh = (v - p.mean) * p.inv_std;
-            *o = a * (g - mean_dz - xh * mean_dzx);
+        // dx = a·dz − a·mean_dz − a·σ⁻¹·mean_dzx·(x − mean) = a·dz + b·x + d.
+        let b = -a * p.inv_std * mean_dzx;
+        let d = -a * mean_dz - b * p.mean;
+        for (g, &v) in gs.iter_mut().zip(xs) {
+            *g = a * *g + b * v + d;
         }
     });
-    dx
 }
 
 /// Per-channel constants of the normalisation: y = x * scale + shift.

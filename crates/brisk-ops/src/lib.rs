@@ -18,8 +18,8 @@ mod pool;
 mod storage;
 
 pub use batchnorm::{
-    add_assign, batch_norm, bn_grad_sums, bn_input_grad, bn_normalize, bn_stats, relu_backward,
-    BatchNormOutput, BatchNormSync, Epilogue,
+    add_assign, batch_norm, bn_grad_sums, bn_input_grad, bn_input_grad_in_place, bn_normalize, bn_stats,
+    relu_backward, BatchNormOutput, BatchNormSync, Epilogue,
 };
 pub use conv::{conv2d, conv_forward, conv_input_grad, conv_weight_grad, ConvShape};
 pub use gemm::{matmul_f32, Mat};
