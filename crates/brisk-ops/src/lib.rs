@@ -109,19 +109,23 @@ pub fn compute_threads() -> usize {
 /// every step. By default glibc maps each block over 128 KiB with mmap and unmaps it on
 /// free: every step then pays page faults to touch fresh pages, and each munmap stops the
 /// other cores for a TLB shootdown. Measured here (2 threads, CIFAR ResNet-18, batch 32)
-/// that was a third of the convolution input-gradient time. With the mmap threshold at
-/// its maximum (32 MiB) and trimming off, memory is reused from step to step, as
-/// PyTorch's caching allocator does. One arena for every thread: glibc gives other
-/// threads arenas of their own and unmaps such an arena's heap whole once it empties,
-/// whatever the trim threshold; buffers that the compute threads allocated then came back
-/// as fresh pages each step (measured: ~7,700 page faults a step, 350 with one arena).
-/// Elsewhere than Linux/glibc this does nothing.
+/// that was a third of the convolution input-gradient time. So no block is mmapped (raising
+/// the mmap threshold is not enough: glibc caps it at 32 MiB, and at batch 128 every
+/// 64-channel 32x32 activation is 33.5 MB; a stride-2 input gradient, which accumulates
+/// into its zeroed buffer, then faulted every page twice, zero page then copy on write,
+/// and the input-gradient convolutions of a batch-128 step took 1,140 ms instead of 845)
+/// and trimming is off: memory is reused from step to step, as PyTorch's caching
+/// allocator does. One arena for every thread: glibc gives other threads arenas of their
+/// own and unmaps such an arena's heap whole once it empties, whatever the trim
+/// threshold; buffers that the compute threads allocated then came back as fresh pages
+/// each step (measured: ~7,700 page faults a step, 350 with one arena). Elsewhere than
+/// Linux/glibc this does nothing.
 pub fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator parameters; it is called with valid
     // parameter numbers and values, and glibc rejects (returns 0 for) values it cannot take.
     unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_MMAP_MAX, 0);
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
         libc::mallopt(libc::M_ARENA_MAX, 1);
     }
