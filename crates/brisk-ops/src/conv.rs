@@ -511,20 +511,18 @@ pub fn conv_weight_grad(g: &ConvShape, x: &[f32], dy: &[f32]) -> Vec<f32> {
     let mut iter = partials.into_iter();
     let mut total = iter.next().unwrap_or_else(|| vec![0f32; wlen]);
     for p in iter {
-        for (t, v) in total.iter_mut().zip(&p) {
-            *t += v;
-        }
+        crate::add_assign(&mut total, &p);
     }
     if !transposed {
         return total;
     }
-    // dw [Cout, K] from dw^T [K, Cout].
+    // dw [Cout, K] from dw^T [K, Cout], a row of dw per task.
     let mut dw = vec![0f32; wlen];
-    for (r, row) in total.chunks(g.cout).enumerate() {
-        for (co, &v) in row.iter().enumerate() {
-            dw[co * g.kdim() + r] = v;
+    dw.par_chunks_mut(g.kdim()).enumerate().for_each(|(co, row)| {
+        for (r, d) in row.iter_mut().enumerate() {
+            *d = total[r * g.cout + co];
         }
-    }
+    });
     dw
 }
 

@@ -1,7 +1,8 @@
-//! The SGD-with-momentum update as two in-place passes over each parameter, instead of
-//! candle's five allocating tensor ops.
+//! The SGD-with-momentum update as two in-place parallel passes over each parameter,
+//! instead of candle's five allocating tensor ops.
 
 use candle_core::{CpuStorage, InplaceOp3, Layout, Result, Tensor};
+use rayon::prelude::*;
 
 use crate::storage::{f32_slice, f32_slice_mut};
 
@@ -25,6 +26,11 @@ pub fn sgd_update(weight: &Tensor, velocity: &Tensor, grad: &Tensor, step: SgdSt
     velocity.inplace_op3(&grad, weight, &Velocity(step))?;
     weight.inplace_op3(velocity, &grad, &Weight(step))
 }
+
+/// Values per parallel task: both passes are memory-bound, so a parameter is split over
+/// the compute threads (single-threaded, the update of an 11M-parameter network took
+/// 25-35 ms a step while the other cores waited).
+const CHUNK: usize = 1 << 15;
 
 /// Checks three same-sized operands and returns them: (mutated, a, b).
 fn operands<'a>(
@@ -71,9 +77,13 @@ impl InplaceOp3 for Velocity {
             ..
         } = self.0;
         let momentum = if first { 0.0 } else { momentum };
-        for ((v, &g), &w) in v.iter_mut().zip(g).zip(w) {
-            *v = momentum * *v + (g + weight_decay * w);
-        }
+        v.par_chunks_mut(CHUNK)
+            .zip(g.par_chunks(CHUNK).zip(w.par_chunks(CHUNK)))
+            .for_each(|(v, (g, w))| {
+                for ((v, &g), &w) in v.iter_mut().zip(g).zip(w) {
+                    *v = momentum * *v + (g + weight_decay * w);
+                }
+            });
         Ok(())
     }
 }
@@ -103,14 +113,18 @@ impl InplaceOp3 for Weight {
             nesterov,
             ..
         } = self.0;
-        for ((w, &v), &g) in w.iter_mut().zip(v).zip(g) {
-            let d = if nesterov {
-                g + weight_decay * *w + momentum * v
-            } else {
-                v
-            };
-            *w -= lr * d;
-        }
+        w.par_chunks_mut(CHUNK)
+            .zip(v.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
+            .for_each(|(w, (v, g))| {
+                for ((w, &v), &g) in w.iter_mut().zip(v).zip(g) {
+                    let d = if nesterov {
+                        g + weight_decay * *w + momentum * v
+                    } else {
+                        v
+                    };
+                    *w -= lr * d;
+                }
+            });
         Ok(())
     }
 }
