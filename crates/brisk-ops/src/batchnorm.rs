@@ -7,6 +7,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::fill::par_build;
 use crate::half::{f32_values, storage_of};
 use crate::storage::f32_slice;
 
@@ -246,29 +247,25 @@ pub fn bn_normalize(
     residual: Option<&[f32]>,
 ) -> Vec<f32> {
     let ch = channels(stats, affine, c, eps);
-    let mut y = vec![0f32; x.len()];
-    y.par_chunks_mut(hw)
-        .zip(x.par_chunks(hw))
-        .enumerate()
-        .for_each(|(i, (yo, xi))| {
-            let p = &ch[i % c];
-            let scale = p.gamma * p.inv_std;
-            let shift = p.beta - p.mean * scale;
-            let act = |v: f32| if relu { v.max(0.0) } else { v };
-            match residual {
-                Some(r) => {
-                    for ((o, &v), &rv) in yo.iter_mut().zip(xi).zip(&r[i * hw..(i + 1) * hw]) {
-                        *o = act(v * scale + shift + rv);
-                    }
-                }
-                None => {
-                    for (o, &v) in yo.iter_mut().zip(xi) {
-                        *o = act(v * scale + shift);
-                    }
+    par_build(x.len(), hw, |i, yo| {
+        let xi = &x[i * hw..][..yo.len()];
+        let p = &ch[i % c];
+        let scale = p.gamma * p.inv_std;
+        let shift = p.beta - p.mean * scale;
+        let act = |v: f32| if relu { v.max(0.0) } else { v };
+        match residual {
+            Some(r) => {
+                for ((o, &v), &rv) in yo.iter_mut().zip(xi).zip(&r[i * hw..(i + 1) * hw]) {
+                    *o = act(v * scale + shift + rv);
                 }
             }
-        });
-    y
+            None => {
+                for (o, &v) in yo.iter_mut().zip(xi) {
+                    *o = act(v * scale + shift);
+                }
+            }
+        }
+    })
 }
 
 /// ReLU's backward over f32 slices, in place: `dy` is kept where the output `y` is

@@ -8,6 +8,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::fill::{par_build, par_zeros};
 use crate::gemm::{matmul, parallelism, Mat};
 use crate::half::{f32_values, round_to, storage_of};
 use crate::packed::{self, PackedWeight};
@@ -268,29 +269,33 @@ fn group_plan(g: &ConvShape) -> (usize, usize, usize) {
     )
 }
 
-/// Runs `f(first image, images, output chunk, scratch, gemm parallelism)` for every group
-/// of `group` images, whose outputs are consecutive chunks of `per_image` floats: in
-/// parallel over groups with single-threaded GEMMs when there are enough groups to keep
-/// every thread busy, otherwise one group at a time with multi-threaded GEMMs.
-fn for_each_group<F>(out: &mut [f32], per_image: usize, group: usize, scratch: usize, f: F)
+/// The output of `images` images, `per_image` floats each, from `f(first image, images,
+/// output chunk (zeroed), scratch, gemm parallelism)` run for every group of `group`
+/// images: in parallel over groups with single-threaded GEMMs when there are enough
+/// groups to keep every thread busy, otherwise one group at a time with multi-threaded
+/// GEMMs.
+fn for_each_group<F>(images: usize, per_image: usize, group: usize, scratch: usize, f: F) -> Vec<f32>
 where
     F: Fn(usize, usize, &mut [f32], &mut [f32], gemm::Parallelism) + Sync,
 {
-    let chunk = per_image * group;
-    let groups = out.len().div_ceil(chunk.max(1));
+    let chunk = (per_image * group).max(1);
+    let len = images * per_image;
+    let groups = len.div_ceil(chunk);
     let t = threads();
     if groups >= t && t > 1 {
-        out.par_chunks_mut(chunk).enumerate().for_each(|(i, o)| {
+        par_build(len, chunk, |i, o| {
             with_scratch(scratch, |buf| {
                 f(i * group, o.len() / per_image, o, buf, gemm::Parallelism::None)
             })
-        });
+        })
     } else {
+        let mut out = par_zeros(len);
         with_scratch(scratch, |buf| {
             for (i, o) in out.chunks_mut(chunk).enumerate() {
                 f(i * group, o.len() / per_image, o, buf, parallelism(t));
             }
         });
+        out
     }
 }
 
@@ -340,27 +345,19 @@ pub fn conv_forward(g: &ConvShape, x: &[f32], w: &[f32]) -> Vec<f32> {
 
 /// [`conv_forward`] by im2col and the `gemm` crate.
 fn conv_forward_gemm(g: &ConvShape, x: &[f32], w: &[f32]) -> Vec<f32> {
-    let mut out = vec![0f32; g.n * g.out_len()];
     let (group, cols, scratch) = group_plan(g);
-    for_each_group(
-        &mut out,
-        g.out_len(),
-        group,
-        scratch,
-        |first, count, o, buf, par| {
-            let (col_buf, prod) = buf.split_at_mut(g.kdim() * cols);
-            let col = unfold(g, x, first, count, col_buf);
-            let ld = count * g.out_hw();
-            let wm = Mat::rows(w, g.kdim());
-            if count == 1 {
-                matmul((g.cout, ld, g.kdim()), o, wm, Mat::rows(col, ld), false, par);
-            } else {
-                matmul((g.cout, ld, g.kdim()), prod, wm, Mat::rows(col, ld), false, par);
-                scatter(prod, count, g.cout, g.out_hw(), o);
-            }
-        },
-    );
-    out
+    for_each_group(g.n, g.out_len(), group, scratch, |first, count, o, buf, par| {
+        let (col_buf, prod) = buf.split_at_mut(g.kdim() * cols);
+        let col = unfold(g, x, first, count, col_buf);
+        let ld = count * g.out_hw();
+        let wm = Mat::rows(w, g.kdim());
+        if count == 1 {
+            matmul((g.cout, ld, g.kdim()), o, wm, Mat::rows(col, ld), false, par);
+        } else {
+            matmul((g.cout, ld, g.kdim()), prod, wm, Mat::rows(col, ld), false, par);
+            scatter(prod, count, g.cout, g.out_hw(), o);
+        }
+    })
 }
 
 /// The convolution `g` on brisk's packed kernels with the weight `weight()` packs, when
@@ -377,15 +374,13 @@ fn conv_packed(g: &ConvShape, x: &[f32], weight: impl FnOnce() -> PackedWeight) 
 
 /// The convolution `g` of `x` with the packed weight `a`, `group` images a task.
 fn run_packed(g: &ConvShape, x: &[f32], a: &PackedWeight, group: usize) -> Vec<f32> {
-    let mut out = vec![0f32; g.n * g.out_len()];
     for_each_group(
-        &mut out,
+        g.n,
         g.out_len(),
         group,
         packed::scratch_len(g, group),
         |first, count, o, buf, _| packed::conv_images(g, x, a, first, count, o, buf),
-    );
-    out
+    )
 }
 
 /// The input gradient `[n, cin, h, w]` of [`conv_forward`] from the output gradient `dy`.
@@ -423,39 +418,31 @@ fn flipped_weight(g: &ConvShape, w: &[f32]) -> PackedWeight {
 
 /// [`conv_input_grad`] by `Wᵀ·dy` and col2im: any stride.
 fn conv_input_grad_col2im(g: &ConvShape, dy: &[f32], w: &[f32]) -> Vec<f32> {
-    let mut dx = vec![0f32; g.n * g.in_len()];
     let (group, cols, scratch) = group_plan(g);
-    for_each_group(
-        &mut dx,
-        g.in_len(),
-        group,
-        scratch,
-        |first, count, dxo, buf, par| {
-            let (dcol, dy_buf) = buf.split_at_mut(g.kdim() * cols);
-            let ld = count * g.out_hw();
-            let dyg: &[f32] = if count == 1 {
-                &dy[first * g.out_len()..(first + 1) * g.out_len()]
-            } else {
-                gather(dy, first, count, g.cout, g.out_hw(), dy_buf);
-                &dy_buf[..g.cout * ld]
-            };
-            let wt = Mat::transposed(w, g.kdim());
-            if count == 1 && g.is_pointwise() {
-                matmul((g.kdim(), ld, g.cout), dxo, wt, Mat::rows(dyg, ld), false, par);
-                return;
-            }
-            matmul((g.kdim(), ld, g.cout), dcol, wt, Mat::rows(dyg, ld), false, par);
-            for j in 0..count {
-                col2im(
-                    g,
-                    &dcol[j * g.out_hw()..],
-                    ld,
-                    &mut dxo[j * g.in_len()..(j + 1) * g.in_len()],
-                );
-            }
-        },
-    );
-    dx
+    for_each_group(g.n, g.in_len(), group, scratch, |first, count, dxo, buf, par| {
+        let (dcol, dy_buf) = buf.split_at_mut(g.kdim() * cols);
+        let ld = count * g.out_hw();
+        let dyg: &[f32] = if count == 1 {
+            &dy[first * g.out_len()..(first + 1) * g.out_len()]
+        } else {
+            gather(dy, first, count, g.cout, g.out_hw(), dy_buf);
+            &dy_buf[..g.cout * ld]
+        };
+        let wt = Mat::transposed(w, g.kdim());
+        if count == 1 && g.is_pointwise() {
+            matmul((g.kdim(), ld, g.cout), dxo, wt, Mat::rows(dyg, ld), false, par);
+            return;
+        }
+        matmul((g.kdim(), ld, g.cout), dcol, wt, Mat::rows(dyg, ld), false, par);
+        for j in 0..count {
+            col2im(
+                g,
+                &dcol[j * g.out_hw()..],
+                ld,
+                &mut dxo[j * g.in_len()..(j + 1) * g.in_len()],
+            );
+        }
+    })
 }
 
 /// The weight gradient `[cout, cin, k, k]` of [`conv_forward`] from the output gradient
@@ -517,13 +504,11 @@ pub fn conv_weight_grad(g: &ConvShape, x: &[f32], dy: &[f32]) -> Vec<f32> {
         return total;
     }
     // dw [Cout, K] from dw^T [K, Cout], a row of dw per task.
-    let mut dw = vec![0f32; wlen];
-    dw.par_chunks_mut(g.kdim()).enumerate().for_each(|(co, row)| {
+    par_build(wlen, g.kdim(), |co, row| {
         for (r, d) in row.iter_mut().enumerate() {
             *d = total[r * g.cout + co];
         }
-    });
-    dw
+    })
 }
 
 /// The differentiable convolution: (input, weight) → output.

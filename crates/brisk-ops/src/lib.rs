@@ -10,6 +10,7 @@
 
 mod batchnorm;
 mod conv;
+mod fill;
 mod gemm;
 mod half;
 mod optim;
