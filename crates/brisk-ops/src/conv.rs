@@ -403,17 +403,11 @@ pub fn conv_input_grad(g: &ConvShape, dy: &[f32], w: &[f32]) -> Vec<f32> {
 /// k]`, packed: the weight of [`ConvShape::input_grad_as_conv`].
 fn flipped_weight(g: &ConvShape, w: &[f32]) -> PackedWeight {
     let kk = g.k * g.k;
-    PackedWeight::new(g.cin, g.cout * kk, |ci, r0, buf| {
-        // Element r = (co, t) of row ci is w[co][ci][kk - 1 - t].
-        let (mut co, mut t) = (r0 / kk, r0 % kk);
-        for d in buf.iter_mut() {
-            *d = w[(co * g.cin + ci) * kk + kk - 1 - t];
-            t += 1;
-            if t == kk {
-                (co, t) = (co + 1, 0);
-            }
-        }
-    })
+    // Element r = (co, t) of row ci is w[co][ci][kk - 1 - t]: row ci at ci * kk, plus this.
+    let at: Vec<usize> = (0..g.cout * kk)
+        .map(|r| (r / kk) * g.cin * kk + kk - 1 - r % kk)
+        .collect();
+    PackedWeight::strided(w, g.cin, kk, &at)
 }
 
 /// [`conv_input_grad`] by `Wᵀ·dy` and col2im: any stride.

@@ -70,43 +70,39 @@ impl Drop for PackedWeight {
 }
 
 impl PackedWeight {
-    /// Packs the `rows x kdim` matrix where `values(row, r0, buf)` writes elements
-    /// `r0..r0 + buf.len()` of row `row` into `buf`; reduction blocks are packed in
-    /// parallel.
-    pub(crate) fn new(rows: usize, kdim: usize, values: impl Fn(usize, usize, &mut [f32]) + Sync) -> Self {
+    /// Packs the `rows x kdim` matrix whose element (row, r) is `w[row * stride + at[r]]`;
+    /// reduction blocks are packed in parallel. Both layouts brisk packs have this form,
+    /// so the loops index memory directly (a callback per element, or a division per
+    /// element for the flipped weight, made packing 4-5% of a batch-32 step).
+    pub(crate) fn strided(w: &[f32], rows: usize, stride: usize, at: &[usize]) -> Self {
+        let kdim = at.len();
         let padded = rows.div_ceil(MR) * MR;
         let mut data = SPARE.with(|s| std::mem::take(&mut *s.borrow_mut()));
         // Every element is written below; resizing keeps old values where it can.
         data.resize(padded * kdim, 0.0);
         data.par_chunks_mut((padded * KC).max(1))
             .enumerate()
-            .for_each_init(
-                || vec![0f32; MR * KC],
-                |rows_buf, (kb, block)| {
-                    let (kc0, kc) = (kb * KC, block.len() / padded);
-                    for (b, panel) in block.chunks_mut(kc * MR).enumerate() {
-                        for (i, buf) in rows_buf.chunks_mut(KC).enumerate() {
-                            match b * MR + i {
-                                row if row < rows => values(row, kc0, &mut buf[..kc]),
-                                _ => buf.fill(0.0),
-                            }
+            .for_each(|(kb, block)| {
+                let (kc0, kc) = (kb * KC, block.len() / padded);
+                let at = &at[kc0..kc0 + kc];
+                for (b, panel) in block.chunks_mut(kc * MR).enumerate() {
+                    let row0 = b * MR;
+                    let full = (rows - row0).min(MR);
+                    for (group, &o) in panel.chunks_mut(MR).zip(at) {
+                        for (i, d) in group[..full].iter_mut().enumerate() {
+                            *d = w[(row0 + i) * stride + o];
                         }
-                        for (kk, group) in panel.chunks_mut(MR).enumerate() {
-                            for (i, d) in group.iter_mut().enumerate() {
-                                *d = rows_buf[i * KC + kk];
-                            }
-                        }
+                        group[full..].fill(0.0);
                     }
-                },
-            );
+                }
+            });
         PackedWeight { data, rows, kdim }
     }
 
     /// The row-major `[rows, kdim]` weight of a convolution.
     pub(crate) fn rows(w: &[f32], rows: usize, kdim: usize) -> Self {
-        Self::new(rows, kdim, |row, r0, buf| {
-            buf.copy_from_slice(&w[row * kdim + r0..][..buf.len()])
-        })
+        let at: Vec<usize> = (0..kdim).collect();
+        Self::strided(w, rows, kdim, &at)
     }
 
     fn blocks(&self) -> usize {
