@@ -387,11 +387,9 @@ pub fn bn_input_grad_in_place(
         } else {
             (0.0, 0.0)
         };
-        // dx = a·dz − a·mean_dz − a·σ⁻¹·mean_dzx·(x − mean) = a·dz + b·x + d.
-        let b = -a * p.inv_std * mean_dzx;
-        let d = -a * mean_dz - b * p.mean;
         for (g, &v) in gs.iter_mut().zip(xs) {
-            *g = a * *g + b * v + d;
+            let xh = (v - p.mean) * p.inv_std;
+            *g = a * (*g - mean_dz - xh * mean_dzx);
         }
     });
 }
