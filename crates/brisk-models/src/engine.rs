@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use brisk_ops::{
     add_assign, bn_grad_sums, bn_input_grad_in_place, bn_normalize, bn_stats, conv_forward, conv_input_grad,
-    conv_weight_grad, matmul_f32, relu_backward, ConvShape, Mat, MaxPool,
+    conv_weight_grad, matmul_f32, par_build, relu_backward, ConvShape, Mat, MaxPool,
 };
 use brisk_spec::{tensor_name, BlockPlan, ModelSpec, Role, Stem, BN_EPS, BN_MOMENTUM};
 use candle_core::{Tensor, Var};
@@ -451,11 +451,17 @@ impl Engine {
         let mut gate = self.dense(&fc2, &h, (n, hidden, c))?;
         gate.iter_mut().for_each(|v| *v = 1.0 / (1.0 + (-*v).exp()));
         let hw = y.hw();
-        let mut v = y.v.clone();
-        for (plane, g) in v.chunks_mut(hw).zip(&gate) {
-            plane.iter_mut().for_each(|x| *x *= g);
-        }
-        let out = Act { v, ..y.clone() };
+        let v = par_build(n * c * hw, hw, |i, plane| {
+            for (o, &x) in plane.iter_mut().zip(&y.v[i * hw..]) {
+                *o = x * gate[i];
+            }
+        });
+        let out = Act {
+            v,
+            c: y.c,
+            h: y.h,
+            w: y.w,
+        };
         Ok((
             out,
             SeSaved {
@@ -698,12 +704,11 @@ impl Engine {
         let (fc1, fc2) = plan.se_layers();
         let (c, hw) = (se.y.c, se.y.hw());
         // out = y · g: dy = dz · g, dg = Σ_hw dz · y.
-        let mut dy = dz.to_vec();
-        let mut dgate = vec![0f32; n * c];
-        for (p, ((dplane, yplane), g)) in dy.chunks_mut(hw).zip(se.y.v.chunks(hw)).zip(&se.gate).enumerate() {
-            dgate[p] = dplane.iter().zip(yplane).map(|(d, y)| d * y).sum();
-            dplane.iter_mut().for_each(|d| *d *= g);
-        }
+        let dgate: Vec<f32> = dz[..n * c * hw]
+            .par_chunks(hw)
+            .zip(se.y.v.par_chunks(hw))
+            .map(|(dplane, yplane)| dplane.iter().zip(yplane).map(|(d, y)| d * y).sum())
+            .collect();
         // Through the sigmoid, fc2, the ReLU and fc1.
         let dpre2: Vec<f32> = dgate
             .iter()
@@ -717,12 +722,14 @@ impl Engine {
             .map(|(d, h)| if *h > 0.0 { *d } else { 0.0 })
             .collect();
         let dpooled = self.dense_backward(&fc1, &dpre1, &se.pooled, (n, c, hidden), grads)?;
-        // Through the average pool.
+        // Through the scale and the average pool, in one pass.
         let inv = 1.0 / hw as f32;
-        for (dplane, dp) in dy.chunks_mut(hw).zip(&dpooled) {
-            dplane.iter_mut().for_each(|d| *d += dp * inv);
-        }
-        Ok(dy)
+        Ok(par_build(n * c * hw, hw, |i, dplane| {
+            let (g, spread) = (se.gate[i], dpooled[i] * inv);
+            for (d, &z) in dplane.iter_mut().zip(&dz[i * hw..]) {
+                *d = z * g + spread;
+            }
+        }))
     }
 
     fn stem_backward(&self, saved: &Saved, d: Vec<f32>, grads: &mut Vec<(String, Vec<f32>)>) -> Result<()> {
@@ -757,7 +764,7 @@ fn global_average(x: &Act, n: usize) -> Vec<f32> {
     let hw = x.hw();
     let inv = 1.0 / hw as f32;
     x.v[..n * x.c * hw]
-        .chunks(hw)
+        .par_chunks(hw)
         .map(|plane| plane.iter().sum::<f32>() * inv)
         .collect()
 }
@@ -766,9 +773,5 @@ fn global_average(x: &Act, n: usize) -> Vec<f32> {
 fn spread_average(d: &[f32], like: &Act, n: usize) -> Vec<f32> {
     let hw = like.hw();
     let inv = 1.0 / hw as f32;
-    let mut out = vec![0f32; n * like.c * hw];
-    for (plane, v) in out.chunks_mut(hw).zip(d) {
-        plane.fill(v * inv);
-    }
-    out
+    par_build(n * like.c * hw, hw, |i, plane| plane.fill(d[i] * inv))
 }

@@ -23,6 +23,7 @@ pub use batchnorm::{
     relu_backward, BatchNormOutput, BatchNormSync, Epilogue,
 };
 pub use conv::{conv2d, conv_forward, conv_input_grad, conv_weight_grad, ConvShape};
+pub use fill::par_build;
 pub use gemm::{matmul_f32, Mat};
 pub use optim::{sgd_update, SgdStep};
 pub use pool::{max_pool2d, MaxPool};
