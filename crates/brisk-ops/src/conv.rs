@@ -366,10 +366,7 @@ fn conv_forward_gemm(g: &ConvShape, x: &[f32], w: &[f32]) -> Vec<f32> {
 fn conv_packed(g: &ConvShape, x: &[f32], weight: impl FnOnce() -> PackedWeight) -> Option<Vec<f32>> {
     let group = (packed::NC / g.out_hw().max(1)).clamp(1, g.n.max(1));
     let t = threads();
-    // Narrow convolutions lose to im2col + gemm where the image must be packed, not where
-    // it is read in place (measured at widths 0.25 and 0.125: 8-15% faster direct).
-    let narrow = g.cout < packed::MIN_ROWS && !packed::Direct::applies(g);
-    if !packed::available() || narrow || (t > 1 && g.n.div_ceil(group) < t) {
+    if !packed::available() || g.cout < packed::MIN_ROWS || (t > 1 && g.n.div_ceil(group) < t) {
         return None;
     }
     Some(run_packed(g, x, &weight(), group))

@@ -24,10 +24,9 @@ const KC: usize = 256;
 /// Output positions per block (a multiple of NR): the image panel (KC x NC) stays in L2.
 pub(crate) const NC: usize = 256;
 
-/// Output channels below which the packed kernels lose to im2col + `gemm` where the image
-/// operand is packed: each packed value then feeds too few products to pay for its
-/// packing (measured at width 0.125, 8–64 channels: 10–20% slower). [`Direct`]
-/// convolutions pack nothing and run at any width.
+/// Output channels below which the packed kernels lose to im2col + `gemm`: each packed
+/// image value then feeds too few products to pay for its packing (measured at width
+/// 0.125, 8–64 channels: 10–20% slower).
 pub(crate) const MIN_ROWS: usize = 64;
 
 /// Whether this CPU runs the packed kernels (x86-64 with AVX-512F).
@@ -156,7 +155,7 @@ pub(crate) fn conv_images(
 /// of an output row's window is one contiguous run there) instead of packing an im2col
 /// panel for every reduction block: for 64-channel layers that packing cost a third of
 /// the products' time.
-pub(crate) struct Direct<'a> {
+struct Direct<'a> {
     g: ConvShape,
     /// The images, each channel a `(h + 2 pad) x (w + 2 pad)` plane with zeros around.
     padded: &'a [f32],
@@ -165,7 +164,7 @@ pub(crate) struct Direct<'a> {
 impl<'a> Direct<'a> {
     /// Whether `g` runs directly: stride 1, output rows of a multiple of 16 positions,
     /// on a CPU with the packed kernels.
-    pub(crate) fn applies(g: &ConvShape) -> bool {
+    fn applies(g: &ConvShape) -> bool {
         available() && g.stride == 1 && g.wo.is_multiple_of(16) && g.wo > 0
     }
 
