@@ -134,7 +134,7 @@ pub fn decide(dir: &Path, hash: &str, kind: Kind, force: bool) -> CacheDecision 
     }
 }
 
-fn write_entry(dir: &Path, entry: &CacheEntry) -> Result<()> {
+pub fn write_entry(dir: &Path, entry: &CacheEntry) -> Result<()> {
     brisk_files::write_atomic(
         &dir.join(CACHE_FILE),
         serde_json::to_string_pretty(entry)?.as_bytes(),
@@ -218,6 +218,12 @@ struct Runner {
     runs: PathBuf,
     force: bool,
     mpi: std::result::Result<(), String>,
+    /// The baseline evaluates with flip test-time augmentation, so the compression
+    /// steps measure their models the same way.
+    flip: bool,
+    /// Also train the baseline's recipe in PyTorch, in each round after the baseline
+    /// (`--with-pytorch`).
+    torch: bool,
 }
 
 impl Runner {
@@ -226,21 +232,46 @@ impl Runner {
         self.runs.join(name).join(format!("seed-{seed}"))
     }
 
-    /// Runs (or reuses) every run of the `plans`, `repeats` seeds each, in order (the
-    /// baseline's run k before the compression variants' run k).
+    /// Runs (or reuses) every run of the `plans`, `repeats` seeds each, in rounds: the
+    /// k-th run of every variant (the baseline's first, as the compression variants start
+    /// from its model), then the (k+1)-th. A machine whose speed drifts over minutes then
+    /// slows every variant of a round alike, and comparisons paired by seed cancel it,
+    /// instead of one variant's three runs catching a slow spell together.
     fn variants<'a>(&self, plans: impl Iterator<Item = &'a Plan>, repeats: usize) -> Result<Vec<Variant>> {
-        let mut results: Vec<Variant> = Vec::new();
-        for plan in plans {
-            let mut variant = Variant::new(plan);
-            for seed in plan.seeds(repeats) {
+        let plans: Vec<&Plan> = plans.collect();
+        let mut results: Vec<Variant> = plans.iter().map(|p| Variant::new(p)).collect();
+        for round in 0..repeats {
+            for (k, plan) in plans.iter().enumerate() {
+                // PyTorch's variant, once added, sits after the baseline.
+                let i = if k > 0
+                    && results
+                        .get(1)
+                        .is_some_and(|v| v.name == crate::torch_recipe::NAME)
+                {
+                    k + 1
+                } else {
+                    k
+                };
+                let Some(seed) = plan.seeds(repeats).nth(round) else {
+                    continue;
+                };
                 let baseline = results
                     .iter()
                     .find(|r| r.name == BASELINE)
-                    .and_then(|b| b.runs.iter().find(|r| r.seed == seed));
+                    .and_then(|b| b.runs.iter().find(|r| r.seed == seed))
+                    .cloned();
                 let run = plan.run(seed)?;
-                variant.runs.push(self.run(plan, &run, baseline)?);
+                let result = self.run(plan, &run, baseline.as_ref())?;
+                results[i].runs.push(result);
+                if self.torch && plan.name == BASELINE {
+                    if results.get(1).is_none_or(|v| v.name != crate::torch_recipe::NAME) {
+                        results.insert(1, crate::torch_recipe::variant(plan));
+                    }
+                    results[1].runs.push(crate::torch_recipe::run(
+                        plan, &self.data, &self.runs, seed, self.force,
+                    )?);
+                }
             }
-            results.push(variant);
         }
         Ok(results)
     }
@@ -410,6 +441,9 @@ impl Runner {
                     cmd.args(["--seed", &run.seed.to_string()]);
                 }
                 cmd.args(&plan.args).arg("--json");
+                if self.flip {
+                    cmd.arg("--flip");
+                }
             }
         }
         Ok(cmd)
@@ -602,6 +636,19 @@ pub fn run(o: &ExperimentArgs) -> Result<()> {
         runs: runs.clone(),
         force: o.force,
         mpi,
+        flip: brisk_schema::TrainConfig::from_toml_str(
+            plans[0].config.as_deref().unwrap_or_default(),
+            BASELINE,
+        )
+        .is_ok_and(|c| c.eval.flip),
+        torch: o.with_pytorch
+            && match crate::compare::torch_missing() {
+                None => true,
+                Some(why) => {
+                    eprintln!("xtask: --with-pytorch: PyTorch's recipe skipped: {why}");
+                    false
+                }
+            },
     };
     let selected = plans.iter().zip(&wanted).filter(|(_, w)| **w).map(|(p, _)| p);
     let mut results = runner.variants(selected, repeats)?;
@@ -620,6 +667,7 @@ pub fn run(o: &ExperimentArgs) -> Result<()> {
         git: crate::report::git_revision(),
         machine: Machine::read(),
         repeats,
+        target: spec.target.clone(),
         baseline_config: plans[0].config.clone().unwrap_or_default(),
         variants: results,
     };

@@ -17,6 +17,7 @@ mod report;
 mod results;
 mod scaling;
 mod stats;
+mod torch_recipe;
 
 /// brisk's project tasks.
 #[derive(Debug, Parser)]

@@ -21,11 +21,25 @@ pub struct Spec {
     /// `--repeats` overrides it. By default, 1.
     #[serde(default = "one")]
     pub repeats: usize,
+    /// The accuracy every training variant's time is measured to. By default, the
+    /// baseline's mean final top-1.
+    #[serde(default)]
+    pub target: Option<Target>,
     pub data: DataSpec,
     /// A brisk training config (docs/training.md); `data` and `out` are set per run.
     pub baseline: toml::Table,
     #[serde(default)]
     pub variants: Vec<VariantSpec>,
+}
+
+/// The test top-1 the report's headline measures time to.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Target {
+    /// A fraction in (0, 1).
+    pub top1: f64,
+    /// How it was chosen, in a sentence (the report quotes it).
+    pub why: String,
 }
 
 /// Where the dataset comes from.
@@ -196,6 +210,15 @@ pub fn load(path: &Path) -> Result<(Spec, Vec<Plan>)> {
     let spec: Spec = toml::from_str(&text).with_context(|| format!("{}", path.display()))?;
     let plans = plan(&spec).with_context(|| format!("{}", path.display()))?;
     check_repeats(spec.repeats).with_context(|| format!("{}", path.display()))?;
+    if let Some(t) = &spec.target {
+        if !(t.top1 > 0.0 && t.top1 < 1.0) {
+            bail!(
+                "{}: target.top1 = {} must be a fraction in (0, 1)",
+                path.display(),
+                t.top1
+            );
+        }
+    }
     Ok((spec, plans))
 }
 

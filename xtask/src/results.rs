@@ -143,6 +143,10 @@ pub struct Variant {
     pub control: Option<String>,
     pub runs: Vec<RunResult>,
     pub pytorch: Option<Torch>,
+    /// Runs that share no random draws with brisk's runs of the same seed (PyTorch's):
+    /// compared by Welch's interval, never paired by seed.
+    #[serde(default)]
+    pub unpaired: bool,
 }
 
 impl Variant {
@@ -155,6 +159,7 @@ impl Variant {
             control: plan.control.clone(),
             runs: Vec::new(),
             pytorch: None,
+            unpaired: false,
         }
     }
 
@@ -188,9 +193,13 @@ impl Variant {
         Estimate::of(&xs)
     }
 
-    /// A figure of each finished run that has it, keyed by the run's seed.
+    /// A figure of each finished run that has it, keyed by the run's seed (an unpaired
+    /// variant's keys match no seed, so differences with it are Welch's).
     pub fn by_seed(&self, figure: impl Fn(&RunResult) -> Option<f64>) -> Vec<(u64, f64)> {
-        self.done().filter_map(|r| Some((r.seed, figure(r)?))).collect()
+        let key = |seed: u64| if self.unpaired { seed | 1 << 63 } else { seed };
+        self.done()
+            .filter_map(|r| Some((key(r.seed), figure(r)?)))
+            .collect()
     }
 
     /// Each finished run's training seconds to `target` top-1 (`None`: not reached).

@@ -25,14 +25,12 @@ pub fn nonzero_params(net: &Network) -> Result<u64> {
 
 /// `net`'s figures: evaluated on `data`'s test split, its size read from `file` (0 when
 /// the file is absent).
-pub fn measure(net: &Network, data: &Arc<Dataset>, file: &Path) -> Result<Figures> {
-    let r = brisk_train::evaluate(
-        net,
-        data,
-        brisk_train::EvalScope::all(Split::Test, EVAL_BATCH),
-        (0, 1),
-        &mut |_| Ok(()),
-    )?;
+pub fn measure(net: &Network, data: &Arc<Dataset>, file: &Path, flip: bool) -> Result<Figures> {
+    let scope = brisk_train::EvalScope {
+        flip,
+        ..brisk_train::EvalScope::all(Split::Test, EVAL_BATCH)
+    };
+    let r = brisk_train::evaluate(net, data, scope, (0, 1), &mut |_| Ok(()))?;
     let spec = net.spec();
     Ok(Figures {
         params: nonzero_params(net)?,

@@ -91,6 +91,8 @@ pub struct FineTune {
     pub threads: Option<usize>,
     /// Seed of the data order and augmentation (and of a distilled student's weights).
     pub seed: u64,
+    /// Flip test-time augmentation in the run's evaluations (`eval.flip`).
+    pub flip: bool,
 }
 
 impl FineTune {
@@ -106,6 +108,10 @@ impl FineTune {
             lr: brisk_schema::LrConfig {
                 base: self.lr,
                 shape: LrShape::Cosine { min_lr: 0.0 },
+                ..Default::default()
+            },
+            eval: brisk_schema::EvalSettings {
+                flip: self.flip,
                 ..Default::default()
             },
             ..TrainConfig::default()

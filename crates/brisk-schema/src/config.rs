@@ -38,6 +38,9 @@ pub struct TrainConfig {
     /// Both compute the same step to rounding. By default, true.
     pub engine: bool,
     pub model: ModelChoice,
+    /// An exponential moving average of the weights, evaluated and saved in their place.
+    /// By default, off.
+    pub ema: EmaSettings,
     /// Which layers compute in half precision (`mode`: f32, bf16, f16, mixed-bf16,
     /// mixed-f16; `overrides`: layer name → dtype). By default, f32.
     pub precision: PrecisionPolicy,
@@ -69,6 +72,7 @@ impl Default for TrainConfig {
             log_every: 50,
             engine: true,
             model: ModelChoice::default(),
+            ema: EmaSettings::default(),
             precision: PrecisionPolicy::default(),
             loss_scaler: ScalerConfig::default(),
             batch: BatchSchedule::Fixed { size: 128 },
@@ -100,6 +104,12 @@ pub struct ModelChoice {
     /// units to keep real channels.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub se_ratio: Option<usize>,
+    /// Start each residual block as the identity: the scale (γ) of its last batch-norm
+    /// initialised to 0 (Goyal et al. 2017, §5.1). The checkpoint stays a plain
+    /// torchvision state dict. By default the preset's or the file's own (false for
+    /// presets).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub zero_init_residual: Option<bool>,
 }
 
 impl Default for ModelChoice {
@@ -109,6 +119,7 @@ impl Default for ModelChoice {
             spec_file: None,
             width: None,
             se_ratio: None,
+            zero_init_residual: None,
         }
     }
 }
@@ -331,6 +342,7 @@ impl Default for LrConfig {
                 pct_start: 0.3,
                 div: 25.0,
                 final_div: 1e4,
+                momentum: None,
             },
             warmup_epochs: 0.0,
         }
@@ -365,6 +377,37 @@ impl Default for LoaderSettings {
     }
 }
 
+/// The exponential moving average (EMA) of the weights: after every update,
+/// `average ← d·average + (1 − d)·weights` over every tensor of the model (batch-norm
+/// running statistics too), with `d = min(decay, (1 + t) / (10 + t))` at update `t` so
+/// that the average does not linger on the initial weights in a short run. Evaluations,
+/// probes, `best/` and the final model use the average; checkpoints keep both, so a
+/// resume is exact.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EmaSettings {
+    /// The decay d in [0, 1); 0 turns the average off. By default, 0.
+    pub decay: f64,
+}
+
+impl Default for EmaSettings {
+    fn default() -> Self {
+        EmaSettings { decay: 0.0 }
+    }
+}
+
+impl EmaSettings {
+    /// Whether an average is kept.
+    pub fn enabled(&self) -> bool {
+        self.decay > 0.0
+    }
+
+    /// The decay applied at update `t` (0-based): the configured one, lowered early on.
+    pub fn decay_at(&self, t: u64) -> f64 {
+        self.decay.min((1.0 + t as f64) / (10.0 + t as f64))
+    }
+}
+
 /// When and how the test split is evaluated.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -381,6 +424,10 @@ pub struct EvalSettings {
     /// Test images a probe evaluates (the first ones, the same every time). By default,
     /// 512.
     pub probe_images: usize,
+    /// Test-time augmentation: each test image is also classified mirrored left to
+    /// right and the two logits averaged (evaluations and probes; twice the forward
+    /// work). By default, false.
+    pub flip: bool,
 }
 
 impl Default for EvalSettings {
@@ -390,6 +437,7 @@ impl Default for EvalSettings {
             batch: 256,
             probe_every_steps: 0,
             probe_images: 512,
+            flip: false,
         }
     }
 }
@@ -568,6 +616,9 @@ impl TrainConfig {
                 "must be at least 1 when probes are on".into(),
             );
         }
+        if !(0.0..1.0).contains(&self.ema.decay) {
+            return bad("ema.decay", format!("must be in [0, 1), got {}", self.ema.decay));
+        }
         if self.model.se_ratio == Some(0) {
             return bad("model.se_ratio", "must be at least 1".into());
         }
@@ -607,6 +658,9 @@ impl TrainConfig {
         }
         if let Some(r) = self.model.se_ratio {
             spec.se_ratio = r;
+        }
+        if let Some(z) = self.model.zero_init_residual {
+            spec.zero_init_residual = z;
         }
         spec.classes = classes;
         spec.in_channels = in_channels;
@@ -697,6 +751,7 @@ mod tests {
         check_error("epochs = 0", "epochs");
         check_error("epoch = 3", "epoch");
         check_error("label_smoothing = 1.5", "label_smoothing");
+        check_error("[ema]\ndecay = 1.0", "ema.decay");
         check_error("[model]\npreset = \"vgg\"", "model.preset");
         check_error("[model]\nwidth = -1.0", "model.width");
         check_error("[optimizer]\nkind = \"lbfgs\"", "optimizer.kind");

@@ -29,6 +29,12 @@ pub enum LrShape {
         div: f64,
         #[serde(default = "default_final_div")]
         final_div: f64,
+        /// Cycle the momentum against the learning rate, as `OneCycleLR` does with
+        /// `cycle_momentum`: `[high, low]` (PyTorch's `[0.95, 0.85]`) goes from high to
+        /// low while the rate rises and back while it falls; SGD's momentum (AdamW's β1)
+        /// then follows it instead of `optimizer.momentum`. By default, none.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        momentum: Option<[f64; 2]>,
     },
 }
 
@@ -88,8 +94,13 @@ impl LrSchedule {
                 pct_start,
                 div,
                 final_div,
+                momentum,
             } => (
-                *pct_start > 0.0 && *pct_start < 1.0 && *div >= 1.0 && *final_div >= 1.0,
+                *pct_start > 0.0
+                    && *pct_start < 1.0
+                    && *div >= 1.0
+                    && *final_div >= 1.0
+                    && momentum.is_none_or(|m| m.iter().all(|v| (0.0..1.0).contains(v))),
                 "lr_schedule.pct_start",
             ),
             LrShape::Cosine { min_lr } => (min_lr.is_finite() && *min_lr >= 0.0, "lr_schedule.min_lr"),
@@ -98,7 +109,7 @@ impl LrSchedule {
         if ok {
             Ok(())
         } else {
-            bad(field, format!("out of range in {:?} (gamma > 0, 0 < pct_start < 1, div and final_div >= 1, min_lr >= 0)", self.shape))
+            bad(field, format!("out of range in {:?} (gamma > 0, 0 < pct_start < 1, div and final_div >= 1, min_lr >= 0, momentum in [0, 1))", self.shape))
         }
     }
 
@@ -116,6 +127,7 @@ impl LrSchedule {
                 pct_start,
                 div,
                 final_div,
+                ..
             } => {
                 let start = base / div;
                 if t < *pct_start {
@@ -130,6 +142,27 @@ impl LrSchedule {
         } else {
             shaped
         }
+    }
+}
+
+impl LrSchedule {
+    /// The momentum at `epoch` when the shape cycles it (one-cycle with `momentum`),
+    /// else `None` (the optimiser's own).
+    pub fn momentum(&self, epoch: f64) -> Option<f64> {
+        let LrShape::OneCycle {
+            pct_start,
+            momentum: Some([high, low]),
+            ..
+        } = &self.shape
+        else {
+            return None;
+        };
+        let t = (epoch / self.epochs).clamp(0.0, 1.0);
+        Some(if t < *pct_start {
+            cosine(*high, *low, t / pct_start)
+        } else {
+            cosine(*low, *high, (t - pct_start) / (1.0 - pct_start))
+        })
     }
 }
 
@@ -267,6 +300,7 @@ mod tests {
                 pct_start: 0.3,
                 div: 25.0,
                 final_div: 1e4,
+                momentum: None,
             },
             0.0,
         );
@@ -279,6 +313,36 @@ mod tests {
                 (10.0, 0.004 / 1e4),
             ],
         );
+        assert_eq!(one.momentum(1.0), None, "no cycle asked for");
+    }
+
+    #[test]
+    fn one_cycle_cycles_the_momentum_against_the_rate_as_pytorch() {
+        let sched = |shape, warmup_epochs| LrSchedule {
+            base_lr: 0.1,
+            shape,
+            warmup_epochs,
+            epochs: 10.0,
+        };
+        // torch.optim.lr_scheduler.OneCycleLR(max_lr=0.1, total_steps=101, pct_start=0.3)
+        // with SGD(momentum=0.9): momentum 0.95 at step 0, 0.85 at the peak (step 30),
+        // 0.95 at the end; half-way up it is 0.9.
+        let s: LrShape = toml::from_str("kind = \"one_cycle\"\nmomentum = [0.95, 0.85]").expect("parses");
+        let one = sched(s, 0.0);
+        for (epoch, want) in [(0.0, 0.95), (1.5, 0.9), (3.0, 0.85), (6.5, 0.9), (10.0, 0.95)] {
+            let got = one.momentum(epoch).expect("cycled");
+            assert!((got - want).abs() < 1e-12, "momentum at {epoch}: {got} vs {want}");
+        }
+        let bad = sched(
+            LrShape::OneCycle {
+                pct_start: 0.3,
+                div: 25.0,
+                final_div: 1e4,
+                momentum: Some([1.5, 0.85]),
+            },
+            0.0,
+        );
+        assert!(bad.validate().is_err(), "a momentum of 1.5 is refused");
     }
 
     #[test]

@@ -34,21 +34,46 @@ pub struct ClassAccuracy {
     pub accuracy: f64,
 }
 
-/// Adds one batch's loss, counts, top-1/top-5 hits and confusion to `sums`.
-fn add_batch(
+/// The images of a batch `[N, C, H, W]` mirrored left to right.
+fn mirrored(images: &[f32], width: usize) -> Vec<f32> {
+    images
+        .chunks_exact(width)
+        .flat_map(|row| row.iter().rev().copied())
+        .collect()
+}
+
+/// The evaluation-mode logits `[N, classes]` of `images` (a batch of `b`'s shape).
+fn logits_of(
     net: &Network,
     engine: Option<&mut Engine>,
     b: &Batch,
+    images: &[f32],
     classes: usize,
+) -> Result<Tensor> {
+    let dev = Device::Cpu;
+    let (c, h, w) = b.shape;
+    Ok(match engine {
+        Some(engine) => Tensor::from_vec(engine.forward_eval(images, b.len())?, (b.len(), classes), &dev)?,
+        None => net.forward_t(&Tensor::from_slice(images, (b.len(), c, h, w), &dev)?, false)?,
+    })
+}
+
+/// Adds one batch's loss, counts, top-1/top-5 hits and confusion to `sums`; with `flip`,
+/// of the mean of the logits of the images and of their mirror images.
+fn add_batch(
+    net: &Network,
+    mut engine: Option<&mut Engine>,
+    b: &Batch,
+    (classes, flip): (usize, bool),
     sums: &mut [f64],
 ) -> Result<()> {
     let dev = Device::Cpu;
-    let (c, h, w) = b.shape;
     let y = Tensor::from_slice(&b.labels, b.len(), &dev)?;
-    let logits = match engine {
-        Some(engine) => Tensor::from_vec(engine.forward_eval(&b.images, b.len())?, (b.len(), classes), &dev)?,
-        None => net.forward_t(&Tensor::from_slice(&b.images, (b.len(), c, h, w), &dev)?, false)?,
-    };
+    let mut logits = logits_of(net, engine.as_deref_mut(), b, &b.images, classes)?;
+    if flip {
+        let other = logits_of(net, engine, b, &mirrored(&b.images, b.shape.2), classes)?;
+        logits = ((logits + other)? * 0.5)?;
+    }
     let loss = cross_entropy(&logits, &y, 0.0)?.to_scalar::<f32>()? as f64;
     sums[0] += loss * b.len() as f64;
     sums[1] += b.len() as f64;
@@ -79,12 +104,14 @@ fn first_images(mut b: Batch, n: usize) -> Batch {
 }
 
 /// What an evaluation reads: a split, in batches of `batch`, all of it or its first
-/// `limit` images (a probe's fixed subset).
+/// `limit` images (a probe's fixed subset), and whether each image is also classified
+/// mirrored (`flip`: test-time augmentation, the two logits averaged).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct EvalScope {
     pub split: Split,
     pub batch: usize,
     pub limit: Option<usize>,
+    pub flip: bool,
 }
 
 impl EvalScope {
@@ -94,6 +121,7 @@ impl EvalScope {
             split,
             batch,
             limit: None,
+            flip: false,
         }
     }
 }
@@ -108,7 +136,12 @@ pub fn evaluate(
     (rank, world): (usize, usize),
     reduce: &mut dyn FnMut(&mut [f64]) -> Result<()>,
 ) -> Result<EvalReport> {
-    let EvalScope { split, batch, limit } = scope;
+    let EvalScope {
+        split,
+        batch,
+        limit,
+        flip,
+    } = scope;
     let m = data.manifest();
     let classes = m.classes.len();
     net.spec()
@@ -146,7 +179,7 @@ pub fn evaluate(
         }
         let b = first_images(b?, left);
         left -= b.len();
-        add_batch(net, engine.as_mut(), &b, classes, &mut sums)?;
+        add_batch(net, engine.as_mut(), &b, (classes, flip), &mut sums)?;
     }
     reduce(&mut sums)?;
     let n = sums[1];
@@ -179,4 +212,18 @@ pub fn evaluate(
         per_class,
         confusion,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mirroring_reverses_each_row_and_twice_is_the_identity() {
+        // Two images of one channel, 2x3 each.
+        let images: Vec<f32> = (0..12).map(|v| v as f32).collect();
+        let m = mirrored(&images, 3);
+        assert_eq!(m, [2., 1., 0., 5., 4., 3., 8., 7., 6., 11., 10., 9.]);
+        assert_eq!(mirrored(&m, 3), images);
+    }
 }

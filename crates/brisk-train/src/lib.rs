@@ -3,6 +3,7 @@
 //! checkpoints, and the training-step benchmark. The settings it runs from and the
 //! records it writes are brisk-schema's types.
 
+pub mod average;
 pub mod bench;
 pub mod checkpoint;
 pub mod error;
@@ -16,6 +17,7 @@ pub mod stepper;
 pub mod trainer;
 pub mod verify;
 
+pub use average::WeightAverage;
 /// The config, schedules, events and summary are brisk-schema's (no candle there, so the
 /// experiment runner reads them without building a model).
 pub use brisk_schema::{

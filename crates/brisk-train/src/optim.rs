@@ -33,7 +33,7 @@ impl Param {
 }
 
 /// A copy of the loaded state tensor `key`, checked to have `like`'s shape and dtype.
-fn state_tensor(state: &HashMap<String, Tensor>, key: &str, like: &Tensor) -> Result<Tensor> {
+pub(crate) fn state_tensor(state: &HashMap<String, Tensor>, key: &str, like: &Tensor) -> Result<Tensor> {
     let t = state.get(key).ok_or_else(|| Error::State {
         problem: format!("optimiser state `{key}` is missing"),
     })?;
@@ -301,6 +301,14 @@ impl Optimizer {
         match self {
             Optimizer::Sgd(o) => o.set_learning_rate(lr),
             Optimizer::AdamW(o) => o.set_learning_rate(lr),
+        }
+    }
+
+    /// Sets SGD's momentum (AdamW's β1): what a schedule that cycles it asks for.
+    pub fn set_momentum(&mut self, momentum: f64) {
+        match self {
+            Optimizer::Sgd(o) => o.config.momentum = momentum,
+            Optimizer::AdamW(o) => o.config.beta1 = momentum,
         }
     }
 

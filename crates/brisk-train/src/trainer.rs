@@ -21,6 +21,7 @@ use brisk_schema::layout::{BEST_DIR, CHECKPOINTS_DIR, CONFIG_FILE, LOG_FILE, SUM
 use brisk_schema::{Event, TrainConfig, TrainSummary};
 use candle_core::{Device, Tensor, Var};
 
+use crate::average::WeightAverage;
 use crate::checkpoint::{self, Best, Clock, Position, TrainState};
 use crate::error::{Error, Result};
 use crate::eval::{evaluate, EvalReport, EvalScope};
@@ -44,6 +45,9 @@ pub struct Trainer {
     net: Network,
     params: Vec<(String, Var)>,
     optimizer: Optimizer,
+    /// The moving average of the weights that evaluations and saved models use
+    /// (`ema.decay` > 0).
+    average: Option<WeightAverage>,
     loss: Box<dyn LossFn>,
     /// Runs each batch's forward and backward (the engine or candle's graph); made when
     /// the run starts, once the network's set-up (synchronised batch-norm) is final.
@@ -92,6 +96,23 @@ fn init_threads(threads: usize, rank: Rank) -> Result<()> {
     };
     brisk_ops::init_compute(n)?;
     Ok(())
+}
+
+/// [`evaluate`] with the evaluation sums reduced across ranks by the hooks.
+fn evaluate_with_hooks(
+    net: &Network,
+    data: &Arc<Dataset>,
+    scope: EvalScope,
+    ranks: (usize, usize),
+    hooks: &mut [Box<dyn Hook>],
+) -> Result<EvalReport> {
+    let mut reduce = |sums: &mut [f64]| -> Result<()> {
+        for h in hooks.iter_mut() {
+            h.reduce_sums(sums)?;
+        }
+        Ok(())
+    };
+    evaluate(net, data, scope, ranks, &mut reduce)
 }
 
 /// Which process of a data-parallel job this is.
@@ -237,6 +258,9 @@ impl Trainer {
         let out = out.to_path_buf();
         let mut trainer = Self::assemble(config, out, data, ck.net, log, ck.state.position, rank)?;
         trainer.optimizer.load_state(&ck.optimizer)?;
+        if let Some(a) = &mut trainer.average {
+            a.load_state(&ck.optimizer)?;
+        }
         trainer.clock = ck.state.clock;
         trainer.best = ck.state.best;
         trainer.hook_states = ck.state.hooks;
@@ -259,6 +283,10 @@ impl Trainer {
         let params = net.trainable_vars()?;
         let lr = config.lr_schedule().lr(0.0);
         let optimizer = Optimizer::new(&config.optimizer, params.clone(), lr)?;
+        let average = match config.ema.enabled() {
+            true => Some(WeightAverage::new(&net, config.ema.clone())?),
+            false => None,
+        };
         let loss = Box::new(CrossEntropy {
             smoothing: config.label_smoothing,
         });
@@ -269,6 +297,7 @@ impl Trainer {
             net,
             params,
             optimizer,
+            average,
             loss,
             stepper: None,
             hooks: Vec::new(),
@@ -319,7 +348,8 @@ impl Trainer {
         &self.net
     }
 
-    /// The network, with the weights training left it with.
+    /// The network, with the weights training left it with: after [`Trainer::run`], the
+    /// model it saved (the moving average of the weights when `ema` is on).
     pub fn into_network(self) -> Network {
         self.net
     }
@@ -373,28 +403,29 @@ impl Trainer {
         self.evaluate_first(None)
     }
 
-    /// Evaluates on the test split's first `limit` images (all when `None`).
+    /// Evaluates on the test split's first `limit` images (all when `None`), with the
+    /// moving average of the weights when there is one.
     fn evaluate_first(&mut self, limit: Option<usize>) -> Result<EvalReport> {
         self.synchronize()?;
-        let hooks = &mut self.hooks;
-        let mut reduce = |sums: &mut [f64]| -> Result<()> {
-            for h in hooks.iter_mut() {
-                h.reduce_sums(sums)?;
-            }
-            Ok(())
-        };
         let scope = EvalScope {
             split: Split::Test,
             batch: self.config.eval.batch,
             limit,
+            flip: self.config.eval.flip,
         };
-        evaluate(
-            &self.net,
-            &self.data,
-            scope,
-            (self.rank.rank, self.rank.world),
-            &mut reduce,
-        )
+        let (net, data, ranks) = (&self.net, &self.data, (self.rank.rank, self.rank.world));
+        let hooks = &mut self.hooks;
+        match &mut self.average {
+            None => evaluate_with_hooks(net, data, scope, ranks, hooks),
+            Some(average) => average.with_average(|| {
+                // Each rank's average holds its own running statistics: bring them
+                // together as the raw ones were, so every rank evaluates one model.
+                for h in hooks.iter_mut() {
+                    h.synchronize(net)?;
+                }
+                evaluate_with_hooks(net, data, scope, ranks, hooks)
+            }),
+        }
     }
 
     /// Lets every hook bring the ranks' state together (running statistics); every rank
@@ -436,7 +467,11 @@ impl Trainer {
             state.hooks.insert(h.name().to_string(), h.state()?);
         }
         let root = self.out.join(CHECKPOINTS_DIR);
-        let dir = checkpoint::write(&root, &self.net, &self.optimizer.state()?, &state)
+        let mut tensors = self.optimizer.state()?;
+        if let Some(a) = &self.average {
+            tensors.extend(a.state());
+        }
+        let dir = checkpoint::write(&root, &self.net, &tensors, &state)
             .map_err(|e| self.with_last_checkpoint(e))?;
         checkpoint::prune(&root, self.config.checkpoint.keep_last)?;
         self.event(Event::Checkpoint {
@@ -448,16 +483,25 @@ impl Trainer {
         Ok(())
     }
 
-    /// Writes the model to `path` (rank 0 only), refusing non-finite weights.
-    fn save_model(&self, path: &Path) -> Result<()> {
+    /// Writes the model — the moving average of the weights when there is one — to
+    /// `path` (rank 0 only), refusing non-finite weights.
+    fn save_model(&mut self, path: &Path) -> Result<()> {
         if !self.rank.writes() {
             return Ok(());
         }
-        checkpoint::check_finite(&self.net, self.position.step).map_err(|e| self.with_last_checkpoint(e))?;
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|e| Error::io("cannot create", dir, e))?;
         }
-        Ok(self.net.save(path)?)
+        let (net, step) = (&self.net, self.position.step);
+        let save = || -> Result<()> {
+            checkpoint::check_finite(net, step)?;
+            Ok(net.save(path)?)
+        };
+        let saved = match &mut self.average {
+            Some(average) => average.with_average(save),
+            None => save(),
+        };
+        saved.map_err(|e| self.with_last_checkpoint(e))
     }
 
     /// Trains to the end of the configured epochs and evaluates; returns the summary.
@@ -569,6 +613,9 @@ impl Trainer {
             let batch = batch?;
             let progress_epochs = epoch as f64 + batch.index as f64 / per_epoch as f64;
             lr = schedule.lr(progress_epochs) * lr_factor;
+            if let Some(m) = schedule.momentum(progress_epochs) {
+                self.optimizer.set_momentum(m);
+            }
             let outcome = self.step(&batch, lr, progress_epochs)?;
             self.position.batch = batch.index + 1;
             self.position.batches += 1;
@@ -688,6 +735,9 @@ impl Trainer {
         };
         for h in &mut self.hooks {
             h.after_step(&ctx)?;
+        }
+        if let Some(a) = &mut self.average {
+            a.update(self.position.step - 1)?;
         }
         Ok(())
     }
@@ -908,6 +958,10 @@ impl Trainer {
         };
         let model = self.out.join(MODEL_FILE);
         self.save_model(&model)?;
+        // From here on the network holds the model just saved (`into_network`).
+        if let Some(mut average) = self.average.take() {
+            average.swap()?;
+        }
         let summary = self.summary(&report, elapsed_s, model);
         self.event(Event::End(summary.clone()))?;
         if self.rank.writes() {

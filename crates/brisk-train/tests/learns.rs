@@ -57,6 +57,7 @@ fn a_tiny_model_overfits_a_tiny_set() -> Result<()> {
         pct_start: 0.2,
         div: 10.0,
         final_div: 10.0,
+        momentum: None,
     };
     let mut trainer = Trainer::new(config)?;
     trainer.set_quiet(true);

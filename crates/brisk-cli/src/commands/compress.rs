@@ -87,6 +87,10 @@ pub struct PruneArgs {
     /// Compute threads. By default, every core.
     #[arg(long)]
     threads: Option<usize>,
+    /// Measure accuracy (before, after, and during fine-tuning) with flip test-time
+    /// augmentation, as a run with `eval.flip` does.
+    #[arg(long)]
+    flip: bool,
     /// Print one JSON object `{method, before, after, model}` on stdout.
     #[arg(long)]
     json: bool,
@@ -96,7 +100,7 @@ pub fn prune(a: &PruneArgs) -> Result<()> {
     init_threads(a.threads)?;
     let (file, net) = load_model(&a.checkpoint)?;
     let data = Arc::new(Dataset::open(&a.data)?);
-    let before = measure(&net, &data, &file)?;
+    let before = measure(&net, &data, &file, a.flip)?;
     let options = PruneOptions {
         method: a.method,
         sparsity: a.sparsity,
@@ -112,12 +116,13 @@ pub fn prune(a: &PruneArgs) -> Result<()> {
             batch: a.batch,
             threads: a.threads,
             seed: a.seed,
+            flip: a.flip,
         },
     };
     let mut pruning = Pruning::new(net, &data, &a.out, options)?;
     pruning.trainer_mut().set_quiet(a.json);
     let (pruned, out) = pruning.run()?;
-    let after = measure(&pruned, &data, &out)?;
+    let after = measure(&pruned, &data, &out, a.flip)?;
     let method = format!("prune --method {} --sparsity {}", a.method, a.sparsity);
     report(
         &CompressReport {
@@ -165,6 +170,10 @@ pub struct DistillArgs {
     seed: u64,
     #[arg(long)]
     threads: Option<usize>,
+    /// Measure accuracy (before, after, and during fine-tuning) with flip test-time
+    /// augmentation, as a run with `eval.flip` does.
+    #[arg(long)]
+    flip: bool,
     /// Print one JSON object `{method, before (teacher), after (student), model}`.
     #[arg(long)]
     json: bool,
@@ -174,13 +183,14 @@ pub fn distill(a: &DistillArgs) -> Result<()> {
     init_threads(a.threads)?;
     let (file, teacher) = load_model(&a.teacher)?;
     let data = Arc::new(Dataset::open(&a.data)?);
-    let before = measure(&teacher, &data, &file)?;
+    let before = measure(&teacher, &data, &file, a.flip)?;
     let finetune = FineTune {
         epochs: a.epochs,
         lr: a.lr,
         batch: a.batch,
         threads: a.threads,
         seed: a.seed,
+        flip: a.flip,
     };
     let mut config = finetune.config(&a.data, &a.out)?;
     if Path::new(&a.student).is_file() {
@@ -195,7 +205,7 @@ pub fn distill(a: &DistillArgs) -> Result<()> {
     trainer.set_quiet(a.json);
     trainer.run()?;
     let out = a.out.join(MODEL_FILE);
-    let after = measure(trainer.network(), &data, &out)?;
+    let after = measure(trainer.network(), &data, &out, a.flip)?;
     let method = format!("distill T={} alpha={}", a.temperature, a.alpha);
     report(
         &CompressReport {
@@ -221,6 +231,10 @@ pub struct QuantizeArgs {
     out: Option<PathBuf>,
     #[arg(long)]
     threads: Option<usize>,
+    /// Measure accuracy (before, after, and during fine-tuning) with flip test-time
+    /// augmentation, as a run with `eval.flip` does.
+    #[arg(long)]
+    flip: bool,
     /// Print one JSON object `{method, before, after, model}`.
     #[arg(long)]
     json: bool,
@@ -242,8 +256,13 @@ pub fn quantize(a: &QuantizeArgs) -> Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
     brisk_compress::quantize::save(&net, &out)?;
-    let before = measure(&net, &data, &file)?;
-    let after = measure(&brisk_compress::load_model(&out, &Device::Cpu)?, &data, &out)?;
+    let before = measure(&net, &data, &file, a.flip)?;
+    let after = measure(
+        &brisk_compress::load_model(&out, &Device::Cpu)?,
+        &data,
+        &out,
+        a.flip,
+    )?;
     let method = "quantize int8 (per-channel, BN folded)".to_string();
     report(
         &CompressReport {

@@ -321,6 +321,10 @@ pub struct EvalArgs {
     /// Also print the confusion matrix (rows: true class, columns: predicted).
     #[arg(long)]
     confusion: bool,
+    /// Test-time augmentation: classify each image and its mirror image and average the
+    /// two logits (as `eval.flip` does during training).
+    #[arg(long)]
+    flip: bool,
     /// Print one JSON object on stdout: top1, top5, loss, n, per_class (and confusion).
     #[arg(long)]
     json: bool,
@@ -333,10 +337,12 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
     super::init_threads(a.threads)?;
     let (file, net) = super::load_model(&a.checkpoint)?;
     let data = Arc::new(Dataset::open(&a.data)?);
-    let report = evaluate(&net, &data, EvalScope::all(a.split, a.batch), (0, 1), &mut |_| {
-        Ok(())
-    })
-    .with_context(|| format!("cannot evaluate {}", file.display()))?;
+    let scope = EvalScope {
+        flip: a.flip,
+        ..EvalScope::all(a.split, a.batch)
+    };
+    let report = evaluate(&net, &data, scope, (0, 1), &mut |_| Ok(()))
+        .with_context(|| format!("cannot evaluate {}", file.display()))?;
     if a.json {
         let mut v = serde_json::to_value(&report)?;
         if !a.confusion {
