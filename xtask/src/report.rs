@@ -419,6 +419,9 @@ fn reading(report: &Report) -> Vec<String> {
         if !costs.is_empty() {
             let _ = write!(sentence, "; {}", costs.join("; "));
         }
+        if let Some(spread) = wide_spread(v) {
+            let _ = write!(sentence, "; {spread}");
+        }
         if let Some(c) = v.control.as_deref().and_then(|c| report.done(c)) {
             if let Some(acc) = accuracy(v, c, &c.name) {
                 let _ = write!(
@@ -441,6 +444,38 @@ fn reading(report: &Report) -> Vec<String> {
         out.push(sentence);
     }
     out
+}
+
+/// Widest 95% half-width of final top-1, in points, that the reading lets pass without
+/// showing the seeds behind it.
+const WIDE_POINTS: f64 = 5.0;
+
+/// For a variant whose final top-1 interval is wider than [`WIDE_POINTS`], its seeds'
+/// accuracies and the one furthest from the others' mean, so the reader sees whether
+/// one run or all of them make the width.
+fn wide_spread(v: &Variant) -> Option<String> {
+    let e = v.estimate(|r| r.top1)?;
+    if e.half? * 100.0 <= WIDE_POINTS {
+        return None;
+    }
+    let runs = v.by_seed(|r| r.top1);
+    let all: Vec<String> = runs.iter().map(|(_, a)| format!("{:.1}", 100.0 * a)).collect();
+    let n = runs.len() as f64;
+    let sum: f64 = runs.iter().map(|(_, a)| a).sum();
+    // The run furthest from the mean of the others.
+    let (seed, top1, rest) = runs
+        .iter()
+        .map(|&(s, a)| (s, a, (sum - a) / (n - 1.0)))
+        .max_by(|x, y| (x.1 - x.2).abs().total_cmp(&(y.1 - y.2).abs()))?;
+    Some(format!(
+        "its interval is wide (± {:.1} points): its seeds ended at {}%, seed {} ({:.1}%) {:.1} points {} the others' mean",
+        100.0 * e.half?,
+        all.join(", "),
+        seed & !(1 << 63),
+        100.0 * top1,
+        100.0 * (top1 - rest).abs(),
+        if top1 < rest { "below" } else { "above" }
+    ))
 }
 
 /// Which comparison a sentence makes, for training runs: epochs and updates against
@@ -1253,6 +1288,18 @@ mod tests {
         let html = std::fs::read_to_string(dir.path().join("report.html"))?;
         assert!(html.contains("<h2>Time to accuracy</h2>") && html.contains("not reached"));
         Ok(())
+    }
+
+    #[test]
+    fn a_wide_interval_names_the_seed_that_makes_it() {
+        let wide = variant("wide", Kind::Train, &[0.80, 0.81, 0.60], 100.0, 4000);
+        let words = wide_spread(&wide).expect("an interval of ± 29 points is wide");
+        assert!(
+            words.contains("80.0, 81.0, 60.0%") && words.contains("seed 2 (60.0%) 20.5 points below"),
+            "{words}"
+        );
+        let narrow = variant("narrow", Kind::Train, &[0.80, 0.81, 0.82], 100.0, 4000);
+        assert_eq!(wide_spread(&narrow), None);
     }
 
     /// The check: a variant of known different accuracy is called different, one
