@@ -546,6 +546,11 @@ pub fn timestamp() -> String {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs()) as i64;
+    timestamp_at(secs)
+}
+
+/// The timestamp of `secs` seconds after 1970-01-01T00:00:00Z.
+fn timestamp_at(secs: i64) -> String {
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
     let z = days + 719_468;
@@ -749,8 +754,20 @@ mod tests {
 
     #[test]
     fn timestamps_are_utc_and_sortable() {
+        // Dates checked against `date -u -d @SECS`: the epoch, a leap day, the turn of a
+        // century that is a leap year, and a time of day.
+        assert_eq!(timestamp_at(0), "19700101T000000Z");
+        assert_eq!(timestamp_at(951_782_400), "20000229T000000Z");
+        assert_eq!(timestamp_at(1_709_210_096), "20240229T123456Z");
+        assert_eq!(timestamp_at(1_798_761_599), "20261231T235959Z");
+        // Later times sort later as text.
+        let mut ts: Vec<String> = [1_798_761_599, 0, 951_782_400, 1_709_210_096]
+            .map(timestamp_at)
+            .into();
+        ts.sort();
+        assert_eq!(ts.first().map(String::as_str), Some("19700101T000000Z"));
+        assert_eq!(ts.last().map(String::as_str), Some("20261231T235959Z"));
         let t = timestamp();
         assert_eq!(t.len(), 16);
-        assert!(t.starts_with("20") && t.ends_with('Z') && t.as_bytes()[8] == b'T');
     }
 }

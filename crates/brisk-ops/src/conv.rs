@@ -754,14 +754,9 @@ mod tests {
                 let dxh = gh.get(&xh).expect("input gradient");
                 assert_eq!(dxh.dtype(), half);
                 let dxr = gr.get(&xr).expect("reference input gradient").to_dtype(half)?;
-                assert_eq!(
-                    dxh.flatten_all()?.to_vec1::<half::bf16>().ok(),
-                    dxr.flatten_all()?.to_vec1::<half::bf16>().ok()
-                );
-                assert_eq!(
-                    dxh.flatten_all()?.to_vec1::<half::f16>().ok(),
-                    dxr.flatten_all()?.to_vec1::<half::f16>().ok()
-                );
+                // Both in `half`: widened to f32 (exactly), they must agree bit for bit.
+                let widened = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
+                assert_eq!(widened(dxh)?, widened(&dxr)?);
                 let dwh = gh.get(&wt).expect("weight gradient");
                 let dwr = gr.get(&wr).expect("reference weight gradient");
                 assert_eq!(dwh.dtype(), DType::F32);

@@ -266,7 +266,17 @@ mod tests {
                     assert_eq!(calls("conv-forward"), Some(20.0), "{ops:?}");
                     assert_eq!(calls("conv-weight-grad"), (!eval).then_some(20.0), "{ops:?}");
                     assert_eq!(calls("optimizer"), Some(1.0));
-                    assert!(ops.iter().all(|o| o.ms_per_step >= 0.0), "{ops:?}");
+                    // One row per kind of op, each named as the engine names them.
+                    let mut names: Vec<&str> = ops.iter().map(|o| o.op.as_str()).collect();
+                    names.sort_unstable();
+                    names.dedup();
+                    assert_eq!(names.len(), ops.len(), "an op listed twice: {ops:?}");
+                    let known: Vec<&str> = brisk_models::Op::ALL.iter().map(|o| o.name()).collect();
+                    assert!(
+                        ops.iter().all(|o| ["optimizer", "rest"].contains(&o.op.as_str())
+                            || known.contains(&o.op.as_str())),
+                        "{ops:?}"
+                    );
                 }
                 (None, "graph") => {}
                 (ops, path) => panic!("{path} step with per-op table {ops:?}"),

@@ -61,7 +61,8 @@ pub struct Trainer {
     last_checkpoint: Option<PathBuf>,
     /// Damaged checkpoints a resume passed over (set aside, reported).
     skipped_checkpoints: Vec<checkpoint::Skipped>,
-    skipped: u64,
+    /// Updates a hook skipped (a loss scaler finding inf/NaN gradients).
+    skipped_updates: u64,
     consecutive_skips: u64,
     /// The evaluation after the last epoch trained in this process (reused by the summary).
     last_eval: Option<EvalReport>,
@@ -307,7 +308,7 @@ impl Trainer {
             best: None,
             last_checkpoint: None,
             skipped_checkpoints: Vec::new(),
-            skipped: 0,
+            skipped_updates: 0,
             consecutive_skips: 0,
             last_eval: None,
             log,
@@ -744,7 +745,7 @@ impl Trainer {
 
     /// Records a skipped update; too many in a row is divergence.
     fn skip_update(&mut self, batch: usize, reason: String) -> Result<()> {
-        self.skipped += 1;
+        self.skipped_updates += 1;
         self.consecutive_skips += 1;
         if self.consecutive_skips >= MAX_CONSECUTIVE_SKIPS {
             return Err(Error::TooManySkips {
@@ -989,7 +990,7 @@ impl Trainer {
             best_epoch: best.epoch,
             epochs: self.config.epochs,
             updates: self.position.step,
-            skipped: self.skipped,
+            skipped: self.skipped_updates,
             world: self.rank.world,
             images,
             elapsed_s,
