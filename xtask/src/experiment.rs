@@ -240,18 +240,9 @@ impl Runner {
     fn variants<'a>(&self, plans: impl Iterator<Item = &'a Plan>, repeats: usize) -> Result<Vec<Variant>> {
         let plans: Vec<&Plan> = plans.collect();
         let mut results: Vec<Variant> = plans.iter().map(|p| Variant::new(p)).collect();
+        let mut torch: Option<Variant> = None;
         for round in 0..repeats {
-            for (k, plan) in plans.iter().enumerate() {
-                // PyTorch's variant, once added, sits after the baseline.
-                let i = if k > 0
-                    && results
-                        .get(1)
-                        .is_some_and(|v| v.name == crate::torch_recipe::NAME)
-                {
-                    k + 1
-                } else {
-                    k
-                };
+            for (i, plan) in plans.iter().enumerate() {
                 let Some(seed) = plan.seeds(repeats).nth(round) else {
                     continue;
                 };
@@ -264,14 +255,17 @@ impl Runner {
                 let result = self.run(plan, &run, baseline.as_ref())?;
                 results[i].runs.push(result);
                 if self.torch && plan.name == BASELINE {
-                    if results.get(1).is_none_or(|v| v.name != crate::torch_recipe::NAME) {
-                        results.insert(1, crate::torch_recipe::variant(plan));
-                    }
-                    results[1].runs.push(crate::torch_recipe::run(
-                        plan, &self.data, &self.runs, seed, self.force,
-                    )?);
+                    let run = crate::torch_recipe::run(plan, &self.data, &self.runs, seed, self.force)?;
+                    torch
+                        .get_or_insert_with(|| crate::torch_recipe::variant(plan))
+                        .runs
+                        .push(run);
                 }
             }
+        }
+        // PyTorch's variant sits after the baseline it reproduces.
+        if let Some(t) = torch {
+            results.insert(1, t);
         }
         Ok(results)
     }

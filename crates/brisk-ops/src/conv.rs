@@ -12,6 +12,7 @@ use crate::fill::{par_build, par_zeros};
 use crate::gemm::{matmul, parallelism, Mat};
 use crate::half::{f32_values, round_to, storage_of};
 use crate::packed::{self, PackedWeight};
+pub use crate::shape::ConvShape;
 
 /// Convolves `x` `[N, Cin, H, W]` with `weight` `[Cout, Cin, K, K]` (no bias, no groups
 /// or dilation) using brisk's kernels; differentiable in both arguments. The input
@@ -52,113 +53,6 @@ fn operand<'a>(s: &'a CpuStorage, l: &Layout, compute: DType, what: &str) -> Res
         round_to(compute, v.to_mut());
     }
     Ok(v)
-}
-
-/// The sizes of one convolution: input `[n, cin, h, w]`, weight `[cout, cin, k, k]`,
-/// output `[n, cout, ho, wo]`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ConvShape {
-    pub n: usize,
-    pub cin: usize,
-    pub h: usize,
-    pub w: usize,
-    pub cout: usize,
-    pub k: usize,
-    pub stride: usize,
-    pub pad: usize,
-    pub ho: usize,
-    pub wo: usize,
-}
-
-impl ConvShape {
-    /// The shape of convolving `x` dims with `weight` dims; an error names what does not fit.
-    pub fn new(x: &[usize], weight: &[usize], stride: usize, pad: usize) -> Result<Self> {
-        let (&[n, cin, h, w], &[cout, cin_w, k, k2]) = (x, weight) else {
-            candle_core::bail!("brisk conv2d: expected 4-D input and weight, got {x:?} and {weight:?}");
-        };
-        if cin != cin_w || k != k2 || k == 0 {
-            candle_core::bail!(
-                "brisk conv2d: input {x:?} does not fit weight {weight:?} (square kernel, same Cin)"
-            );
-        }
-        if h + 2 * pad < k || w + 2 * pad < k {
-            candle_core::bail!(
-                "brisk conv2d: input {x:?} with padding {pad} is smaller than the {k}x{k} kernel"
-            );
-        }
-        let ho = (h + 2 * pad - k) / stride + 1;
-        let wo = (w + 2 * pad - k) / stride + 1;
-        Ok(ConvShape {
-            n,
-            cin,
-            h,
-            w,
-            cout,
-            k,
-            stride,
-            pad,
-            ho,
-            wo,
-        })
-    }
-
-    /// Rows of the im2col matrix: Cin * K * K.
-    pub(crate) fn kdim(&self) -> usize {
-        self.cin * self.k * self.k
-    }
-
-    pub fn out_hw(&self) -> usize {
-        self.ho * self.wo
-    }
-
-    /// Values of one input image.
-    pub fn in_len(&self) -> usize {
-        self.cin * self.h * self.w
-    }
-
-    /// Values of one output image.
-    pub fn out_len(&self) -> usize {
-        self.cout * self.out_hw()
-    }
-
-    /// A 1x1, stride-1, unpadded convolution reads the image itself as its im2col matrix.
-    pub(crate) fn is_pointwise(&self) -> bool {
-        self.k == 1 && self.stride == 1 && self.pad == 0
-    }
-
-    /// For kernel offset `kj`, the range of output columns whose input column
-    /// `ow * stride + kj - pad` lies inside the image.
-    /// The convolution whose output is this stride-1 convolution's input gradient: over
-    /// the output gradient, padded by `k - 1 - pad`, with [`flipped_weight`]. `None` for
-    /// other strides, and for 1x1 unpadded convolutions (whose gradient is one product).
-    fn input_grad_as_conv(&self) -> Option<ConvShape> {
-        (self.stride == 1 && self.pad < self.k && !self.is_pointwise()).then_some(ConvShape {
-            cin: self.cout,
-            h: self.ho,
-            w: self.wo,
-            cout: self.cin,
-            pad: self.k - 1 - self.pad,
-            ho: self.h,
-            wo: self.w,
-            ..*self
-        })
-    }
-
-    pub(crate) fn valid_cols(&self, kj: usize) -> (usize, usize) {
-        let lo = self.pad.saturating_sub(kj).div_ceil(self.stride);
-        let hi = if self.w + self.pad > kj {
-            (self.w + self.pad - kj - 1) / self.stride + 1
-        } else {
-            0
-        };
-        (lo.min(self.wo), hi.min(self.wo).max(lo.min(self.wo)))
-    }
-
-    fn input_row(&self, oh: usize, ki: usize) -> Option<usize> {
-        (oh * self.stride + ki)
-            .checked_sub(self.pad)
-            .filter(|&ih| ih < self.h)
-    }
 }
 
 /// Unfolds one image `[Cin, H, W]` into the `Ho*Wo` columns of `col` `[Cin*K*K, ld]`

@@ -16,6 +16,7 @@ mod half;
 mod optim;
 mod packed;
 mod pool;
+mod shape;
 mod storage;
 
 pub use batchnorm::{

@@ -12,7 +12,7 @@
 
 use rayon::prelude::*;
 
-use crate::conv::ConvShape;
+use crate::shape::ConvShape;
 
 /// Output channels per micro-kernel tile (rows of the packed weight panels).
 const MR: usize = 8;
