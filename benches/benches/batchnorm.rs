@@ -3,7 +3,7 @@
 //! backward's gradient sums and input gradient written over its incoming gradient.
 //! Throughput is in values of the activation.
 
-use brisk_ops::{bn_grad_sums, bn_input_grad_in_place, bn_normalize, bn_stats};
+use brisk_ops::{bn_grad_sums, bn_input_grad_in_place, bn_normalize, bn_stats, BnParams};
 use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
 
 /// (name, channels, plane size).
@@ -24,15 +24,31 @@ fn batchnorm(c: &mut Criterion) {
         group.bench_with_input(BenchmarkId::new("forward", name), &(), |b, _| {
             b.iter(|| {
                 let stats = bn_stats(&x, n, ch, hw);
-                bn_normalize(&x, ch, hw, &stats, &affine, 1e-5, true, None)
+                let p = BnParams {
+                    n,
+                    c: ch,
+                    hw,
+                    stats: &stats,
+                    affine: &affine,
+                    eps: 1e-5,
+                };
+                bn_normalize(&x, &p, true, None)
             })
         });
+        let p = BnParams {
+            n,
+            c: ch,
+            hw,
+            stats: &stats,
+            affine: &affine,
+            eps: 1e-5,
+        };
         let mut g = dz.clone();
         group.bench_with_input(BenchmarkId::new("backward", name), &(), |b, _| {
             b.iter(|| {
                 g.copy_from_slice(&dz);
-                let sums = bn_grad_sums(&x, &g, (n, ch, hw), &stats, 1e-5);
-                bn_input_grad_in_place(&x, &mut g, (ch, hw), &stats, &affine, &sums, n * hw, 1e-5, true);
+                let sums = bn_grad_sums(&x, &g, &p);
+                bn_input_grad_in_place(&x, &mut g, &p, &sums, true);
             })
         });
     }

@@ -11,8 +11,9 @@ use anyhow::{bail, Context, Result};
 use brisk_schema::layout::{CHECKPOINTS_DIR, MODEL_FILE};
 use serde::{Deserialize, Serialize};
 
+use crate::machine::{self, Machine};
 use crate::plan::{check_repeats, fnv64, load, Kind, Plan, RunPlan, Spec, BASELINE};
-use crate::report::{Machine, Report};
+use crate::report::Report;
 use crate::results::{RunResult, Status, Variant};
 
 /// A run's brisk run folder inside its cache folder.
@@ -25,7 +26,7 @@ const RUN_DIR: &str = "run";
 seed (--repeats, or `repeats` in the file); each run is kept in reports/NAME/runs/VARIANT/seed-S/ \
 and skipped next time while its (config, seed) hash is the same (--force reruns), so raising \
 --repeats runs only the new seeds; an interrupted training run resumes from its checkpoint. The report goes to \
-reports/NAME/TIMESTAMP/ (report.md, report.html, results.json, results.csv, SVG plots)."
+reports/NAME/TIMESTAMP/ (report.md, report.html, report.json, report.csv: the same document; results.json, results.csv, runs.csv: the numbers; SVG plots)."
 )]
 pub struct ExperimentArgs {
     /// The experiment: a name in experiments/ or a path to an experiment file.
@@ -584,6 +585,23 @@ fn selected(plans: &[Plan], only: &[String]) -> Result<Vec<bool>> {
         .collect())
 }
 
+/// The plans with the dataset made part of each one's identity: its manifest (counts,
+/// checksums, statistics) joins the hash. Also the manifest's text.
+fn with_data_identity(plans: Vec<Plan>, data: &Path) -> Result<(Vec<Plan>, String)> {
+    let manifest_path = data.join("manifest.json");
+    let manifest = std::fs::read_to_string(&manifest_path)
+        .with_context(|| format!("cannot read {}", manifest_path.display()))?;
+    let data_id = fnv64(&[&manifest]);
+    let plans = plans
+        .into_iter()
+        .map(|p| Plan {
+            hash: fnv64(&[&p.hash, &data_id]),
+            ..p
+        })
+        .collect();
+    Ok((plans, manifest))
+}
+
 pub fn run(o: &ExperimentArgs) -> Result<()> {
     let Some(name) = &o.name else {
         bail!(
@@ -603,19 +621,7 @@ pub fn run(o: &ExperimentArgs) -> Result<()> {
     let mpi = mpi_available();
     let brisk = crate::build_brisk(mpi.is_ok())?;
     let data = dataset(&spec, o, &brisk)?;
-    // The dataset is part of every variant's identity: its manifest (counts, checksums,
-    // statistics) joins the hash.
-    let manifest_path = data.join("manifest.json");
-    let manifest = std::fs::read_to_string(&manifest_path)
-        .with_context(|| format!("cannot read {}", manifest_path.display()))?;
-    let data_id = fnv64(&[&manifest]);
-    let plans: Vec<Plan> = plans
-        .into_iter()
-        .map(|p| Plan {
-            hash: fnv64(&[&p.hash, &data_id]),
-            ..p
-        })
-        .collect();
+    let (plans, manifest) = with_data_identity(plans, &data)?;
     let reports = o
         .reports
         .clone()
@@ -663,7 +669,7 @@ pub fn run(o: &ExperimentArgs) -> Result<()> {
         data: data.display().to_string(),
         started: timestamp(),
         elapsed_s: started.elapsed().as_secs_f64(),
-        git: crate::report::git_revision(),
+        git: machine::git_revision(),
         machine: Machine::read(),
         repeats,
         target: spec.target.clone(),

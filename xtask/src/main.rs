@@ -9,7 +9,9 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 mod compare;
+mod document;
 mod experiment;
+mod machine;
 mod mpi;
 mod nvrtc;
 mod plan;
@@ -17,6 +19,8 @@ mod report;
 mod results;
 mod scaling;
 mod stats;
+#[cfg(test)]
+mod tidy;
 mod torch_recipe;
 
 /// brisk's project tasks.

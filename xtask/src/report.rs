@@ -1,82 +1,21 @@
 //! An experiment's report: the table of every variant against the baseline, the
-//! reading generated from the numbers, and the files — report.md, report.html (self-
-//! contained, with the plots), results.json, results.csv and plotters SVGs.
+//! reading generated from the numbers, built as one document (document.rs renders it as
+//! report.md, report.html, report.json and report.csv), plus the numbers behind it
+//! (results.json, results.csv, runs.csv) and the plotters SVGs.
 
 use std::fmt::Write as _;
 use std::path::Path;
-use std::process::Command;
 
 use anyhow::{Context, Result};
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 use serde::{Deserialize, Serialize};
 
+use crate::document::{self, Block, Document, Section};
+use crate::machine::Machine;
 use crate::plan::{Kind, Target, BASELINE};
 use crate::results::{RunResult, Status, Variant};
 use crate::stats::{Difference, Estimate, Test, Verdict};
-
-/// The machine a report was measured on.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Machine {
-    pub cpu: String,
-    pub cores: usize,
-    pub memory_gib: f64,
-    pub os: String,
-}
-
-impl Machine {
-    pub fn read() -> Self {
-        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-        let cpu = cpuinfo
-            .lines()
-            .find_map(|l| l.strip_prefix("model name").and_then(|r| r.split(':').nth(1)))
-            .map_or_else(|| "unknown".into(), |s| s.trim().to_string());
-        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-        let kib = meminfo
-            .lines()
-            .find_map(|l| l.strip_prefix("MemTotal:"))
-            .and_then(|r| r.split_whitespace().next()?.parse::<f64>().ok())
-            .unwrap_or(0.0);
-        let os = std::fs::read_to_string("/etc/os-release")
-            .unwrap_or_default()
-            .lines()
-            .find_map(|l| l.strip_prefix("PRETTY_NAME="))
-            .map_or_else(
-                || std::env::consts::OS.to_string(),
-                |s| s.trim_matches('"').to_string(),
-            );
-        Machine {
-            cpu,
-            cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
-            memory_gib: kib / (1024.0 * 1024.0),
-            os,
-        }
-    }
-}
-
-/// `git rev-parse HEAD`, with `-dirty` when the tree has changes.
-pub fn git_revision() -> String {
-    let git = |args: &[&str]| {
-        Command::new("git")
-            .args(args)
-            .current_dir(crate::root().unwrap_or(Path::new(".")))
-            .output()
-            .ok()
-            .filter(|o| o.status.success())
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-    };
-    match git(&["rev-parse", "HEAD"]) {
-        Some(rev) => {
-            let dirty = git(&["status", "--porcelain"]).is_some_and(|s| !s.is_empty());
-            if dirty {
-                format!("{rev}-dirty")
-            } else {
-                rev
-            }
-        }
-        None => "unknown (not a git checkout)".into(),
-    }
-}
 
 /// Everything a report shows.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -614,97 +553,141 @@ fn costs(v: &Variant, base: &Variant) -> Vec<String> {
     parts
 }
 
-fn markdown(report: &Report) -> String {
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        "# Experiment `{}`\n\n{}\n",
-        report.experiment,
-        report.description.trim()
-    );
-    let _ = writeln!(
-        s,
-        "- started {} (UTC), {:.1} minutes including cached variants' zero cost\n- brisk revision `{}`\n- machine: {}, {} cores, {:.1} GiB, {}\n- data: `{}`\n",
-        report.started,
-        report.elapsed_s / 60.0,
-        report.git,
-        report.machine.cpu,
-        report.machine.cores,
-        report.machine.memory_gib,
-        report.machine.os,
-        report.data
-    );
+/// The plots beside every report: file and what it shows.
+const PLOTS: [(&str, &str); 4] = [
+    (
+        "accuracy_vs_time.svg",
+        "test top-1 against training time, each variant's mean curve",
+    ),
+    (
+        "speed.svg",
+        "training images/s (fine-tuning for pruned and distilled models), 95% intervals",
+    ),
+    ("size.svg", "model file size"),
+    ("accuracy.svg", "final test top-1, 95% intervals"),
+];
+
+/// The whole report as one document: every format renders this.
+fn document(report: &Report) -> Document {
+    let m = &report.machine;
+    let mut sections = vec![Section::new(
+        "What ran",
+        vec![
+            Block::paragraph(report.description.trim()),
+            Block::List {
+                items: vec![
+                    format!(
+                        "started {} (UTC), {:.1} minutes including cached variants' zero cost",
+                        report.started,
+                        report.elapsed_s / 60.0
+                    ),
+                    format!("brisk revision `{}`", report.git),
+                    format!(
+                        "machine: {}, {} cores, {:.1} GiB, {}",
+                        m.cpu, m.cores, m.memory_gib, m.os
+                    ),
+                    format!("data: `{}`", report.data),
+                ],
+            },
+        ],
+    )];
     let top = headline(report);
     if !top.is_empty() {
-        let _ = writeln!(
-            s,
-            "## Time to accuracy\n\n{}\n\n{}",
-            headline_caption(report),
-            markdown_table(&HEADLINE, &top)
-        );
+        sections.push(Section::new(
+            "Time to accuracy",
+            vec![
+                Block::paragraph(headline_caption(report)),
+                Block::table(&HEADLINE, top),
+            ],
+        ));
     }
-    let _ = writeln!(
-        s,
-        "## Results\n\n{}\n\n{}",
-        results_caption(report),
-        markdown_table(&COLUMNS, &table(report))
-    );
-    let _ = writeln!(s, "\n## Reading\n");
-    for line in reading(report) {
-        let _ = writeln!(s, "- {line}");
+    sections.push(Section::new(
+        "Results",
+        vec![
+            Block::paragraph(results_caption(report)),
+            Block::table(&COLUMNS, table(report)),
+        ],
+    ));
+    sections.push(Section::new(
+        "Reading",
+        vec![Block::List {
+            items: reading(report),
+        }],
+    ));
+    sections.extend(torch_section(report));
+    sections.push(Section::new(
+        "Plots",
+        PLOTS
+            .iter()
+            .map(|(file, caption)| Block::Plot {
+                file: file.to_string(),
+                caption: caption.to_string(),
+            })
+            .collect(),
+    ));
+    sections.push(Section::new(
+        "Baseline config",
+        vec![
+            Block::Code {
+                language: "toml".into(),
+                text: report.baseline_config.clone(),
+            },
+            Block::paragraph(format!(
+                "Each run's full config, command output and run folder are in `reports/{}/runs/VARIANT/seed-S/`. \
+                 This report is also in report.md, report.html, report.json and report.csv (one row per text); \
+                 the numbers behind it are in results.json, results.csv (one row per variant) and runs.csv \
+                 (one row per run).",
+                report.experiment
+            )),
+        ],
+    ));
+    Document {
+        title: format!("Experiment `{}`", report.experiment),
+        sections,
     }
-    s.push_str(&torch_section(report));
-    let _ = writeln!(
-        s,
-        "\n## Plots\n\n![accuracy vs training time](accuracy_vs_time.svg)\n\n![training speed](speed.svg)\n\n![model size](size.svg)\n\n![accuracy](accuracy.svg)\n"
-    );
-    let _ = writeln!(
-        s,
-        "## Baseline config\n\n```toml\n{}```\n",
-        report.baseline_config
-    );
-    let _ = writeln!(
-        s,
-        "Each run's full config, command output and run folder are in `reports/{}/runs/VARIANT/seed-S/`; \
-         the numbers above are in results.json, results.csv (one row per variant) and runs.csv (one row per run).",
-        report.experiment
-    );
-    s
 }
 
-/// The brisk-vs-PyTorch table, when `--with-pytorch` measured any.
-fn torch_section(report: &Report) -> String {
-    let mut s = String::new();
-    let torch: Vec<_> = report
+/// The brisk-vs-PyTorch step table, when `--with-pytorch` measured any.
+fn torch_section(report: &Report) -> Option<Section> {
+    let rows: Vec<Vec<String>> = report
         .variants
         .iter()
-        .filter_map(|v| Some((v, v.pytorch.as_ref()?)))
+        .filter_map(|v| {
+            let t = v.pytorch.as_ref()?;
+            Some(vec![
+                v.name.clone(),
+                format!("{} w{}", t.arch, t.width),
+                t.batch.to_string(),
+                t.precision.clone(),
+                format!("{:.1}", t.brisk_img_per_s),
+                format!("{:.1}", t.torch_img_per_s),
+                format!("{:.2}", t.ratio),
+            ])
+        })
         .collect();
-    if torch.is_empty() {
-        return s;
-    }
-    let _ = writeln!(
-        s,
-        "\n## brisk and PyTorch, one training step side by side\n\n\
-         `brisk bench step` and scripts/torch_reference.py on random data, same model, batch, precision and threads, run one after the other.\n\n\
-         | variant | model | batch | precision | brisk img/s | PyTorch img/s | brisk/PyTorch |\n|---|---|---|---|---|---|---|"
-    );
-    for (v, t) in torch {
-        let _ = writeln!(
-            s,
-            "| {} | {} w{} | {} | {} | {:.1} | {:.1} | {:.2} |",
-            v.name, t.arch, t.width, t.batch, t.precision, t.brisk_img_per_s, t.torch_img_per_s, t.ratio
-        );
-    }
-    s
-}
-
-fn csv_field(s: &str) -> String {
-    if s.contains([',', '"', '\n']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    } else {
-        s.to_string()
-    }
+    (!rows.is_empty()).then(|| {
+        Section::new(
+            "brisk and PyTorch, one training step side by side",
+            vec![
+                Block::paragraph(
+                    "`brisk bench step` and scripts/torch_reference.py on random data, same model, batch, \
+                     precision and threads, run one after the other.",
+                ),
+                Block::table(
+                    &[
+                        "variant",
+                        "model",
+                        "batch",
+                        "precision",
+                        "brisk img/s",
+                        "PyTorch img/s",
+                        "brisk/PyTorch",
+                    ],
+                    rows,
+                ),
+            ],
+        )
+    })
 }
 
 /// One row per variant: means and 95% half-widths.
@@ -726,7 +709,7 @@ fn csv(report: &Report) -> String {
         let ips = v.estimate(|r| r.img_per_s);
         let m = |g: fn(&RunResult) -> Option<f64>| f(mean(v, g));
         let row = [
-            csv_field(&v.name),
+            document::csv_field(&v.name),
             v.kind.name().to_string(),
             v.ranks.to_string(),
             v.status().name().to_string(),
@@ -769,7 +752,7 @@ fn runs_csv(report: &Report) -> String {
     for v in &report.variants {
         for r in &v.runs {
             let row = [
-                csv_field(&v.name),
+                document::csv_field(&v.name),
                 r.seed.to_string(),
                 r.status.name().to_string(),
                 f(r.top1),
@@ -805,117 +788,6 @@ fn results_caption(report: &Report) -> String {
         )
     }
 }
-
-/// A Markdown table.
-fn markdown_table(headers: &[&str], rows: &[Vec<String>]) -> String {
-    let mut s = format!(
-        "| {} |\n|{}|\n",
-        headers.join(" | "),
-        vec!["---"; headers.len()].join("|")
-    );
-    for r in rows {
-        let cells: Vec<String> = r
-            .iter()
-            .map(|c| c.replace('|', "\\|").replace('\n', " "))
-            .collect();
-        let _ = writeln!(s, "| {} |", cells.join(" | "));
-    }
-    s
-}
-
-/// An HTML table.
-fn html_table(headers: &[&str], rows: &[Vec<String>]) -> String {
-    let mut s = String::from("<table><tr>");
-    for h in headers {
-        let _ = write!(s, "<th>{}</th>", escape(h));
-    }
-    s.push_str("</tr>\n");
-    for r in rows {
-        s.push_str("<tr>");
-        for c in r {
-            let _ = write!(s, "<td>{}</td>", escape(c));
-        }
-        s.push_str("</tr>\n");
-    }
-    s.push_str("</table>\n");
-    s
-}
-
-fn escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
-}
-
-/// Markdown emphasis `**x**` as HTML.
-fn strong(s: &str) -> String {
-    let mut out = String::new();
-    for (i, part) in escape(s).split("**").enumerate() {
-        if i % 2 == 1 {
-            let _ = write!(out, "<strong>{part}</strong>");
-        } else {
-            out.push_str(part);
-        }
-    }
-    out
-}
-
-fn html(report: &Report, dir: &Path) -> Result<String> {
-    let mut s = String::new();
-    let _ = write!(
-        s,
-        "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>brisk experiment {0}</title>\
-         <style>body{{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}}\
-         table{{border-collapse:collapse;font-size:13px}}td,th{{border:1px solid #ccc;padding:3px 6px;text-align:right}}\
-         td:first-child,td:nth-child(2),th{{text-align:left}}pre{{background:#f6f6f6;padding:1em}}</style></head><body>\n\
-         <h1>Experiment <code>{0}</code></h1><p>{1}</p><ul><li>started {2} (UTC), {3:.1} minutes</li>\
-         <li>brisk revision <code>{4}</code></li><li>machine: {5}, {6} cores, {7:.1} GiB, {8}</li><li>data: <code>{9}</code></li></ul>\n",
-        escape(&report.experiment),
-        escape(report.description.trim()),
-        report.started,
-        report.elapsed_s / 60.0,
-        escape(&report.git),
-        escape(&report.machine.cpu),
-        report.machine.cores,
-        report.machine.memory_gib,
-        escape(&report.machine.os),
-        escape(&report.data)
-    );
-    let top = headline(report);
-    if !top.is_empty() {
-        let _ = write!(
-            s,
-            "<h2>Time to accuracy</h2><p>{}</p>{}",
-            escape(&headline_caption(report)),
-            html_table(&HEADLINE, &top)
-        );
-    }
-    let _ = write!(
-        s,
-        "<h2>Results</h2><p>{}</p>{}",
-        escape(&results_caption(report)),
-        html_table(&COLUMNS, &table(report))
-    );
-    s.push_str("<h2>Reading</h2><ul>");
-    for line in reading(report) {
-        let _ = write!(s, "<li>{}</li>", strong(&line));
-    }
-    s.push_str("</ul><h2>Plots</h2>\n");
-    for file in PLOTS {
-        let svg = std::fs::read_to_string(dir.join(file)).with_context(|| format!("cannot read {file}"))?;
-        let svg = svg.trim_start_matches(|c| c != '<');
-        let body = svg
-            .strip_prefix("<?xml")
-            .map_or(svg, |r| r.split_once("?>").map_or(r, |x| x.1));
-        let _ = writeln!(s, "<div>{body}</div>");
-    }
-    let _ = writeln!(
-        s,
-        "<h2>Baseline config</h2><pre>{}</pre></body></html>",
-        escape(&report.baseline_config)
-    );
-    Ok(s)
-}
-
-const PLOTS: [&str; 4] = ["accuracy_vs_time.svg", "speed.svg", "size.svg", "accuracy.svg"];
 
 /// One bar of a bar chart: a name, a mean and the half-width of its interval.
 type Bar = (String, f64, Option<f64>);
@@ -1053,8 +925,15 @@ fn accuracy_vs_time(path: &Path, report: &Report) -> Result<()> {
     Ok(())
 }
 
-/// Writes report.md, report.html, results.json, results.csv, runs.csv and the plots
-/// into `dir`.
+/// A plot's caption as its title: first letter upper-case.
+fn plot_title(caption: &str) -> String {
+    let mut c = caption.chars();
+    c.next()
+        .map_or_else(String::new, |f| f.to_uppercase().chain(c).collect())
+}
+
+/// Writes the report (report.md, report.html, report.json, report.csv), the numbers
+/// behind it (results.json, results.csv, runs.csv) and the plots into `dir`.
 pub fn write(report: &Report, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let done: Vec<&Variant> = report
@@ -1062,7 +941,7 @@ pub fn write(report: &Report, dir: &Path) -> Result<()> {
         .iter()
         .filter(|v| v.status() == Status::Done)
         .collect();
-    accuracy_vs_time(&dir.join(PLOTS[0]), report)?;
+    accuracy_vs_time(&dir.join(PLOTS[0].0), report)?;
     let bar = |scale: f64, figure: fn(&RunResult) -> Option<f64>| -> Vec<Bar> {
         done.iter()
             .filter_map(|v| {
@@ -1071,29 +950,25 @@ pub fn write(report: &Report, dir: &Path) -> Result<()> {
             })
             .collect()
     };
-    bars(
-        &dir.join(PLOTS[1]),
-        "Training images/s (fine-tuning for pruned and distilled models), 95% intervals",
-        "img/s",
-        &bar(1.0, |r| r.img_per_s),
-    )?;
-    bars(
-        &dir.join(PLOTS[2]),
-        "Model file size",
-        "MB",
-        &bar(1e-6, |r| r.bytes.map(|b| b as f64)),
-    )?;
-    bars(
-        &dir.join(PLOTS[3]),
-        "Final test top-1, 95% intervals",
-        "%",
-        &bar(100.0, |r| r.top1),
-    )?;
-    std::fs::write(dir.join("report.md"), markdown(report))?;
+    let figures: [(&str, Vec<Bar>); 3] = [
+        ("img/s", bar(1.0, |r| r.img_per_s)),
+        ("MB", bar(1e-6, |r| r.bytes.map(|b| b as f64))),
+        ("%", bar(100.0, |r| r.top1)),
+    ];
+    for ((file, caption), (unit, items)) in PLOTS[1..].iter().zip(figures) {
+        bars(&dir.join(file), &plot_title(caption), unit, &items)?;
+    }
+    let doc = document(report);
+    let svg = |file: &str| {
+        std::fs::read_to_string(dir.join(file)).with_context(|| format!("cannot read the plot {file}"))
+    };
+    std::fs::write(dir.join("report.md"), document::markdown(&doc))?;
+    std::fs::write(dir.join("report.html"), document::html(&doc, svg)?)?;
+    std::fs::write(dir.join("report.json"), document::json(&doc)?)?;
+    std::fs::write(dir.join("report.csv"), document::csv(&doc))?;
     std::fs::write(dir.join("results.json"), serde_json::to_string_pretty(report)?)?;
     std::fs::write(dir.join("results.csv"), csv(report))?;
     std::fs::write(dir.join("runs.csv"), runs_csv(report))?;
-    std::fs::write(dir.join("report.html"), html(report, dir)?)?;
     Ok(())
 }
 
@@ -1180,12 +1055,14 @@ mod tests {
         for f in [
             "report.md",
             "report.html",
+            "report.json",
+            "report.csv",
             "results.json",
             "results.csv",
             "runs.csv",
         ]
         .iter()
-        .chain(PLOTS.iter())
+        .chain(PLOTS.iter().map(|p| &p.0))
         {
             let len = std::fs::metadata(dir.path().join(f))?.len();
             assert!(len > 100, "{f} is nearly empty");
@@ -1226,6 +1103,88 @@ mod tests {
         Ok(())
     }
 
+    /// The issue's check: one fixture, every format, every section — headings, each
+    /// table's first header and last row, the reading, the plots, the PyTorch table,
+    /// the machine and the revision.
+    #[test]
+    fn every_format_renders_every_section_of_the_report() -> Result<()> {
+        let mut fast = variant("faster", Kind::Train, &[0.895, 0.905, 0.915], 150.0, 4000);
+        fast.pytorch = Some(crate::results::Torch {
+            arch: "resnet18-cifar".into(),
+            width: 0.125,
+            batch: 64,
+            precision: "f32".into(),
+            threads: 2,
+            brisk_img_per_s: 1234.5,
+            torch_img_per_s: 1111.1,
+            ratio: 1.11,
+        });
+        let mut r = report(
+            3,
+            vec![
+                variant(BASELINE, Kind::Train, &[0.89, 0.90, 0.91], 100.0, 4000),
+                fast,
+                variant("int8", Kind::Quantize, &[0.79, 0.80, 0.81], 0.0, 1000),
+            ],
+        );
+        r.target = Some(Target {
+            top1: 0.85,
+            why: "stated for the test".into(),
+        });
+        r.git = "0123abcd".into();
+        let doc = document(&r);
+        let headings: Vec<&str> = doc.sections.iter().map(|s| s.heading.as_str()).collect();
+        assert_eq!(
+            headings,
+            [
+                "What ran",
+                "Time to accuracy",
+                "Results",
+                "Reading",
+                "brisk and PyTorch, one training step side by side",
+                "Plots",
+                "Baseline config"
+            ]
+        );
+        let dir = tempfile::tempdir()?;
+        write(&r, dir.path())?;
+        let read = |f: &str| std::fs::read_to_string(dir.path().join(f));
+        let formats = [
+            ("report.md", read("report.md")?),
+            ("report.html", read("report.html")?),
+            ("report.csv", read("report.csv")?),
+            ("report.json", read("report.json")?),
+        ];
+        // Texts as every format writes them (no markup, quotes or commas inside).
+        let mut texts: Vec<String> = headings.iter().map(|h| h.to_string()).collect();
+        texts.extend(
+            [
+                "0123abcd",
+                "faster: 1.50x the baseline",
+                "1234.5",
+                "PyTorch img/s",
+                "training s to target",
+                "peak RSS MiB",
+                "int8",
+                "accuracy_vs_time.svg",
+                "epochs = 1",
+                "stated for the test",
+            ]
+            .map(String::from),
+        );
+        texts.push(r.machine.cpu.replace(['"', ','], ""));
+        for (file, text) in &formats {
+            for t in &texts {
+                assert!(text.contains(t.as_str()), "{file} lacks {t:?}");
+            }
+        }
+        // The HTML holds the plots themselves, the JSON is the document.
+        assert_eq!(formats[1].1.matches("<svg").count(), PLOTS.len());
+        let json: serde_json::Value = serde_json::from_str(&formats[3].1)?;
+        assert_eq!(json["sections"].as_array().map(Vec::len), Some(headings.len()));
+        Ok(())
+    }
+
     #[test]
     fn the_headline_gives_time_to_the_stated_target_first() -> Result<()> {
         // Curves reach top1 - 0.1 at 40 s and top1 at 90 s: with a target of 0.85 the
@@ -1260,7 +1219,7 @@ mod tests {
             (rows[3][1].as_str(), rows[3][2].as_str()),
             ("not reached", "0 of 3")
         );
-        let md = markdown(&r);
+        let md = document::markdown(&document(&r));
         let (first, results) = (md.find("## Time to accuracy"), md.find("## Results"));
         assert!(
             first.is_some() && first < results,

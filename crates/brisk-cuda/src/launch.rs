@@ -15,7 +15,7 @@ const BLOCK: u32 = 256;
 
 /// The kernels loaded on one device, by entry point.
 #[derive(Debug)]
-pub struct Kernels {
+pub struct DeviceKernels {
     gpu: Arc<Gpu>,
     arch: &'static str,
     loaded: Mutex<HashMap<&'static str, CudaFunction>>,
@@ -52,7 +52,7 @@ fn grid(n: usize) -> LaunchConfig {
 
 /// SGD's settings for one update.
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub struct SgdStep {
+pub struct ScaledSgdStep {
     pub lr: f32,
     pub momentum: f32,
     pub weight_decay: f32,
@@ -61,10 +61,10 @@ pub struct SgdStep {
     pub grad_scale: f32,
 }
 
-impl Kernels {
+impl DeviceKernels {
     /// brisk's kernels for `gpu`, compiled for `arch` ("sm_90" for Hopper) on first use.
-    pub fn new(gpu: Arc<Gpu>, arch: &'static str) -> Kernels {
-        Kernels {
+    pub fn new(gpu: Arc<Gpu>, arch: &'static str) -> DeviceKernels {
+        DeviceKernels {
             gpu,
             arch,
             loaded: Mutex::new(HashMap::new()),
@@ -101,7 +101,7 @@ impl Kernels {
         g: &CudaSlice<f32>,
         m: &mut CudaSlice<f32>,
         decays: &CudaSlice<u8>,
-        step: SgdStep,
+        step: ScaledSgdStep,
     ) -> Result<()> {
         let n = w.len();
         if g.len() != n || m.len() != n || decays.len() != n {
@@ -282,7 +282,7 @@ mod tests {
     use crate::kernels::nvrtc_present;
 
     /// The GPU and its kernels, or `None` after recording why this machine cannot run them.
-    fn kernels(test: &str) -> Option<(Arc<Gpu>, Kernels)> {
+    fn kernels(test: &str) -> Option<(Arc<Gpu>, DeviceKernels)> {
         let why = if !driver_present() {
             "no NVIDIA driver (libcuda) on this machine"
         } else if !nvrtc_present() {
@@ -291,7 +291,7 @@ mod tests {
             match Gpu::open(0) {
                 Ok(gpu) => {
                     let gpu = Arc::new(gpu);
-                    return Some((gpu.clone(), Kernels::new(gpu, "sm_90")));
+                    return Some((gpu.clone(), DeviceKernels::new(gpu, "sm_90")));
                 }
                 Err(_) => "no CUDA device",
             }
@@ -309,7 +309,7 @@ mod tests {
         let w0: Vec<f32> = (0..n).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
         let g: Vec<f32> = (0..n).map(|i| ((i * 53 % 97) as f32 - 48.0) / 96.0).collect();
         let decays: Vec<u8> = (0..n).map(|i| u8::from(i % 3 != 0)).collect();
-        let step = SgdStep {
+        let step = ScaledSgdStep {
             lr: 0.1,
             momentum: 0.9,
             weight_decay: 5e-4,

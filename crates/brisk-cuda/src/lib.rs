@@ -4,7 +4,7 @@
 //! cudarc's panic — and brisk's element-wise and reduction kernels (fused SGD, softmax
 //! cross-entropy with label smoothing and top-1/top-5 counts, global average pooling, the
 //! SE gate), CUDA C compiled at run time by NVRTC for the device's architecture and cached
-//! per process, and `Kernels`, which loads them on a device and launches them on device
+//! per process, and `DeviceKernels`, which loads them on a device and launches them on device
 //! buffers. Convolutions and batch-norm (cuDNN) and the training step that joins them are
 //! the next pieces; see docs/gpu.md.
 
@@ -16,4 +16,4 @@ mod launch;
 pub use device::{driver_present, Gpu};
 pub use error::{Error, Result};
 pub use kernels::{compile, nvrtc_present, Kernel, KERNELS};
-pub use launch::{Kernels, SgdStep};
+pub use launch::{DeviceKernels, ScaledSgdStep};

@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use brisk_ops::{
     add_assign, bn_grad_sums, bn_input_grad_in_place, bn_normalize, bn_stats, conv_forward, conv_input_grad,
-    conv_weight_grad, matmul_f32, par_build, relu_backward, ConvShape, Mat, MaxPool,
+    conv_weight_grad, matmul_f32, par_build, relu_backward, BnParams, ConvShape, Mat, MaxPool,
 };
 use brisk_spec::{tensor_name, BlockPlan, ModelSpec, Role, Stem, BN_EPS, BN_MOMENTUM};
 use candle_core::{Tensor, Var};
@@ -343,16 +343,15 @@ impl Engine {
         let affine = self.affine(layer)?;
         let (stats, y) = self.times.time(Op::BatchNormForward, || {
             let stats = running.unwrap_or_else(|| bn_stats(&a.v, n, c, hw));
-            let y = bn_normalize(
-                &a.v,
+            let p = BnParams {
+                n,
                 c,
                 hw,
-                &stats,
-                &affine,
-                BN_EPS,
-                relu,
-                residual.map(|r| r.v.as_slice()),
-            );
+                stats: &stats,
+                affine: &affine,
+                eps: BN_EPS,
+            };
+            let y = bn_normalize(&a.v, &p, relu, residual.map(|r| r.v.as_slice()));
             (stats, y)
         });
         if mode == Mode::Train {
@@ -601,18 +600,16 @@ impl Engine {
         let (c, hw) = (x.c, x.hw());
         let affine = self.affine(layer)?;
         let sums = self.times.time(Op::BatchNormBackward, || {
-            let sums = bn_grad_sums(&x.v, &dz, (n, c, hw), &saved.stats, BN_EPS);
-            bn_input_grad_in_place(
-                &x.v,
-                &mut dz,
-                (c, hw),
-                &saved.stats,
-                &affine,
-                &sums,
-                n * hw,
-                BN_EPS,
-                true,
-            );
+            let p = BnParams {
+                n,
+                c,
+                hw,
+                stats: &saved.stats,
+                affine: &affine,
+                eps: BN_EPS,
+            };
+            let sums = bn_grad_sums(&x.v, &dz, &p);
+            bn_input_grad_in_place(&x.v, &mut dz, &p, &sums, true);
             sums
         });
         grads.push((

@@ -1,23 +1,22 @@
 //! Fused batch normalisation (optionally followed by ReLU) for NCHW f32 tensors, with its
 //! own backward: one pass for the statistics, one for the output, two for the gradients,
-//! each parallel over channels, instead of candle's chain of small allocating ops.
+//! each parallel over channels, instead of candle's chain of small allocating ops. This
+//! file holds the candle ops; `kernels` the slice kernels they and the engine run,
+//! `sync` the cross-rank statistics of synchronised batch-norm.
 
 use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
 
-use crate::fill::par_build;
+use crate::elementwise::relu_backward;
 use crate::half::{f32_values, storage_of};
 use crate::storage::f32_slice;
 
-/// Sums per-channel figures over the ranks of a data-parallel job: what synchronised
-/// batch-norm needs from a communicator (MPI, NCCL). It is called on the thread running
-/// the forward or backward pass, at the same points on every rank.
-pub trait BatchNormSync: Send + Sync + std::fmt::Debug {
-    /// Element-wise sum over all ranks, in place.
-    fn all_reduce_sum(&self, values: &mut [f64]) -> Result<()>;
-}
+mod kernels;
+mod sync;
+
+pub use kernels::{bn_grad_sums, bn_input_grad, bn_input_grad_in_place, bn_normalize, bn_stats, BnParams};
+pub use sync::BatchNormSync;
 
 /// Output of [`batch_norm`].
 #[derive(Debug)]
@@ -128,30 +127,6 @@ fn nchw(l: &Layout) -> Result<(usize, usize, usize)> {
     Ok((n, c, h * w))
 }
 
-/// The N contiguous `H*W` segments of channel `ch`.
-fn channel_segments(
-    x: &[f32],
-    n: usize,
-    c: usize,
-    hw: usize,
-    ch: usize,
-) -> impl Iterator<Item = &[f32]> + '_ {
-    (0..n).map(move |i| &x[(i * c + ch) * hw..(i * c + ch + 1) * hw])
-}
-
-/// `Σ f(v)` over `s` in 16 independent f32 lanes, so the compiler can vectorise it.
-#[inline]
-fn lane_sum(s: &[f32], f: impl Fn(f32) -> f32) -> f32 {
-    let mut lanes = [0f32; 16];
-    let mut chunks = s.chunks_exact(16);
-    for chunk in &mut chunks {
-        for (l, &v) in lanes.iter_mut().zip(chunk) {
-            *l += f(v);
-        }
-    }
-    chunks.remainder().iter().map(|&v| f(v)).sum::<f32>() + lanes.iter().sum::<f32>()
-}
-
 /// x → [2, C]: per-channel mean and biased variance, accumulated in f64 (two passes);
 /// with `sync`, over every rank's batch.
 #[derive(Debug)]
@@ -168,249 +143,14 @@ impl CustomOp1 for Stats {
         let (n, c, hw) = nchw(l)?;
         let x = f32_data(s, l, "input")?;
         let count = (n * hw) as f64;
-        let per_channel = channel_moments(x, n, c, hw);
+        let per_channel = kernels::channel_moments(x, n, c, hw);
         let out: Vec<f32> = match &self.sync {
-            None => moments_to_stats(&per_channel, count),
-            Some(sync) => {
-                // Per channel, summed over ranks: Σv, the squared deviations about each
-                // rank's own mean (M2, accurate: no Σv² − n·mean² cancellation), and
-                // n·mean², from which the spread of the ranks' means is recovered; then
-                // the total count. var = (ΣM2 + Σ n_r·μ_r² − N·μ²) / N.
-                let local_means: Vec<f64> = per_channel.iter().map(|p| p.0 / count).collect();
-                let mut sums: Vec<f64> = per_channel.iter().map(|p| p.0).collect();
-                sums.extend(per_channel.iter().zip(&local_means).map(|(&(_, m, sq), mu)| {
-                    let shift = mu - f64::from(m);
-                    sq - count * shift * shift
-                }));
-                sums.extend(local_means.iter().map(|mu| count * mu * mu));
-                sums.push(count);
-                sync.all_reduce_sum(&mut sums)?;
-                let total = sums[3 * c];
-                let means: Vec<f64> = sums[..c].iter().map(|s| s / total).collect();
-                let mut out: Vec<f32> = means.iter().map(|&m| m as f32).collect();
-                out.extend((0..c).map(|k| {
-                    let between = (sums[2 * c + k] - total * means[k] * means[k]).max(0.0);
-                    ((sums[c + k] + between) / total).max(0.0) as f32
-                }));
-                out.extend(std::iter::repeat_n(total as f32, c));
-                out
-            }
+            None => kernels::moments_to_stats(&per_channel, count),
+            Some(sync) => sync::synchronised_stats(sync.as_ref(), &per_channel, count)?,
         };
         let rows = out.len() / c;
         Ok((CpuStorage::F32(out), Shape::from((rows, c))))
     }
-}
-
-/// Per channel of `x` `[n, c, hw]`: the sum, the (f32) mean m, and the sum of squares
-/// about m — sums in 16 f32 lanes within a plane (vectorised), f64 across planes.
-fn channel_moments(x: &[f32], n: usize, c: usize, hw: usize) -> Vec<(f64, f32, f64)> {
-    let count = (n * hw) as f64;
-    (0..c)
-        .into_par_iter()
-        .map(|ch| {
-            let sum: f64 = channel_segments(x, n, c, hw, ch)
-                .map(|s| lane_sum(s, |v| v) as f64)
-                .sum();
-            let m = (sum / count) as f32;
-            let sq: f64 = channel_segments(x, n, c, hw, ch)
-                .map(|s| lane_sum(s, |v| (v - m) * (v - m)) as f64)
-                .sum();
-            (sum, m, sq)
-        })
-        .collect()
-}
-
-/// `[mean(c); biased var(c)]` from [`channel_moments`] over `count` values a channel.
-fn moments_to_stats(per_channel: &[(f64, f32, f64)], count: f64) -> Vec<f32> {
-    let mut out: Vec<f32> = per_channel.iter().map(|p| p.1).collect();
-    out.extend(per_channel.iter().map(|p| (p.2 / count) as f32));
-    out
-}
-
-/// Per-channel mean and biased variance of `x` `[n, c, hw]` (f32 slices): `[mean(c);
-/// var(c)]`, as batch-norm's training statistics.
-pub fn bn_stats(x: &[f32], n: usize, c: usize, hw: usize) -> Vec<f32> {
-    moments_to_stats(&channel_moments(x, n, c, hw), (n * hw) as f64)
-}
-
-/// `relu?(γ (x − mean) / sqrt(var + eps) + β + residual?)` over `x` `[n, c, hw]`, with
-/// `stats` = `[mean; var]` and `affine` = `[γ; β]` (each `c` long).
-#[allow(clippy::too_many_arguments)]
-pub fn bn_normalize(
-    x: &[f32],
-    c: usize,
-    hw: usize,
-    stats: &[f32],
-    affine: &[f32],
-    eps: f64,
-    relu: bool,
-    residual: Option<&[f32]>,
-) -> Vec<f32> {
-    let ch = channels(stats, affine, c, eps);
-    par_build(x.len(), hw, |i, yo| {
-        let xi = &x[i * hw..][..yo.len()];
-        let p = &ch[i % c];
-        let scale = p.gamma * p.inv_std;
-        let shift = p.beta - p.mean * scale;
-        let act = |v: f32| if relu { v.max(0.0) } else { v };
-        match residual {
-            Some(r) => {
-                for ((o, &v), &rv) in yo.iter_mut().zip(xi).zip(&r[i * hw..(i + 1) * hw]) {
-                    *o = act(v * scale + shift + rv);
-                }
-            }
-            None => {
-                for (o, &v) in yo.iter_mut().zip(xi) {
-                    *o = act(v * scale + shift);
-                }
-            }
-        }
-    })
-}
-
-/// ReLU's backward over f32 slices, in place: `dy` is kept where the output `y` is
-/// positive and zeroed elsewhere (no new buffer: the engine owns its gradients).
-pub fn relu_backward(y: &[f32], dy: &mut [f32]) {
-    assert_eq!(y.len(), dy.len(), "relu_backward: lengths differ");
-    dy.par_chunks_mut(1 << 14)
-        .zip(y.par_chunks(1 << 14))
-        .for_each(|(g, y)| {
-            // A select, not a branch: the signs are random, and the select vectorises.
-            for (g, &y) in g.iter_mut().zip(y) {
-                *g = if y > 0.0 { *g } else { 0.0 };
-            }
-        });
-}
-
-/// `dst += src`, element by element, in parallel: where a residual block's two branch
-/// gradients meet.
-pub fn add_assign(dst: &mut [f32], src: &[f32]) {
-    assert_eq!(dst.len(), src.len(), "add_assign: lengths differ");
-    dst.par_chunks_mut(1 << 14)
-        .zip(src.par_chunks(1 << 14))
-        .for_each(|(d, s)| d.iter_mut().zip(s).for_each(|(d, s)| *d += s));
-}
-
-/// Batch-norm's weight and bias gradients from the gradient `dz` reaching its affine
-/// output: `[Σ dz·x̂ (c); Σ dz (c)]` over `x` `[n, c, hw]`, f64 accumulation.
-pub fn bn_grad_sums(
-    x: &[f32],
-    dz: &[f32],
-    (n, c, hw): (usize, usize, usize),
-    stats: &[f32],
-    eps: f64,
-) -> Vec<f32> {
-    let ones = vec![1f32; 2 * c];
-    let ch = channels(stats, &ones, c, eps);
-    let sums: Vec<(f32, f32)> = (0..c)
-        .into_par_iter()
-        .map(|k| {
-            let p = &ch[k];
-            let (mut dg, mut db) = (0f64, 0f64);
-            for (xs, gs) in channel_segments(x, n, c, hw, k).zip(channel_segments(dz, n, c, hw, k)) {
-                // 16 independent lanes, so the compiler can vectorise.
-                let (mut la, mut lb) = ([0f32; 16], [0f32; 16]);
-                let (xc, gc) = (xs.chunks_exact(16), gs.chunks_exact(16));
-                let (mut a, mut b) = (0f32, 0f32);
-                for (&v, &g) in xc.remainder().iter().zip(gc.remainder()) {
-                    a += g * (v - p.mean);
-                    b += g;
-                }
-                for (xk, gk) in xc.zip(gc) {
-                    for i in 0..16 {
-                        la[i] += gk[i] * (xk[i] - p.mean);
-                        lb[i] += gk[i];
-                    }
-                }
-                dg += ((a + la.iter().sum::<f32>()) * p.inv_std) as f64;
-                db += (b + lb.iter().sum::<f32>()) as f64;
-            }
-            (dg as f32, db as f32)
-        })
-        .collect();
-    let mut out: Vec<f32> = sums.iter().map(|s| s.0).collect();
-    out.extend(sums.iter().map(|s| s.1));
-    out
-}
-
-/// Batch-norm's input gradient from `dz` (the gradient reaching its affine output):
-/// training (`batch_stats`) `γ σ⁻¹ (dz − mean(dz) − x̂ · mean(dz · x̂))`, where the means
-/// come from `sums` = [`bn_grad_sums`] over `count` values a channel; evaluation `γ σ⁻¹ dz`.
-/// A new buffer; [`bn_input_grad_in_place`] writes over `dz` instead.
-#[allow(clippy::too_many_arguments)]
-pub fn bn_input_grad(
-    x: &[f32],
-    dz: &[f32],
-    (c, hw): (usize, usize),
-    stats: &[f32],
-    affine: &[f32],
-    sums: &[f32],
-    count: usize,
-    eps: f64,
-    batch_stats: bool,
-) -> Vec<f32> {
-    let mut g = dz.to_vec();
-    bn_input_grad_in_place(x, &mut g, (c, hw), stats, affine, sums, count, eps, batch_stats);
-    g
-}
-
-/// [`bn_input_grad`] written over its input: `g` holds `dz` on entry and the input
-/// gradient on return (no buffer to allocate and zero; each value is read once and
-/// written once).
-#[allow(clippy::too_many_arguments)]
-pub fn bn_input_grad_in_place(
-    x: &[f32],
-    g: &mut [f32],
-    (c, hw): (usize, usize),
-    stats: &[f32],
-    affine: &[f32],
-    sums: &[f32],
-    count: usize,
-    eps: f64,
-    batch_stats: bool,
-) {
-    assert_eq!(
-        x.len(),
-        g.len(),
-        "bn_input_grad: input and gradient lengths differ"
-    );
-    let ch = channels(stats, affine, c, eps);
-    let (dgamma, dbeta) = (&sums[..c], &sums[c..2 * c]);
-    let m = count as f32;
-    g.par_chunks_mut(hw).enumerate().for_each(|(i, gs)| {
-        let k = i % c;
-        let p = &ch[k];
-        let xs = &x[i * hw..(i + 1) * hw];
-        let a = p.gamma * p.inv_std;
-        let (mean_dz, mean_dzx) = if batch_stats {
-            (dbeta[k] / m, dgamma[k] / m)
-        } else {
-            (0.0, 0.0)
-        };
-        for (g, &v) in gs.iter_mut().zip(xs) {
-            let xh = (v - p.mean) * p.inv_std;
-            *g = a * (*g - mean_dz - xh * mean_dzx);
-        }
-    });
-}
-
-/// Per-channel constants of the normalisation: y = x * scale + shift.
-struct Channel {
-    mean: f32,
-    inv_std: f32,
-    gamma: f32,
-    beta: f32,
-}
-
-fn channels(stats: &[f32], affine: &[f32], c: usize, eps: f64) -> Vec<Channel> {
-    (0..c)
-        .map(|ch| Channel {
-            mean: stats[ch],
-            inv_std: (1.0 / (stats[c + ch] as f64 + eps).sqrt()) as f32,
-            gamma: affine[ch],
-            beta: affine[c + ch],
-        })
-        .collect()
 }
 
 /// (x, [mean; var; weight; bias], residual?) → y.
@@ -433,7 +173,7 @@ impl Normalize {
         params: (&CpuStorage, &Layout),
         residual: Option<(&CpuStorage, &Layout)>,
     ) -> Result<(CpuStorage, Shape)> {
-        let (_, c, hw) = nchw(x.1)?;
+        let (n, c, hw) = nchw(x.1)?;
         if params.1.dims() != [4, c] {
             candle_core::bail!(
                 "brisk batch-norm: per-channel parameters {:?} must be [4, {c}]",
@@ -451,16 +191,15 @@ impl Normalize {
             ),
             None => None,
         };
-        let y = bn_normalize(
-            xs,
+        let p = BnParams {
+            n,
             c,
             hw,
-            &p[..2 * c],
-            &p[2 * c..4 * c],
-            self.eps,
-            self.relu,
-            res.as_deref(),
-        );
+            stats: &p[..2 * c],
+            affine: &p[2 * c..4 * c],
+            eps: self.eps,
+        };
+        let y = bn_normalize(xs, &p, self.relu, res.as_deref());
         Ok((storage_of(y, self.out)?, x.1.shape().clone()))
     }
 
@@ -484,7 +223,7 @@ impl Normalize {
         let dx = if x.track_op() {
             let means_from = match &self.sync {
                 None => sums.clone(),
-                Some(sync) => global_grad_sums(sync.as_ref(), x, &sums)?,
+                Some(sync) => sync::global_grad_sums(sync.as_ref(), x, &sums)?,
             };
             let all = Tensor::cat(&[params, &means_from], 0)?;
             Some(x.apply_op3_no_bwd(&dz, &all, &InputGrad(self.clone()))?)
@@ -494,25 +233,6 @@ impl Normalize {
         let dparams = Tensor::cat(&[&sums.zeros_like()?, &sums], 0)?;
         Ok((dx, dparams, dz))
     }
-}
-
-/// Synchronised batch-norm's backward: the gradient sums of every rank, scaled by
-/// (this rank's count / the total count) so that `InputGrad`, which divides by this
-/// rank's count, takes means over all ranks.
-fn global_grad_sums(sync: &dyn BatchNormSync, x: &Tensor, sums: &Tensor) -> Result<Tensor> {
-    let (n, c, h, w) = x.dims4()?;
-    let local = (n * h * w) as f64;
-    let mut values: Vec<f64> = sums
-        .flatten_all()?
-        .to_vec1::<f32>()?
-        .into_iter()
-        .map(f64::from)
-        .collect();
-    values.push(local);
-    sync.all_reduce_sum(&mut values)?;
-    let scale = local / values[2 * c];
-    let scaled: Vec<f32> = values[..2 * c].iter().map(|v| (v * scale) as f32).collect();
-    Tensor::from_vec(scaled, (2, c), x.device())
 }
 
 impl CustomOp2 for Normalize {
@@ -675,7 +395,15 @@ impl CustomOp3 for GradSums {
             params,
             ..
         } = GradInputs::new((s1, l1), (s2, l2), (s3, l3), 4)?;
-        let out = bn_grad_sums(x, dz, (n, c, hw), &params[..2 * c], self.0.eps);
+        let p = BnParams {
+            n,
+            c,
+            hw,
+            stats: &params[..2 * c],
+            affine: &params[2 * c..4 * c],
+            eps: self.0.eps,
+        };
+        let out = bn_grad_sums(x, dz, &p);
         Ok((CpuStorage::F32(out), Shape::from((2, c))))
     }
 }
@@ -706,17 +434,15 @@ impl CustomOp3 for InputGrad {
             dz,
             params,
         } = GradInputs::new((s1, l1), (s2, l2), (s3, l3), 6)?;
-        let dx = bn_input_grad(
-            x,
-            dz,
-            (c, hw),
-            &params[..2 * c],
-            &params[2 * c..4 * c],
-            &params[4 * c..6 * c],
-            n * hw,
-            self.0.eps,
-            self.0.batch_stats,
-        );
+        let p = BnParams {
+            n,
+            c,
+            hw,
+            stats: &params[..2 * c],
+            affine: &params[2 * c..4 * c],
+            eps: self.0.eps,
+        };
+        let dx = bn_input_grad(x, dz, &p, &params[4 * c..6 * c], self.0.batch_stats);
         Ok((CpuStorage::F32(dx), l1.shape().clone()))
     }
 }
@@ -726,18 +452,6 @@ mod tests {
     use super::*;
     use brisk_testkit::{max_rel, rand_uniform, randn};
     use candle_core::{Device, Var};
-
-    #[test]
-    fn add_assign_adds_every_element_across_chunk_boundaries() {
-        let len = 3 * (1 << 14) + 123;
-        let a: Vec<f32> = (0..len).map(|i| (i % 97) as f32 * 0.5).collect();
-        let b: Vec<f32> = (0..len).map(|i| (i % 31) as f32 - 15.0).collect();
-        let mut sum = a.clone();
-        add_assign(&mut sum, &b);
-        for i in 0..len {
-            assert_eq!(sum[i], a[i] + b[i], "element {i}");
-        }
-    }
 
     /// candle's reference batch-norm (+residual, +ReLU) built from elementary ops.
     fn reference(x: &Tensor, w: &Tensor, b: &Tensor, stats: Option<&Tensor>, e: Epilogue) -> Result<Tensor> {

@@ -10,6 +10,7 @@
 
 mod batchnorm;
 mod conv;
+mod elementwise;
 mod fill;
 mod gemm;
 mod half;
@@ -20,10 +21,11 @@ mod shape;
 mod storage;
 
 pub use batchnorm::{
-    add_assign, batch_norm, bn_grad_sums, bn_input_grad, bn_input_grad_in_place, bn_normalize, bn_stats,
-    relu_backward, BatchNormOutput, BatchNormSync, Epilogue,
+    batch_norm, bn_grad_sums, bn_input_grad, bn_input_grad_in_place, bn_normalize, bn_stats, BatchNormOutput,
+    BatchNormSync, BnParams, Epilogue,
 };
 pub use conv::{conv2d, conv_forward, conv_input_grad, conv_weight_grad, ConvShape};
+pub use elementwise::{add_assign, relu_backward};
 pub use fill::par_build;
 pub use gemm::{matmul_f32, Mat};
 pub use optim::{sgd_update, SgdStep};

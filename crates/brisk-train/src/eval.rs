@@ -182,6 +182,13 @@ pub fn evaluate(
         add_batch(net, engine.as_mut(), &b, (classes, flip), &mut sums)?;
     }
     reduce(&mut sums)?;
+    Ok(report_of(&sums, &m.classes))
+}
+
+/// The report from the summed figures: loss, n, top-1, top-5, then the confusion
+/// matrix row by row.
+fn report_of(sums: &[f64], class_names: &[String]) -> EvalReport {
+    let classes = class_names.len();
     let n = sums[1];
     let div = |x: f64| if n > 0.0 { x / n } else { 0.0 };
     let confusion: Vec<Vec<u64>> = (0..classes)
@@ -193,7 +200,7 @@ pub fn evaluate(
         .map(|(t, row)| {
             let total: u64 = row.iter().sum();
             ClassAccuracy {
-                class: data.manifest().classes[t].clone(),
+                class: class_names[t].clone(),
                 correct: row[t],
                 total,
                 accuracy: if total > 0 {
@@ -204,14 +211,14 @@ pub fn evaluate(
             }
         })
         .collect();
-    Ok(EvalReport {
+    EvalReport {
         top1: div(sums[2]),
         top5: div(sums[3]),
         loss: div(sums[0]),
         n: n as u64,
         per_class,
         confusion,
-    })
+    }
 }
 
 #[cfg(test)]
