@@ -26,6 +26,8 @@ pub struct StepCase {
     pub width: f64,
     pub classes: usize,
     pub image: usize,
+    /// Image channels (3, or 1 for grey-scale images).
+    pub channels: usize,
     pub batch: usize,
     pub threads: usize,
     pub steps: usize,
@@ -79,6 +81,7 @@ impl StepCase {
     pub fn brisk(&self, brisk: &Path) -> Result<Figure> {
         let mut cmd = Command::new(brisk);
         cmd.args(["bench", "step", "--dtype", self.precision])
+            .args(["--channels", &self.channels.to_string()])
             .args(self.common_args());
         figure(&mut cmd)
     }
@@ -86,7 +89,9 @@ impl StepCase {
     /// The PyTorch reference on this case.
     pub fn torch(&self, root: &Path) -> Result<Figure> {
         let mut cmd = Command::new("python3");
-        cmd.arg(root.join(SCRIPT)).args(["--dtype", self.torch_dtype()]);
+        cmd.arg(root.join(SCRIPT))
+            .args(["--dtype", self.torch_dtype()])
+            .args(["--in-channels", &self.channels.to_string()]);
         let args = self.common_args();
         // The script takes `--mode eval` where brisk takes `--eval`.
         let args: Vec<String> = args
@@ -120,6 +125,7 @@ impl StepCase {
             width: spec.width,
             classes,
             image,
+            channels: 3,
             batch,
             threads,
             steps: 5,
@@ -192,6 +198,12 @@ pub struct CompareArgs {
     /// Runs per side, alternated; the median is reported.
     #[arg(long, default_value_t = 2)]
     rounds: usize,
+    /// Image sides (square images).
+    #[arg(long, value_delimiter = ',', default_value = "32")]
+    images: Vec<usize>,
+    /// Image channels (1 for grey-scale images, as 8x8 digits or 28x28 MNIST-like sets).
+    #[arg(long, default_value_t = 3)]
+    channels: usize,
     /// Width multipliers of the network.
     #[arg(long, value_delimiter = ',', default_value = "1")]
     widths: Vec<f64>,
@@ -238,13 +250,14 @@ fn cases(a: &CompareArgs) -> Result<Vec<StepCase>> {
                     if eval && precision != "f32" {
                         continue;
                     }
-                    for &batch in &a.batches {
+                    for (&image, &batch) in a.images.iter().flat_map(|i| a.batches.iter().map(move |b| (i, b))) {
                         out.push(StepCase {
                             arch,
                             stem: "cifar",
                             width,
                             classes: 10,
-                            image: 32,
+                            image,
+                            channels: a.channels,
                             batch,
                             threads: a.threads,
                             steps: a.steps,
@@ -263,7 +276,8 @@ fn cases(a: &CompareArgs) -> Result<Vec<StepCase>> {
 /// `cargo xtask compare-torch`: CIFAR ResNet training steps and eval forwards, brisk and
 /// PyTorch alternated, medians of `rounds`.
 pub fn run(a: &CompareArgs) -> Result<()> {
-    if a.batches.is_empty() || a.batches.contains(&0) || a.threads == 0 || a.steps == 0 || a.rounds == 0 {
+    let counts = [a.threads, a.steps, a.rounds, a.channels];
+    if a.batches.is_empty() || a.batches.contains(&0) || a.images.contains(&0) || counts.contains(&0) {
         bail!("every count must be at least 1");
     }
     if let Some(why) = torch_missing() {
@@ -273,14 +287,15 @@ pub fn run(a: &CompareArgs) -> Result<()> {
     let root = crate::root()?;
     let brisk = crate::build_brisk(false)?;
     println!(
-        "CIFAR ResNet, 32x32, {} threads, {} timed steps a run, {} rounds alternated (median of rounds)",
+        "CIFAR-stem ResNet, {} threads, {} timed steps a run, {} rounds alternated (median of rounds)",
         a.threads, a.steps, a.rounds
     );
     println!(
-        "{:<6} {:<11} {:>6} {:<10} {:>5} {:>12} {:>16} {:>7} {:>11} {:>11}",
+        "{:<6} {:<11} {:>6} {:>8} {:<10} {:>5} {:>12} {:>16} {:>7} {:>11} {:>11}",
         "mode",
         "arch",
         "width",
+        "image",
         "precision",
         "batch",
         "brisk img/s",
@@ -310,10 +325,11 @@ fn print_row(case: &StepCase, brisk: &Path, root: &Path, rounds: usize) -> Resul
     }
     let (b, t) = (median(b), median(t));
     println!(
-        "{:<6} {:<11} {:>6} {:<10} {:>5} {:>12.1} {:>16} {:>7.2} {:>11.0} {:>11.0}",
+        "{:<6} {:<11} {:>6} {:>8} {:<10} {:>5} {:>12.1} {:>16} {:>7.2} {:>11.0} {:>11.0}",
         if case.eval { "eval" } else { "train" },
         case.arch.name(),
         case.width,
+        format!("{0}x{0}x{1}", case.image, case.channels),
         case.precision,
         case.batch,
         b,

@@ -17,7 +17,7 @@ pub enum Error {
 
     /// The ranks were started with different training configurations.
     #[error(
-        "rank {rank}'s configuration differs from rank 0's in `{field}`: {theirs} here, {ours} on rank 0 \
+        "rank {rank}'s configuration differs from rank 0's in `{field}`: {theirs} on rank {rank}, {ours} on rank 0 \
          (every rank must run the same command)"
     )]
     ConfigMismatch {
@@ -26,10 +26,6 @@ pub enum Error {
         ours: String,
         theirs: String,
     },
-
-    /// Another rank found a configuration mismatch (it names the field).
-    #[error("rank(s) {ranks} were started with a configuration different from rank 0's (every rank must run the same command)")]
-    ConfigMismatchElsewhere { ranks: String },
 
     /// A setting given to a distributed helper is out of range.
     #[error("invalid setting: {problem}")]

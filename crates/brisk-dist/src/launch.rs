@@ -69,8 +69,9 @@ pub fn connect_nccl() -> Result<Arc<dyn Communicator>> {
 }
 
 /// Checks that every rank holds the same configuration (TOML text; the keys in `ignore`,
-/// dotted, may differ). On a mismatch every rank returns an error: the ranks that differ
-/// name the first field and both values, rank 0 names the ranks.
+/// dotted, may differ). On a mismatch every rank returns the same error, naming the first
+/// rank that differs, the first field it differs in and both values: whichever rank's message
+/// the launcher prints first says what is wrong.
 pub fn check_same_config(comm: &dyn Communicator, toml_text: &str, ignore: &[&str]) -> Result<()> {
     if comm.world() == 1 {
         return Ok(());
@@ -91,33 +92,35 @@ pub fn check_same_config(comm: &dyn Communicator, toml_text: &str, ignore: &[&st
     let ours = parse(&String::from_utf8_lossy(&root))?;
     let mine = parse(toml_text)?;
     let missing = || "(not set)".to_string();
-    let difference = ours
+    // field, rank 0's value, this rank's value
+    let difference: Option<[String; 3]> = ours
         .keys()
         .chain(mine.keys())
         .find(|k| ours.get(*k) != mine.get(*k))
-        .map(|k| Error::ConfigMismatch {
-            rank: comm.rank(),
-            field: k.clone(),
-            ours: ours.get(k).cloned().unwrap_or_else(missing),
-            theirs: mine.get(k).cloned().unwrap_or_else(missing),
+        .map(|k| {
+            [
+                k.clone(),
+                ours.get(k).cloned().unwrap_or_else(missing),
+                mine.get(k).cloned().unwrap_or_else(missing),
+            ]
         });
     let mut flags = vec![0f64; comm.world()];
     flags[comm.rank()] = f64::from(u8::from(difference.is_some()));
     comm.all_reduce_sum_f64(&mut flags)?;
-    if let Some(e) = difference {
-        return Err(e);
-    }
-    let ranks: Vec<String> = (0..flags.len())
-        .filter(|&r| flags[r] > 0.0)
-        .map(|r| r.to_string())
-        .collect();
-    if ranks.is_empty() {
-        Ok(())
-    } else {
-        Err(Error::ConfigMismatchElsewhere {
-            ranks: ranks.join(", "),
-        })
-    }
+    let Some(first) = flags.iter().position(|&f| f > 0.0) else {
+        return Ok(());
+    };
+    let mut finding = difference.map(|d| d.join("\0")).unwrap_or_default().into_bytes();
+    broadcast_vec(comm, &mut finding, first)?;
+    let finding = String::from_utf8_lossy(&finding).into_owned();
+    let mut parts = finding.splitn(3, '\0').map(str::to_string);
+    let mut next = || parts.next().unwrap_or_else(missing);
+    Err(Error::ConfigMismatch {
+        rank: first,
+        field: next(),
+        ours: next(),
+        theirs: next(),
+    })
 }
 
 /// `a.b.c = value` for every leaf of a TOML document.
@@ -153,6 +156,30 @@ mod tests {
         assert_eq!(flat["optimizer.momentum"], "0.9");
         assert_eq!(flat["epochs"], "3");
         assert_eq!(flat.len(), 3);
+    }
+
+    #[test]
+    fn every_rank_names_the_field_that_differs() -> anyhow::Result<()> {
+        let messages = crate::testing::run_ranks(3, |comm| {
+            let lr = if comm.rank() == 2 { "0.2" } else { "0.1" };
+            let text = format!("epochs = 1\nseed = {}\n[lr]\nbase = {lr}\n", comm.rank());
+            Ok(check_same_config(comm.as_ref(), &text, &["seed"])
+                .err()
+                .map(|e| e.to_string()))
+        })?;
+        for (rank, message) in messages.iter().enumerate() {
+            let message = message.as_deref().unwrap_or("no error");
+            assert!(
+                message.contains("rank 2's") && message.contains("`lr.base`: 0.2 on rank 2, 0.1 on rank 0"),
+                "rank {rank}: {message}"
+            );
+        }
+        let same = crate::testing::run_ranks(2, |comm| {
+            let text = format!("seed = {}\n", comm.rank());
+            Ok(check_same_config(comm.as_ref(), &text, &["seed"]).is_ok())
+        })?;
+        assert_eq!(same, vec![true, true]);
+        Ok(())
     }
 
     #[test]

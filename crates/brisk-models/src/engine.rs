@@ -1,42 +1,41 @@
-//! `Engine`: a `Network`'s training step — forward with batch statistics, then backward
-//! from the logits' gradient — run directly on brisk's CPU kernels over f32 slices,
-//! block by block, without candle's autograd.
+//! `Executor`: a `Network`'s training step — forward with batch statistics, then backward
+//! from the logits' gradient — walked block by block over the `ModelSpec`'s plan, each
+//! operation run by a [`Backend`] on its own buffers, without candle's autograd.
+//! `Engine` is the executor on brisk's CPU kernels ([`CpuBackend`]).
 //!
 //! Why: candle builds a graph node per op, fills a fresh zero tensor for every gradient
 //! it accumulates, and copies between ops; at narrow widths those per-op costs, not the
 //! arithmetic, dominated the step. The engine walks the `ModelSpec`'s block plan itself,
 //! keeps what backward needs in plain buffers, and writes each gradient once. It computes
 //! what the candle graph computes (tested against it to rounding), in f32 with brisk's
-//! kernels and per-rank batch statistics; anything else (half precision, synchronised
-//! batch-norm, candle's reference ops, a GPU) keeps the candle path — see
-//! [`Engine::supports`].
+//! kernels, batch statistics shared across MPI ranks or the slices of a split batch when
+//! the network says so; anything else (half precision, candle's reference ops, a GPU)
+//! keeps the candle path — see [`Engine::supports`].
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use brisk_ops::{
-    add_assign, bn_grad_sums, bn_input_grad_in_place, bn_normalize, bn_stats, conv_forward, conv_input_grad,
-    conv_weight_grad, matmul_f32, par_build, relu_backward, BnParams, ConvShape, Mat, MaxPool,
-};
-use brisk_spec::{tensor_name, BlockPlan, ModelSpec, Role, Stem, BN_EPS, BN_MOMENTUM};
+use brisk_ops::{BatchNormSync, ConvShape};
+use brisk_spec::{tensor_name, BlockPlan, ConvPlan, ModelSpec, Role, BN_EPS, BN_MOMENTUM};
 use candle_core::{Tensor, Var};
 use rayon::prelude::*;
 
+use crate::backend::{Backend, BnArgs, CpuBackend};
 use crate::error::{Error, Result};
 use crate::network::Network;
 use crate::op_times::{Op, OpTimes};
 use crate::resnet::Kernels;
 
-/// An activation: values of `[n, c, h, w]`.
+/// An activation: values of `[n, c, h, w]` in a backend buffer `T`.
 #[derive(Clone, Debug, Default)]
-struct Act {
-    v: Vec<f32>,
+struct Act<T> {
+    v: T,
     c: usize,
     h: usize,
     w: usize,
 }
 
-impl Act {
+impl<T> Act<T> {
     fn hw(&self) -> usize {
         self.h * self.w
     }
@@ -53,17 +52,17 @@ struct Conv {
 }
 
 impl Conv {
-    fn new(layer: &str, cout: usize, k: usize, stride: usize, pad: usize) -> Self {
+    fn new(plan: &ConvPlan) -> Self {
         Conv {
-            weight: tensor_name(layer, Role::ConvWeight),
-            cout,
-            k,
-            stride,
-            pad,
+            weight: tensor_name(&plan.layer, Role::ConvWeight),
+            cout: plan.cout,
+            k: plan.kernel,
+            stride: plan.stride,
+            pad: plan.padding,
         }
     }
 
-    fn shape(&self, n: usize, x: &Act) -> Result<ConvShape> {
+    fn shape<T>(&self, n: usize, x: &Act<T>) -> Result<ConvShape> {
         Ok(ConvShape::new(
             &[n, x.c, x.h, x.w],
             &[self.cout, x.c, self.k, self.k],
@@ -75,48 +74,51 @@ impl Conv {
 
 /// What a batch-norm's backward needs: its input and the batch statistics used.
 #[derive(Clone, Debug, Default)]
-struct BnSaved {
-    x: Act,
-    stats: Vec<f32>,
+struct BnSaved<T> {
+    x: Act<T>,
+    stats: T,
 }
 
 /// A squeeze-and-excitation unit's forward values.
 #[derive(Clone, Debug, Default)]
-struct SeSaved {
+struct SeSaved<T> {
     /// bn2's output, which the unit scales.
-    y: Act,
+    y: Act<T>,
     /// Pooled `[n, c]`, hidden after ReLU `[n, hidden]`, gate after sigmoid `[n, c]`.
-    pooled: Vec<f32>,
-    hidden: Vec<f32>,
-    gate: Vec<f32>,
+    pooled: T,
+    hidden: T,
+    gate: T,
 }
 
 /// A block's forward values, kept for its backward.
 #[derive(Clone, Debug, Default)]
-struct BlockSaved {
+struct BlockSaved<T> {
     /// The previous block's output (or the stem's), shared with it.
-    input: Arc<Act>,
-    bn1: BnSaved,
+    input: Arc<Act<T>>,
+    bn1: BnSaved<T>,
     /// bn1's output after ReLU: conv2's input.
-    y1: Act,
-    bn2: BnSaved,
-    se: Option<SeSaved>,
-    shortcut_bn: Option<BnSaved>,
+    y1: Act<T>,
+    bn2: BnSaved<T>,
+    se: Option<SeSaved<T>>,
+    shortcut_bn: Option<BnSaved<T>>,
     /// The block's output (after the final ReLU).
-    out: Arc<Act>,
+    out: Arc<Act<T>>,
 }
+
+/// A layer's output and what its backward needs (batch-norm's by default).
+type Normalized<T, S = BnSaved<T>> = (Act<T>, S);
 
 /// Everything the forward pass kept.
 #[derive(Clone, Debug, Default)]
-struct Saved {
+struct Saved<T> {
     n: usize,
-    image: Act,
-    stem_bn: BnSaved,
+    image: Act<T>,
+    stem_bn: BnSaved<T>,
     /// The stem's batch-norm + ReLU output (the max-pool's input with the ImageNet stem).
-    stem_y: Arc<Act>,
-    blocks: Vec<BlockSaved>,
+    stem_y: Arc<Act<T>>,
+    blocks: Vec<BlockSaved<T>>,
     /// The pooled features `[n, C]`.
-    features: Vec<f32>,
+    features: T,
 }
 
 /// Batch statistics and running-statistic updates (training), or the running statistics
@@ -127,27 +129,44 @@ enum Mode {
     Eval,
 }
 
-/// A network's training step on brisk's CPU kernels without candle's autograd.
+/// A network's training step on a backend, without candle's autograd.
 #[derive(Debug)]
-pub struct Engine {
+pub struct Executor<B: Backend> {
+    backend: B,
     spec: ModelSpec,
     plan: Vec<BlockPlan>,
     vars: HashMap<String, Var>,
-    /// The variables' values, read at the start of each step.
-    values: HashMap<String, Vec<f32>>,
-    saved: Option<Saved>,
+    /// The variables' values on the backend, read at the start of each step.
+    values: HashMap<String, B::Buf>,
+    saved: Option<Saved<B::Buf>>,
+    /// Shares batch-norm's statistics with the other ranks or slices of the batch.
+    sync: Option<Arc<dyn BatchNormSync>>,
+    /// Whether this executor writes the running statistics (one slice of a split batch
+    /// does, for all of them).
+    updates_running: bool,
     /// Wall time per kind of operation, when asked for (`brisk bench step --profile`).
     times: OpTimes,
 }
+
+/// The executor on brisk's CPU kernels: brisk's engine.
+pub type Engine = Executor<CpuBackend>;
 
 /// The head of the network.
 const FC: &str = brisk_spec::tensors::CLASSIFIER;
 
 impl Engine {
+    /// An engine for `net` (check [`Executor::supports`] first); it updates `net`'s own
+    /// variables (running statistics) and reads its weights at every step.
+    pub fn new(net: &Network) -> Result<Self> {
+        Executor::with_backend(net, CpuBackend)
+    }
+}
+
+impl<B: Backend> Executor<B> {
     /// Whether the engine can run `net`'s step, and if not why: it computes in f32 with
-    /// brisk's CPU kernels and per-rank batch statistics.
+    /// brisk's CPU kernels.
     pub fn supports(net: &Network) -> std::result::Result<(), String> {
-        if !net.device().is_cpu() {
+        if !Kernels::run_on(net.device()) {
             return Err("the network is not on the CPU".into());
         }
         if net.kernels() != Kernels::Brisk {
@@ -156,29 +175,38 @@ impl Engine {
         if net.precision().half().is_some() {
             return Err("a layer computes in half precision".into());
         }
-        if net.has_batch_norm_sync() {
-            return Err("batch-norm is synchronised across ranks".into());
-        }
         Ok(())
     }
 
-    /// An engine for `net` (check [`Engine::supports`] first); it updates `net`'s own
-    /// variables (running statistics) and reads its weights at every step.
-    pub fn new(net: &Network) -> Result<Self> {
+    /// An executor for `net` on `backend` (check [`Executor::supports`] first); it
+    /// updates `net`'s own variables (running statistics) and reads its weights at every
+    /// step.
+    pub fn with_backend(net: &Network, backend: B) -> Result<Self> {
         if let Err(why) = Self::supports(net) {
             return Err(Error::Candle(candle_core::Error::Msg(format!(
                 "brisk's engine cannot run this network: {why}"
             ))));
         }
         let spec = net.spec().clone();
-        Ok(Engine {
+        Ok(Executor {
+            backend,
             plan: spec.blocks(),
             spec,
             vars: net.all_vars()?.into_iter().collect(),
             values: HashMap::new(),
             saved: None,
+            sync: net.batch_norm_sync().cloned(),
+            updates_running: true,
             times: OpTimes::default(),
         })
+    }
+
+    /// This executor as one slice of a split batch: batch-norm's statistics shared through
+    /// `sync`, the running statistics written by the `leader` only.
+    pub(crate) fn in_slice(mut self, sync: Arc<dyn BatchNormSync>, leader: bool) -> Self {
+        self.sync = Some(sync);
+        self.updates_running = leader;
+        self
     }
 
     /// Where the steps' time goes, by kind of operation: call `op_times().enable()` to
@@ -195,15 +223,12 @@ impl Engine {
         })
     }
 
-    fn value(&self, name: &str) -> Result<&[f32]> {
-        self.values
-            .get(name)
-            .map(Vec::as_slice)
-            .ok_or_else(|| Error::MissingTensor {
-                path: "brisk's engine".into(),
-                name: name.to_string(),
-                expected: Vec::new(),
-            })
+    fn value(&self, name: &str) -> Result<&B::Buf> {
+        self.values.get(name).ok_or_else(|| Error::MissingTensor {
+            path: "brisk's engine".into(),
+            name: name.to_string(),
+            expected: Vec::new(),
+        })
     }
 
     /// Reads every variable's current value (the optimiser changed them since last time).
@@ -212,7 +237,10 @@ impl Engine {
             // In parallel: one large copy per tensor (45 MB at width 1).
             self.vars
                 .par_iter()
-                .map(|(name, var)| Ok((name.clone(), var.as_tensor().flatten_all()?.to_vec1::<f32>()?)))
+                .map(|(name, var)| {
+                    let host = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
+                    Ok((name.clone(), self.backend.upload(host)?))
+                })
                 .collect::<Result<HashMap<_, _>>>()
         })?;
         self.values = values;
@@ -226,17 +254,18 @@ impl Engine {
         self.read_values()?;
         let (logits, saved) = self.forward(images, n, Mode::Train)?;
         self.saved = Some(saved);
-        Ok(logits)
+        self.backend.download_owned(logits)
     }
 
     /// The evaluation-mode forward pass (running statistics): the logits `[n, classes]`.
     pub fn forward_eval(&mut self, images: &[f32], n: usize) -> Result<Vec<f32>> {
         self.read_values()?;
         self.saved = None;
-        Ok(self.forward(images, n, Mode::Eval)?.0)
+        let logits = self.forward(images, n, Mode::Eval)?.0;
+        self.backend.download_owned(logits)
     }
 
-    fn forward(&self, images: &[f32], n: usize, mode: Mode) -> Result<(Vec<f32>, Saved)> {
+    fn forward(&self, images: &[f32], n: usize, mode: Mode) -> Result<(B::Buf, Saved<B::Buf>)> {
         let c = self.spec.in_channels;
         let hw = images.len() / (n * c).max(1);
         let side = (hw as f64).sqrt().round() as usize;
@@ -247,7 +276,7 @@ impl Engine {
             ))));
         }
         let image = Act {
-            v: images.to_vec(),
+            v: self.backend.upload(images.to_vec())?,
             c,
             h: side,
             w: side,
@@ -264,7 +293,7 @@ impl Engine {
             saved.blocks.push(block);
         }
         let (features, logits) = self.times.time(Op::PoolAndClassifier, || {
-            let features = global_average(&x, n);
+            let features = self.backend.global_average(&x.v, n * x.c, x.hw())?;
             self.linear_forward(&features, n).map(|logits| (features, logits))
         })?;
         saved.features = features;
@@ -273,39 +302,42 @@ impl Engine {
 
     /// The stem: convolution, batch-norm + ReLU, and the ImageNet stem's max-pool; returns
     /// the first block's input.
-    fn stem_forward(&self, image: &Act, saved: &mut Saved, mode: Mode) -> Result<Arc<Act>> {
+    fn stem_forward(
+        &self,
+        image: &Act<B::Buf>,
+        saved: &mut Saved<B::Buf>,
+        mode: Mode,
+    ) -> Result<Arc<Act<B::Buf>>> {
         let a = self.conv_forward(&self.stem_conv(), image, saved.n)?;
         let (y, bn) = self.bn_forward(brisk_spec::tensors::STEM_BN, a, saved.n, mode, (true, None))?;
         saved.stem_bn = bn;
         saved.stem_y = Arc::new(y);
-        if self.spec.stem == Stem::Cifar {
+        let Some(pool) = self.spec.stem_pool() else {
             return Ok(saved.stem_y.clone());
-        }
-        let (y, pool) = (&saved.stem_y, stem_pool());
+        };
+        let y = &saved.stem_y;
         let v = self.times.time(Op::PoolAndClassifier, || {
-            pool.forward(&y.v, saved.n * y.c, (y.h, y.w))
+            self.backend.max_pool(&pool, &y.v, saved.n * y.c, (y.h, y.w))
         })?;
         Ok(Arc::new(Act {
             v,
             c: y.c,
-            h: pool.out_size(y.h)?,
-            w: pool.out_size(y.w)?,
+            h: pool.out_size(y.h),
+            w: pool.out_size(y.w),
         }))
     }
 
     fn stem_conv(&self) -> Conv {
-        let c = self.spec.resolved_channels().stem;
-        match self.spec.stem {
-            Stem::Cifar => Conv::new(brisk_spec::tensors::STEM_CONV, c, 3, 1, 1),
-            Stem::Imagenet => Conv::new(brisk_spec::tensors::STEM_CONV, c, 7, 2, 3),
-        }
+        Conv::new(&self.spec.stem_conv())
     }
 
-    fn conv_forward(&self, conv: &Conv, x: &Act, n: usize) -> Result<Act> {
+    fn conv_forward(&self, conv: &Conv, x: &Act<B::Buf>, n: usize) -> Result<Act<B::Buf>> {
         let g = conv.shape(n, x)?;
         let w = self.value(&conv.weight)?;
         Ok(Act {
-            v: self.times.time(Op::ConvForward, || conv_forward(&g, &x.v, w)),
+            v: self
+                .times
+                .time(Op::ConvForward, || self.backend.conv_forward(&g, &x.v, w))?,
             c: g.cout,
             h: g.ho,
             w: g.wo,
@@ -319,11 +351,11 @@ impl Engine {
     fn bn_forward(
         &self,
         layer: &str,
-        a: Act,
+        a: Act<B::Buf>,
         n: usize,
         mode: Mode,
-        (relu, residual): (bool, Option<&Act>),
-    ) -> Result<(Act, BnSaved)> {
+        (relu, residual): (bool, Option<&Act<B::Buf>>),
+    ) -> Result<Normalized<B::Buf>> {
         let (c, hw) = (a.c, a.hw());
         let count = n * hw;
         if mode == Mode::Train && count < 2 {
@@ -334,16 +366,15 @@ impl Engine {
         }
         let running = match mode {
             Mode::Train => None,
-            Mode::Eval => {
-                let mut s = self.value(&tensor_name(layer, Role::RunningMean))?.to_vec();
-                s.extend_from_slice(self.value(&tensor_name(layer, Role::RunningVar))?);
-                Some(s)
-            }
+            Mode::Eval => Some(self.joined(layer, Role::RunningMean, Role::RunningVar)?),
         };
         let affine = self.affine(layer)?;
-        let (stats, y) = self.times.time(Op::BatchNormForward, || {
-            let stats = running.unwrap_or_else(|| bn_stats(&a.v, n, c, hw));
-            let p = BnParams {
+        let (stats, y, total) = self.times.time(Op::BatchNormForward, || {
+            let (stats, total) = match running {
+                Some(s) => (s, count),
+                None => self.batch_stats(&a.v, (n, c, hw))?,
+            };
+            let p = BnArgs {
                 n,
                 c,
                 hw,
@@ -351,11 +382,13 @@ impl Engine {
                 affine: &affine,
                 eps: BN_EPS,
             };
-            let y = bn_normalize(&a.v, &p, relu, residual.map(|r| r.v.as_slice()));
-            (stats, y)
-        });
-        if mode == Mode::Train {
-            self.update_running(layer, &stats, count)?;
+            let y = self
+                .backend
+                .bn_normalize(&a.v, &p, relu, residual.map(|r| &r.v))?;
+            Ok::<_, Error>((stats, y, total))
+        })?;
+        if mode == Mode::Train && self.updates_running {
+            self.update_running(layer, &stats, total)?;
         }
         let out = Act {
             v: y,
@@ -366,17 +399,33 @@ impl Engine {
         Ok((out, BnSaved { x: a, stats }))
     }
 
+    /// Batch statistics `[mean; var]` of `x` and the count of values they are over: this
+    /// batch's, or every rank's and slice's when they are shared.
+    fn batch_stats(&self, x: &B::Buf, (n, c, hw): (usize, usize, usize)) -> Result<(B::Buf, usize)> {
+        let local = self.backend.bn_stats(x, (n, c, hw))?;
+        let Some(sync) = &self.sync else {
+            return Ok((local, n * hw));
+        };
+        let stats = self.backend.download_owned(local)?;
+        let (shared, total) = brisk_ops::combine_batch_stats(sync.as_ref(), &stats, (n * hw) as f64)?;
+        Ok((self.backend.upload(shared)?, total as usize))
+    }
+
     /// `[γ; β]` of batch-norm `layer`.
-    fn affine(&self, layer: &str) -> Result<Vec<f32>> {
-        let mut affine = self
-            .value(&tensor_name(layer, Role::BnWeight { zero: false }))?
-            .to_vec();
-        affine.extend_from_slice(self.value(&tensor_name(layer, Role::BnBias))?);
-        Ok(affine)
+    fn affine(&self, layer: &str) -> Result<B::Buf> {
+        self.joined(layer, Role::BnWeight { zero: false }, Role::BnBias)
+    }
+
+    /// Two per-channel tensors of batch-norm `layer` end to end: `[first; second]`.
+    fn joined(&self, layer: &str, first: Role, second: Role) -> Result<B::Buf> {
+        let mut v = self.backend.download(self.value(&tensor_name(layer, first))?)?;
+        v.extend(self.backend.download(self.value(&tensor_name(layer, second))?)?);
+        self.backend.upload(v)
     }
 
     /// Running statistics: momentum 0.1 and the unbiased variance, as PyTorch.
-    fn update_running(&self, layer: &str, stats: &[f32], count: usize) -> Result<()> {
+    fn update_running(&self, layer: &str, stats: &B::Buf, count: usize) -> Result<()> {
+        let stats = self.backend.download(stats)?;
         let c = stats.len() / 2;
         let unbias = count as f64 / (count - 1) as f64;
         for (role, batch, scale) in [
@@ -384,7 +433,7 @@ impl Engine {
             (Role::RunningVar, &stats[c..], unbias),
         ] {
             let var = self.var(&tensor_name(layer, role))?;
-            let old = self.value(&tensor_name(layer, role))?;
+            let old = self.backend.download(self.value(&tensor_name(layer, role))?)?;
             let new: Vec<f32> = old
                 .iter()
                 .zip(batch)
@@ -398,18 +447,25 @@ impl Engine {
     }
 
     /// One BasicBlock's forward: conv → BN+ReLU → conv → BN (→ SE) (+ shortcut) → ReLU.
-    fn block_forward(&self, plan: &BlockPlan, input: Arc<Act>, n: usize, mode: Mode) -> Result<BlockSaved> {
-        let a1 = self.conv_forward(&Conv::new(&plan.conv1(), plan.mid, 3, plan.stride, 1), &input, n)?;
+    fn block_forward(
+        &self,
+        plan: &BlockPlan,
+        input: Arc<Act<B::Buf>>,
+        n: usize,
+        mode: Mode,
+    ) -> Result<BlockSaved<B::Buf>> {
+        let convs = plan.convs();
+        let a1 = self.conv_forward(&Conv::new(&convs.conv1), &input, n)?;
         let (y1, bn1) = self.bn_forward(&plan.bn1(), a1, n, mode, (true, None))?;
-        let a2 = self.conv_forward(&Conv::new(&plan.conv2(), plan.out, 3, 1, 1), &y1, n)?;
-        let projected = match plan.downsample_layers() {
-            Some((conv, bn)) => {
-                let a = self.conv_forward(&Conv::new(&conv, plan.out, 1, plan.stride, 0), &input, n)?;
+        let a2 = self.conv_forward(&Conv::new(&convs.conv2), &y1, n)?;
+        let projected = match (&convs.shortcut, plan.downsample_layers()) {
+            (Some(conv), Some((_, bn))) => {
+                let a = self.conv_forward(&Conv::new(conv), &input, n)?;
                 Some(self.bn_forward(&bn, a, n, mode, (false, None))?)
             }
-            None => None,
+            _ => None,
         };
-        let shortcut: &Act = projected.as_ref().map_or(&input, |p| &p.0);
+        let shortcut: &Act<B::Buf> = projected.as_ref().map_or(&input, |p| &p.0);
         let (out, bn2, se) = match plan.se {
             None => {
                 let (out, bn2) = self.bn_forward(&plan.bn2(), a2, n, mode, (true, Some(shortcut)))?;
@@ -419,11 +475,7 @@ impl Engine {
                 let (y2, bn2) = self.bn_forward(&plan.bn2(), a2, n, mode, (false, None))?;
                 let (scaled, se) = self.times.time(Op::SqueezeExcitation, || {
                     let (mut scaled, se) = self.se_forward(plan, y2, n, hidden)?;
-                    scaled
-                        .v
-                        .iter_mut()
-                        .zip(&shortcut.v)
-                        .for_each(|(a, b)| *a = (*a + b).max(0.0));
+                    self.backend.add_relu(&mut scaled.v, &shortcut.v)?;
                     Ok::<_, Error>((scaled, se))
                 })?;
                 (scaled, bn2, Some(se))
@@ -441,20 +493,22 @@ impl Engine {
     }
 
     /// Squeeze-and-excitation: pool, fc1 + ReLU, fc2 + sigmoid, scale `y` per channel.
-    fn se_forward(&self, plan: &BlockPlan, y: Act, n: usize, hidden: usize) -> Result<(Act, SeSaved)> {
+    fn se_forward(
+        &self,
+        plan: &BlockPlan,
+        y: Act<B::Buf>,
+        n: usize,
+        hidden: usize,
+    ) -> Result<Normalized<B::Buf, SeSaved<B::Buf>>> {
         let (fc1, fc2) = plan.se_layers();
         let c = y.c;
-        let pooled = global_average(&y, n);
-        let mut h = self.dense(&fc1, &pooled, (n, c, hidden))?;
-        h.iter_mut().for_each(|v| *v = v.max(0.0));
-        let mut gate = self.dense(&fc2, &h, (n, hidden, c))?;
-        gate.iter_mut().for_each(|v| *v = 1.0 / (1.0 + (-*v).exp()));
         let hw = y.hw();
-        let v = par_build(n * c * hw, hw, |i, plane| {
-            for (o, &x) in plane.iter_mut().zip(&y.v[i * hw..]) {
-                *o = x * gate[i];
-            }
-        });
+        let pooled = self.backend.global_average(&y.v, n * c, hw)?;
+        let mut h = self.dense(&fc1, &pooled, (n, c, hidden))?;
+        self.backend.relu(&mut h)?;
+        let mut gate = self.dense(&fc2, &h, (n, hidden, c))?;
+        self.backend.sigmoid(&mut gate)?;
+        let v = self.backend.scale_planes(&y.v, &gate, hw)?;
         let out = Act {
             v,
             c: y.c,
@@ -473,18 +527,10 @@ impl Engine {
     }
 
     /// `x` `[n, fin]` times the transposed weight of `layer` `[fout, fin]` plus its bias.
-    fn dense(&self, layer: &str, x: &[f32], (n, fin, fout): (usize, usize, usize)) -> Result<Vec<f32>> {
+    fn dense(&self, layer: &str, x: &B::Buf, dims: (usize, usize, usize)) -> Result<B::Buf> {
         let w = self.value(&self.weight_name(layer))?;
         let b = self.value(&self.bias_name(layer))?;
-        let mut out: Vec<f32> = (0..n).flat_map(|_| b.iter().copied()).collect();
-        matmul_f32(
-            (n, fout, fin),
-            &mut out,
-            Mat::rows(x, fin),
-            Mat::transposed(w, fin),
-            true,
-        );
-        Ok(out)
+        self.backend.dense(x, w, b, dims)
     }
 
     /// The weight of a dense layer: the classifier's, or a squeeze-and-excitation 1x1
@@ -508,7 +554,7 @@ impl Engine {
         tensor_name(layer, role)
     }
 
-    fn linear_forward(&self, features: &[f32], n: usize) -> Result<Vec<f32>> {
+    fn linear_forward(&self, features: &B::Buf, n: usize) -> Result<B::Buf> {
         let fin = self.spec.feature_channels();
         self.dense(FC, features, (n, fin, self.spec.classes))
     }
@@ -533,15 +579,16 @@ impl Engine {
         let mut grads = Vec::new();
         let fin = self.spec.feature_channels();
         let last = saved.blocks.last().map_or(&saved.stem_y, |b| &b.out);
+        let dlogits = self.backend.upload(dlogits.to_vec())?;
         let mut d = self.times.time(Op::PoolAndClassifier, || {
             let dfeatures = self.dense_backward(
                 FC,
-                dlogits,
+                &dlogits,
                 &saved.features,
                 (n, fin, self.spec.classes),
                 &mut grads,
             )?;
-            Ok::<_, Error>(spread_average(&dfeatures, last, n))
+            self.backend.spread_average(&dfeatures, n * last.c, last.hw())
         })?;
         for (plan, block) in self.plan.iter().zip(&saved.blocks).rev() {
             d = self.block_backward(plan, block, d, n, &mut grads)?;
@@ -555,34 +602,15 @@ impl Engine {
     fn dense_backward(
         &self,
         layer: &str,
-        dout: &[f32],
-        x: &[f32],
-        (n, fin, fout): (usize, usize, usize),
+        dout: &B::Buf,
+        x: &B::Buf,
+        dims: (usize, usize, usize),
         grads: &mut Vec<(String, Vec<f32>)>,
-    ) -> Result<Vec<f32>> {
-        let mut dw = vec![0f32; fout * fin];
-        matmul_f32(
-            (fout, fin, n),
-            &mut dw,
-            Mat::transposed(dout, fout),
-            Mat::rows(x, fin),
-            false,
-        );
-        let mut db = vec![0f32; fout];
-        for row in dout.chunks(fout) {
-            db.iter_mut().zip(row).for_each(|(d, v)| *d += v);
-        }
+    ) -> Result<B::Buf> {
         let w = self.value(&self.weight_name(layer))?;
-        let mut dx = vec![0f32; n * fin];
-        matmul_f32(
-            (n, fin, fout),
-            &mut dx,
-            Mat::rows(dout, fout),
-            Mat::rows(w, fin),
-            false,
-        );
-        grads.push((self.weight_name(layer), dw));
-        grads.push((self.bias_name(layer), db));
+        let (dx, dw, db) = self.backend.dense_backward(dout, x, w, dims)?;
+        grads.push((self.weight_name(layer), self.backend.download_owned(dw)?));
+        grads.push((self.bias_name(layer), self.backend.download_owned(db)?));
         Ok(dx)
     }
 
@@ -591,16 +619,16 @@ impl Engine {
     fn bn_backward(
         &self,
         layer: &str,
-        saved: &BnSaved,
-        mut dz: Vec<f32>,
+        saved: &BnSaved<B::Buf>,
+        mut dz: B::Buf,
         n: usize,
         grads: &mut Vec<(String, Vec<f32>)>,
-    ) -> Result<Vec<f32>> {
+    ) -> Result<B::Buf> {
         let x = &saved.x;
         let (c, hw) = (x.c, x.hw());
         let affine = self.affine(layer)?;
         let sums = self.times.time(Op::BatchNormBackward, || {
-            let p = BnParams {
+            let p = BnArgs {
                 n,
                 c,
                 hw,
@@ -608,15 +636,23 @@ impl Engine {
                 affine: &affine,
                 eps: BN_EPS,
             };
-            let sums = bn_grad_sums(&x.v, &dz, &p);
-            bn_input_grad_in_place(&x.v, &mut dz, &p, &sums, true);
-            sums
-        });
-        grads.push((
-            tensor_name(layer, Role::BnWeight { zero: false }),
-            sums[..c].to_vec(),
-        ));
-        grads.push((tensor_name(layer, Role::BnBias), sums[c..].to_vec()));
+            let sums = self.backend.bn_grad_sums(&x.v, &dz, &p)?;
+            let shared = match &self.sync {
+                None => None,
+                Some(sync) => {
+                    let local = self.backend.download(&sums)?;
+                    let shared = brisk_ops::combine_grad_sums(sync.as_ref(), &local, (n * hw) as f64)?;
+                    Some(self.backend.upload(shared)?)
+                }
+            };
+            self.backend
+                .bn_input_grad(&x.v, &mut dz, &p, shared.as_ref().unwrap_or(&sums))?;
+            Ok::<_, Error>(sums)
+        })?;
+        let mut dgamma = self.backend.download_owned(sums)?;
+        let dbeta = dgamma.split_off(c);
+        grads.push((tensor_name(layer, Role::BnWeight { zero: false }), dgamma));
+        grads.push((tensor_name(layer, Role::BnBias), dbeta));
         Ok(dz)
     }
 
@@ -625,33 +661,39 @@ impl Engine {
     fn conv_backward(
         &self,
         conv: &Conv,
-        x: &Act,
-        dy: &[f32],
+        x: &Act<B::Buf>,
+        dy: &B::Buf,
         n: usize,
         input_grad: bool,
         grads: &mut Vec<(String, Vec<f32>)>,
-    ) -> Result<Option<Vec<f32>>> {
+    ) -> Result<Option<B::Buf>> {
         let g = conv.shape(n, x)?;
         let w = self.value(&conv.weight)?;
         let dw = self
             .times
-            .time(Op::ConvWeightGrad, || conv_weight_grad(&g, &x.v, dy));
-        grads.push((conv.weight.clone(), dw));
-        Ok(input_grad.then(|| self.times.time(Op::ConvInputGrad, || conv_input_grad(&g, dy, w))))
+            .time(Op::ConvWeightGrad, || self.backend.conv_weight_grad(&g, &x.v, dy))?;
+        grads.push((conv.weight.clone(), self.backend.download_owned(dw)?));
+        if !input_grad {
+            return Ok(None);
+        }
+        let dx = self
+            .times
+            .time(Op::ConvInputGrad, || self.backend.conv_input_grad(&g, dy, w))?;
+        Ok(Some(dx))
     }
 
     fn block_backward(
         &self,
         plan: &BlockPlan,
-        s: &BlockSaved,
-        dout: Vec<f32>,
+        s: &BlockSaved<B::Buf>,
+        dout: B::Buf,
         n: usize,
         grads: &mut Vec<(String, Vec<f32>)>,
-    ) -> Result<Vec<f32>> {
+    ) -> Result<B::Buf> {
         // Through the final ReLU: the gradient of (branch + shortcut).
         let mut dz = dout;
         self.times
-            .time(Op::ReluBackward, || relu_backward(&s.out.v, &mut dz));
+            .time(Op::ReluBackward, || self.backend.relu_backward(&s.out.v, &mut dz))?;
         let through_se = match (&s.se, plan.se) {
             (Some(se), Some(hidden)) => Some(self.times.time(Op::SqueezeExcitation, || {
                 self.se_backward(plan, se, &dz, n, hidden, grads)
@@ -661,28 +703,32 @@ impl Engine {
         // The shortcut still needs dz: bn2 works on a copy unless SE made one.
         let dbn2 = through_se.unwrap_or_else(|| dz.clone());
         let da2 = self.bn_backward(&plan.bn2(), &s.bn2, dbn2, n, grads)?;
-        let conv2 = Conv::new(&plan.conv2(), plan.out, 3, 1, 1);
+        let convs = plan.convs();
+        let conv2 = Conv::new(&convs.conv2);
         let dy1 = self
             .conv_backward(&conv2, &s.y1, &da2, n, true, grads)?
             .unwrap_or_default();
         let mut dz1 = dy1;
         self.times
-            .time(Op::ReluBackward, || relu_backward(&s.y1.v, &mut dz1));
+            .time(Op::ReluBackward, || self.backend.relu_backward(&s.y1.v, &mut dz1))?;
         let da1 = self.bn_backward(&plan.bn1(), &s.bn1, dz1, n, grads)?;
-        let conv1 = Conv::new(&plan.conv1(), plan.mid, 3, plan.stride, 1);
+        let conv1 = Conv::new(&convs.conv1);
         let mut dx = self
             .conv_backward(&conv1, &s.input, &da1, n, true, grads)?
             .unwrap_or_default();
-        match (plan.downsample_layers(), &s.shortcut_bn) {
-            (Some((conv, bn)), Some(saved)) => {
+        match (&convs.shortcut, plan.downsample_layers(), &s.shortcut_bn) {
+            (Some(conv), Some((_, bn)), Some(saved)) => {
                 let da = self.bn_backward(&bn, saved, dz, n, grads)?;
-                let ds = Conv::new(&conv, plan.out, 1, plan.stride, 0);
+                let ds = Conv::new(conv);
                 let dsx = self
                     .conv_backward(&ds, &s.input, &da, n, true, grads)?
                     .unwrap_or_default();
-                self.times.time(Op::ReluBackward, || add_assign(&mut dx, &dsx));
+                self.times
+                    .time(Op::ReluBackward, || self.backend.add_assign(&mut dx, &dsx))?;
             }
-            _ => self.times.time(Op::ReluBackward, || add_assign(&mut dx, &dz)),
+            _ => self
+                .times
+                .time(Op::ReluBackward, || self.backend.add_assign(&mut dx, &dz))?,
         }
         Ok(dx)
     }
@@ -692,83 +738,44 @@ impl Engine {
     fn se_backward(
         &self,
         plan: &BlockPlan,
-        se: &SeSaved,
-        dz: &[f32],
+        se: &SeSaved<B::Buf>,
+        dz: &B::Buf,
         n: usize,
         hidden: usize,
         grads: &mut Vec<(String, Vec<f32>)>,
-    ) -> Result<Vec<f32>> {
+    ) -> Result<B::Buf> {
         let (fc1, fc2) = plan.se_layers();
         let (c, hw) = (se.y.c, se.y.hw());
-        // out = y · g: dy = dz · g, dg = Σ_hw dz · y.
-        let dgate: Vec<f32> = dz[..n * c * hw]
-            .par_chunks(hw)
-            .zip(se.y.v.par_chunks(hw))
-            .map(|(dplane, yplane)| dplane.iter().zip(yplane).map(|(d, y)| d * y).sum())
-            .collect();
-        // Through the sigmoid, fc2, the ReLU and fc1.
-        let dpre2: Vec<f32> = dgate
-            .iter()
-            .zip(&se.gate)
-            .map(|(d, g)| d * g * (1.0 - g))
-            .collect();
+        // out = y · g; through the sigmoid, fc2, the ReLU and fc1.
+        let dpre2 = self.backend.gate_grad(dz, &se.y.v, &se.gate, hw)?;
         let dh = self.dense_backward(&fc2, &dpre2, &se.hidden, (n, hidden, c), grads)?;
-        let dpre1: Vec<f32> = dh
-            .iter()
-            .zip(&se.hidden)
-            .map(|(d, h)| if *h > 0.0 { *d } else { 0.0 })
-            .collect();
+        let dpre1 = self.backend.relu_mask(&dh, &se.hidden)?;
         let dpooled = self.dense_backward(&fc1, &dpre1, &se.pooled, (n, c, hidden), grads)?;
         // Through the scale and the average pool, in one pass.
-        let inv = 1.0 / hw as f32;
-        Ok(par_build(n * c * hw, hw, |i, dplane| {
-            let (g, spread) = (se.gate[i], dpooled[i] * inv);
-            for (d, &z) in dplane.iter_mut().zip(&dz[i * hw..]) {
-                *d = z * g + spread;
-            }
-        }))
+        self.backend.scale_planes_backward(dz, &se.gate, &dpooled, hw)
     }
 
-    fn stem_backward(&self, saved: &Saved, d: Vec<f32>, grads: &mut Vec<(String, Vec<f32>)>) -> Result<()> {
+    fn stem_backward(
+        &self,
+        saved: &Saved<B::Buf>,
+        d: B::Buf,
+        grads: &mut Vec<(String, Vec<f32>)>,
+    ) -> Result<()> {
         let n = saved.n;
         let y = &saved.stem_y;
-        let dy = match self.spec.stem {
-            Stem::Imagenet => self.times.time(Op::PoolAndClassifier, || {
-                stem_pool().backward(&y.v, &d, n * y.c, (y.h, y.w))
+        let dy = match self.spec.stem_pool() {
+            Some(pool) => self.times.time(Op::PoolAndClassifier, || {
+                self.backend
+                    .max_pool_backward(&pool, &y.v, &d, n * y.c, (y.h, y.w))
             })?,
-            Stem::Cifar => d,
+            None => d,
         };
         let mut dz = dy;
-        self.times.time(Op::ReluBackward, || relu_backward(&y.v, &mut dz));
+        self.times
+            .time(Op::ReluBackward, || self.backend.relu_backward(&y.v, &mut dz))?;
         let da = self.bn_backward(brisk_spec::tensors::STEM_BN, &saved.stem_bn, dz, n, grads)?;
         // No gradient for the images.
         self.conv_backward(&self.stem_conv(), &saved.image, &da, n, false, grads)?;
         Ok(())
     }
-}
-
-/// The ImageNet stem's 3x3 stride-2 max-pool with padding 1.
-fn stem_pool() -> MaxPool {
-    MaxPool {
-        k: 3,
-        stride: 2,
-        padding: 1,
-    }
-}
-
-/// The mean of each `[h, w]` plane: `[n, c]`.
-fn global_average(x: &Act, n: usize) -> Vec<f32> {
-    let hw = x.hw();
-    let inv = 1.0 / hw as f32;
-    x.v[..n * x.c * hw]
-        .par_chunks(hw)
-        .map(|plane| plane.iter().sum::<f32>() * inv)
-        .collect()
-}
-
-/// The gradient of [`global_average`]: each plane's value spread over its `h·w` inputs.
-fn spread_average(d: &[f32], like: &Act, n: usize) -> Vec<f32> {
-    let hw = like.hw();
-    let inv = 1.0 / hw as f32;
-    par_build(n * like.c * hw, hw, |i, plane| plane.fill(d[i] * inv))
 }

@@ -10,19 +10,25 @@
 //! assert_eq!(net.forward_t(&x, false).unwrap().dims(), &[2, 10]);
 //! ```
 
+pub mod backend;
 pub mod engine;
 pub mod error;
 pub mod init;
 pub mod network;
 pub mod op_times;
 pub mod resnet;
+pub mod split;
 
+pub use backend::{Backend, BnArgs, CpuBackend};
+/// The geometry of a convolution as a backend receives it.
+pub use brisk_ops::ConvShape;
 pub use brisk_spec::{
-    model_file, read_sidecar, sidecar_path, write_sidecar, Arch, BlockChannels, BlockPlan, Channels,
-    ModelSpec, Role, Stem, TensorInfo, MODEL_FILE,
+    model_file, read_sidecar, sidecar_path, write_sidecar, Arch, BlockChannels, BlockConvs, BlockPlan,
+    Channels, ConvPlan, ModelSpec, PoolPlan, Role, Stem, TensorInfo, MODEL_FILE,
 };
-pub use engine::Engine;
+pub use engine::{Engine, Executor};
 pub use error::{Error, Result};
 pub use network::{verify_model_file, Network};
 pub use op_times::{Op, OpTime, OpTimes};
 pub use resnet::{Kernels, ResNet};
+pub use split::{slice_sizes, Slices, SplitEngine};

@@ -156,6 +156,11 @@ impl Network {
         self.sync.is_some()
     }
 
+    /// What synchronises batch-norm statistics across ranks, if anything.
+    pub fn batch_norm_sync(&self) -> Option<&Arc<dyn BatchNormSync>> {
+        self.sync.as_ref()
+    }
+
     /// The device the weights live on.
     pub fn device(&self) -> &Device {
         self.model.device()

@@ -8,7 +8,7 @@ use brisk_precision::{Dtype, LayerKind, PrecisionPolicy};
 use candle_core::{DType, Module, ModuleT, Tensor, Var, D};
 use candle_nn::VarBuilder;
 
-use brisk_spec::{BlockPlan, ModelSpec, Stem, BN_EPS, BN_MOMENTUM};
+use brisk_spec::{BlockPlan, ConvPlan, ModelSpec, PoolPlan, BN_EPS, BN_MOMENTUM};
 
 use crate::error::{Error, Result};
 
@@ -24,10 +24,17 @@ pub enum Kernels {
 }
 
 impl Kernels {
-    /// The kernels for `device`: brisk's on the CPU unless the reference is asked for,
-    /// candle's elsewhere (brisk's kernels are CPU kernels). The one place this is chosen.
+    /// Whether brisk's kernels (brisk-ops: convolution, batch-norm, max-pool, the fused
+    /// SGD update, the engine's step) can run on tensors of `device`: the one place the
+    /// device decides, which every such choice asks.
+    pub fn run_on(device: &candle_core::Device) -> bool {
+        device.is_cpu()
+    }
+
+    /// The kernels for `device`: brisk's where they run unless the reference is asked
+    /// for, candle's elsewhere.
     pub fn for_device(device: &candle_core::Device, reference: bool) -> Self {
-        if device.is_cpu() && !reference {
+        if Kernels::run_on(device) && !reference {
             Kernels::Brisk
         } else {
             Kernels::Candle
@@ -64,20 +71,14 @@ pub struct Conv2d {
 }
 
 impl Conv2d {
-    fn new(
-        b: &Builder,
-        kind: LayerKind,
-        cin: usize,
-        cout: usize,
-        k: usize,
-        stride: usize,
-        padding: usize,
-    ) -> Result<Self> {
-        let weight = b.vb.get((cout, cin, k, k), "weight")?;
+    /// The convolution `plan` describes; `b` is at its layer's prefix.
+    fn new(b: &Builder, kind: LayerKind, plan: &ConvPlan) -> Result<Self> {
+        let weight =
+            b.vb.get((plan.cout, plan.cin, plan.kernel, plan.kernel), "weight")?;
         Ok(Self {
             weight,
-            stride,
-            padding,
+            stride: plan.stride,
+            padding: plan.padding,
             kernels: b.kernels,
             compute: candle_dtype(b.policy.compute_dtype(&b.vb.prefix(), kind)),
         })
@@ -311,37 +312,23 @@ impl BasicBlock {
             None => None,
         };
         let act = vb.activations();
-        let downsample = if plan.downsample {
-            let d = vb.pp("downsample");
-            Some((
-                Conv2d::new(
-                    &d.pp("0"),
-                    LayerKind::Conv,
-                    plan.in_channels,
-                    plan.out,
-                    1,
-                    plan.stride,
-                    0,
-                )?,
-                BatchNorm2d::new(&d.pp("1"), plan.out, act)?,
-            ))
-        } else {
-            None
+        let convs = plan.convs();
+        let downsample = match &convs.shortcut {
+            Some(conv) => {
+                let d = vb.pp("downsample");
+                Some((
+                    Conv2d::new(&d.pp("0"), LayerKind::Conv, conv)?,
+                    BatchNorm2d::new(&d.pp("1"), plan.out, act)?,
+                ))
+            }
+            None => None,
         };
         // Squeeze-and-excitation computes in f32, so bn2 feeds it f32.
         let bn2_out = if se.is_some() { DType::F32 } else { act };
         Ok(Self {
-            conv1: Conv2d::new(
-                &vb.pp("conv1"),
-                LayerKind::Conv,
-                plan.in_channels,
-                plan.mid,
-                3,
-                plan.stride,
-                1,
-            )?,
+            conv1: Conv2d::new(&vb.pp("conv1"), LayerKind::Conv, &convs.conv1)?,
             bn1: BatchNorm2d::new(&vb.pp("bn1"), plan.mid, act)?,
-            conv2: Conv2d::new(&vb.pp("conv2"), LayerKind::Conv, plan.mid, plan.out, 3, 1, 1)?,
+            conv2: Conv2d::new(&vb.pp("conv2"), LayerKind::Conv, &convs.conv2)?,
             bn2: BatchNorm2d::new(&vb.pp("bn2"), plan.out, bn2_out)?,
             se,
             downsample,
@@ -376,7 +363,7 @@ pub struct ResNet {
     act: DType,
     conv1: Conv2d,
     bn1: BatchNorm2d,
-    max_pool: bool,
+    max_pool: Option<PoolPlan>,
     blocks: Vec<BasicBlock>,
     fc_weight: Tensor,
     fc_bias: Tensor,
@@ -409,32 +396,8 @@ impl ResNet {
         };
         let act = vb.activations();
         let stem = spec.resolved_channels().stem;
-        let (conv1, max_pool) = match spec.stem {
-            Stem::Cifar => (
-                Conv2d::new(
-                    &vb.pp("conv1"),
-                    LayerKind::FirstConv,
-                    spec.in_channels,
-                    stem,
-                    3,
-                    1,
-                    1,
-                )?,
-                false,
-            ),
-            Stem::Imagenet => (
-                Conv2d::new(
-                    &vb.pp("conv1"),
-                    LayerKind::FirstConv,
-                    spec.in_channels,
-                    stem,
-                    7,
-                    2,
-                    3,
-                )?,
-                true,
-            ),
-        };
+        let conv1 = Conv2d::new(&vb.pp("conv1"), LayerKind::FirstConv, &spec.stem_conv())?;
+        let max_pool = spec.stem_pool();
         let blocks = spec
             .blocks()
             .iter()
@@ -447,7 +410,11 @@ impl ResNet {
             act,
             conv1,
             // The max-pool runs in f32; the stem's output is converted after it.
-            bn1: BatchNorm2d::new(&vb.pp("bn1"), stem, if max_pool { DType::F32 } else { act })?,
+            bn1: BatchNorm2d::new(
+                &vb.pp("bn1"),
+                stem,
+                if max_pool.is_some() { DType::F32 } else { act },
+            )?,
             max_pool,
             blocks,
             fc_weight: fc.get((spec.classes, feat), "weight")?,
@@ -468,17 +435,17 @@ impl ResNet {
             );
         }
         let mut x = self.bn1.forward_t(&self.conv1.forward(x)?, train, true, None)?;
-        if self.max_pool {
-            // 3x3 stride-2 max-pool with padding 1. On the CPU brisk's op, which has a
-            // backward (candle has none for a window larger than its stride). Elsewhere
-            // candle's forward on a zero-padded input: the input is post-ReLU (>= 0), so
-            // zero padding gives the same maxima as PyTorch's -inf padding.
-            x = if x.device().is_cpu() {
-                brisk_ops::max_pool2d(&x, 3, 2, 1)?
+        if let Some(p) = self.max_pool {
+            // On the CPU brisk's op, which has a backward (candle has none for a window
+            // larger than its stride). Elsewhere candle's forward on a zero-padded input:
+            // the input is post-ReLU (>= 0), so zero padding gives the same maxima as
+            // PyTorch's -inf padding.
+            x = if Kernels::run_on(x.device()) {
+                brisk_ops::max_pool2d(&x, p.kernel, p.stride, p.padding)?
             } else {
-                x.pad_with_zeros(D::Minus2, 1, 1)?
-                    .pad_with_zeros(D::Minus1, 1, 1)?
-                    .max_pool2d_with_stride(3, 2)?
+                x.pad_with_zeros(D::Minus2, p.padding, p.padding)?
+                    .pad_with_zeros(D::Minus1, p.padding, p.padding)?
+                    .max_pool2d_with_stride(p.kernel, p.stride)?
             };
             x = x.to_dtype(self.act)?;
         }

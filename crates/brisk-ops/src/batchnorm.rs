@@ -16,7 +16,7 @@ mod kernels;
 mod sync;
 
 pub use kernels::{bn_grad_sums, bn_input_grad, bn_input_grad_in_place, bn_normalize, bn_stats, BnParams};
-pub use sync::BatchNormSync;
+pub use sync::{combine_batch_stats, combine_grad_sums, BatchNormSync};
 
 /// Output of [`batch_norm`].
 #[derive(Debug)]

@@ -21,8 +21,8 @@ mod shape;
 mod storage;
 
 pub use batchnorm::{
-    batch_norm, bn_grad_sums, bn_input_grad, bn_input_grad_in_place, bn_normalize, bn_stats, BatchNormOutput,
-    BatchNormSync, BnParams, Epilogue,
+    batch_norm, bn_grad_sums, bn_input_grad, bn_input_grad_in_place, bn_normalize, bn_stats,
+    combine_batch_stats, combine_grad_sums, BatchNormOutput, BatchNormSync, BnParams, Epilogue,
 };
 pub use conv::{conv2d, conv_forward, conv_input_grad, conv_weight_grad, ConvShape};
 pub use elementwise::{add_assign, relu_backward};

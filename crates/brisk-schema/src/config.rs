@@ -37,6 +37,11 @@ pub struct TrainConfig {
     /// f32, brisk's CPU kernels, per-rank batch statistics; false keeps candle's graph.
     /// Both compute the same step to rounding. By default, true.
     pub engine: bool,
+    /// Splits each batch on the engine into this many slices run side by side, one share
+    /// of the compute threads each, batch-norm statistics shared across them (in-process
+    /// data parallelism: the same step to rounding); 0 splits into one slice per thread
+    /// when the model is small for its images, where that pays. By default, 0.
+    pub slices: usize,
     pub model: ModelChoice,
     /// An exponential moving average of the weights, evaluated and saved in their place.
     /// By default, off.
@@ -71,6 +76,7 @@ impl Default for TrainConfig {
             label_smoothing: 0.0,
             log_every: 50,
             engine: true,
+            slices: 0,
             model: ModelChoice::default(),
             ema: EmaSettings::default(),
             precision: PrecisionPolicy::default(),

@@ -203,6 +203,73 @@ pub struct BlockPlan {
     pub downsample: bool,
 }
 
+/// A convolution of the network: its layer and its geometry. This is the one place a
+/// ResNet's kernel sizes, strides and paddings are written; the tensor table, the MAC
+/// count, candle's modules and the engine read them from here.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConvPlan {
+    /// Layer name as torchvision spells it (`layer2.0.conv1`); the weight is
+    /// `{layer}.weight`, `[cout, cin, kernel, kernel]`.
+    pub layer: String,
+    pub cin: usize,
+    pub cout: usize,
+    pub kernel: usize,
+    pub stride: usize,
+    pub padding: usize,
+}
+
+impl ConvPlan {
+    /// The output's side for an input of side `size`.
+    pub fn out_size(&self, size: usize) -> usize {
+        crate::tensors::conv_out(size, self.kernel, self.stride, self.padding)
+    }
+}
+
+/// A block's convolutions: two 3x3 (the first carries the block's stride) and the 1x1
+/// projection shortcut when the shape changes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockConvs {
+    pub conv1: ConvPlan,
+    pub conv2: ConvPlan,
+    pub shortcut: Option<ConvPlan>,
+}
+
+/// A max-pool's window, stride and padding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PoolPlan {
+    pub kernel: usize,
+    pub stride: usize,
+    pub padding: usize,
+}
+
+impl PoolPlan {
+    /// The output's side for an input of side `size`.
+    pub fn out_size(&self, size: usize) -> usize {
+        crate::tensors::conv_out(size, self.kernel, self.stride, self.padding)
+    }
+}
+
+impl BlockPlan {
+    /// The block's convolutions and their geometry.
+    pub fn convs(&self) -> BlockConvs {
+        let conv = |layer: String, cin, cout, kernel, stride, padding| ConvPlan {
+            layer,
+            cin,
+            cout,
+            kernel,
+            stride,
+            padding,
+        };
+        BlockConvs {
+            conv1: conv(self.conv1(), self.in_channels, self.mid, 3, self.stride, 1),
+            conv2: conv(self.conv2(), self.mid, self.out, 3, 1, 1),
+            shortcut: self
+                .downsample_layers()
+                .map(|(layer, _)| conv(layer, self.in_channels, self.out, 1, self.stride, 0)),
+        }
+    }
+}
+
 /// The block's layer names, as torchvision's `state_dict` spells them.
 impl BlockPlan {
     pub fn conv1(&self) -> String {
@@ -445,6 +512,32 @@ impl ModelSpec {
 
     fn se_hidden(&self, channels: usize) -> usize {
         (channels / self.se_ratio).max(1)
+    }
+
+    /// The stem's convolution: 3x3 stride 1 (CIFAR) or 7x7 stride 2 (ImageNet).
+    pub fn stem_conv(&self) -> ConvPlan {
+        let (kernel, stride, padding) = match self.stem {
+            Stem::Cifar => (3, 1, 1),
+            Stem::Imagenet => (7, 2, 3),
+        };
+        ConvPlan {
+            layer: crate::tensors::STEM_CONV.into(),
+            cin: self.in_channels,
+            cout: self.resolved_channels().stem,
+            kernel,
+            stride,
+            padding,
+        }
+    }
+
+    /// The ImageNet stem's max-pool after its batch-norm + ReLU (3x3, stride 2, padding
+    /// 1); the CIFAR stem has none.
+    pub fn stem_pool(&self) -> Option<PoolPlan> {
+        (self.stem == Stem::Imagenet).then_some(PoolPlan {
+            kernel: 3,
+            stride: 2,
+            padding: 1,
+        })
     }
 
     /// The blocks as built, with names, strides and shortcut kinds. Call after `validate`.

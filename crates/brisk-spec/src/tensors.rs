@@ -3,7 +3,7 @@
 //! multiply-accumulates and checkpoint bytes. What a tensor is for is asked here, never
 //! guessed from its name elsewhere.
 
-use crate::spec::{ModelSpec, Stem};
+use crate::spec::{ConvPlan, ModelSpec};
 
 /// The stem's convolution and batch-norm, and the classifier, as torchvision names them.
 pub const STEM_CONV: &str = "conv1";
@@ -115,6 +115,10 @@ impl Table {
         self.push(layer, vec![cout, cin, k, k], Role::ConvWeight);
     }
 
+    fn conv_plan(&mut self, c: &ConvPlan) {
+        self.conv(&c.layer, c.cout, c.cin, c.kernel);
+    }
+
     fn bn(&mut self, layer: &str, c: usize, zero: bool) {
         for role in BATCH_NORM_ROLES {
             let role = match role {
@@ -137,16 +141,13 @@ impl ModelSpec {
     pub fn tensors(&self) -> Vec<TensorInfo> {
         let ch = self.resolved_channels();
         let mut t = Table(Vec::new());
-        let k = match self.stem {
-            Stem::Cifar => 3,
-            Stem::Imagenet => 7,
-        };
-        t.conv(STEM_CONV, ch.stem, self.in_channels, k);
+        t.conv_plan(&self.stem_conv());
         t.bn(STEM_BN, ch.stem, false);
         for b in self.blocks() {
-            t.conv(&b.conv1(), b.mid, b.in_channels, 3);
+            let convs = b.convs();
+            t.conv_plan(&convs.conv1);
             t.bn(&b.bn1(), b.mid, false);
-            t.conv(&b.conv2(), b.out, b.mid, 3);
+            t.conv_plan(&convs.conv2);
             t.bn(&b.bn2(), b.out, self.zero_init_residual);
             if let Some(h) = b.se {
                 let (fc1, fc2) = b.se_layers();
@@ -155,8 +156,8 @@ impl ModelSpec {
                 t.conv(&fc2, b.out, h, 1);
                 t.push(&fc2, vec![b.out], Role::ConvBias { fan_in: h });
             }
-            if let Some((conv, bn)) = b.downsample_layers() {
-                t.conv(&conv, b.out, b.in_channels, 1);
+            if let (Some(conv), Some((_, bn))) = (&convs.shortcut, b.downsample_layers()) {
+                t.conv_plan(conv);
                 t.bn(&bn, b.out, false);
             }
         }
@@ -203,23 +204,21 @@ impl ModelSpec {
     /// convolution (SE's included) and the linear head; batch-norm, ReLU and pooling,
     /// which are not multiply-accumulates, are left out as in the usual ResNet figures.
     pub fn macs(&self, size: usize) -> u64 {
-        let ch = self.resolved_channels();
-        let conv = |cout: usize, cin: usize, k: usize, hw: usize| (cout * cin * k * k * hw * hw) as u64;
-        let (mut hw, mut macs) = match self.stem {
-            Stem::Cifar => (size, conv(ch.stem, self.in_channels, 3, size)),
-            Stem::Imagenet => {
-                let h = conv_out(size, 7, 2, 3);
-                (conv_out(h, 3, 2, 1), conv(ch.stem, self.in_channels, 7, h))
-            }
-        };
+        // A convolution's MACs at output side `hw`.
+        let conv = |c: &ConvPlan, hw: usize| (c.cout * c.cin * c.kernel * c.kernel * hw * hw) as u64;
+        let stem = self.stem_conv();
+        let h = stem.out_size(size);
+        let mut macs = conv(&stem, h);
+        let mut hw = self.stem_pool().map_or(h, |p| p.out_size(h));
         for b in self.blocks() {
-            let out = conv_out(hw, 3, b.stride, 1);
-            macs += conv(b.mid, b.in_channels, 3, out) + conv(b.out, b.mid, 3, out);
+            let convs = b.convs();
+            let out = convs.conv1.out_size(hw);
+            macs += conv(&convs.conv1, out) + conv(&convs.conv2, out);
             if let Some(h) = b.se {
                 macs += 2 * (h * b.out) as u64;
             }
-            if b.downsample {
-                macs += conv(b.out, b.in_channels, 1, out);
+            if let Some(shortcut) = &convs.shortcut {
+                macs += conv(shortcut, out);
             }
             hw = out;
         }

@@ -29,6 +29,8 @@ pub struct StepBench {
     /// Run training steps on brisk's engine when the network allows it (as training
     /// does), else on candle's autograd graph.
     pub engine: bool,
+    /// The engine's split of each batch (see `brisk_models::Slices`).
+    pub slices: brisk_models::Slices,
     /// Time eval-mode forward passes instead of training steps.
     pub eval: bool,
     /// Which layers compute in half precision. By default, none (f32).
@@ -70,6 +72,8 @@ pub struct StepReport {
     pub kernels: String,
     /// What ran the training step: "engine" or "graph" (see `Stepper`).
     pub step_path: String,
+    /// The slices the engine split each batch into (1 on the graph).
+    pub slices: usize,
     /// The process's peak resident memory in MiB (Linux; absent elsewhere).
     pub peak_rss_mib: Option<f64>,
     /// With [`StepBench::profile`] on the engine: where the mean step's time went, the
@@ -125,7 +129,7 @@ impl StepBench {
             },
         )?;
         let params = net.trainable_vars()?;
-        let mut stepper = Stepper::new(&net, self.engine)?;
+        let mut stepper = Stepper::new(&net, self.engine, self.slices)?;
         let (mut total, mut fwd, mut bwd, mut opt) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for i in 0..self.warmup + self.steps {
             if i == self.warmup {
@@ -174,6 +178,7 @@ impl StepBench {
             steps: self.steps,
             kernels: kernels.name().to_string(),
             step_path: stepper.path().to_string(),
+            slices: stepper.slices(),
             peak_rss_mib: peak_rss_mib(),
             ops,
         })
@@ -239,6 +244,7 @@ mod tests {
                 warmup: 1,
                 reference_ops: false,
                 engine: true,
+                slices: brisk_models::Slices::Auto,
                 eval,
                 precision,
                 device: Device::Cpu,
@@ -295,6 +301,7 @@ mod tests {
             warmup: 0,
             reference_ops: false,
             engine: true,
+            slices: brisk_models::Slices::Auto,
             eval: false,
             precision: Precision::F32,
             device: Device::Cpu,

@@ -4,12 +4,13 @@
 use std::sync::Arc;
 
 use brisk_data::{Batch, Dataset, Loader, LoaderConfig, Split};
-use brisk_models::{Engine, Network};
+use brisk_models::Network;
 use candle_core::{Device, Tensor};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::loss::cross_entropy;
+use crate::stepper::Stepper;
 
 /// What an evaluation measured. Accuracies are fractions in [0, 1].
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -23,6 +24,8 @@ pub struct EvalReport {
     pub per_class: Vec<ClassAccuracy>,
     /// `confusion[true][predicted]` counts.
     pub confusion: Vec<Vec<u64>>,
+    /// What ran the forward passes: "engine" (brisk's) or "graph" (candle's).
+    pub path: &'static str,
 }
 
 /// Accuracy on the images of one class.
@@ -43,35 +46,28 @@ fn mirrored(images: &[f32], width: usize) -> Vec<f32> {
 }
 
 /// The evaluation-mode logits `[N, classes]` of `images` (a batch of `b`'s shape).
-fn logits_of(
-    net: &Network,
-    engine: Option<&mut Engine>,
-    b: &Batch,
-    images: &[f32],
-    classes: usize,
-) -> Result<Tensor> {
-    let dev = Device::Cpu;
+fn logits_of(net: &Network, stepper: &mut Stepper, b: &Batch, images: &[f32]) -> Result<Tensor> {
     let (c, h, w) = b.shape;
-    Ok(match engine {
-        Some(engine) => Tensor::from_vec(engine.forward_eval(images, b.len())?, (b.len(), classes), &dev)?,
-        None => net.forward_t(&Tensor::from_slice(images, (b.len(), c, h, w), &dev)?, false)?,
-    })
+    stepper.forward_eval(
+        net,
+        &Tensor::from_slice(images, (b.len(), c, h, w), &Device::Cpu)?,
+    )
 }
 
 /// Adds one batch's loss, counts, top-1/top-5 hits and confusion to `sums`; with `flip`,
 /// of the mean of the logits of the images and of their mirror images.
 fn add_batch(
     net: &Network,
-    mut engine: Option<&mut Engine>,
+    stepper: &mut Stepper,
     b: &Batch,
     (classes, flip): (usize, bool),
     sums: &mut [f64],
 ) -> Result<()> {
     let dev = Device::Cpu;
     let y = Tensor::from_slice(&b.labels, b.len(), &dev)?;
-    let mut logits = logits_of(net, engine.as_deref_mut(), b, &b.images, classes)?;
+    let mut logits = logits_of(net, stepper, b, &b.images)?;
     if flip {
-        let other = logits_of(net, engine, b, &mirrored(&b.images, b.shape.2), classes)?;
+        let other = logits_of(net, stepper, b, &mirrored(&b.images, b.shape.2))?;
         logits = ((logits + other)? * 0.5)?;
     }
     let loss = cross_entropy(&logits, &y, 0.0)?.to_scalar::<f32>()? as f64;
@@ -112,16 +108,23 @@ pub struct EvalScope {
     pub batch: usize,
     pub limit: Option<usize>,
     pub flip: bool,
+    /// Run the forward passes on brisk's engine when the network allows it (the training
+    /// config's `engine`); false: on candle's graph.
+    pub engine: bool,
+    /// The engine's split of each batch (the training config's `slices`; 0: chosen).
+    pub slices: usize,
 }
 
 impl EvalScope {
-    /// The whole `split`, `batch` images at a time.
+    /// The whole `split`, `batch` images at a time, on the engine where it can run.
     pub fn all(split: Split, batch: usize) -> Self {
         EvalScope {
             split,
             batch,
             limit: None,
             flip: false,
+            engine: true,
+            slices: 0,
         }
     }
 }
@@ -141,6 +144,8 @@ pub fn evaluate(
         batch,
         limit,
         flip,
+        engine,
+        slices,
     } = scope;
     let m = data.manifest();
     let classes = m.classes.len();
@@ -166,11 +171,9 @@ pub fn evaluate(
     let loader = Loader::new(data.clone(), config)?;
     // Sums: loss, n, top-1, top-5, then the confusion matrix row by row.
     let mut sums = vec![0f64; 4 + classes * classes];
-    // brisk's engine when the network allows it (the same logits, without the graph).
-    let mut engine = match Engine::supports(net) {
-        Ok(()) => Some(Engine::new(net)?),
-        Err(_) => None,
-    };
+    // brisk's engine when asked and the network allows it (the same logits, without the
+    // graph): chosen where training chooses it.
+    let mut stepper = Stepper::new(net, engine, brisk_models::Slices::from_config(slices))?;
     // This rank's share of a limited scope (ranks read interleaved images).
     let mut left = limit.map_or(usize::MAX, |l| l.div_ceil(world.max(1)));
     for b in loader.epoch(0, batch, 0)? {
@@ -179,14 +182,17 @@ pub fn evaluate(
         }
         let b = first_images(b?, left);
         left -= b.len();
-        add_batch(net, engine.as_mut(), &b, (classes, flip), &mut sums)?;
+        add_batch(net, &mut stepper, &b, (classes, flip), &mut sums)?;
     }
     reduce(&mut sums)?;
-    Ok(report_of(&sums, &m.classes))
+    Ok(EvalReport {
+        path: stepper.path(),
+        ..report_of(&sums, &m.classes)
+    })
 }
 
 /// The report from the summed figures: loss, n, top-1, top-5, then the confusion
-/// matrix row by row.
+/// matrix row by row (`path` left for the caller).
 fn report_of(sums: &[f64], class_names: &[String]) -> EvalReport {
     let classes = class_names.len();
     let n = sums[1];
@@ -218,6 +224,7 @@ fn report_of(sums: &[f64], class_names: &[String]) -> EvalReport {
         n: n as u64,
         per_class,
         confusion,
+        path: "",
     }
 }
 

@@ -103,7 +103,7 @@ impl Sgd {
         for p in &mut self.params {
             let var = &p.param.var;
             let Some(g) = grads.get(var) else { continue };
-            if !var.device().is_cpu() {
+            if !brisk_models::Kernels::run_on(var.device()) {
                 // brisk's fused update is a CPU kernel; elsewhere the same rule in tensor ops.
                 p.velocity = Some(tensor_sgd_step(var, g, p.velocity.as_ref(), &c, p.param.decay)?);
                 continue;

@@ -1,9 +1,10 @@
 //! `Stepper`: a training batch's forward and backward, on brisk's engine when the
-//! network allows it (f32, brisk's kernels, per-rank batch statistics; see
-//! `brisk_models::Engine`), else on candle's autograd graph. Both hand back candle's
-//! `GradStore`, so losses, hooks and optimisers are the same either way.
+//! network allows it (f32 on brisk's kernels; see `brisk_models::Engine`), the batch split
+//! across the compute threads where that pays (`brisk_models::SplitEngine`), else on
+//! candle's autograd graph. Both hand back candle's `GradStore`, so losses, hooks and
+//! optimisers are the same either way.
 
-use brisk_models::{Engine, Network, OpTimes};
+use brisk_models::{Engine, Network, OpTimes, Slices, SplitEngine};
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 
@@ -12,16 +13,17 @@ use crate::error::{Error, Result};
 /// Runs training batches through the engine or the graph.
 #[derive(Debug)]
 pub struct Stepper {
-    engine: Option<Engine>,
+    engine: Option<SplitEngine>,
     /// The engine's logits of the batch in flight, as a leaf the loss is built on.
     logits: Option<Var>,
 }
 
 impl Stepper {
-    /// A stepper for `net`: the engine when `allow_engine` and the network supports it.
-    pub fn new(net: &Network, allow_engine: bool) -> Result<Self> {
+    /// A stepper for `net`: the engine when `allow_engine` and the network supports it,
+    /// each batch split into `slices` (see [`Slices`]).
+    pub fn new(net: &Network, allow_engine: bool, slices: Slices) -> Result<Self> {
         let engine = match allow_engine && Engine::supports(net).is_ok() {
-            true => Some(Engine::new(net)?),
+            true => Some(SplitEngine::new(net, slices)?),
             false => None,
         };
         Ok(Stepper { engine, logits: None })
@@ -36,9 +38,14 @@ impl Stepper {
         }
     }
 
+    /// The slices the last batch was split into (1 on the graph).
+    pub fn slices(&self) -> usize {
+        self.engine.as_ref().map_or(1, SplitEngine::slices_used)
+    }
+
     /// The engine's per-op wall times (`None` on the graph path, which has none).
     pub fn op_times(&self) -> Option<&OpTimes> {
-        self.engine.as_ref().map(Engine::op_times)
+        self.engine.as_ref().map(SplitEngine::op_times)
     }
 
     /// The training-mode logits of images `x` `[N, C, H, W]` (batch-norm running

@@ -413,6 +413,8 @@ impl Trainer {
             batch: self.config.eval.batch,
             limit,
             flip: self.config.eval.flip,
+            engine: self.config.engine,
+            slices: self.config.slices,
         };
         let (net, data, ranks) = (&self.net, &self.data, (self.rank.rank, self.rank.world));
         let hooks = &mut self.hooks;
@@ -534,7 +536,11 @@ impl Trainer {
                 h.load_state(state)?;
             }
         }
-        self.stepper = Some(Stepper::new(&self.net, self.config.engine)?);
+        self.stepper = Some(Stepper::new(
+            &self.net,
+            self.config.engine,
+            brisk_models::Slices::from_config(self.config.slices),
+        )?);
         Ok(())
     }
 

@@ -162,3 +162,33 @@ fn a_zero_initialised_residual_scale_starts_every_block_as_the_identity() -> Res
     );
     Ok(())
 }
+
+/// `engine` in the scope decides what runs the evaluation, as `TrainConfig::engine` does
+/// for training; both give the same figures (to rounding).
+#[test]
+fn evaluation_runs_where_the_config_says() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    pack_synthetic(&data, 8, 24, 16)?;
+    let ds = Arc::new(Dataset::open(&data)?);
+    let mut spec = brisk_models::ModelSpec::resnet18_cifar(10).with_width(0.125);
+    spec.image_size = 16;
+    let net = Network::new(spec, 3, &Device::Cpu)?;
+    let eval = |engine| {
+        let scope = EvalScope {
+            engine,
+            ..EvalScope::all(Split::Test, 256)
+        };
+        evaluate(&net, &ds, scope, (0, 1), &mut |_| Ok(()))
+    };
+    let (engine, graph) = (eval(true)?, eval(false)?);
+    assert_eq!((engine.path, graph.path), ("engine", "graph"));
+    assert_eq!(engine.n, graph.n);
+    assert!(
+        (engine.loss - graph.loss).abs() < 1e-4,
+        "engine loss {} vs graph {}",
+        engine.loss,
+        graph.loss
+    );
+    Ok(())
+}

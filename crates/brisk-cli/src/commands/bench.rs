@@ -164,6 +164,9 @@ struct StepArgs {
     /// Image height and width. By default, 32 for the cifar stem and 224 for imagenet.
     #[arg(long)]
     image: Option<usize>,
+    /// Image channels (1 for grey-scale images).
+    #[arg(long, default_value_t = 3)]
+    channels: usize,
     /// Images per step.
     #[arg(long, default_value_t = 32)]
     batch: usize,
@@ -191,6 +194,10 @@ struct StepArgs {
     /// Use candle's own convolution ops instead of brisk's kernels, for comparison.
     #[arg(long)]
     reference_ops: bool,
+    /// Split each batch on the engine into this many slices run side by side (in-process
+    /// data parallelism, as the config's `slices`); 0 chooses from the model's size.
+    #[arg(long, default_value_t = 0)]
+    slices: usize,
     /// Run training steps on candle's autograd graph instead of brisk's engine, for
     /// comparison (the engine runs f32 steps on brisk's kernels; see docs/kernels.md).
     #[arg(long)]
@@ -240,6 +247,7 @@ fn step_spec(a: &StepArgs) -> Result<ModelSpec> {
         }
         None => ModelSpec {
             width: a.width,
+            in_channels: a.channels,
             image_size: a.image.unwrap_or(a.stem.default_image_size()),
             ..ModelSpec::new(a.arch, a.stem, a.classes)
         },
@@ -259,6 +267,7 @@ fn step(a: &StepArgs) -> Result<()> {
         warmup: a.warmup,
         reference_ops: a.reference_ops,
         engine: !a.graph,
+        slices: brisk_models::Slices::from_config(a.slices),
         eval: a.eval,
         precision: a.dtype,
         device: device(&a.device)?,
@@ -282,11 +291,12 @@ fn step(a: &StepArgs) -> Result<()> {
         println!("{v}");
     } else {
         println!(
-            "brisk {arch} {} batch={} on {} kernels ({}): img/s median {:.2} (min {:.2} max {:.2}); forward {:.1} ms, backward {:.1} ms, optimizer {:.1} ms",
+            "brisk {arch} {} batch={} on {} kernels ({}, {} slice(s)): img/s median {:.2} (min {:.2} max {:.2}); forward {:.1} ms, backward {:.1} ms, optimizer {:.1} ms",
             a.dtype,
             a.batch,
             r.kernels,
             r.step_path,
+            r.slices,
             r.img_per_s,
             r.img_per_s_min,
             r.img_per_s_max,

@@ -325,7 +325,12 @@ pub struct EvalArgs {
     /// two logits (as `eval.flip` does during training).
     #[arg(long)]
     flip: bool,
-    /// Print one JSON object on stdout: top1, top5, loss, n, per_class (and confusion).
+    /// Run the forward passes on candle's graph instead of brisk's engine (the same
+    /// logits to rounding: a check of the engine).
+    #[arg(long)]
+    graph: bool,
+    /// Print one JSON object on stdout: top1, top5, loss, n, per_class, confusion and
+    /// path ("engine" or "graph": what ran).
     #[arg(long)]
     json: bool,
 }
@@ -339,6 +344,7 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
     let data = Arc::new(Dataset::open(&a.data)?);
     let scope = EvalScope {
         flip: a.flip,
+        engine: !a.graph,
         ..EvalScope::all(a.split, a.batch)
     };
     let report = evaluate(&net, &data, scope, (0, 1), &mut |_| Ok(()))
