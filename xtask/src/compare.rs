@@ -218,9 +218,16 @@ pub struct CompareArgs {
     /// under brisk's names), medians of the rounds.
     #[arg(long)]
     profile: bool,
+    /// Instead of single steps: whole training runs of CIFAR ResNet-18 width 0.25 on
+    /// small synthetic images (8x8, 1,400 images, 30 epochs; 28x28, 4,000, 10 epochs),
+    /// `brisk train` against scripts/torch_train.py on the same packed data and recipe,
+    /// `--rounds` alternated: training seconds and top-1.
+    #[arg(long)]
+    whole_runs: bool,
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+/// The median of `v` (NaN-safe ordering).
+pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     let n = v.len();
     if n % 2 == 1 {
@@ -250,7 +257,11 @@ fn cases(a: &CompareArgs) -> Result<Vec<StepCase>> {
                     if eval && precision != "f32" {
                         continue;
                     }
-                    for (&image, &batch) in a.images.iter().flat_map(|i| a.batches.iter().map(move |b| (i, b))) {
+                    for (&image, &batch) in a
+                        .images
+                        .iter()
+                        .flat_map(|i| a.batches.iter().map(move |b| (i, b)))
+                    {
                         out.push(StepCase {
                             arch,
                             stem: "cifar",
@@ -282,6 +293,9 @@ pub fn run(a: &CompareArgs) -> Result<()> {
     }
     if let Some(why) = torch_missing() {
         bail!("PyTorch is needed: {why}");
+    }
+    if a.whole_runs {
+        return crate::whole_runs::run(&crate::build_brisk(false)?, a.threads, a.rounds);
     }
     let cases = cases(a)?;
     let root = crate::root()?;

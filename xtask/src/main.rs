@@ -22,6 +22,7 @@ mod stats;
 #[cfg(test)]
 mod tidy;
 mod torch_recipe;
+mod whole_runs;
 
 /// brisk's project tasks.
 #[derive(Debug, Parser)]

@@ -557,7 +557,7 @@ fn costs(v: &Variant, base: &Variant) -> Vec<String> {
 const PLOTS: [(&str, &str); 4] = [
     (
         "accuracy_vs_time.svg",
-        "test top-1 against training time, each variant's mean curve",
+        "test top-1 against training time, one curve per run (every seed of every training variant)",
     ),
     (
         "speed.svg",

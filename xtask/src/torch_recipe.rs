@@ -17,6 +17,9 @@ use crate::results::{RunResult, Variant};
 /// The variant's name in reports.
 pub const NAME: &str = "pytorch";
 
+/// The recipe's PyTorch script, in the repository.
+pub const SCRIPT: &str = "scripts/torch_train.py";
+
 /// What scripts/torch_train.py prints.
 #[derive(Debug, Deserialize)]
 struct TorchRun {
@@ -39,7 +42,7 @@ pub fn variant(base: &Plan) -> Variant {
 /// The baseline's recipe in PyTorch with `seed`, run in (or reused from)
 /// `runs/pytorch/seed-S/`.
 pub fn run(base: &Plan, data: &Path, runs: &Path, seed: u64, force: bool) -> Result<RunResult> {
-    let script = crate::root()?.join("scripts/torch_train.py");
+    let script = crate::root()?.join(SCRIPT);
     let script_text =
         std::fs::read_to_string(&script).with_context(|| format!("cannot read {}", script.display()))?;
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -73,6 +76,25 @@ pub fn run(base: &Plan, data: &Path, runs: &Path, seed: u64, force: bool) -> Res
     Ok(result)
 }
 
+/// scripts/torch_train.py (`script`) training `config` on `data` with `seed` and
+/// `threads`, printing its summary as JSON.
+pub fn command(script: &Path, config: &Path, data: &Path, seed: u64, threads: usize) -> Command {
+    let mut cmd = Command::new("python3");
+    cmd.arg(script)
+        .arg("--config")
+        .arg(config)
+        .arg("--data")
+        .arg(data)
+        .args([
+            "--seed",
+            &seed.to_string(),
+            "--threads",
+            &threads.to_string(),
+            "--json",
+        ]);
+    cmd
+}
+
 /// Runs scripts/torch_train.py on `config` and reads what it measured into `result`
 /// (or why it failed); its error output goes to `dir/stderr.log`.
 fn train(
@@ -86,19 +108,7 @@ fn train(
     let label = format!("{NAME} (seed {})", result.seed);
     eprintln!("xtask: {label}: python3 scripts/torch_train.py");
     let start = Instant::now();
-    let out = Command::new("python3")
-        .arg(script)
-        .arg("--config")
-        .arg(config)
-        .arg("--data")
-        .arg(data)
-        .args([
-            "--seed",
-            &result.seed.to_string(),
-            "--threads",
-            &threads.to_string(),
-            "--json",
-        ])
+    let out = command(script, config, data, result.seed, threads)
         .output()
         .context("cannot run python3")?;
     std::fs::write(dir.join("stderr.log"), &out.stderr)?;
