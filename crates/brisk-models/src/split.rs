@@ -387,3 +387,59 @@ impl BatchNormSync for SliceSync {
         self.group.all_reduce_sum(self.rank, values)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_slice_gets_the_same_sum_in_slice_order() -> anyhow::Result<()> {
+        let group = Arc::new(Group::new(3));
+        group.start(3);
+        let sums: Vec<Vec<f64>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..3)
+                .map(|rank| {
+                    let group = &group;
+                    s.spawn(move || {
+                        let mut v = vec![rank as f64 + 0.1, 1e16, -1e16];
+                        group.all_reduce_sum(rank, &mut v).map(|()| v)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .map_err(|_| anyhow::anyhow!("a slice panicked"))?
+                        .map_err(anyhow::Error::from)
+                })
+                .collect::<anyhow::Result<_>>()
+        })?;
+        let expected = [0.1 + 1.1 + 2.1, 3e16, -3e16];
+        for s in &sums {
+            assert_eq!(s.as_slice(), expected, "{sums:?}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn a_released_group_frees_its_waiting_slice() {
+        let group = Arc::new(Group::new(2));
+        group.start(2);
+        let waiting = {
+            let group = group.clone();
+            std::thread::spawn(move || group.all_reduce_sum(0, &mut [1.0]))
+        };
+        // Whether the other slice is already waiting or arrives after the release, it
+        // gets an error instead of waiting for a partner that failed.
+        group.release();
+        let result = waiting.join().expect("the waiting slice");
+        assert!(
+            matches!(&result, Err(candle_core::Error::Msg(m)) if m == RELEASED),
+            "{result:?}"
+        );
+        // The next batch starts afresh.
+        group.start(1);
+        assert!(group.all_reduce_sum(0, &mut [2.0]).is_ok());
+    }
+}
