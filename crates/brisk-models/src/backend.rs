@@ -7,6 +7,7 @@ use brisk_ops::{
     add_assign, bn_grad_sums, bn_input_grad_in_place, bn_normalize, bn_stats, conv_forward, conv_input_grad,
     conv_weight_grad, matmul_f32, par_build, relu_backward, BnParams, ConvShape, Mat, MaxPool,
 };
+use brisk_precision::Dtype;
 use brisk_spec::PoolPlan;
 use rayon::prelude::*;
 
@@ -76,6 +77,9 @@ pub trait Backend: std::fmt::Debug + Send + Sync {
     fn relu_backward(&self, y: &Self::Buf, dy: &mut Self::Buf) -> Result<()>;
     /// `dst += src`.
     fn add_assign(&self, dst: &mut Self::Buf, src: &Self::Buf) -> Result<()>;
+    /// Every value rounded to the nearest value of the half format `to` (kept at the
+    /// buffer's own precision): an activation or gradient a half-precision layer stores.
+    fn round_half(&self, x: &mut Self::Buf, to: Dtype) -> Result<()>;
     /// `dst = max(0, dst + src)`: a block's residual sum and ReLU.
     fn add_relu(&self, dst: &mut Self::Buf, src: &Self::Buf) -> Result<()>;
     /// `max(0, v)` in place.
@@ -231,6 +235,15 @@ impl Backend for CpuBackend {
 
     fn add_assign(&self, dst: &mut Vec<f32>, src: &Vec<f32>) -> Result<()> {
         add_assign(dst, src);
+        Ok(())
+    }
+
+    fn round_half(&self, x: &mut Vec<f32>, to: Dtype) -> Result<()> {
+        match to {
+            Dtype::Bf16 => brisk_ops::round_to_bf16(x),
+            Dtype::F16 => brisk_ops::round_to_f16(x),
+            Dtype::F32 => {}
+        }
         Ok(())
     }
 

@@ -8,14 +8,16 @@
 //! arithmetic, dominated the step. The engine walks the `ModelSpec`'s block plan itself,
 //! keeps what backward needs in plain buffers, and writes each gradient once. It computes
 //! what the candle graph computes (tested against it to rounding), in f32 with brisk's
-//! kernels, batch statistics shared across MPI ranks or the slices of a split batch when
-//! the network says so; anything else (half precision, candle's reference ops, a GPU)
+//! kernels — or mixed-bf16, values rounded where the graph stores bf16 (the same bits) —
+//! with batch statistics shared across MPI ranks or the slices of a split batch when the
+//! network says so; anything else (f16, a bf16 classifier, candle's reference ops, a GPU)
 //! keeps the candle path — see [`Engine::supports`].
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use brisk_ops::{BatchNormSync, ConvShape};
+use brisk_precision::{Dtype, LayerKind, PrecisionPolicy};
 use brisk_spec::{tensor_name, BlockPlan, ConvPlan, ModelSpec, Role, BN_EPS, BN_MOMENTUM};
 use candle_core::{Tensor, Var};
 use rayon::prelude::*;
@@ -144,6 +146,12 @@ pub struct Executor<B: Backend> {
     /// Whether this executor writes the running statistics (one slice of a split batch
     /// does, for all of them).
     updates_running: bool,
+    /// The half format activations are stored in between layers (the precision policy's),
+    /// or `None` in f32: values rounded to it where a layer writes them, and gradients
+    /// rounded where they reach them, as candle's graph stores them in that format.
+    half: Option<Dtype>,
+    /// The convolution weights computed in `half` (rounded copies of the f32 masters).
+    half_weights: std::collections::HashSet<String>,
     /// Wall time per kind of operation, when asked for (`brisk bench step --profile`).
     times: OpTimes,
 }
@@ -172,10 +180,7 @@ impl<B: Backend> Executor<B> {
         if net.kernels() != Kernels::Brisk {
             return Err("the network runs candle's reference ops".into());
         }
-        if net.precision().half().is_some() {
-            return Err("a layer computes in half precision".into());
-        }
-        Ok(())
+        half_layers(net.spec(), net.precision()).map(|_| ())
     }
 
     /// An executor for `net` on `backend` (check [`Executor::supports`] first); it
@@ -188,7 +193,14 @@ impl<B: Backend> Executor<B> {
             ))));
         }
         let spec = net.spec().clone();
+        let half_weights = half_layers(&spec, net.precision())
+            .map_err(|why| Error::Candle(candle_core::Error::Msg(why)))?
+            .into_iter()
+            .map(|layer| tensor_name(&layer, Role::ConvWeight))
+            .collect();
         Ok(Executor {
+            half: net.precision().mode.half(),
+            half_weights,
             backend,
             plan: spec.blocks(),
             spec,
@@ -239,7 +251,11 @@ impl<B: Backend> Executor<B> {
                 .par_iter()
                 .map(|(name, var)| {
                     let host = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
-                    Ok((name.clone(), self.backend.upload(host)?))
+                    let mut buf = self.backend.upload(host)?;
+                    if let (Some(half), true) = (self.half, self.half_weights.contains(name)) {
+                        self.backend.round_half(&mut buf, half)?;
+                    }
+                    Ok((name.clone(), buf))
                 })
                 .collect::<Result<HashMap<_, _>>>()
         })?;
@@ -309,10 +325,14 @@ impl<B: Backend> Executor<B> {
         mode: Mode,
     ) -> Result<Arc<Act<B::Buf>>> {
         let a = self.conv_forward(&self.stem_conv(), image, saved.n)?;
-        let (y, bn) = self.bn_forward(brisk_spec::tensors::STEM_BN, a, saved.n, mode, (true, None))?;
+        let (mut y, bn) = self.bn_forward(brisk_spec::tensors::STEM_BN, a, saved.n, mode, (true, None))?;
         saved.stem_bn = bn;
+        let pool = self.spec.stem_pool();
+        if pool.is_none() {
+            y.v = self.stored(y.v)?;
+        }
         saved.stem_y = Arc::new(y);
-        let Some(pool) = self.spec.stem_pool() else {
+        let Some(pool) = pool else {
             return Ok(saved.stem_y.clone());
         };
         let y = &saved.stem_y;
@@ -320,7 +340,7 @@ impl<B: Backend> Executor<B> {
             self.backend.max_pool(&pool, &y.v, saved.n * y.c, (y.h, y.w))
         })?;
         Ok(Arc::new(Act {
-            v,
+            v: self.stored(v)?,
             c: y.c,
             h: pool.out_size(y.h),
             w: pool.out_size(y.w),
@@ -411,6 +431,14 @@ impl<B: Backend> Executor<B> {
         Ok((self.backend.upload(shared)?, total as usize))
     }
 
+    /// `x` rounded to the half format activations are stored in (as it is, in f32).
+    fn stored(&self, mut x: B::Buf) -> Result<B::Buf> {
+        if let Some(half) = self.half {
+            self.backend.round_half(&mut x, half)?;
+        }
+        Ok(x)
+    }
+
     /// `[γ; β]` of batch-norm `layer`.
     fn affine(&self, layer: &str) -> Result<B::Buf> {
         self.joined(layer, Role::BnWeight { zero: false }, Role::BnBias)
@@ -456,17 +484,20 @@ impl<B: Backend> Executor<B> {
     ) -> Result<BlockSaved<B::Buf>> {
         let convs = plan.convs();
         let a1 = self.conv_forward(&Conv::new(&convs.conv1), &input, n)?;
-        let (y1, bn1) = self.bn_forward(&plan.bn1(), a1, n, mode, (true, None))?;
+        let (mut y1, bn1) = self.bn_forward(&plan.bn1(), a1, n, mode, (true, None))?;
+        y1.v = self.stored(y1.v)?;
         let a2 = self.conv_forward(&Conv::new(&convs.conv2), &y1, n)?;
         let projected = match (&convs.shortcut, plan.downsample_layers()) {
             (Some(conv), Some((_, bn))) => {
                 let a = self.conv_forward(&Conv::new(conv), &input, n)?;
-                Some(self.bn_forward(&bn, a, n, mode, (false, None))?)
+                let (mut p, saved) = self.bn_forward(&bn, a, n, mode, (false, None))?;
+                p.v = self.stored(p.v)?;
+                Some((p, saved))
             }
             _ => None,
         };
         let shortcut: &Act<B::Buf> = projected.as_ref().map_or(&input, |p| &p.0);
-        let (out, bn2, se) = match plan.se {
+        let (mut out, bn2, se) = match plan.se {
             None => {
                 let (out, bn2) = self.bn_forward(&plan.bn2(), a2, n, mode, (true, Some(shortcut)))?;
                 (out, bn2, None)
@@ -481,6 +512,7 @@ impl<B: Backend> Executor<B> {
                 (scaled, bn2, Some(se))
             }
         };
+        out.v = self.stored(out.v)?;
         Ok(BlockSaved {
             input,
             bn1,
@@ -590,6 +622,8 @@ impl<B: Backend> Executor<B> {
             )?;
             self.backend.spread_average(&dfeatures, n * last.c, last.hw())
         })?;
+        // The gradient of a stored (half) activation is stored in its format too.
+        d = self.stored(d)?;
         for (plan, block) in self.plan.iter().zip(&saved.blocks).rev() {
             d = self.block_backward(plan, block, d, n, &mut grads)?;
         }
@@ -662,24 +696,29 @@ impl<B: Backend> Executor<B> {
         &self,
         conv: &Conv,
         x: &Act<B::Buf>,
-        dy: &B::Buf,
+        mut dy: B::Buf,
         n: usize,
         input_grad: bool,
         grads: &mut Vec<(String, Vec<f32>)>,
     ) -> Result<Option<B::Buf>> {
         let g = conv.shape(n, x)?;
         let w = self.value(&conv.weight)?;
-        let dw = self
-            .times
-            .time(Op::ConvWeightGrad, || self.backend.conv_weight_grad(&g, &x.v, dy))?;
+        // A half convolution rounds its output gradient, as autocast does.
+        if let Some(half) = self.half.filter(|_| self.half_weights.contains(&conv.weight)) {
+            self.backend.round_half(&mut dy, half)?;
+        }
+        let dw = self.times.time(Op::ConvWeightGrad, || {
+            self.backend.conv_weight_grad(&g, &x.v, &dy)
+        })?;
         grads.push((conv.weight.clone(), self.backend.download_owned(dw)?));
         if !input_grad {
             return Ok(None);
         }
         let dx = self
             .times
-            .time(Op::ConvInputGrad, || self.backend.conv_input_grad(&g, dy, w))?;
-        Ok(Some(dx))
+            .time(Op::ConvInputGrad, || self.backend.conv_input_grad(&g, &dy, w))?;
+        // Every convolution's input but the images' is a stored activation.
+        Ok(Some(self.stored(dx)?))
     }
 
     fn block_backward(
@@ -700,13 +739,15 @@ impl<B: Backend> Executor<B> {
             })?),
             _ => None,
         };
-        // The shortcut still needs dz: bn2 works on a copy unless SE made one.
+        // The shortcut still needs dz: bn2 works on a copy unless SE made one. The shortcut
+        // is a stored activation: its gradient is stored in its format.
         let dbn2 = through_se.unwrap_or_else(|| dz.clone());
+        let dz = self.stored(dz)?;
         let da2 = self.bn_backward(&plan.bn2(), &s.bn2, dbn2, n, grads)?;
         let convs = plan.convs();
         let conv2 = Conv::new(&convs.conv2);
         let dy1 = self
-            .conv_backward(&conv2, &s.y1, &da2, n, true, grads)?
+            .conv_backward(&conv2, &s.y1, da2, n, true, grads)?
             .unwrap_or_default();
         let mut dz1 = dy1;
         self.times
@@ -714,14 +755,14 @@ impl<B: Backend> Executor<B> {
         let da1 = self.bn_backward(&plan.bn1(), &s.bn1, dz1, n, grads)?;
         let conv1 = Conv::new(&convs.conv1);
         let mut dx = self
-            .conv_backward(&conv1, &s.input, &da1, n, true, grads)?
+            .conv_backward(&conv1, &s.input, da1, n, true, grads)?
             .unwrap_or_default();
         match (&convs.shortcut, plan.downsample_layers(), &s.shortcut_bn) {
             (Some(conv), Some((_, bn)), Some(saved)) => {
                 let da = self.bn_backward(&bn, saved, dz, n, grads)?;
                 let ds = Conv::new(conv);
                 let dsx = self
-                    .conv_backward(&ds, &s.input, &da, n, true, grads)?
+                    .conv_backward(&ds, &s.input, da, n, true, grads)?
                     .unwrap_or_default();
                 self.times
                     .time(Op::ReluBackward, || self.backend.add_assign(&mut dx, &dsx))?;
@@ -730,7 +771,8 @@ impl<B: Backend> Executor<B> {
                 .times
                 .time(Op::ReluBackward, || self.backend.add_assign(&mut dx, &dz))?,
         }
-        Ok(dx)
+        // The block's input is a stored activation: its summed gradient is stored too.
+        self.stored(dx)
     }
 
     /// Squeeze-and-excitation's backward from the gradient `dz` of its output: fc1's and
@@ -775,7 +817,52 @@ impl<B: Backend> Executor<B> {
             .time(Op::ReluBackward, || self.backend.relu_backward(&y.v, &mut dz))?;
         let da = self.bn_backward(brisk_spec::tensors::STEM_BN, &saved.stem_bn, dz, n, grads)?;
         // No gradient for the images.
-        self.conv_backward(&self.stem_conv(), &saved.image, &da, n, false, grads)?;
+        self.conv_backward(&self.stem_conv(), &saved.image, da, n, false, grads)?;
         Ok(())
     }
+}
+
+/// The convolutions `policy` runs in half precision (layer names), or why the executor
+/// cannot run `policy`: it stores activations in the policy's half format, so each half
+/// layer must compute in that format, and the first convolution and the classifier in
+/// f32, as the mixed modes have them.
+fn half_layers(spec: &ModelSpec, policy: &PrecisionPolicy) -> std::result::Result<Vec<String>, String> {
+    let stored = policy.mode.half();
+    if policy.half().is_some() && stored.is_none() {
+        return Err("a layer computes in half precision in an f32 network".into());
+    }
+    // f16's narrow range (gradients in its subnormals before loss scaling) makes where
+    // each value is rounded matter more than the executor has been checked for: f16
+    // stays on candle's graph.
+    if stored == Some(Dtype::F16) {
+        return Err("activations are stored in f16".into());
+    }
+    if policy.compute_dtype(FC, LayerKind::Linear) != Dtype::F32 {
+        return Err("the classifier computes in half precision".into());
+    }
+    if policy.compute_dtype(&spec.stem_conv().layer, LayerKind::FirstConv) != Dtype::F32 {
+        return Err("the first convolution computes in half precision".into());
+    }
+    let mut half = Vec::new();
+    for plan in spec.blocks() {
+        let convs = plan.convs();
+        for conv in [Some(&convs.conv1), Some(&convs.conv2), convs.shortcut.as_ref()]
+            .into_iter()
+            .flatten()
+        {
+            match policy.compute_dtype(&conv.layer, LayerKind::Conv) {
+                Dtype::F32 => {}
+                d if Some(d) == stored => half.push(conv.layer.clone()),
+                d => {
+                    return Err(format!(
+                        "{} computes in {} but activations are stored in {}",
+                        conv.layer,
+                        d.name(),
+                        stored.map_or("f32", Dtype::name)
+                    ))
+                }
+            }
+        }
+    }
+    Ok(half)
 }

@@ -122,6 +122,12 @@ impl Backend for Checked {
         *dy = cell(d);
         Ok(())
     }
+    fn round_half(&self, x: &mut Cell, to: brisk_precision::Dtype) -> R<()> {
+        let mut v = vec(x);
+        CpuBackend.round_half(&mut v, to)?;
+        *x = cell(v);
+        Ok(())
+    }
     fn add_assign(&self, dst: &mut Cell, src: &Cell) -> R<()> {
         fits("add", src, dst.0.len());
         let mut d = vec(dst);

@@ -103,6 +103,18 @@ unsafe fn f32_to_bf16_avx512(src: &[f32], dst: &mut [bf16]) {
     }
 }
 
+/// Rounds every value to the nearest bf16 (in place, kept as f32): what storing it as
+/// bf16 and reading it back gives.
+pub fn round_to_bf16(values: &mut [f32]) {
+    round_to(DType::BF16, values);
+}
+
+/// Rounds every value to the nearest f16 (in place, kept as f32; beyond f16's range,
+/// ±inf).
+pub fn round_to_f16(values: &mut [f32]) {
+    round_to(DType::F16, values);
+}
+
 /// Rounds every value to the nearest `dtype` value (in place, kept as f32); F32 leaves
 /// them as they are.
 pub(crate) fn round_to(dtype: DType, values: &mut [f32]) {

@@ -28,6 +28,7 @@ pub use conv::{conv2d, conv_forward, conv_input_grad, conv_weight_grad, ConvShap
 pub use elementwise::{add_assign, relu_backward};
 pub use fill::par_build;
 pub use gemm::{matmul_f32, Mat};
+pub use half::{round_to_bf16, round_to_f16};
 pub use optim::{sgd_update, SgdStep};
 pub use pool::{max_pool2d, MaxPool};
 

@@ -233,10 +233,13 @@ mod tests {
     fn a_tiny_benchmark_reports_consistent_figures() -> Result<()> {
         let mut spec = ModelSpec::resnet18_cifar(10).with_width(0.0625);
         spec.image_size = 8;
-        for (eval, precision) in [false, true]
-            .into_iter()
-            .flat_map(|e| [(e, Precision::F32), (e, Precision::MixedBf16)])
-        {
+        for (eval, precision) in [false, true].into_iter().flat_map(|e| {
+            [
+                (e, Precision::F32),
+                (e, Precision::MixedBf16),
+                (e, Precision::MixedF16),
+            ]
+        }) {
             let r = StepBench {
                 spec: spec.clone(),
                 batch: 2,
@@ -251,11 +254,11 @@ mod tests {
                 profile: true,
             }
             .run()?;
-            // f32 runs on the engine, half precision on candle's graph.
-            let path = if precision == Precision::F32 {
-                "engine"
-            } else {
+            // f32 and mixed-bf16 run on the engine, f16 on candle's graph.
+            let path = if precision == Precision::MixedF16 {
                 "graph"
+            } else {
+                "engine"
             };
             assert_eq!(r.step_path, path);
             assert!(
