@@ -4,8 +4,8 @@
 //! fine-tune) and `GradualPruning` (Zhu & Gupta's cubic sparsity schedule, as a hook).
 
 use brisk_models::{Network, Role};
+use brisk_spec::layers::{CLASSIFIER, STEM_CONV};
 use brisk_spec::tensor_name;
-use brisk_spec::tensors::{CLASSIFIER, STEM_CONV};
 use brisk_train::{Hook, StepContext};
 use candle_core::{DType, Tensor, Var};
 use serde::{Deserialize, Serialize};

@@ -160,7 +160,7 @@ pub struct Executor<B: Backend> {
 pub type Engine = Executor<CpuBackend>;
 
 /// The head of the network.
-const FC: &str = brisk_spec::tensors::CLASSIFIER;
+const FC: &str = brisk_spec::layers::CLASSIFIER;
 
 impl Engine {
     /// An engine for `net` (check [`Executor::supports`] first); it updates `net`'s own
@@ -325,7 +325,7 @@ impl<B: Backend> Executor<B> {
         mode: Mode,
     ) -> Result<Arc<Act<B::Buf>>> {
         let a = self.conv_forward(&self.stem_conv(), image, saved.n)?;
-        let (mut y, bn) = self.bn_forward(brisk_spec::tensors::STEM_BN, a, saved.n, mode, (true, None))?;
+        let (mut y, bn) = self.bn_forward(brisk_spec::layers::STEM_BN, a, saved.n, mode, (true, None))?;
         saved.stem_bn = bn;
         let pool = self.spec.stem_pool();
         if pool.is_none() {
@@ -423,12 +423,17 @@ impl<B: Backend> Executor<B> {
     /// batch's, or every rank's and slice's when they are shared.
     fn batch_stats(&self, x: &B::Buf, (n, c, hw): (usize, usize, usize)) -> Result<(B::Buf, usize)> {
         let local = self.backend.bn_stats(x, (n, c, hw))?;
-        let Some(sync) = &self.sync else {
+        let Some(sync) = self.shared_sync() else {
             return Ok((local, n * hw));
         };
         let stats = self.backend.download_owned(local)?;
         let (shared, total) = brisk_ops::combine_batch_stats(sync.as_ref(), &stats, (n * hw) as f64)?;
         Ok((self.backend.upload(shared)?, total as usize))
+    }
+
+    /// What shares batch-norm's sums with other ranks or slices, when any take part now.
+    fn shared_sync(&self) -> Option<&Arc<dyn BatchNormSync>> {
+        self.sync.as_ref().filter(|s| s.shared())
     }
 
     /// `x` rounded to the half format activations are stored in (as it is, in f32).
@@ -671,7 +676,7 @@ impl<B: Backend> Executor<B> {
                 eps: BN_EPS,
             };
             let sums = self.backend.bn_grad_sums(&x.v, &dz, &p)?;
-            let shared = match &self.sync {
+            let shared = match self.shared_sync() {
                 None => None,
                 Some(sync) => {
                     let local = self.backend.download(&sums)?;
@@ -815,7 +820,7 @@ impl<B: Backend> Executor<B> {
         let mut dz = dy;
         self.times
             .time(Op::ReluBackward, || self.backend.relu_backward(&y.v, &mut dz))?;
-        let da = self.bn_backward(brisk_spec::tensors::STEM_BN, &saved.stem_bn, dz, n, grads)?;
+        let da = self.bn_backward(brisk_spec::layers::STEM_BN, &saved.stem_bn, dz, n, grads)?;
         // No gradient for the images.
         self.conv_backward(&self.stem_conv(), &saved.image, da, n, false, grads)?;
         Ok(())

@@ -386,6 +386,10 @@ impl BatchNormSync for SliceSync {
     fn all_reduce_sum(&self, values: &mut [f64]) -> candle_core::Result<()> {
         self.group.all_reduce_sum(self.rank, values)
     }
+
+    fn shared(&self) -> bool {
+        self.group.lock().parties > 1
+    }
 }
 
 #[cfg(test)]

@@ -14,12 +14,14 @@
 
 pub mod error;
 pub mod files;
+pub mod layers;
 pub mod spec;
 pub mod tensors;
 
 pub use error::{Error, Result};
 pub use files::{model_file, read_sidecar, sidecar_path, write_sidecar, MODEL_FILE};
-pub use spec::{Arch, BlockChannels, BlockConvs, BlockPlan, Channels, ConvPlan, ModelSpec, PoolPlan, Stem};
+pub use layers::{BlockConvs, ConvPlan, PoolPlan};
+pub use spec::{Arch, BlockChannels, BlockPlan, Channels, ModelSpec, Stem};
 pub use tensors::{is_ignored_name, tensor_name, ConvBnPair, Role, TensorInfo};
 
 /// Batch-norm's ε, added to the variance before the square root (PyTorch's default).

@@ -6,6 +6,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::layers::{BlockConvs, ConvPlan, PoolPlan};
 
 /// Base channel widths of the four stages of a torchvision ResNet.
 const STAGE_WIDTHS: [usize; 4] = [64, 128, 256, 512];
@@ -201,52 +202,6 @@ pub struct BlockPlan {
     pub se: Option<usize>,
     /// Whether the shortcut is a 1x1 convolution + batch-norm (shape changes).
     pub downsample: bool,
-}
-
-/// A convolution of the network: its layer and its geometry. This is the one place a
-/// ResNet's kernel sizes, strides and paddings are written; the tensor table, the MAC
-/// count, candle's modules and the engine read them from here.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ConvPlan {
-    /// Layer name as torchvision spells it (`layer2.0.conv1`); the weight is
-    /// `{layer}.weight`, `[cout, cin, kernel, kernel]`.
-    pub layer: String,
-    pub cin: usize,
-    pub cout: usize,
-    pub kernel: usize,
-    pub stride: usize,
-    pub padding: usize,
-}
-
-impl ConvPlan {
-    /// The output's side for an input of side `size`.
-    pub fn out_size(&self, size: usize) -> usize {
-        crate::tensors::conv_out(size, self.kernel, self.stride, self.padding)
-    }
-}
-
-/// A block's convolutions: two 3x3 (the first carries the block's stride) and the 1x1
-/// projection shortcut when the shape changes.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct BlockConvs {
-    pub conv1: ConvPlan,
-    pub conv2: ConvPlan,
-    pub shortcut: Option<ConvPlan>,
-}
-
-/// A max-pool's window, stride and padding.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PoolPlan {
-    pub kernel: usize,
-    pub stride: usize,
-    pub padding: usize,
-}
-
-impl PoolPlan {
-    /// The output's side for an input of side `size`.
-    pub fn out_size(&self, size: usize) -> usize {
-        crate::tensors::conv_out(size, self.kernel, self.stride, self.padding)
-    }
 }
 
 impl BlockPlan {
@@ -521,7 +476,7 @@ impl ModelSpec {
             Stem::Imagenet => (7, 2, 3),
         };
         ConvPlan {
-            layer: crate::tensors::STEM_CONV.into(),
+            layer: crate::layers::STEM_CONV.into(),
             cin: self.in_channels,
             cout: self.resolved_channels().stem,
             kernel,

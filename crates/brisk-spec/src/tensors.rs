@@ -3,12 +3,8 @@
 //! multiply-accumulates and checkpoint bytes. What a tensor is for is asked here, never
 //! guessed from its name elsewhere.
 
-use crate::spec::{ConvPlan, ModelSpec};
-
-/// The stem's convolution and batch-norm, and the classifier, as torchvision names them.
-pub const STEM_CONV: &str = "conv1";
-pub const STEM_BN: &str = "bn1";
-pub const CLASSIFIER: &str = "fc";
+use crate::layers::{ConvPlan, CLASSIFIER, STEM_BN, STEM_CONV};
+use crate::spec::ModelSpec;
 
 /// What a tensor is for; decides its initialisation and whether it is trained.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -128,11 +124,6 @@ impl Table {
             self.push(layer, vec![c], role);
         }
     }
-}
-
-/// Size of a convolution's output along one spatial axis.
-pub(crate) fn conv_out(size: usize, kernel: usize, stride: usize, padding: usize) -> usize {
-    (size + 2 * padding).saturating_sub(kernel) / stride + 1
 }
 
 impl ModelSpec {

@@ -10,6 +10,12 @@ use candle_core::{Result, Tensor};
 pub trait BatchNormSync: Send + Sync + std::fmt::Debug {
     /// Element-wise sum over all ranks, in place.
     fn all_reduce_sum(&self, values: &mut [f64]) -> Result<()>;
+
+    /// Whether anyone else takes part in the sums now (a split batch running on one
+    /// slice does not): when not, a batch's own statistics are already the shared ones.
+    fn shared(&self) -> bool {
+        true
+    }
 }
 
 /// `[mean(c); biased var(c); total count (c times)]` over every rank's batch, from this
