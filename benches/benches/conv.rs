@@ -1,9 +1,10 @@
 //! brisk's convolution kernels on the CIFAR ResNet-18 conv shapes (batch 32): forward,
-//! input gradient and weight gradient. Throughput is in FLOPs (criterion's "elem/s" read
+//! input gradient and weight gradient, in f32 and in bf16 (bf16 products where the CPU
+//! is an AMD one with AVX512-BF16; `BRISK_ISA=avx512` forces f32 products to compare). Throughput is in FLOPs (criterion's "elem/s" read
 //! as FLOP/s), so the distance to the machine's peak is visible.
 
 use brisk_ops::conv2d;
-use candle_core::{Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
 
 /// (name, Cin, Cout, input size, kernel, stride).
@@ -51,6 +52,22 @@ fn conv(c: &mut Criterion) {
             |b, _| {
                 b.iter(|| {
                     conv2d(&x, &w, s, pad)
+                        .and_then(|y| y.sum_all()?.backward())
+                        .expect("backward")
+                })
+            },
+        );
+        // A half layer of mixed-bf16: bf16 input, f32 master weight.
+        let half = Var::from_tensor(&x.as_tensor().to_dtype(DType::BF16).expect("bf16")).expect("var");
+        group.bench_with_input(BenchmarkId::new("bf16_forward", name), &(), |b, _| {
+            b.iter(|| conv2d(&half, &w, s, pad).expect("conv"))
+        });
+        group.bench_with_input(
+            BenchmarkId::new("bf16_forward+weight_grad+input_grad", name),
+            &(),
+            |b, _| {
+                b.iter(|| {
+                    conv2d(&half, &w, s, pad)
                         .and_then(|y| y.sum_all()?.backward())
                         .expect("backward")
                 })

@@ -5,7 +5,7 @@
 
 use brisk_ops::{
     add_assign, bn_grad_sums, bn_input_grad_in_place, bn_normalize, bn_stats, conv_forward, conv_input_grad,
-    conv_weight_grad, matmul_f32, par_build, relu_backward, BnParams, ConvShape, Mat, MaxPool,
+    conv_weight_grad, matmul_f32, par_build, relu_backward, BnParams, ConvShape, Mat, MaxPool, Products,
 };
 use brisk_precision::Dtype;
 use brisk_spec::PoolPlan;
@@ -42,12 +42,31 @@ pub trait Backend: std::fmt::Debug + Send + Sync {
     /// A buffer's values on the host, consuming it (no copy where it is on the host).
     fn download_owned(&self, buf: Self::Buf) -> Result<Vec<f32>>;
 
-    /// Convolution `x` ⊛ `w` (no bias).
-    fn conv_forward(&self, g: &ConvShape, x: &Self::Buf, w: &Self::Buf) -> Result<Self::Buf>;
+    /// Convolution `x` ⊛ `w` (no bias); `products` says whether the operands are bf16
+    /// values the backend may multiply in bf16 (a half layer of mixed-bf16).
+    fn conv_forward(
+        &self,
+        g: &ConvShape,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        products: Products,
+    ) -> Result<Self::Buf>;
     /// The convolution's input gradient from its output gradient `dy`.
-    fn conv_input_grad(&self, g: &ConvShape, dy: &Self::Buf, w: &Self::Buf) -> Result<Self::Buf>;
+    fn conv_input_grad(
+        &self,
+        g: &ConvShape,
+        dy: &Self::Buf,
+        w: &Self::Buf,
+        products: Products,
+    ) -> Result<Self::Buf>;
     /// The convolution's weight gradient.
-    fn conv_weight_grad(&self, g: &ConvShape, x: &Self::Buf, dy: &Self::Buf) -> Result<Self::Buf>;
+    fn conv_weight_grad(
+        &self,
+        g: &ConvShape,
+        x: &Self::Buf,
+        dy: &Self::Buf,
+        products: Products,
+    ) -> Result<Self::Buf>;
 
     /// `[mean(c); biased var(c)]` of `x` `[n, c, hw]`.
     fn bn_stats(&self, x: &Self::Buf, nchw: (usize, usize, usize)) -> Result<Self::Buf>;
@@ -187,16 +206,34 @@ impl Backend for CpuBackend {
         Ok(buf)
     }
 
-    fn conv_forward(&self, g: &ConvShape, x: &Vec<f32>, w: &Vec<f32>) -> Result<Vec<f32>> {
-        Ok(conv_forward(g, x, w))
+    fn conv_forward(
+        &self,
+        g: &ConvShape,
+        x: &Vec<f32>,
+        w: &Vec<f32>,
+        products: Products,
+    ) -> Result<Vec<f32>> {
+        Ok(conv_forward(g, x, w, products))
     }
 
-    fn conv_input_grad(&self, g: &ConvShape, dy: &Vec<f32>, w: &Vec<f32>) -> Result<Vec<f32>> {
-        Ok(conv_input_grad(g, dy, w))
+    fn conv_input_grad(
+        &self,
+        g: &ConvShape,
+        dy: &Vec<f32>,
+        w: &Vec<f32>,
+        products: Products,
+    ) -> Result<Vec<f32>> {
+        Ok(conv_input_grad(g, dy, w, products))
     }
 
-    fn conv_weight_grad(&self, g: &ConvShape, x: &Vec<f32>, dy: &Vec<f32>) -> Result<Vec<f32>> {
-        Ok(conv_weight_grad(g, x, dy))
+    fn conv_weight_grad(
+        &self,
+        g: &ConvShape,
+        x: &Vec<f32>,
+        dy: &Vec<f32>,
+        products: Products,
+    ) -> Result<Vec<f32>> {
+        Ok(conv_weight_grad(g, x, dy, products))
     }
 
     fn bn_stats(&self, x: &Vec<f32>, (n, c, hw): (usize, usize, usize)) -> Result<Vec<f32>> {

@@ -16,7 +16,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use brisk_ops::{BatchNormSync, ConvShape};
+use brisk_ops::{BatchNormSync, ConvShape, Products};
 use brisk_precision::{Dtype, LayerKind, PrecisionPolicy};
 use brisk_spec::{tensor_name, BlockPlan, ConvPlan, ModelSpec, Role, BN_EPS, BN_MOMENTUM};
 use candle_core::{Tensor, Var};
@@ -347,6 +347,20 @@ impl<B: Backend> Executor<B> {
         }))
     }
 
+    /// The half format `conv` computes in, if it is a half layer.
+    fn half_of(&self, conv: &Conv) -> Option<Dtype> {
+        self.half.filter(|_| self.half_weights.contains(&conv.weight))
+    }
+
+    /// How `conv` multiplies: in bf16 where it is a bf16 layer (its operands are bf16
+    /// values), else in f32.
+    fn products(&self, conv: &Conv) -> Products {
+        match self.half_of(conv) {
+            Some(Dtype::Bf16) => Products::Bf16,
+            _ => Products::F32,
+        }
+    }
+
     fn stem_conv(&self) -> Conv {
         Conv::new(&self.spec.stem_conv())
     }
@@ -355,9 +369,9 @@ impl<B: Backend> Executor<B> {
         let g = conv.shape(n, x)?;
         let w = self.value(&conv.weight)?;
         Ok(Act {
-            v: self
-                .times
-                .time(Op::ConvForward, || self.backend.conv_forward(&g, &x.v, w))?,
+            v: self.times.time(Op::ConvForward, || {
+                self.backend.conv_forward(&g, &x.v, w, self.products(conv))
+            })?,
             c: g.cout,
             h: g.ho,
             w: g.wo,
@@ -709,19 +723,19 @@ impl<B: Backend> Executor<B> {
         let g = conv.shape(n, x)?;
         let w = self.value(&conv.weight)?;
         // A half convolution rounds its output gradient, as autocast does.
-        if let Some(half) = self.half.filter(|_| self.half_weights.contains(&conv.weight)) {
+        if let Some(half) = self.half_of(conv) {
             self.backend.round_half(&mut dy, half)?;
         }
         let dw = self.times.time(Op::ConvWeightGrad, || {
-            self.backend.conv_weight_grad(&g, &x.v, &dy)
+            self.backend.conv_weight_grad(&g, &x.v, &dy, self.products(conv))
         })?;
         grads.push((conv.weight.clone(), self.backend.download_owned(dw)?));
         if !input_grad {
             return Ok(None);
         }
-        let dx = self
-            .times
-            .time(Op::ConvInputGrad, || self.backend.conv_input_grad(&g, &dy, w))?;
+        let dx = self.times.time(Op::ConvInputGrad, || {
+            self.backend.conv_input_grad(&g, &dy, w, self.products(conv))
+        })?;
         // Every convolution's input but the images' is a stored activation.
         Ok(Some(self.stored(dx)?))
     }

@@ -21,7 +21,7 @@ pub mod split;
 
 pub use backend::{Backend, BnArgs, CpuBackend};
 /// The geometry of a convolution as a backend receives it.
-pub use brisk_ops::ConvShape;
+pub use brisk_ops::{ConvShape, Products};
 pub use brisk_spec::{
     model_file, read_sidecar, sidecar_path, write_sidecar, Arch, BlockChannels, BlockConvs, BlockPlan,
     Channels, ConvPlan, ModelSpec, PoolPlan, Role, Stem, TensorInfo, MODEL_FILE,

@@ -4,7 +4,9 @@
 //! hands a backend a buffer that does not fit. A template for a new backend's tests.
 
 use anyhow::Result;
-use brisk_models::{Backend, BnArgs, ConvShape, CpuBackend, Engine, Executor, ModelSpec, Network, PoolPlan};
+use brisk_models::{
+    Backend, BnArgs, ConvShape, CpuBackend, Engine, Executor, ModelSpec, Network, PoolPlan, Products,
+};
 use brisk_testkit::randn;
 use candle_core::Device;
 
@@ -67,20 +69,24 @@ impl Backend for Checked {
     fn download_owned(&self, buf: Cell) -> R<Vec<f32>> {
         Ok(buf.0.into_vec())
     }
-    fn conv_forward(&self, g: &ConvShape, x: &Cell, w: &Cell) -> R<Cell> {
+    fn conv_forward(&self, g: &ConvShape, x: &Cell, w: &Cell, products: Products) -> R<Cell> {
         fits("conv input", x, g.n * g.cin * g.h * g.w);
         fits("conv weight", w, g.cout * g.cin * g.k * g.k);
-        CpuBackend.conv_forward(g, &vec(x), &vec(w)).map(cell)
+        CpuBackend.conv_forward(g, &vec(x), &vec(w), products).map(cell)
     }
-    fn conv_input_grad(&self, g: &ConvShape, dy: &Cell, w: &Cell) -> R<Cell> {
+    fn conv_input_grad(&self, g: &ConvShape, dy: &Cell, w: &Cell, products: Products) -> R<Cell> {
         fits("conv output gradient", dy, g.n * g.cout * g.ho * g.wo);
         fits("conv weight", w, g.cout * g.cin * g.k * g.k);
-        CpuBackend.conv_input_grad(g, &vec(dy), &vec(w)).map(cell)
+        CpuBackend
+            .conv_input_grad(g, &vec(dy), &vec(w), products)
+            .map(cell)
     }
-    fn conv_weight_grad(&self, g: &ConvShape, x: &Cell, dy: &Cell) -> R<Cell> {
+    fn conv_weight_grad(&self, g: &ConvShape, x: &Cell, dy: &Cell, products: Products) -> R<Cell> {
         fits("conv input", x, g.n * g.cin * g.h * g.w);
         fits("conv output gradient", dy, g.n * g.cout * g.ho * g.wo);
-        CpuBackend.conv_weight_grad(g, &vec(x), &vec(dy)).map(cell)
+        CpuBackend
+            .conv_weight_grad(g, &vec(x), &vec(dy), products)
+            .map(cell)
     }
     fn bn_stats(&self, x: &Cell, (n, c, hw): (usize, usize, usize)) -> R<Cell> {
         fits("bn input", x, n * c * hw);

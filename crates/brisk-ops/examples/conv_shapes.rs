@@ -6,7 +6,7 @@
 use std::time::Instant;
 
 use anyhow::Result;
-use brisk_ops::ConvShape;
+use brisk_ops::{ConvShape, Products};
 
 /// (name, Cin, Cout, input size, kernel, stride, count in the network).
 const SHAPES: [(&str, usize, usize, usize, usize, usize, usize); 11] = [
@@ -55,9 +55,9 @@ fn main() -> Result<()> {
         let w = values(cout * cin * k * k, 2);
         let dy = values(batch * g.out_len(), 3);
         let flops = 2.0 * (batch * g.out_len() * cin * k * k) as f64;
-        let fwd = time(|| Ok(brisk_ops::conv_forward(&g, &x, &w)))?;
-        let dx = time(|| Ok(brisk_ops::conv_input_grad(&g, &dy, &w)))?;
-        let dw = time(|| Ok(brisk_ops::conv_weight_grad(&g, &x, &dy)))?;
+        let fwd = time(|| Ok(brisk_ops::conv_forward(&g, &x, &w, Products::F32)))?;
+        let dx = time(|| Ok(brisk_ops::conv_input_grad(&g, &dy, &w, Products::F32)))?;
+        let dw = time(|| Ok(brisk_ops::conv_weight_grad(&g, &x, &dy, Products::F32)))?;
         for (t, v) in totals.iter_mut().zip([fwd, dx, dw]) {
             *t += v * count as f64;
         }

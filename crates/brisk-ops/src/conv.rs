@@ -46,6 +46,15 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, stride: usize, padding: usize) -> Res
     )
 }
 
+/// How a convolution computing in `compute` multiplies (its operands rounded to it).
+fn products_in(compute: DType) -> Products {
+    if compute == DType::BF16 {
+        Products::Bf16
+    } else {
+        Products::F32
+    }
+}
+
 /// The values of an operand as f32, rounded to `compute` (borrowed when nothing changes).
 fn operand<'a>(s: &'a CpuStorage, l: &Layout, compute: DType, what: &str) -> Result<Cow<'a, [f32]>> {
     let mut v = f32_values(s, l, "conv2d", what)?;
@@ -229,11 +238,25 @@ fn unfold<'a>(g: &ConvShape, x: &'a [f32], first: usize, count: usize, buf: &'a 
     &buf[..g.kdim() * ld]
 }
 
+/// How a convolution multiplies its operands.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Products {
+    /// f32 products.
+    #[default]
+    F32,
+    /// The operands hold bf16 values (rounded already, as mixed precision stores them):
+    /// the packed kernels multiply them as bf16 pairs (`vdpbf16ps`) where the CPU has
+    /// AVX512-BF16 (and `BRISK_ISA=avx512` does not forbid it), elsewhere in f32. The
+    /// products are exact either way and summed in f32: the two differ only in summation
+    /// order.
+    Bf16,
+}
+
 /// The convolution of f32 slices: `x` `[n, cin, h, w]`, `w` `[cout, cin, k, k]` → `[n,
 /// cout, ho, wo]` (what the custom op computes; brisk-models' engine calls it directly).
 /// On AVX-512 CPUs it runs brisk's packed kernels (`packed`), else im2col + `gemm`.
-pub fn conv_forward(g: &ConvShape, x: &[f32], w: &[f32]) -> Vec<f32> {
-    conv_packed(g, x, || PackedWeight::rows(w, g.cout, g.kdim()))
+pub fn conv_forward(g: &ConvShape, x: &[f32], w: &[f32], products: Products) -> Vec<f32> {
+    conv_packed(g, x, products, || PackedWeight::rows(w, g.cout, g.kdim()))
         .unwrap_or_else(|| conv_forward_gemm(g, x, w))
 }
 
@@ -257,13 +280,22 @@ fn conv_forward_gemm(g: &ConvShape, x: &[f32], w: &[f32]) -> Vec<f32> {
 /// The convolution `g` on brisk's packed kernels with the weight `weight()` packs, when
 /// the CPU has them and there are enough image groups to keep every thread busy (the
 /// packed kernels run one group per thread); `None` otherwise.
-fn conv_packed(g: &ConvShape, x: &[f32], weight: impl FnOnce() -> PackedWeight) -> Option<Vec<f32>> {
+fn conv_packed(
+    g: &ConvShape,
+    x: &[f32],
+    products: Products,
+    weight: impl FnOnce() -> PackedWeight,
+) -> Option<Vec<f32>> {
     let group = (packed::NC / g.out_hw().max(1)).clamp(1, g.n.max(1));
     let t = threads();
     if !packed::available() || g.cout < packed::MIN_ROWS || (t > 1 && g.n.div_ceil(group) < t) {
         return None;
     }
-    Some(run_packed(g, x, &weight(), group))
+    let weight = match products {
+        Products::Bf16 if packed::bf16::available() => weight().in_bf16(),
+        _ => weight(),
+    };
+    Some(run_packed(g, x, &weight, group))
 }
 
 /// The convolution `g` of `x` with the packed weight `a`, `group` images a task.
@@ -284,9 +316,9 @@ fn run_packed(g: &ConvShape, x: &[f32], a: &PackedWeight, group: usize) -> Vec<f
 /// CPUs that convolution runs on the packed kernels, the flipped weight packed straight
 /// from `w`; otherwise (and for other strides) the column gradient `Wᵀ·dy` is computed and
 /// folded back with col2im.
-pub fn conv_input_grad(g: &ConvShape, dy: &[f32], w: &[f32]) -> Vec<f32> {
+pub fn conv_input_grad(g: &ConvShape, dy: &[f32], w: &[f32], products: Products) -> Vec<f32> {
     if let Some(flipped) = g.input_grad_as_conv() {
-        if let Some(dx) = conv_packed(&flipped, dy, || flipped_weight(g, w)) {
+        if let Some(dx) = conv_packed(&flipped, dy, products, || flipped_weight(g, w)) {
             return dx;
         }
     }
@@ -335,7 +367,8 @@ fn conv_input_grad_col2im(g: &ConvShape, dy: &[f32], w: &[f32]) -> Vec<f32> {
 
 /// The weight gradient `[cout, cin, k, k]` of [`conv_forward`] from the output gradient
 /// `dy`; the summation order depends only on the thread count.
-pub fn conv_weight_grad(g: &ConvShape, x: &[f32], dy: &[f32]) -> Vec<f32> {
+pub fn conv_weight_grad(g: &ConvShape, x: &[f32], dy: &[f32], products: Products) -> Vec<f32> {
+    let bf16 = products == Products::Bf16 && packed::bf16::available();
     let wlen = g.cout * g.kdim();
     let (group, cols, scratch) = group_plan(g);
     let groups = g.n.div_ceil(group);
@@ -353,7 +386,8 @@ pub fn conv_weight_grad(g: &ConvShape, x: &[f32], dy: &[f32]) -> Vec<f32> {
     // gradient is small (layers 1-3 of ResNet-18) accumulating dw^T [K, Cout] = col · dy^T
     // reads the smaller dy transposed and measured 1.5-2.4x faster; for layer4's 512 x 4608
     // gradient dw = dy · col^T measured 1.4x faster.
-    let transposed = wlen <= 1 << 20;
+    // bf16 products (`packed::bf16::weight_grad_t`) accumulate dw^T.
+    let transposed = bf16 || wlen <= 1 << 20;
     let partials: Vec<Vec<f32>> = (0..chunks)
         .into_par_iter()
         .map(|c| {
@@ -371,7 +405,9 @@ pub fn conv_weight_grad(g: &ConvShape, x: &[f32], dy: &[f32]) -> Vec<f32> {
                         gather(dy, first, count, g.cout, g.out_hw(), dy_buf);
                         &dy_buf[..g.cout * ld]
                     };
-                    if transposed {
+                    if bf16 {
+                        packed::bf16::weight_grad_t(col, dyg, ld, &mut acc);
+                    } else if transposed {
                         let (col, dyt) = (Mat::rows(col, ld), Mat::transposed(dyg, ld));
                         matmul((g.kdim(), g.cout, ld), &mut acc, col, dyt, true, par);
                     } else {
@@ -425,6 +461,7 @@ impl CustomOp2 for Conv2d {
             &g,
             &operand(s1, l1, self.compute, "input")?,
             &operand(s2, l2, self.compute, "weight")?,
+            products_in(self.compute),
         );
         Ok((CpuStorage::F32(out), Shape::from((g.n, g.cout, g.ho, g.wo))))
     }
@@ -507,6 +544,7 @@ impl CustomOp2 for Conv2dInputGrad {
             &g,
             &operand(s1, l1, self.compute, "gradient")?,
             &operand(s2, l2, self.compute, "weight")?,
+            products_in(self.compute),
         );
         Ok((
             storage_of(dx, self.compute)?,
@@ -554,6 +592,7 @@ impl CustomOp2 for Conv2dWeightGrad {
             &g,
             &operand(s1, l1, self.compute, "input")?,
             &operand(s2, l2, self.compute, "gradient")?,
+            products_in(self.compute),
         );
         Ok((CpuStorage::F32(dw), Shape::from((cout, cin, self.k, self.k))))
     }
@@ -623,12 +662,27 @@ mod tests {
     }
 
     /// A convolution on a bf16/f16 input is the f32 convolution of the rounded input and
-    /// weight, bit for bit; its gradients are the f32 gradients for the rounded output
-    /// gradient (the input's rounded to its dtype, the weight's in f32).
+    /// weight; its gradients are the f32 gradients for the rounded output gradient (the
+    /// input's rounded to its dtype, the weight's in f32). Bit for bit where the products
+    /// run in f32; where bf16 ones run (`packed::bf16::available`) the sums differ in order
+    /// only: within 1e-5 of the largest value (f32 outputs) or one bf16 step (bf16 ones).
     #[test]
     fn half_inputs_compute_on_rounded_operands() -> Result<()> {
         let round = |t: &Tensor, d: DType| t.to_dtype(d).and_then(|t| t.to_dtype(DType::F32));
+        let values = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
         for half in [DType::BF16, DType::F16] {
+            let exact = half == DType::F16 || !packed::bf16::available();
+            let agree = |what: &str, a: &Tensor, b: &Tensor, rel: f32| -> Result<()> {
+                let (a, b) = (values(a)?, values(b)?);
+                if exact {
+                    assert_eq!(a, b, "{what} in {half:?}");
+                    return Ok(());
+                }
+                let scale = b.iter().fold(1f32, |m, v| m.max(v.abs()));
+                let err = a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+                assert!(err <= rel * scale, "{what} in {half:?}: {err} of {scale}");
+                Ok(())
+            };
             for (n, cin, h, w, cout, k, s, p) in [SHAPES[0], SHAPES[3], SHAPES[8], SHAPES[9]] {
                 let x32 = randn(4, 0.0, 1.0, (n, cin, h, w))?;
                 let xh = Var::from_tensor(&x32.to_dtype(half)?)?;
@@ -638,26 +692,18 @@ mod tests {
                 let yh = conv2d(&xh, &wt, s, p)?;
                 let yr = conv2d(&xr, &wr, s, p)?;
                 assert_eq!(yh.dtype(), DType::F32);
-                assert_eq!(
-                    yh.flatten_all()?.to_vec1::<f32>()?,
-                    yr.flatten_all()?.to_vec1::<f32>()?
-                );
+                agree("output", &yh, &yr, 1e-5)?;
                 let probe = randn(6, 0.0, 1.0, yh.dims())?;
                 let gh = (yh * &probe)?.sum_all()?.backward()?;
                 let gr = (yr * round(&probe, half)?)?.sum_all()?.backward()?;
                 let dxh = gh.get(&xh).expect("input gradient");
                 assert_eq!(dxh.dtype(), half);
                 let dxr = gr.get(&xr).expect("reference input gradient").to_dtype(half)?;
-                // Both in `half`: widened to f32 (exactly), they must agree bit for bit.
-                let widened = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
-                assert_eq!(widened(dxh)?, widened(&dxr)?);
+                agree("input gradient", dxh, &dxr, 1.0 / 128.0)?;
                 let dwh = gh.get(&wt).expect("weight gradient");
                 let dwr = gr.get(&wr).expect("reference weight gradient");
                 assert_eq!(dwh.dtype(), DType::F32);
-                assert_eq!(
-                    dwh.flatten_all()?.to_vec1::<f32>()?,
-                    dwr.flatten_all()?.to_vec1::<f32>()?
-                );
+                agree("weight gradient", dwh, dwr, 1e-5)?;
             }
         }
         Ok(())
@@ -724,31 +770,33 @@ mod tests {
     /// counts off the 32-wide tiles and across the 256-position blocks, reductions longer
     /// than one 256-row block, images split between blocks, strides, 1x1 and 7x7, rows
     /// packed by masked loads (wide or odd maps) and by gathers (small maps).
+    /// Shapes that exercise the packed kernels' edges (see the test below).
+    const EDGE_SHAPES: [Shape8; 14] = [
+        (3, 5, 12, 12, 13, 3, 1, 1),
+        (4, 6, 8, 8, 10, 3, 2, 1),
+        (2, 40, 6, 6, 9, 3, 1, 1),
+        (4, 3, 9, 7, 8, 3, 2, 1),
+        (2, 6, 11, 10, 7, 7, 2, 3),
+        (5, 16, 4, 4, 24, 1, 2, 0),
+        (3, 7, 5, 5, 6, 3, 1, 2),
+        (2, 31, 3, 3, 17, 3, 1, 0),
+        (9, 8, 4, 4, 16, 3, 1, 1),
+        // Direct convolutions (stride 1, output rows of 16k positions), partial
+        // 32-position groups, padding 0 and 2.
+        (3, 5, 16, 16, 13, 3, 1, 1),
+        (2, 3, 32, 32, 9, 3, 1, 1),
+        (2, 4, 18, 17, 8, 3, 1, 0),
+        (2, 6, 16, 16, 11, 5, 1, 2),
+        (3, 9, 4, 16, 7, 1, 1, 0),
+    ];
+
     #[test]
     fn packed_kernels_match_the_gemm_path() {
-        let shapes: [Shape8; 14] = [
-            (3, 5, 12, 12, 13, 3, 1, 1),
-            (4, 6, 8, 8, 10, 3, 2, 1),
-            (2, 40, 6, 6, 9, 3, 1, 1),
-            (4, 3, 9, 7, 8, 3, 2, 1),
-            (2, 6, 11, 10, 7, 7, 2, 3),
-            (5, 16, 4, 4, 24, 1, 2, 0),
-            (3, 7, 5, 5, 6, 3, 1, 2),
-            (2, 31, 3, 3, 17, 3, 1, 0),
-            (9, 8, 4, 4, 16, 3, 1, 1),
-            // Direct convolutions (stride 1, output rows of 16k positions), partial
-            // 32-position groups, padding 0 and 2.
-            (3, 5, 16, 16, 13, 3, 1, 1),
-            (2, 3, 32, 32, 9, 3, 1, 1),
-            (2, 4, 18, 17, 8, 3, 1, 0),
-            (2, 6, 16, 16, 11, 5, 1, 2),
-            (3, 9, 4, 16, 7, 1, 1, 0),
-        ];
         let max_diff = |a: &[f32], b: &[f32]| -> f32 {
             assert_eq!(a.len(), b.len());
             a.iter().zip(b).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max)
         };
-        for (n, cin, h, wd, cout, k, s, p) in shapes {
+        for (n, cin, h, wd, cout, k, s, p) in EDGE_SHAPES {
             let g = ConvShape::new(&[n, cin, h, wd], &[cout, cin, k, k], s, p).expect("shape");
             let len = |d: &[usize]| d.iter().product::<usize>();
             let x: Vec<f32> = (0..len(&[n, cin, h, wd]))
@@ -780,6 +828,62 @@ mod tests {
                     (n, cin, h, wd, cout, k, s, p)
                 );
             }
+        }
+    }
+
+    /// bf16 pair products (`vdpbf16ps`) against f32 products of the same bf16 values,
+    /// forward, stride-1 input gradient and weight gradient, on the edge shapes and on a reduction of 9 x 57
+    /// rows (odd: a last pair half empty, and three 256-row blocks): the products are exact
+    /// in both, so only the summation order differs.
+    #[test]
+    fn bf16_products_match_f32_products_of_the_same_values() {
+        if !packed::bf16::available() {
+            println!("SKIPPED: this CPU has no AVX512-BF16 (or BRISK_ISA=avx512)");
+            return;
+        }
+        let bf16 = |v: Vec<f32>| -> Vec<f32> {
+            let mut v = v;
+            crate::half::round_to_bf16(&mut v);
+            v
+        };
+        let value = |i: usize, m: usize| ((i * 7 % m) as f32 - (m / 2) as f32) * 0.37;
+        let mut shapes = EDGE_SHAPES.to_vec();
+        shapes.push((2, 57, 8, 8, 70, 3, 1, 1));
+        for (n, cin, h, wd, cout, k, s, p) in shapes {
+            let g = ConvShape::new(&[n, cin, h, wd], &[cout, cin, k, k], s, p).expect("shape");
+            let x = bf16((0..n * cin * h * wd).map(|i| value(i, 23)).collect());
+            let w = bf16((0..cout * g.kdim()).map(|i| value(i, 17)).collect());
+            let dy = bf16((0..g.n * g.out_len()).map(|i| value(i, 13)).collect());
+            let scale = |v: &[f32]| v.iter().fold(1f32, |m, a| m.max(a.abs()));
+            let check = |what: &str, want: &[f32], got: &[f32]| {
+                let err = want.iter().zip(got).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                assert!(
+                    err <= 1e-5 * scale(want) * (g.kdim() as f32).sqrt(),
+                    "{what} {:?}: {err} of {}",
+                    (n, cin, h, wd, cout, k, s, p),
+                    scale(want)
+                );
+            };
+            let want = conv_forward_gemm(&g, &x, &w);
+            for group in [1, n] {
+                let a = PackedWeight::rows(&w, cout, g.kdim()).in_bf16();
+                check("forward", &want, &run_packed(&g, &x, &a, group));
+            }
+            if let Some(flipped) = g.input_grad_as_conv() {
+                let want = conv_input_grad_col2im(&g, &dy, &w);
+                let got = run_packed(&flipped, &dy, &flipped_weight(&g, &w).in_bf16(), 2);
+                check("input grad", &want, &got);
+            }
+            // The weight gradient sums over every position of every image.
+            let want = conv_weight_grad(&g, &x, &dy, Products::F32);
+            let got = conv_weight_grad(&g, &x, &dy, Products::Bf16);
+            let err = want.iter().zip(&got).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            let bound = 1e-5 * scale(&want) * ((g.n * g.out_hw()) as f32).sqrt();
+            assert!(
+                err <= bound,
+                "weight grad {:?}: {err}",
+                (n, cin, h, wd, cout, k, s, p)
+            );
         }
     }
 

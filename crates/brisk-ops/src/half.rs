@@ -2,11 +2,11 @@
 //! their activations as bf16 or f16 tensors (half the memory) and compute as autocast
 //! does: operands rounded to the half format, products summed in f32.
 //!
-//! Why f32 GEMMs on rounded operands rather than bf16 dot products: on this CPU
-//! (AVX512-BF16, no AMX) `vdpbf16ps` retires at half the rate of f32 FMAs; a packed
-//! 12x32 bf16 micro-kernel measured 60-70 GFLOP/s against 130-160 for the f32 GEMM on
-//! ResNet-18's shapes (docs/kernels.md). The products of rounded values are exact in
-//! f32, so the results are those of a bf16 GEMM with f32 accumulation. The conversions
+//! Products: f32 GEMMs on the rounded operands, except where bf16 dot products pay —
+//! on the Intel Xeons measured `vdpbf16ps` retired at half the rate of f32 FMAs, on AMD
+//! EPYCs at twice it, so there the packed convolutions multiply bf16 pairs
+//! (packed/bf16.rs, docs/kernels.md). The products of rounded values are exact in f32,
+//! so the results are those of a bf16 GEMM with f32 accumulation either way. The conversions
 //! use AVX512-BF16 (`vcvtneps2bf16`) and AVX-512 F16C (`vcvtps2ph`) when the CPU has
 //! them (detected at run time), scalar code otherwise.
 

@@ -24,7 +24,7 @@ pub use batchnorm::{
     batch_norm, bn_grad_sums, bn_input_grad, bn_input_grad_in_place, bn_normalize, bn_stats,
     combine_batch_stats, combine_grad_sums, BatchNormOutput, BatchNormSync, BnParams, Epilogue,
 };
-pub use conv::{conv2d, conv_forward, conv_input_grad, conv_weight_grad, ConvShape};
+pub use conv::{conv2d, conv_forward, conv_input_grad, conv_weight_grad, ConvShape, Products};
 pub use elementwise::{add_assign, relu_backward};
 pub use fill::par_build;
 pub use gemm::{matmul_f32, Mat};

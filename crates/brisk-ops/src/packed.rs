@@ -14,6 +14,8 @@ use rayon::prelude::*;
 
 use crate::shape::ConvShape;
 
+pub(crate) mod bf16;
+
 /// Output channels per micro-kernel tile (rows of the packed weight panels).
 const MR: usize = 8;
 /// Output positions per micro-kernel tile: two 16-float vectors.
@@ -46,6 +48,9 @@ pub(crate) fn available() -> bool {
 /// block of positions multiplies is one stretch of memory.
 pub(crate) struct PackedWeight {
     data: Vec<f32>,
+    /// The same weight as bf16 pairs ([`bf16::weight_pairs`]) when the products run in
+    /// bf16 ([`PackedWeight::in_bf16`]); empty for f32 products.
+    pairs: Vec<u32>,
     rows: usize,
     kdim: usize,
 }
@@ -96,7 +101,19 @@ impl PackedWeight {
                     }
                 }
             });
-        PackedWeight { data, rows, kdim }
+        PackedWeight {
+            data,
+            pairs: Vec::new(),
+            rows,
+            kdim,
+        }
+    }
+
+    /// This weight multiplied in bf16 ([`bf16::available`] must hold): each value rounded
+    /// to bf16, and the image operand rounded as it is paired.
+    pub(crate) fn in_bf16(mut self) -> Self {
+        self.pairs = bf16::weight_pairs(&self.data, self.blocks(), self.kdim);
+        self
     }
 
     /// The row-major `[rows, kdim]` weight of a convolution.
@@ -233,10 +250,7 @@ impl<'a> Direct<'a> {
                 };
                 let src =
                     DirectPanel::new([&self.padded[start(q)..], &self.padded[second..]], &offsets[..kc]);
-                for b in 0..a.blocks() {
-                    let c = &mut acc[b * MR * NC + nb * NR..];
-                    kernel(kc, a.panel(b, kc0, kc), &src, c, NC, kc0 > 0);
-                }
+                products(a, (kc0, kc), &src, acc, nb * NR);
             }
         }
     }
@@ -323,10 +337,7 @@ fn conv_block(
         // from L2, where the weight block fits).
         for nb in 0..groups {
             let bp = PackedPanel(&panel[nb * KC * NR..][..kc * NR]);
-            for b in 0..a.blocks() {
-                let c = &mut acc[b * MR * NC + nb * NR..];
-                kernel(kc, a.panel(b, kc0, kc), &bp, c, NC, kc0 > 0);
-            }
+            products(a, (kc0, kc), &bp, acc, nb * NR);
         }
     }
 }
@@ -622,6 +633,34 @@ impl ImagePanel for DirectPanel<'_> {
         let o = self.offsets[k];
         self.base.map(|b| b.as_ptr().wrapping_add(o))
     }
+}
+
+thread_local! {
+    /// An image micro-panel as bf16 pairs ([`bf16::image_pairs`]).
+    static PAIRS: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Reduction rows `kc0..kc0 + kc` of every row block of `a` times the image micro-panel
+/// `b`, into columns `col..col + NR` of `acc` (`[blocks * MR, NC]`): added to what is there
+/// unless `kc0` is 0. In bf16 where `a` is ([`PackedWeight::in_bf16`]), else in f32.
+fn products(a: &PackedWeight, (kc0, kc): (usize, usize), b: &impl ImagePanel, acc: &mut [f32], col: usize) {
+    if a.pairs.is_empty() {
+        for blk in 0..a.blocks() {
+            let c = &mut acc[blk * MR * NC + col..];
+            kernel(kc, a.panel(blk, kc0, kc), b, c, NC, kc0 > 0);
+        }
+        return;
+    }
+    PAIRS.with(|pairs| {
+        let mut pairs = pairs.borrow_mut();
+        pairs.resize(bf16::PANEL_PAIRS, 0);
+        bf16::image_pairs(b, kc, &mut pairs);
+        for blk in 0..a.blocks() {
+            let c = &mut acc[blk * MR * NC + col..];
+            let w = bf16::weight_panel(&a.pairs, a.blocks(), blk, kc0, kc);
+            bf16::kernel(kc.div_ceil(2), (w, bf16::PANEL), &pairs, c, NC, kc0 > 0);
+        }
+    });
 }
 
 /// `c[i][j] (+)= Σ_k a[k][i] · b[k][j]` for an MR x NR tile: `a` is `kc` groups of MR,
