@@ -64,12 +64,59 @@ fn operand<'a>(s: &'a CpuStorage, l: &Layout, compute: DType, what: &str) -> Res
     Ok(v)
 }
 
+/// How im2col and col2im move an image's values: by output-row runs (copies of whole
+/// rows), or, for small maps, by a table of offsets — the input offset in a channel plane
+/// of each (kernel tap, output position), [`OUTSIDE`] in the padding. With rows of under
+/// 16 positions (the 8x8 to 1x1 maps of small images) a row run is a few values, and the
+/// calls that copy and zero-fill them cost more than the values (im2col was a fifth of an
+/// 8x8 step, `memmove`/`memset` another tenth); the table is made once per call.
+enum Taps {
+    Rows,
+    Table(Vec<u32>),
+}
+
+/// A tap that reads the padding.
+const OUTSIDE: u32 = u32::MAX;
+
+impl Taps {
+    fn new(g: &ConvShape) -> Self {
+        if g.wo >= 16 || g.h * g.w >= OUTSIDE as usize {
+            return Taps::Rows;
+        }
+        let mut table = Vec::with_capacity(g.k * g.k * g.out_hw());
+        for ki in 0..g.k {
+            for kj in 0..g.k {
+                for oh in 0..g.ho {
+                    let ih = g.input_row(oh, ki);
+                    for ow in 0..g.wo {
+                        let iw = (ow * g.stride + kj).checked_sub(g.pad).filter(|&iw| iw < g.w);
+                        table.push(match (ih, iw) {
+                            (Some(ih), Some(iw)) => (ih * g.w + iw) as u32,
+                            _ => OUTSIDE,
+                        });
+                    }
+                }
+            }
+        }
+        Taps::Table(table)
+    }
+}
+
 /// Unfolds one image `[Cin, H, W]` into the `Ho*Wo` columns of `col` `[Cin*K*K, ld]`
 /// that start at its first element (row r at `col[r * ld..]`).
-fn im2col(g: &ConvShape, x: &[f32], col: &mut [f32], ld: usize) {
+fn im2col(g: &ConvShape, taps: &Taps, x: &[f32], col: &mut [f32], ld: usize) {
     let (k, s, howo) = (g.k, g.stride, g.out_hw());
     for c in 0..g.cin {
         let plane = &x[c * g.h * g.w..(c + 1) * g.h * g.w];
+        if let Taps::Table(table) = taps {
+            for (t, offsets) in table.chunks_exact(howo).enumerate() {
+                let row = &mut col[(c * k * k + t) * ld..][..howo];
+                for (d, &o) in row.iter_mut().zip(offsets) {
+                    *d = plane.get(o as usize).copied().unwrap_or(0.0);
+                }
+            }
+            continue;
+        }
         for ki in 0..k {
             for kj in 0..k {
                 let row = &mut col[((c * k + ki) * k + kj) * ld..][..howo];
@@ -99,10 +146,21 @@ fn im2col(g: &ConvShape, x: &[f32], col: &mut [f32], ld: usize) {
 
 /// Folds the `Ho*Wo` columns of `col` `[Cin*K*K, ld]` that start at its first element
 /// back into one image gradient `[Cin, H, W]`, adding.
-fn col2im(g: &ConvShape, col: &[f32], ld: usize, dx: &mut [f32]) {
+fn col2im(g: &ConvShape, taps: &Taps, col: &[f32], ld: usize, dx: &mut [f32]) {
     let (k, s, howo) = (g.k, g.stride, g.out_hw());
     for c in 0..g.cin {
         let plane = &mut dx[c * g.h * g.w..(c + 1) * g.h * g.w];
+        if let Taps::Table(table) = taps {
+            for (t, offsets) in table.chunks_exact(howo).enumerate() {
+                let row = &col[(c * k * k + t) * ld..][..howo];
+                for (v, &o) in row.iter().zip(offsets) {
+                    if let Some(d) = plane.get_mut(o as usize) {
+                        *d += v;
+                    }
+                }
+            }
+            continue;
+        }
         for ki in 0..k {
             for kj in 0..k {
                 let row = &col[((c * k + ki) * k + kj) * ld..][..howo];
@@ -226,14 +284,20 @@ fn scatter(src: &[f32], count: usize, c: usize, hw: usize, dst: &mut [f32]) {
 
 /// The im2col matrix `[Cin*K*K, count*Ho*Wo]` of images `first..first + count`: the
 /// image itself for a single pointwise convolution, else unfolded into `buf`.
-fn unfold<'a>(g: &ConvShape, x: &'a [f32], first: usize, count: usize, buf: &'a mut [f32]) -> &'a [f32] {
+fn unfold<'a>(
+    g: &ConvShape,
+    taps: &Taps,
+    x: &'a [f32],
+    (first, count): (usize, usize),
+    buf: &'a mut [f32],
+) -> &'a [f32] {
     if count == 1 && g.is_pointwise() {
         return &x[first * g.in_len()..(first + 1) * g.in_len()];
     }
     let ld = count * g.out_hw();
     for j in 0..count {
         let img = &x[(first + j) * g.in_len()..(first + j + 1) * g.in_len()];
-        im2col(g, img, &mut buf[j * g.out_hw()..], ld);
+        im2col(g, taps, img, &mut buf[j * g.out_hw()..], ld);
     }
     &buf[..g.kdim() * ld]
 }
@@ -256,16 +320,25 @@ pub enum Products {
 /// cout, ho, wo]` (what the custom op computes; brisk-models' engine calls it directly).
 /// On AVX-512 CPUs it runs brisk's packed kernels (`packed`), else im2col + `gemm`.
 pub fn conv_forward(g: &ConvShape, x: &[f32], w: &[f32], products: Products) -> Vec<f32> {
+    if let Some(tap) = g.only_tap() {
+        return conv_forward(&g.pointwise(), x, &tap_weights(g, w, tap), products);
+    }
     conv_packed(g, x, products, || PackedWeight::rows(w, g.cout, g.kdim()))
         .unwrap_or_else(|| conv_forward_gemm(g, x, w))
+}
+
+/// Kernel tap `tap` of the weight `w` of `g`: `[cout, cin]`.
+fn tap_weights(g: &ConvShape, w: &[f32], tap: usize) -> Vec<f32> {
+    w.iter().skip(tap).step_by(g.k * g.k).copied().collect()
 }
 
 /// [`conv_forward`] by im2col and the `gemm` crate.
 fn conv_forward_gemm(g: &ConvShape, x: &[f32], w: &[f32]) -> Vec<f32> {
     let (group, cols, scratch) = group_plan(g);
+    let taps = Taps::new(g);
     for_each_group(g.n, g.out_len(), group, scratch, |first, count, o, buf, par| {
         let (col_buf, prod) = buf.split_at_mut(g.kdim() * cols);
-        let col = unfold(g, x, first, count, col_buf);
+        let col = unfold(g, &taps, x, (first, count), col_buf);
         let ld = count * g.out_hw();
         let wm = Mat::rows(w, g.kdim());
         if count == 1 {
@@ -317,6 +390,9 @@ fn run_packed(g: &ConvShape, x: &[f32], a: &PackedWeight, group: usize) -> Vec<f
 /// from `w`; otherwise (and for other strides) the column gradient `Wᵀ·dy` is computed and
 /// folded back with col2im.
 pub fn conv_input_grad(g: &ConvShape, dy: &[f32], w: &[f32], products: Products) -> Vec<f32> {
+    if let Some(tap) = g.only_tap() {
+        return conv_input_grad(&g.pointwise(), dy, &tap_weights(g, w, tap), products);
+    }
     if let Some(flipped) = g.input_grad_as_conv() {
         if let Some(dx) = conv_packed(&flipped, dy, products, || flipped_weight(g, w)) {
             return dx;
@@ -339,6 +415,7 @@ fn flipped_weight(g: &ConvShape, w: &[f32]) -> PackedWeight {
 /// [`conv_input_grad`] by `Wᵀ·dy` and col2im: any stride.
 fn conv_input_grad_col2im(g: &ConvShape, dy: &[f32], w: &[f32]) -> Vec<f32> {
     let (group, cols, scratch) = group_plan(g);
+    let taps = Taps::new(g);
     for_each_group(g.n, g.in_len(), group, scratch, |first, count, dxo, buf, par| {
         let (dcol, dy_buf) = buf.split_at_mut(g.kdim() * cols);
         let ld = count * g.out_hw();
@@ -357,6 +434,7 @@ fn conv_input_grad_col2im(g: &ConvShape, dy: &[f32], w: &[f32]) -> Vec<f32> {
         for j in 0..count {
             col2im(
                 g,
+                &taps,
                 &dcol[j * g.out_hw()..],
                 ld,
                 &mut dxo[j * g.in_len()..(j + 1) * g.in_len()],
@@ -368,6 +446,18 @@ fn conv_input_grad_col2im(g: &ConvShape, dy: &[f32], w: &[f32]) -> Vec<f32> {
 /// The weight gradient `[cout, cin, k, k]` of [`conv_forward`] from the output gradient
 /// `dy`; the summation order depends only on the thread count.
 pub fn conv_weight_grad(g: &ConvShape, x: &[f32], dy: &[f32], products: Products) -> Vec<f32> {
+    if let Some(tap) = g.only_tap() {
+        // The other taps multiply padding only: their gradient is zero.
+        let kk = g.k * g.k;
+        let mut dw = vec![0f32; g.cout * g.cin * kk];
+        let dtap = conv_weight_grad(&g.pointwise(), x, dy, products);
+        dw.iter_mut()
+            .skip(tap)
+            .step_by(kk)
+            .zip(dtap)
+            .for_each(|(d, v)| *d = v);
+        return dw;
+    }
     let bf16 = products == Products::Bf16 && packed::bf16::available();
     let wlen = g.cout * g.kdim();
     let (group, cols, scratch) = group_plan(g);
@@ -388,6 +478,7 @@ pub fn conv_weight_grad(g: &ConvShape, x: &[f32], dy: &[f32], products: Products
     // gradient dw = dy · col^T measured 1.4x faster.
     // bf16 products (`packed::bf16::weight_grad_t`) accumulate dw^T.
     let transposed = bf16 || wlen <= 1 << 20;
+    let taps = Taps::new(g);
     let partials: Vec<Vec<f32>> = (0..chunks)
         .into_par_iter()
         .map(|c| {
@@ -398,7 +489,7 @@ pub fn conv_weight_grad(g: &ConvShape, x: &[f32], dy: &[f32], products: Products
                     let first = grp * group;
                     let count = group.min(g.n - first);
                     let ld = count * g.out_hw();
-                    let col = unfold(g, x, first, count, col_buf);
+                    let col = unfold(g, &taps, x, (first, count), col_buf);
                     let dyg: &[f32] = if count == 1 {
                         &dy[first * g.out_len()..(first + 1) * g.out_len()]
                     } else {
@@ -609,7 +700,7 @@ mod tests {
 
     /// Odd sizes, stride 2, batch 1, 1x1 and 7x7,
     /// small maps (several images share a GEMM) and large ones.
-    const SHAPES: [Shape8; 10] = [
+    const SHAPES: [Shape8; 12] = [
         (2, 3, 7, 9, 4, 3, 1, 1),
         (1, 5, 8, 8, 6, 3, 2, 1),
         (3, 4, 9, 7, 5, 1, 2, 0),
@@ -621,6 +712,10 @@ mod tests {
         // Pointwise over several images (grouped into one GEMM), and a large map (one image a GEMM).
         (4, 3, 5, 5, 2, 1, 1, 0),
         (2, 3, 20, 18, 4, 3, 1, 1),
+        // 1x1 maps: a 3x3 convolution with one tap inside the image (run as a pointwise
+        // one), and a 5x5 with padding 2.
+        (3, 5, 1, 1, 4, 3, 1, 1),
+        (2, 4, 1, 1, 3, 5, 1, 2),
     ];
 
     /// Forward and both gradients of brisk's conv against candle's own conv2d and autograd.

@@ -110,4 +110,52 @@ impl ConvShape {
             .checked_sub(self.pad)
             .filter(|&ih| ih < self.h)
     }
+
+    /// The kernel tap `ki * k + kj` that makes this convolution a pointwise one: the only
+    /// tap that ever reads inside the image, reading each output's own position (stride 1,
+    /// output the input's size). A 3x3 convolution of a 1x1 map (the last stage of a CIFAR
+    /// ResNet on 8x8 images) is one: its other eight taps multiply padding.
+    pub(crate) fn only_tap(&self) -> Option<usize> {
+        if self.k == 1 || self.stride != 1 || (self.ho, self.wo) != (self.h, self.w) {
+            return None;
+        }
+        let rows = (0..self.k).filter(|&ki| (0..self.ho).any(|oh| self.input_row(oh, ki).is_some()));
+        let cols = (0..self.k).filter(|&kj| {
+            let (lo, hi) = self.valid_cols(kj);
+            lo < hi
+        });
+        let (rows, cols): (Vec<usize>, Vec<usize>) = (rows.collect(), cols.collect());
+        (rows == [self.pad] && cols == [self.pad]).then_some(self.pad * self.k + self.pad)
+    }
+
+    /// This convolution as the pointwise one it is ([`ConvShape::only_tap`]).
+    pub(crate) fn pointwise(&self) -> Self {
+        ConvShape {
+            k: 1,
+            pad: 0,
+            ..*self
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape(hw: usize, k: usize, stride: usize, pad: usize) -> ConvShape {
+        ConvShape::new(&[2, 3, hw, hw], &[4, 3, k, k], stride, pad).expect("shape")
+    }
+
+    #[test]
+    fn only_one_tap_reads_a_1x1_map() {
+        assert_eq!(shape(1, 3, 1, 1).only_tap(), Some(4));
+        assert_eq!(shape(1, 5, 1, 2).only_tap(), Some(12));
+        // Every tap reads the image somewhere, or the output is not the input's size.
+        assert_eq!(shape(2, 3, 1, 1).only_tap(), None);
+        assert_eq!(shape(8, 3, 1, 1).only_tap(), None);
+        assert_eq!(shape(2, 3, 2, 1).only_tap(), None);
+        assert_eq!(shape(1, 1, 1, 0).only_tap(), None);
+        let p = shape(1, 3, 1, 1).pointwise();
+        assert_eq!((p.k, p.pad, p.kdim(), p.ho, p.wo), (1, 0, 3, 1, 1));
+    }
 }
