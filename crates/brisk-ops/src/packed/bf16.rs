@@ -11,7 +11,7 @@
 use super::{ImagePanel, KC, MR, NR};
 
 /// Whether convolutions marked bf16 multiply in bf16 here: on AMD CPUs with AVX512-BF16
-/// (and AVX512-BW), where `vdpbf16ps` retires at twice the multiply-adds of f32 FMAs. On
+/// (and AVX512-BW and -VL), where `vdpbf16ps` retires at twice the multiply-adds of f32 FMAs. On
 /// the Intel Xeons measured it ran at half their rate (docs/kernels.md), so Intel CPUs
 /// keep f32 products (AMX tiles are their way to bf16 speed). `BRISK_ISA=avx512` forces
 /// f32 products, `BRISK_ISA=avx512-bf16` bf16 ones wherever the instructions exist (to
@@ -24,7 +24,8 @@ pub(crate) fn available() -> bool {
         *HAS.get_or_init(|| {
             let can = super::available()
                 && std::arch::is_x86_feature_detected!("avx512bf16")
-                && std::arch::is_x86_feature_detected!("avx512bw");
+                && std::arch::is_x86_feature_detected!("avx512bw")
+                && std::arch::is_x86_feature_detected!("avx512vl");
             match std::env::var("BRISK_ISA").as_deref() {
                 Ok("avx512") => false,
                 Ok("avx512-bf16") => can,
@@ -62,24 +63,70 @@ fn pair(even: f32, odd: f32) -> u32 {
 /// block, `kc.div_ceil(2)` groups of MR pairs. KC is even, so reduction block `kc0`
 /// starts at pair `kc0 / 2 * blocks * MR`.
 pub(super) fn weight_pairs(data: &[f32], blocks: usize, kdim: usize) -> Vec<u32> {
-    let mut out = Vec::with_capacity(kdim.div_ceil(2) * blocks * MR + blocks * MR);
+    let total: usize = (0..kdim)
+        .step_by(KC)
+        .map(|kc0| KC.min(kdim - kc0).div_ceil(2) * blocks * MR)
+        .sum();
+    let mut out = vec![0u32; total];
+    let mut at = 0;
     for kc0 in (0..kdim).step_by(KC) {
         let kc = KC.min(kdim - kc0);
         for b in 0..blocks {
             let panel = &data[kc0 * blocks * MR + b * kc * MR..][..kc * MR];
-            for kp in 0..kc.div_ceil(2) {
-                for i in 0..MR {
-                    let odd = if 2 * kp + 1 < kc {
-                        panel[(2 * kp + 1) * MR + i]
-                    } else {
-                        0.0
-                    };
-                    out.push(pair(panel[2 * kp * MR + i], odd));
-                }
-            }
+            let dst = &mut out[at..][..kc.div_ceil(2) * MR];
+            panel_pairs(panel, kc, dst);
+            at += dst.len();
         }
     }
     out
+}
+
+/// One panel of `kc` groups of MR floats as `kc.div_ceil(2)` groups of MR pairs.
+fn panel_pairs(panel: &[f32], kc: usize, dst: &mut [u32]) {
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        done = kc / 2;
+        // SAFETY: AVX512-BF16/BW/VL were detected; the function reads panel[..done * 2 *
+        // MR] and writes dst[..done * MR], both inside.
+        unsafe { panel_pairs_avx512(&panel[..done * 2 * MR], dst.as_mut_ptr()) };
+    }
+    for kp in done..kc.div_ceil(2) {
+        for i in 0..MR {
+            let odd = if 2 * kp + 1 < kc {
+                panel[(2 * kp + 1) * MR + i]
+            } else {
+                0.0
+            };
+            dst[kp * MR + i] = pair(panel[2 * kp * MR + i], odd);
+        }
+    }
+}
+
+// A pair of reduction rows of a weight panel is one 16-float vector.
+const _: () = assert!(MR == 8);
+
+/// # Safety
+/// The CPU must have AVX512-BF16, AVX512-BW and AVX512-VL; `src.len()` a multiple of 16;
+/// `out` must point to `src.len() / 2` writable values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+unsafe fn panel_pairs_avx512(src: &[f32], out: *mut u32) {
+    use std::arch::x86_64::*;
+    // Rows 2k (lanes 0..8) and 2k + 1 (8..16) interleaved: lane 2i = row 2k's i, 2i + 1
+    // = row 2k + 1's i.
+    let mut order = [0i16; 16];
+    for (j, o) in order.iter_mut().enumerate() {
+        *o = (j / 2 + (j % 2) * 8) as i16;
+    }
+    // SAFETY: the caller's contract bounds every read and write; `order` holds 16 i16.
+    unsafe {
+        let order = _mm256_loadu_si256(order.as_ptr().cast());
+        for (t, chunk) in src.chunks_exact(16).enumerate() {
+            let v: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(_mm512_loadu_ps(chunk.as_ptr())));
+            _mm256_storeu_si256(out.add(8 * t).cast(), _mm256_permutexvar_epi16(order, v));
+        }
+    }
 }
 
 /// Reduction rows `kc0..kc0 + kc` of row block `b` in [`weight_pairs`]' layout.
@@ -282,9 +329,10 @@ pub(crate) fn weight_grad_t(col: &[f32], dy: &[f32], len: usize, acc: &mut [f32]
     let kpt = len.div_ceil(2);
     COLUMNS.with(|spare| {
         let mut pairs = spare.borrow_mut();
-        // Rows past `rows` (to a whole block of MR) are zero.
-        pairs.clear();
+        // Every row below `rows` is written next; those past it (to a whole block of MR)
+        // are zero.
         pairs.resize(rows.div_ceil(MR) * MR * kpt, 0);
+        pairs[rows * kpt..].fill(0);
         for (r, src) in col.chunks_exact(len).enumerate() {
             row_pairs(src, &mut pairs[r * kpt..][..kpt]);
         }
