@@ -51,6 +51,17 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Ok(isa) = std::env::var("BRISK_ISA") {
+        if !brisk_ops::ISA_CHOICES.contains(&isa.as_str()) {
+            eprintln!(
+                "error: BRISK_ISA={isa:?} is not a kernel path brisk knows: set {:?} (f32 products \
+                 everywhere) or {:?} (bf16 dot products wherever the CPU has AVX512-BF16), or unset it",
+                brisk_ops::ISA_CHOICES[0],
+                brisk_ops::ISA_CHOICES[1],
+            );
+            return ExitCode::from(2);
+        }
+    }
     let result = match cli.command {
         Command::Models(args) => commands::models::run(&args),
         Command::Bench(args) => commands::bench::run(&args),

@@ -78,6 +78,17 @@ fn usage_errors_exit_2() -> Result<()> {
     assert_eq!(brisk(&["models", "--no-such-flag"])?.status.code(), Some(2));
     assert_eq!(brisk(&["models", "--image", "0"])?.status.code(), Some(2));
     assert_eq!(brisk(&["frobnicate"])?.status.code(), Some(2));
+    // An unknown kernel path in the environment is refused, naming the variable.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_brisk"))
+        .arg("models")
+        .env("BRISK_ISA", "avx2")
+        .output()?;
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("BRISK_ISA=\"avx2\"") && err.contains("avx512-bf16"),
+        "{err}"
+    );
     Ok(())
 }
 

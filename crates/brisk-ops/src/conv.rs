@@ -446,11 +446,17 @@ fn conv_input_grad_col2im(g: &ConvShape, dy: &[f32], w: &[f32]) -> Vec<f32> {
 /// The weight gradient `[cout, cin, k, k]` of [`conv_forward`] from the output gradient
 /// `dy`; the summation order depends only on the thread count.
 pub fn conv_weight_grad(g: &ConvShape, x: &[f32], dy: &[f32], products: Products) -> Vec<f32> {
+    weight_grad(g, x, dy, products == Products::Bf16 && packed::bf16::available())
+}
+
+/// [`conv_weight_grad`], its products in bf16 (`packed::bf16::supported` must hold) or in
+/// f32.
+fn weight_grad(g: &ConvShape, x: &[f32], dy: &[f32], bf16: bool) -> Vec<f32> {
     if let Some(tap) = g.only_tap() {
         // The other taps multiply padding only: their gradient is zero.
         let kk = g.k * g.k;
         let mut dw = vec![0f32; g.cout * g.cin * kk];
-        let dtap = conv_weight_grad(&g.pointwise(), x, dy, products);
+        let dtap = weight_grad(&g.pointwise(), x, dy, bf16);
         dw.iter_mut()
             .skip(tap)
             .step_by(kk)
@@ -458,7 +464,6 @@ pub fn conv_weight_grad(g: &ConvShape, x: &[f32], dy: &[f32], products: Products
             .for_each(|(d, v)| *d = v);
         return dw;
     }
-    let bf16 = products == Products::Bf16 && packed::bf16::available();
     let wlen = g.cout * g.kdim();
     let (group, cols, scratch) = group_plan(g);
     let groups = g.n.div_ceil(group);
@@ -932,8 +937,11 @@ mod tests {
     /// in both, so only the summation order differs.
     #[test]
     fn bf16_products_match_f32_products_of_the_same_values() {
-        if !packed::bf16::available() {
-            println!("SKIPPED: this CPU has no AVX512-BF16 (or BRISK_ISA=avx512)");
+        if !packed::bf16::supported() {
+            brisk_hosts::skipped(
+                "brisk_ops::bf16_products_match_f32_products_of_the_same_values",
+                "this CPU lacks AVX512-BF16 (or AVX512-BW/VL)",
+            );
             return;
         }
         let bf16 = |v: Vec<f32>| -> Vec<f32> {
@@ -970,8 +978,8 @@ mod tests {
                 check("input grad", &want, &got);
             }
             // The weight gradient sums over every position of every image.
-            let want = conv_weight_grad(&g, &x, &dy, Products::F32);
-            let got = conv_weight_grad(&g, &x, &dy, Products::Bf16);
+            let want = weight_grad(&g, &x, &dy, false);
+            let got = weight_grad(&g, &x, &dy, true);
             let err = want.iter().zip(&got).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
             let bound = 1e-5 * scale(&want) * ((g.n * g.out_hw()) as f32).sqrt();
             assert!(

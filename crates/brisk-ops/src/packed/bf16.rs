@@ -10,30 +10,49 @@
 
 use super::{ImagePanel, KC, MR, NR};
 
-/// Whether convolutions marked bf16 multiply in bf16 here: on AMD CPUs with AVX512-BF16
-/// (and AVX512-BW and -VL), where `vdpbf16ps` retires at twice the multiply-adds of f32 FMAs. On
-/// the Intel Xeons measured it ran at half their rate (docs/kernels.md), so Intel CPUs
-/// keep f32 products (AMX tiles are their way to bf16 speed). `BRISK_ISA=avx512` forces
-/// f32 products, `BRISK_ISA=avx512-bf16` bf16 ones wherever the instructions exist (to
-/// compare the two paths); other values change nothing. Decided once per process, from
-/// CPUID alone, so a run and its resumption multiply alike.
+/// Whether convolutions marked bf16 multiply in bf16 here: on AMD CPUs with the
+/// instructions ([`supported`]), where `vdpbf16ps` retires at twice the multiply-adds of
+/// f32 FMAs. On the Intel Xeons measured it ran at half their rate (docs/kernels.md), so
+/// Intel CPUs keep f32 products (AMX tiles are their way to bf16 speed). `BRISK_ISA=avx512`
+/// forces f32 products, `BRISK_ISA=avx512-bf16` bf16 ones wherever the instructions exist
+/// (to compare the two paths). Decided once per process, from CPUID alone, so a run and
+/// its resumption multiply alike.
 pub(crate) fn available() -> bool {
+    static CHOSEN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *CHOSEN.get_or_init(|| {
+        let [f32_products, bf16_products] = ISA_CHOICES;
+        match std::env::var("BRISK_ISA") {
+            Ok(isa) if isa == f32_products => false,
+            Ok(isa) if isa == bf16_products => supported(),
+            _ => supported() && is_amd(),
+        }
+    })
+}
+
+/// Whether this CPU has the instructions the bf16 kernels use: AVX-512F, -BW, -VL and
+/// AVX512-BF16 (what their safety rests on; [`available`] decides whether they pay).
+pub(crate) fn supported() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         *HAS.get_or_init(|| {
-            let can = super::available()
+            super::available()
                 && std::arch::is_x86_feature_detected!("avx512bf16")
                 && std::arch::is_x86_feature_detected!("avx512bw")
-                && std::arch::is_x86_feature_detected!("avx512vl");
-            match std::env::var("BRISK_ISA").as_deref() {
-                Ok("avx512") => false,
-                Ok("avx512-bf16") => can,
-                _ => can && is_amd(),
-            }
+                && std::arch::is_x86_feature_detected!("avx512vl")
         })
     }
     #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// The values `BRISK_ISA` may take: f32 products everywhere, or bf16 dot products wherever
+/// the CPU has them ([`available`]). The brisk command refuses any other value.
+pub const ISA_CHOICES: [&str; 2] = ["avx512", "avx512-bf16"];
+
+/// Whether the CPU's vendor string (CPUID leaf 0) is AMD's.
+#[cfg(not(target_arch = "x86_64"))]
+fn is_amd() -> bool {
     false
 }
 
@@ -85,7 +104,7 @@ pub(super) fn weight_pairs(data: &[f32], blocks: usize, kdim: usize) -> Vec<u32>
 fn panel_pairs(panel: &[f32], kc: usize, dst: &mut [u32]) {
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
-    if available() {
+    if supported() {
         done = kc / 2;
         // SAFETY: AVX512-BF16/BW/VL were detected; the function reads panel[..done * 2 *
         // MR] and writes dst[..done * MR], both inside.
@@ -143,7 +162,7 @@ pub(super) const PANEL_PAIRS: usize = KC / 2 * NR;
 pub(super) fn image_pairs(b: &impl ImagePanel, kc: usize, out: &mut [u32]) {
     assert!(b.holds(kc) && out.len() >= kc.div_ceil(2) * NR);
     #[cfg(target_arch = "x86_64")]
-    if available() {
+    if supported() {
         // SAFETY: AVX512-BF16 and AVX512-BW were detected; `b` holds rows 0..kc (two
         // halves of 16 floats each) and `out` kc.div_ceil(2) rows of NR, as asserted.
         unsafe { image_pairs_avx512(b, kc, out.as_mut_ptr()) };
@@ -207,7 +226,7 @@ pub(super) const PANEL: Strides = Strides { row: 1, step: MR };
 
 /// `c[i][j] (+)= Σ_kp a(kp, i) · b[kp][j]` over pairs, for an MR x NR tile: `a` as
 /// `strides` say, `b` `kcp` rows of NR pairs, `c` MR rows `ldc` apart. Runs only where
-/// [`available`] (the caller checks).
+/// [`supported`] (the caller checks).
 pub(super) fn kernel(
     kcp: usize,
     (a, strides): (&[u32], Strides),
@@ -216,7 +235,7 @@ pub(super) fn kernel(
     ldc: usize,
     accumulate: bool,
 ) {
-    assert!(available(), "bf16 products on a CPU without AVX512-BF16");
+    assert!(supported(), "bf16 products on a CPU without AVX512-BF16");
     let last = (MR - 1) * strides.row + kcp.saturating_sub(1) * strides.step;
     assert!(a.len() > last && b.len() >= kcp * NR && c.len() >= (MR - 1) * ldc + NR);
     #[cfg(target_arch = "x86_64")]
@@ -284,7 +303,7 @@ fn row_pairs(src: &[f32], out: &mut [u32]) {
     assert_eq!(out.len(), src.len().div_ceil(2));
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
-    if available() {
+    if supported() {
         done = src.len() / 32 * 32;
         // SAFETY: AVX512-BF16 was detected; the function reads src[..done] and writes
         // out[..done / 2], both inside.
