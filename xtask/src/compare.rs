@@ -218,10 +218,11 @@ pub struct CompareArgs {
     /// under brisk's names), medians of the rounds.
     #[arg(long)]
     profile: bool,
-    /// Instead of single steps: whole training runs of CIFAR ResNet-18 width 0.25 on
-    /// small synthetic images (8x8, 1,400 images, 30 epochs; 28x28, 4,000, 10 epochs),
-    /// `brisk train` against scripts/torch_train.py on the same packed data and recipe,
-    /// `--rounds` alternated: training seconds and top-1.
+    /// Instead of single steps: whole training runs of CIFAR ResNet-18 on small synthetic
+    /// images (width 0.25: 8x8, 1,400 images, 30 epochs; 28x28, 4,000, 10 epochs) and the
+    /// quick experiment's baseline (width 0.125, 32x32, 4,500 images, 4 epochs), `brisk
+    /// train` against scripts/torch_train.py on the same packed data and recipe, `--rounds`
+    /// alternated: training seconds and top-1.
     #[arg(long)]
     whole_runs: bool,
 }

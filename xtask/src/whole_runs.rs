@@ -1,5 +1,5 @@
 //! `cargo xtask compare-torch --whole-runs`: whole training runs of small models on small
-//! images, `brisk train` against the same recipe in PyTorch (scripts/torch_train.py),
+//! images (and the quick experiment's baseline), `brisk train` against the same recipe in PyTorch (scripts/torch_train.py),
 //! both from one packed synthetic set, rounds alternated: training seconds (evaluation
 //! excluded) and test top-1 side by side.
 
@@ -20,8 +20,9 @@ pub struct WholeRun {
     pub width: f64,
 }
 
-/// The small-image runs: 8x8 (a digits-sized set) and 28x28 (an MNIST-sized one).
-pub const RUNS: [WholeRun; 2] = [
+/// The small-image runs — 8x8 (a digits-sized set) and 28x28 (an MNIST-sized one)
+/// — and the quick experiment's baseline (32x32, width 0.125, 4 epochs: the same recipe).
+pub const RUNS: [WholeRun; 3] = [
     WholeRun {
         image: 8,
         train: 1_400,
@@ -35,6 +36,13 @@ pub const RUNS: [WholeRun; 2] = [
         test: 1_000,
         epochs: 10,
         width: 0.25,
+    },
+    WholeRun {
+        image: 32,
+        train: 4_500,
+        test: 1_000,
+        epochs: 4,
+        width: 0.125,
     },
 ];
 
