@@ -865,12 +865,10 @@ mod tests {
         Ok(())
     }
 
-    /// The packed kernels against im2col + `gemm`, forward and stride-1 input gradient, on
-    /// shapes that exercise their edges: channel counts off the 8-row tiles, position
-    /// counts off the 32-wide tiles and across the 256-position blocks, reductions longer
-    /// than one 256-row block, images split between blocks, strides, 1x1 and 7x7, rows
-    /// packed by masked loads (wide or odd maps) and by gathers (small maps).
-    /// Shapes that exercise the packed kernels' edges (see the test below).
+    /// Shapes that exercise the packed kernels' edges: channel counts off the 8-row tiles,
+    /// position counts off the 32-wide tiles and across the 256-position blocks,
+    /// reductions longer than one 256-row block, images split between blocks, strides, 1x1
+    /// and 7x7, rows packed by masked loads (wide or odd maps) and by gathers (small maps).
     const EDGE_SHAPES: [Shape8; 14] = [
         (3, 5, 12, 12, 13, 3, 1, 1),
         (4, 6, 8, 8, 10, 3, 2, 1),
@@ -890,6 +888,8 @@ mod tests {
         (3, 9, 4, 16, 7, 1, 1, 0),
     ];
 
+    /// The packed kernels against im2col + `gemm`, forward and stride-1 input gradient, on
+    /// the edge shapes.
     #[test]
     fn packed_kernels_match_the_gemm_path() {
         let max_diff = |a: &[f32], b: &[f32]| -> f32 {

@@ -282,19 +282,7 @@ unsafe fn kernel_avx512(
             }
         }
     }
-    for (i, r) in acc.iter().enumerate() {
-        // SAFETY: row i of c spans c[i * ldc .. i * ldc + NR], inside c by the contract.
-        unsafe {
-            let ci = c.add(i * ldc);
-            let (mut v0, mut v1) = (r[0], r[1]);
-            if accumulate {
-                v0 = _mm512_add_ps(v0, _mm512_loadu_ps(ci));
-                v1 = _mm512_add_ps(v1, _mm512_loadu_ps(ci.add(16)));
-            }
-            _mm512_storeu_ps(ci, v0);
-            _mm512_storeu_ps(ci.add(16), v1);
-        }
-    }
+    super::store_tile!(acc, c, ldc, accumulate);
 }
 
 /// `src` as bf16 pairs in order: `out[t]` = (src[2t], src[2t + 1]), 0 past the end of
