@@ -122,6 +122,14 @@ fn bench_step_json_has_the_contract_keys() -> Result<()> {
             "brisk"
         };
         assert_eq!(v["kernels"], kernels, "{v}");
+        // The engine's steps carry their memory plan; candle's graph has none.
+        let memory = &v["memory"];
+        if extra == ["--reference-ops"] {
+            assert!(memory.is_null(), "{v}");
+        } else {
+            let (live, plan) = (memory["live_peak_mib"].as_f64(), memory["plan_mib"].as_f64());
+            assert!(matches!((live, plan), (Some(l), Some(p)) if l > 0.0 && p >= l), "{v}");
+        }
     }
     Ok(())
 }

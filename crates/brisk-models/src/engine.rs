@@ -221,6 +221,14 @@ impl<B: Backend> Executor<B> {
         self
     }
 
+    /// This executor without side effects on the network: no running statistics written,
+    /// no statistics shared (a memory planner's dry run).
+    pub(crate) fn detached(mut self) -> Self {
+        self.sync = None;
+        self.updates_running = false;
+        self
+    }
+
     /// Where the steps' time goes, by kind of operation: call `op_times().enable()` to
     /// start recording.
     pub fn op_times(&self) -> &OpTimes {

@@ -14,6 +14,7 @@ pub mod backend;
 pub mod engine;
 pub mod error;
 pub mod init;
+pub mod memory;
 pub mod network;
 pub mod op_times;
 pub mod resnet;
@@ -28,6 +29,7 @@ pub use brisk_spec::{
 };
 pub use engine::{Engine, Executor};
 pub use error::{Error, Result};
+pub use memory::{plan_step, Lifetime, MemoryPlan, Planner};
 pub use network::{verify_model_file, Network};
 pub use op_times::{Op, OpTime, OpTimes};
 pub use resnet::{Kernels, ResNet};

@@ -138,6 +138,20 @@ pub fn keep_freed_memory() {
     }
 }
 
+/// The heap's size and the bytes allocated in it now, from glibc's `mallinfo2` (`None`
+/// elsewhere). With [`keep_freed_memory`]'s settings the heap never shrinks, so its size is
+/// the high-water mark of everything allocated so far.
+pub fn heap_bytes() -> Option<(usize, usize)> {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallinfo2 only reads the allocator's counters and returns them by value.
+        let info = unsafe { libc::mallinfo2() };
+        Some((info.arena, info.uordblks))
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::{binding_warning_for, threads_for};

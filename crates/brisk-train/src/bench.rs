@@ -80,6 +80,54 @@ pub struct StepReport {
     /// rows summing to the mean step.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ops: Option<Vec<OpReport>>,
+    /// On the engine: the step's buffers as a memory plan (`brisk_models::memory`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory: Option<MemoryReport>,
+}
+
+/// The buffers of one step on the engine (every slice's, which run at once): what they
+/// hold at most at one moment, and what one workspace per slice laid out by the memory
+/// plan needs for them. Weights, optimiser state and the kernels' own scratch are not
+/// in it.
+#[derive(Clone, Debug, Serialize)]
+pub struct MemoryReport {
+    pub buffers: usize,
+    /// The most MiB live at one moment (allocating each buffer alone needs this at least).
+    pub live_peak_mib: f64,
+    /// The plan's workspaces, MiB.
+    pub plan_mib: f64,
+    /// The heap as the step runs today, each buffer allocated alone (glibc; absent
+    /// elsewhere): MiB allocated between steps (weights, gradients, optimiser state), and
+    /// the heap's high-water mark (those, a step's buffers and the kernels' scratch).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub heap_between_steps_mib: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub heap_peak_mib: Option<f64>,
+}
+
+impl MemoryReport {
+    /// The plans of a step of `net` on a batch of `batch` split into `slices`.
+    pub fn of_step(net: &Network, batch: usize, slices: usize, train: bool) -> Result<Self> {
+        let mib = |values: usize| mib(values * std::mem::size_of::<f32>());
+        let (mut buffers, mut live, mut plan) = (0, 0, 0);
+        for n in brisk_models::slice_sizes(batch, slices) {
+            let p = brisk_models::plan_step(net, n, train)?;
+            buffers += p.lifetimes().len();
+            live += p.live_peak();
+            plan += p.peak();
+        }
+        Ok(MemoryReport {
+            buffers,
+            live_peak_mib: mib(live),
+            plan_mib: mib(plan),
+            heap_between_steps_mib: None,
+            heap_peak_mib: None,
+        })
+    }
+}
+
+fn mib(bytes: usize) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
 }
 
 /// Peak resident set size of this process (`VmHWM`), in MiB.
@@ -131,8 +179,10 @@ impl StepBench {
         let params = net.trainable_vars()?;
         let mut stepper = Stepper::new(&net, self.engine, self.slices)?;
         let (mut total, mut fwd, mut bwd, mut opt) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut heap_between_steps = None;
         for i in 0..self.warmup + self.steps {
             if i == self.warmup {
+                heap_between_steps = brisk_ops::heap_bytes().map(|(_, used)| used);
                 stepper.op_times().filter(|_| self.profile).map(OpTimes::enable);
             }
             let t0 = Instant::now();
@@ -165,6 +215,14 @@ impl StepBench {
         let ops = (stepper.op_times())
             .filter(|_| self.profile)
             .map(|t| op_table(t, &total, &opt));
+        let memory = match stepper.path() {
+            "engine" => Some(MemoryReport {
+                heap_between_steps_mib: heap_between_steps.map(mib),
+                heap_peak_mib: brisk_ops::heap_bytes().map(|(size, _)| mib(size)),
+                ..MemoryReport::of_step(&net, self.batch, stepper.slices(), !self.eval)?
+            }),
+            _ => None,
+        };
         let b = self.batch as f64;
         let slowest = total.iter().copied().fold(f64::MIN, f64::max);
         let fastest = total.iter().copied().fold(f64::MAX, f64::min);
@@ -181,6 +239,7 @@ impl StepBench {
             slices: stepper.slices(),
             peak_rss_mib: peak_rss_mib(),
             ops,
+            memory,
         })
     }
 

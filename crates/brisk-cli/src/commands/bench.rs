@@ -311,6 +311,18 @@ fn step(a: &StepArgs) -> Result<()> {
             }
             None => {}
         }
+        if let (Some(m), true) = (&r.memory, a.profile) {
+            println!(
+                "step buffers: {} ({} slice(s)), at most {:.1} MiB live at once; one workspace per slice by the memory plan: {:.1} MiB",
+                m.buffers, r.slices, m.live_peak_mib, m.plan_mib,
+            );
+            if let (Some(between), Some(peak)) = (m.heap_between_steps_mib, m.heap_peak_mib) {
+                println!(
+                    "heap: {between:.1} MiB held between steps, high-water {peak:.1} MiB (a step's buffers and scratch as allocated today: {:.1} MiB)",
+                    peak - between
+                );
+            }
+        }
     }
     Ok(())
 }
