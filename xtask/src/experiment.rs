@@ -424,6 +424,11 @@ impl Runner {
                 cmd.arg(plan.kind.name());
                 if plan.kind == Kind::Distill {
                     cmd.arg("--teacher").arg(&baseline_model);
+                    if let Some(text) = &run.config {
+                        let config = dir.join(brisk_schema::layout::CONFIG_FILE);
+                        std::fs::write(&config, text)?;
+                        cmd.arg("--config").arg(&config);
+                    }
                 } else {
                     cmd.arg("--checkpoint").arg(&baseline_model);
                 }

@@ -87,7 +87,7 @@ pub enum Kind {
 }
 
 /// One variant: a change to the baseline.
-#[derive(Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VariantSpec {
     pub name: String,
@@ -96,7 +96,8 @@ pub struct VariantSpec {
     pub note: String,
     #[serde(default)]
     pub kind: Kind,
-    /// Config overrides (dotted keys, TOML values), for training variants.
+    /// Config overrides (dotted keys, TOML values), for training variants and a distilled
+    /// student's training.
     #[serde(default)]
     pub set: toml::Table,
     /// MPI ranks (training variants; > 1 needs OpenMPI and a brisk built with `mpi`).
@@ -146,7 +147,7 @@ pub struct Plan {
     pub note: String,
     pub kind: Kind,
     pub ranks: usize,
-    /// The full training config (train variants) as TOML, without data/out.
+    /// The full training config (train and distill variants) as TOML, without data/out.
     pub config: Option<String>,
     pub args: Vec<String>,
     pub control: Option<String>,
@@ -262,7 +263,7 @@ pub fn plan(spec: &Spec) -> Result<Vec<Plan>> {
         let (config, hash, seed) = match v.kind {
             Kind::Train => training_variant(v, &base)?,
             kind => {
-                let (config, hash) = compression_variant(v, kind, &base_hash)?;
+                let (config, hash) = compression_variant(v, kind, &base, &base_hash)?;
                 (config, hash, base.seed)
             }
         };
@@ -328,11 +329,18 @@ fn training_variant(v: &VariantSpec, base: &TrainConfig) -> Result<(Option<Strin
     Ok((Some(text), hash, c.seed))
 }
 
-/// A compression variant: its hash joins the baseline's (its starting model) and its args.
-fn compression_variant(v: &VariantSpec, kind: Kind, base_hash: &str) -> Result<(Option<String>, String)> {
-    if !v.set.is_empty() || v.ranks != 1 {
+/// A compression variant: its hash joins the baseline's (its starting model), its args and,
+/// for a distilled student, its training config (the baseline with `set` applied: the
+/// student trains as the same student trained alone would).
+fn compression_variant(
+    v: &VariantSpec,
+    kind: Kind,
+    base: &TrainConfig,
+    base_hash: &str,
+) -> Result<(Option<String>, String)> {
+    if v.ranks != 1 || (!v.set.is_empty() && kind != Kind::Distill) {
         bail!(
-            "variant {}: `set` and `ranks` are for training variants; {} takes `args`",
+            "variant {}: `ranks` is for training variants and `set` for training and distill variants; {} takes `args`",
             v.name,
             kind.name()
         );
@@ -343,9 +351,33 @@ fn compression_variant(v: &VariantSpec, kind: Kind, base_hash: &str) -> Result<(
             v.name
         );
     }
+    let config = match kind {
+        Kind::Distill => {
+            if v.args
+                .iter()
+                .any(|a| a == "--config" || a.starts_with("--config="))
+            {
+                bail!(
+                    "variant {}: `--config` is set by the experiment (the baseline with `set` applied)",
+                    v.name
+                );
+            }
+            training_variant(
+                &VariantSpec {
+                    args: Vec::new(),
+                    ..v.clone()
+                },
+                base,
+            )?
+            .0
+        }
+        _ => None,
+    };
     let mut parts = vec![kind.hash_name(), base_hash];
+    parts.extend(config.as_deref());
     parts.extend(v.args.iter().map(String::as_str));
-    Ok((None, fnv64(&parts)))
+    let hash = fnv64(&parts);
+    Ok((config, hash))
 }
 
 /// Every `control` names another variant.
@@ -432,6 +464,27 @@ mod tests {
     }
 
     #[test]
+    fn a_distilled_student_trains_with_the_baseline_config_and_its_set() -> Result<()> {
+        let with = |set: &str| -> Result<Vec<Plan>> {
+            plan(&spec(
+                &(good() + "[[variants]]\nname = \"d\"\nkind = \"distill\"\n" + set),
+            )?)
+        };
+        let plans = with("set = { \"model.width\" = 0.125 }\n")?;
+        let run = plans[3].run(7)?;
+        let c = TrainConfig::from_toml_str(run.config.as_deref().unwrap_or_default(), "d")?;
+        assert_eq!((c.epochs, c.model.width, c.seed), (2, Some(0.125), 7));
+        // The student's config is part of the cache key; a quantized model has none.
+        assert_ne!(
+            plans[3].hash,
+            with("set = { \"model.width\" = 0.0625 }\n")?[3].hash
+        );
+        assert_ne!(plans[3].hash, with("")?[3].hash);
+        assert!(plans[2].config.is_none());
+        Ok(())
+    }
+
+    #[test]
     fn bad_experiments_are_explained() -> Result<()> {
         let cases = [
             (good().replace("mixed-bf16", "f64"), "bf16"),
@@ -460,6 +513,18 @@ mod tests {
             (
                 good() + "[[variants]]\nname = \"s\"\nkind = \"prune\"\nargs = [\"--seed\", \"3\"]\n",
                 "set by the experiment",
+            ),
+            (
+                good() + "[[variants]]\nname = \"p\"\nkind = \"prune\"\nset = { epochs = 1 }\n",
+                "takes `args`",
+            ),
+            (
+                good() + "[[variants]]\nname = \"d\"\nkind = \"distill\"\nargs = [\"--config\", \"x\"]\n",
+                "set by the experiment",
+            ),
+            (
+                good() + "[[variants]]\nname = \"d\"\nkind = \"distill\"\nset = { \"model.colour\" = 1 }\n",
+                "variant d",
             ),
         ];
         for (text, want) in cases {

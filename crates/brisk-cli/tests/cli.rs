@@ -128,7 +128,10 @@ fn bench_step_json_has_the_contract_keys() -> Result<()> {
             assert!(memory.is_null(), "{v}");
         } else {
             let (live, plan) = (memory["live_peak_mib"].as_f64(), memory["plan_mib"].as_f64());
-            assert!(matches!((live, plan), (Some(l), Some(p)) if l > 0.0 && p >= l), "{v}");
+            assert!(
+                matches!((live, plan), (Some(l), Some(p)) if l > 0.0 && p >= l),
+                "{v}"
+            );
         }
     }
     Ok(())

@@ -20,6 +20,17 @@ fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
 
+/// Runs `brisk distill ARGS COMMON` and checks the student has fewer parameters.
+fn distills_a_smaller_student<'a>(mut args: Vec<&'a str>, common: &[&'a str]) -> Result<()> {
+    args.extend(common);
+    let v = json(&args)?;
+    assert!(
+        v["after"]["params"].as_u64() < v["before"]["params"].as_u64(),
+        "{v}"
+    );
+    Ok(())
+}
+
 #[test]
 fn every_compression_command_shrinks_a_model_that_eval_can_read() -> Result<()> {
     let dir = tempfile::tempdir()?;
@@ -118,7 +129,7 @@ fn every_compression_command_shrinks_a_model_that_eval_can_read() -> Result<()> 
     assert_eq!(json(&["inspect-model", s(&q), "--json"])?["format"], "brisk-int8");
 
     let out = dir.path().join("student");
-    let mut args = vec![
+    let args = vec![
         "distill",
         "--teacher",
         s(&run),
@@ -134,11 +145,51 @@ fn every_compression_command_shrinks_a_model_that_eval_can_read() -> Result<()> 
         "32",
         "--json",
     ];
-    args.extend(common);
-    let v = json(&args)?;
+    distills_a_smaller_student(args, &common)?;
+
+    // With --config the student trains on that recipe (the flags over it): the run's
+    // own config.toml says so.
+    let recipe = dir.path().join("student.toml");
+    std::fs::write(
+        &recipe,
+        "epochs = 1\nseed = 5\n[model]\npreset = \"resnet18-cifar\"\nwidth = 0.0625\n\
+         [batch]\nkind = \"fixed\"\nsize = 16\n[lr]\nbase = 0.05\nshape = { kind = \"one_cycle\" }\n",
+    )?;
+    let out = dir.path().join("student-recipe");
+    let args = vec![
+        "distill",
+        "--teacher",
+        s(&run),
+        "--config",
+        s(&recipe),
+        "--out",
+        s(&out),
+        "--json",
+    ];
+    distills_a_smaller_student(args, &common)?;
+    let used = brisk_schema::TrainConfig::from_file(&out.join("config.toml"))?;
+    assert_eq!((used.epochs, used.seed, used.model.width), (1, 5, Some(0.0625)));
+    assert_eq!(used.batch, brisk_schema::BatchSchedule::Fixed { size: 16 });
+    assert_eq!(used.lr.base, 0.05);
     assert!(
-        v["after"]["params"].as_u64() < v["before"]["params"].as_u64(),
-        "{v}"
+        matches!(used.lr.shape, brisk_schema::LrShape::OneCycle { .. }),
+        "{:?}",
+        used.lr.shape
     );
+    assert_eq!(used.data.as_deref(), Some(data.as_path()));
+
+    // Neither a student nor a config: a usage error naming the flag.
+    let e = BRISK.run(&[
+        "distill",
+        "--teacher",
+        s(&run),
+        "--data",
+        s(&data),
+        "--out",
+        s(&out),
+    ])?;
+    let stderr = String::from_utf8_lossy(&e.stderr);
+    assert_eq!(e.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--student"), "{stderr}");
     Ok(())
 }

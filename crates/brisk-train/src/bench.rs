@@ -153,29 +153,9 @@ impl StepBench {
     /// momentum 0.9, weight decay 5e-4, as the PyTorch reference) per step. On a GPU the
     /// kernels are candle's and every phase is timed to the device's completion.
     pub fn run(&self) -> Result<StepReport> {
-        for (field, value) in [("batch", self.batch), ("steps", self.steps)] {
-            if value == 0 {
-                return Err(Error::InvalidConfig {
-                    field,
-                    problem: "must be at least 1".into(),
-                });
-            }
-        }
         let dev = self.device.clone();
-        let mut net = Network::new(self.spec.clone(), 0, &dev)?;
-        let kernels = Kernels::for_device(&dev, self.reference_ops);
-        net.set_kernels(kernels)?;
-        net.set_precision(PrecisionPolicy::new(self.precision))?;
+        let (net, kernels, mut sgd) = self.prepare()?;
         let (x, labels) = self.random_batch(&dev)?;
-        let mut sgd = Sgd::new(
-            Param::from_named(net.trainable_vars()?, true),
-            SgdConfig {
-                lr: 0.01,
-                momentum: 0.9,
-                nesterov: false,
-                weight_decay: 5e-4,
-            },
-        )?;
         let params = net.trainable_vars()?;
         let mut stepper = Stepper::new(&net, self.engine, self.slices)?;
         let (mut total, mut fwd, mut bwd, mut opt) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -241,6 +221,32 @@ impl StepBench {
             ops,
             memory,
         })
+    }
+
+    /// The settings checked, the network on its kernels and precision, and its optimiser.
+    fn prepare(&self) -> Result<(Network, Kernels, Sgd)> {
+        for (field, value) in [("batch", self.batch), ("steps", self.steps)] {
+            if value == 0 {
+                return Err(Error::InvalidConfig {
+                    field,
+                    problem: "must be at least 1".into(),
+                });
+            }
+        }
+        let mut net = Network::new(self.spec.clone(), 0, &self.device)?;
+        let kernels = Kernels::for_device(&self.device, self.reference_ops);
+        net.set_kernels(kernels)?;
+        net.set_precision(PrecisionPolicy::new(self.precision))?;
+        let sgd = Sgd::new(
+            Param::from_named(net.trainable_vars()?, true),
+            SgdConfig {
+                lr: 0.01,
+                momentum: 0.9,
+                nesterov: false,
+                weight_decay: 5e-4,
+            },
+        )?;
+        Ok((net, kernels, sgd))
     }
 
     /// Random images and fixed labels spread over the classes.

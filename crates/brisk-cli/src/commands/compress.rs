@@ -9,7 +9,7 @@ use brisk_compress::masks::default_exclusions;
 use brisk_compress::{measure, Distillation, FilterCriterion, FineTune, PruneMethod, PruneOptions, Pruning};
 use brisk_data::Dataset;
 use brisk_models::MODEL_FILE;
-use brisk_schema::{CompressReport, Figures};
+use brisk_schema::{BatchSchedule, CompressReport, Figures, TrainConfig};
 use brisk_train::Trainer;
 use candle_core::Device;
 use serde::Serialize;
@@ -140,9 +140,16 @@ pub struct DistillArgs {
     /// The teacher model (file, or a folder holding model.safetensors).
     #[arg(long, value_name = "FILE")]
     teacher: PathBuf,
-    /// The student: a preset name (`brisk models`) or a ModelSpec file.
-    #[arg(long, value_name = "SPEC")]
-    student: String,
+    /// The student's training config (a `brisk train` config file: model, schedule,
+    /// optimiser, loader, evaluation), so that a distilled student trains exactly as the
+    /// same student trained alone; the flags below override its values. Without it the
+    /// student trains with `brisk train`'s defaults and a cosine schedule.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// The student: a preset name (`brisk models`) or a ModelSpec file (required unless
+    /// `--config` names the model).
+    #[arg(long, value_name = "SPEC", required_unless_present = "config")]
+    student: Option<String>,
     /// Width multiplier of the student preset.
     #[arg(long)]
     width: Option<f64>,
@@ -152,22 +159,25 @@ pub struct DistillArgs {
     /// Output folder of the student's training run.
     #[arg(long, value_name = "DIR")]
     out: PathBuf,
-    #[arg(long, default_value_t = 4)]
-    epochs: usize,
-    /// Peak learning rate (cosine decay).
-    #[arg(long, default_value_t = 0.1)]
-    lr: f64,
-    #[arg(long, default_value_t = 128)]
-    batch: usize,
+    /// Epochs [default without --config: 4].
+    #[arg(long)]
+    epochs: Option<usize>,
+    /// Peak learning rate [default without --config: 0.1, cosine decay].
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Batch size [default without --config: 128].
+    #[arg(long)]
+    batch: Option<usize>,
     /// Softening temperature T (2 measured better than 4 on the synthetic set).
     #[arg(long, default_value_t = 2.0)]
     temperature: f64,
     /// Weight α of the distillation term (1 − α on the labels' cross-entropy).
     #[arg(long, default_value_t = 0.5)]
     alpha: f64,
-    /// Seed of the student's initial weights, data order and augmentation.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
+    /// Seed of the student's initial weights, data order and augmentation [default: the
+    /// config's, else 0].
+    #[arg(long)]
+    seed: Option<u64>,
     #[arg(long)]
     threads: Option<usize>,
     /// Measure accuracy (before, after, and during fine-tuning) with flip test-time
@@ -179,33 +189,68 @@ pub struct DistillArgs {
     json: bool,
 }
 
+/// The student's training config: `--config` (or the fine-tuning defaults), then the flags.
+fn student_config(a: &DistillArgs) -> Result<TrainConfig> {
+    let mut config = match &a.config {
+        Some(path) => {
+            let mut c = TrainConfig::from_file(path)?;
+            c.data = Some(a.data.clone());
+            c.out = Some(a.out.clone());
+            c.eval.flip |= a.flip;
+            c
+        }
+        None => FineTune {
+            epochs: 4,
+            lr: 0.1,
+            batch: 128,
+            threads: None,
+            seed: 0,
+            flip: a.flip,
+        }
+        .config(&a.data, &a.out)?,
+    };
+    if let Some(student) = &a.student {
+        if Path::new(student).is_file() {
+            config.model.spec_file = Some(PathBuf::from(student));
+        } else {
+            config.model.preset = student.clone();
+            config.model.spec_file = None;
+        }
+    }
+    if let Some(w) = a.width {
+        config.model.width = Some(w);
+    }
+    if let Some(e) = a.epochs {
+        config.epochs = e;
+    }
+    if let Some(lr) = a.lr {
+        config.lr.base = lr;
+    }
+    if let Some(b) = a.batch {
+        config.batch = BatchSchedule::Fixed { size: b };
+    }
+    if let Some(s) = a.seed {
+        config.seed = s;
+    }
+    if let Some(t) = a.threads {
+        config.threads = t;
+    }
+    config.validate()?;
+    Ok(config)
+}
+
 pub fn distill(a: &DistillArgs) -> Result<()> {
     init_threads(a.threads)?;
     let (file, teacher) = load_model(&a.teacher)?;
     let data = Arc::new(Dataset::open(&a.data)?);
-    let before = measure(&teacher, &data, &file, a.flip)?;
-    let finetune = FineTune {
-        epochs: a.epochs,
-        lr: a.lr,
-        batch: a.batch,
-        threads: a.threads,
-        seed: a.seed,
-        flip: a.flip,
-    };
-    let mut config = finetune.config(&a.data, &a.out)?;
-    if Path::new(&a.student).is_file() {
-        config.model.spec_file = Some(PathBuf::from(&a.student));
-    } else {
-        config.model.preset = a.student.clone();
-    }
-    config.model.width = a.width;
-    config.validate()?;
+    let config = student_config(a)?;
+    let before = measure(&teacher, &data, &file, config.eval.flip)?;
     let mut trainer = Trainer::new(config)?;
     trainer.set_loss(Box::new(Distillation::new(teacher, a.temperature, a.alpha)?));
     trainer.set_quiet(a.json);
     trainer.run()?;
     let out = a.out.join(MODEL_FILE);
-    let after = measure(trainer.network(), &data, &out, a.flip)?;
+    let after = measure(trainer.network(), &data, &out, trainer.config().eval.flip)?;
     let method = format!("distill T={} alpha={}", a.temperature, a.alpha);
     report(
         &CompressReport {
