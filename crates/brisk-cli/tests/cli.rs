@@ -92,6 +92,62 @@ fn usage_errors_exit_2() -> Result<()> {
     Ok(())
 }
 
+/// `--device cuda` is checked before anything runs: here (no driver) the error names the
+/// missing library; on a GPU machine it says the CUDA backend is not built yet. Either way
+/// exit 1 and no output folder; a device that is not a name is refused.
+#[test]
+fn a_gpu_device_is_refused_with_the_reason() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    brisk_testkit::pack_synthetic(&data, 32, 16, 8)?;
+    let (data, out) = (data.to_string_lossy().into_owned(), dir.path().join("run"));
+    let out_s = out.to_string_lossy().into_owned();
+    let why = if brisk_cuda::driver_present() {
+        "CUDA backend"
+    } else {
+        "libcuda"
+    };
+    for args in [
+        vec![
+            "train", "--data", &data, "--out", &out_s, "--device", "cuda", "--epochs", "1",
+        ],
+        vec![
+            "train",
+            "--data",
+            &data,
+            "--out",
+            &out_s,
+            "--set",
+            "device=\"cuda:1\"",
+        ],
+        vec![
+            "eval",
+            "--checkpoint",
+            &out_s,
+            "--data",
+            &data,
+            "--device",
+            "cuda",
+        ],
+    ] {
+        let o = brisk(&args)?;
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+        assert!(
+            err.contains("device cuda:") && err.contains(why),
+            "{args:?}: {err}"
+        );
+        assert!(!out.exists(), "{args:?} wrote {}", out.display());
+    }
+    let o = brisk(&["train", "--data", &data, "--out", &out_s, "--device", "gpu"])?;
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("\"gpu\" is not a device"),
+        "{err}"
+    );
+    Ok(())
+}
+
 #[test]
 fn bench_step_json_has_the_contract_keys() -> Result<()> {
     for extra in [&[][..], &["--eval"][..], &["--reference-ops"][..]] {

@@ -1,7 +1,8 @@
 //! brisk's own CUDA kernels, as CUDA C compiled at run time by NVRTC (no toolkit at build
 //! time), each compiled once per process and architecture: the fused SGD update over one
 //! flat parameter buffer, softmax cross-entropy with label smoothing (loss, gradient,
-//! top-1/top-5), global average pooling and the squeeze-and-excitation gate.
+//! top-1/top-5), global average pooling and the squeeze-and-excitation gate (batch-norm's
+//! kernels are in batchnorm.rs, with their host twins).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -133,7 +134,13 @@ extern "C" __global__ void se_gate_bwd(const float* __restrict__ x, const float*
 };
 
 /// Every kernel source brisk compiles.
-pub const KERNELS: [&Kernel; 4] = [&SGD_UPDATE, &SOFTMAX_XENT, &GLOBAL_AVG_POOL, &SE_GATE];
+pub const KERNELS: [&Kernel; 5] = [
+    &SGD_UPDATE,
+    &SOFTMAX_XENT,
+    &GLOBAL_AVG_POOL,
+    &SE_GATE,
+    &crate::batchnorm::BATCH_NORM,
+];
 
 /// Whether NVRTC (libnvrtc, from the CUDA toolkit or PyPI's `nvidia-cuda-nvrtc` wheel on
 /// `LD_LIBRARY_PATH`) loads here.
@@ -196,7 +203,7 @@ mod tests {
             assert_eq!(entries(k.source).first(), Some(&k.name), "{}", k.name);
         }
         let names: Vec<&str> = KERNELS.iter().flat_map(|k| entries(k.source)).collect();
-        assert_eq!(names.len(), 6, "{names:?}");
+        assert_eq!(names.len(), 12, "{names:?}");
     }
 
     #[test]

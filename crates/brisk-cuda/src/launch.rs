@@ -21,7 +21,7 @@ pub struct DeviceKernels {
     loaded: Mutex<HashMap<&'static str, CudaFunction>>,
 }
 
-fn driver(what: &str, e: impl std::fmt::Display) -> Error {
+pub(crate) fn driver(what: &str, e: impl std::fmt::Display) -> Error {
     Error::Driver {
         what: what.into(),
         detail: e.to_string(),
@@ -29,7 +29,7 @@ fn driver(what: &str, e: impl std::fmt::Display) -> Error {
 }
 
 /// An error unless `ok`, naming the kernel and what does not fit.
-fn check(ok: bool, kernel: &str, what: impl FnOnce() -> String) -> Result<()> {
+pub(crate) fn check(ok: bool, kernel: &str, what: impl FnOnce() -> String) -> Result<()> {
     if ok {
         Ok(())
     } else {
@@ -38,7 +38,7 @@ fn check(ok: bool, kernel: &str, what: impl FnOnce() -> String) -> Result<()> {
 }
 
 /// Blocks of `BLOCK` threads covering `n` items (grid-stride kernels cap it).
-fn grid(n: usize) -> LaunchConfig {
+pub(crate) fn grid(n: usize) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (
             (n as u64).div_ceil(u64::from(BLOCK)).clamp(1, 65_535) as u32,
@@ -71,8 +71,13 @@ impl DeviceKernels {
         }
     }
 
+    /// The device's default stream, which every launch uses.
+    pub(crate) fn stream(&self) -> Arc<cudarc::driver::CudaStream> {
+        self.gpu.context().default_stream()
+    }
+
     /// Entry point `entry` of `kernel`, loaded once.
-    fn function(&self, kernel: &'static Kernel, entry: &'static str) -> Result<CudaFunction> {
+    pub(crate) fn function(&self, kernel: &'static Kernel, entry: &'static str) -> Result<CudaFunction> {
         let mut loaded = self
             .loaded
             .lock()
@@ -276,33 +281,32 @@ impl DeviceKernels {
 }
 
 #[cfg(test)]
+/// The GPU and its kernels, or `None` after recording why this machine cannot run them.
+pub(crate) fn test_kernels(test: &str) -> Option<(Arc<Gpu>, DeviceKernels)> {
+    let why = if !crate::device::driver_present() {
+        "no NVIDIA driver (libcuda) on this machine"
+    } else if !crate::kernels::nvrtc_present() {
+        "no NVRTC (libnvrtc) on the library path"
+    } else {
+        match Gpu::open(0) {
+            Ok(gpu) => {
+                let gpu = Arc::new(gpu);
+                return Some((gpu.clone(), DeviceKernels::new(gpu, "sm_90")));
+            }
+            Err(_) => "no CUDA device",
+        }
+    };
+    brisk_hosts::skipped(&format!("brisk_cuda::{test}"), why);
+    None
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
-    use crate::device::driver_present;
-    use crate::kernels::nvrtc_present;
-
-    /// The GPU and its kernels, or `None` after recording why this machine cannot run them.
-    fn kernels(test: &str) -> Option<(Arc<Gpu>, DeviceKernels)> {
-        let why = if !driver_present() {
-            "no NVIDIA driver (libcuda) on this machine"
-        } else if !nvrtc_present() {
-            "no NVRTC (libnvrtc) on the library path"
-        } else {
-            match Gpu::open(0) {
-                Ok(gpu) => {
-                    let gpu = Arc::new(gpu);
-                    return Some((gpu.clone(), DeviceKernels::new(gpu, "sm_90")));
-                }
-                Err(_) => "no CUDA device",
-            }
-        };
-        brisk_hosts::skipped(&format!("brisk_cuda::{test}"), why);
-        None
-    }
 
     #[test]
     fn sgd_on_the_gpu_matches_pytorchs_rule_in_f64() -> std::result::Result<(), Box<dyn std::error::Error>> {
-        let Some((gpu, k)) = kernels("sgd_on_the_gpu_matches_pytorchs_rule_in_f64") else {
+        let Some((gpu, k)) = test_kernels("sgd_on_the_gpu_matches_pytorchs_rule_in_f64") else {
             return Ok(());
         };
         let n = 1000;
@@ -348,7 +352,7 @@ mod tests {
 
     #[test]
     fn softmax_cross_entropy_on_the_gpu_matches_f64() -> std::result::Result<(), Box<dyn std::error::Error>> {
-        let Some((gpu, k)) = kernels("softmax_cross_entropy_on_the_gpu_matches_f64") else {
+        let Some((gpu, k)) = test_kernels("softmax_cross_entropy_on_the_gpu_matches_f64") else {
             return Ok(());
         };
         let (n, c, eps) = (37usize, 10usize, 0.1f64);
@@ -398,7 +402,7 @@ mod tests {
 
     #[test]
     fn pooling_and_the_se_gate_on_the_gpu_match_f64() -> std::result::Result<(), Box<dyn std::error::Error>> {
-        let Some((gpu, k)) = kernels("pooling_and_the_se_gate_on_the_gpu_match_f64") else {
+        let Some((gpu, k)) = test_kernels("pooling_and_the_se_gate_on_the_gpu_match_f64") else {
             return Ok(());
         };
         let (nc, hw) = (3 * 16, 49);

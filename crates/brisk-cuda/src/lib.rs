@@ -3,16 +3,18 @@
 //! machine without the driver gets an error naming the missing library instead of
 //! cudarc's panic — and brisk's element-wise and reduction kernels (fused SGD, softmax
 //! cross-entropy with label smoothing and top-1/top-5 counts, global average pooling, the
-//! SE gate), CUDA C compiled at run time by NVRTC for the device's architecture and cached
+//! SE gate, batch-norm over NHWC activations with its residual-add and ReLU fused), CUDA C compiled at run time by NVRTC for the device's architecture and cached
 //! per process, and `DeviceKernels`, which loads them on a device and launches them on device
-//! buffers. Convolutions and batch-norm (cuDNN) and the training step that joins them are
-//! the next pieces; see docs/gpu.md.
+//! buffers. Convolutions (cuDNN) and the training step that joins them are the next pieces;
+//! see docs/gpu.md.
 
+pub mod batchnorm;
 mod device;
 mod error;
 pub mod kernels;
 mod launch;
 
+pub use batchnorm::NhwcShape;
 pub use device::{driver_present, Gpu};
 pub use error::{Error, Result};
 pub use kernels::{compile, nvrtc_present, Kernel, KERNELS};

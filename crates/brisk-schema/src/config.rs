@@ -29,6 +29,9 @@ pub struct TrainConfig {
     /// Compute threads; 0 uses every core (shared between the ranks on a host in a
     /// distributed run). By default, 0.
     pub threads: usize,
+    /// Where the run computes: "cpu", or "cuda" / "cuda:N" (GPU N). By default, the CPU.
+    #[serde(skip_serializing_if = "DeviceChoice::is_cpu")]
+    pub device: DeviceChoice,
     /// Label smoothing ε of the cross-entropy, in [0, 1). By default, 0.
     pub label_smoothing: f64,
     /// Steps between `step` events in metrics.jsonl and plain progress lines. By default, 50.
@@ -73,6 +76,7 @@ impl Default for TrainConfig {
             seed: 0,
             epochs: 30,
             threads: 0,
+            device: DeviceChoice::Cpu,
             label_smoothing: 0.0,
             log_every: 50,
             engine: true,
@@ -90,6 +94,64 @@ impl Default for TrainConfig {
             checkpoint: CheckpointSettings::default(),
             distributed: DistributedSettings::default(),
         }
+    }
+}
+
+/// Where a run computes: the CPU, or CUDA device N ("cuda" is device 0). Written and read
+/// as its name: "cpu", "cuda", "cuda:1".
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum DeviceChoice {
+    #[default]
+    Cpu,
+    Cuda(usize),
+}
+
+impl DeviceChoice {
+    pub fn is_cpu(&self) -> bool {
+        *self == DeviceChoice::Cpu
+    }
+}
+
+impl std::str::FromStr for DeviceChoice {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        let ordinal = match s.strip_prefix("cuda") {
+            _ if s == "cpu" => return Ok(DeviceChoice::Cpu),
+            Some("") => Some(0),
+            Some(rest) => rest.strip_prefix(':').and_then(|n| n.parse().ok()),
+            None => None,
+        };
+        ordinal
+            .map(DeviceChoice::Cuda)
+            .ok_or_else(|| Error::InvalidConfig {
+                field: "device",
+                problem: format!("{s:?} is not a device: give \"cpu\", \"cuda\" or \"cuda:N\""),
+            })
+    }
+}
+
+impl TryFrom<String> for DeviceChoice {
+    type Error = Error;
+
+    fn try_from(s: String) -> Result<Self> {
+        s.parse()
+    }
+}
+
+impl std::fmt::Display for DeviceChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeviceChoice::Cpu => write!(f, "cpu"),
+            DeviceChoice::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl From<DeviceChoice> for String {
+    fn from(d: DeviceChoice) -> String {
+        d.to_string()
     }
 }
 
@@ -686,6 +748,24 @@ mod tests {
             .expect_err("must be rejected")
             .to_string();
         assert!(e.contains(field), "{e} should name {field}");
+    }
+
+    #[test]
+    fn devices_read_and_write_by_name_and_the_cpu_is_left_out_of_the_file() -> Result<()> {
+        for (text, want) in [
+            ("cpu", DeviceChoice::Cpu),
+            ("cuda", DeviceChoice::Cuda(0)),
+            ("cuda:3", DeviceChoice::Cuda(3)),
+        ] {
+            let c = TrainConfig::from_toml_str(&format!("device = \"{text}\"\n"), "t")?;
+            assert_eq!(c.device, want);
+            assert_eq!(TrainConfig::from_toml_str(&c.to_toml()?, "again")?.device, want);
+        }
+        assert!(!TrainConfig::default().to_toml()?.contains("device"));
+        for bad in ["gpu", "cuda:", "cuda:x", "cuda1", "CPU"] {
+            check_error(&format!("device = \"{bad}\"\n"), "device");
+        }
+        Ok(())
     }
 
     #[test]

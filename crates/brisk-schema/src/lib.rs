@@ -17,8 +17,8 @@ pub mod schedule;
 pub mod summary;
 
 pub use config::{
-    AdamWConfig, CheckpointSettings, DistributedSettings, EmaSettings, EvalSettings, LoaderSettings,
-    LrConfig, ModelChoice, OptimizerConfig, OptimizerKind, SgdConfig, TrainConfig,
+    AdamWConfig, CheckpointSettings, DeviceChoice, DistributedSettings, EmaSettings, EvalSettings,
+    LoaderSettings, LrConfig, ModelChoice, OptimizerConfig, OptimizerKind, SgdConfig, TrainConfig,
 };
 pub use error::{Error, Result};
 pub use events::{Event, EventRecord, StepRecord};

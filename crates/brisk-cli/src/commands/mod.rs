@@ -17,6 +17,22 @@ pub fn init_threads(threads: Option<usize>) -> anyhow::Result<usize> {
     Ok(n)
 }
 
+/// Whether the run can compute on `device`: the CPU can; for a GPU the device is opened
+/// first, so a machine without the driver or the device gets an error naming what is
+/// missing (brisk-cuda's), and one with it is told that brisk's CUDA training backend is
+/// not built yet (docs/gpu.md).
+pub fn check_device(device: brisk_schema::DeviceChoice) -> anyhow::Result<()> {
+    let brisk_schema::DeviceChoice::Cuda(ordinal) = device else {
+        return Ok(());
+    };
+    let gpu = brisk_cuda::Gpu::open(ordinal).map_err(|e| anyhow::anyhow!("device {device}: {e}"))?;
+    anyhow::bail!(
+        "device {device} ({}): brisk cannot train or evaluate on a GPU yet: its CUDA backend is being built \
+         (docs/gpu.md); `brisk bench step --device cuda` measures a training step on candle's CUDA path",
+        gpu.name().unwrap_or_else(|_| "a CUDA device".into())
+    )
+}
+
 /// Loads a model file of any brisk format (a folder: its `model.safetensors`), saying on
 /// stderr when it carries no checksum (another tool wrote it: it loads unverified).
 pub fn load_model(path: &std::path::Path) -> anyhow::Result<(std::path::PathBuf, brisk_models::Network)> {

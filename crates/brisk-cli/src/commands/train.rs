@@ -30,7 +30,7 @@ pub struct TrainArgs {
     config: Option<PathBuf>,
     /// Continue the run in DIR from its newest checkpoint, with its own config (only
     /// --data may be given too, if the dataset moved).
-    #[arg(long, value_name = "DIR", conflicts_with_all = ["out", "config", "set", "epochs", "batch", "lr", "model", "width", "spec", "seed", "threads", "optimizer", "workers", "precision"])]
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["out", "config", "set", "epochs", "batch", "lr", "model", "width", "spec", "seed", "threads", "device", "optimizer", "workers", "precision"])]
     resume: Option<PathBuf>,
     /// Model preset (`brisk models` lists them). By default, resnet18-cifar.
     #[arg(long, value_name = "PRESET")]
@@ -64,6 +64,10 @@ pub struct TrainArgs {
     /// Compute threads. By default, every core (shared between the ranks on a host).
     #[arg(long)]
     threads: Option<usize>,
+    /// Where to compute: cpu, cuda or cuda:N (config `device`). By default, the CPU. (GPU
+    /// training is being built: today a GPU device is checked and refused with the reason.)
+    #[arg(long, value_name = "DEVICE")]
+    device: Option<String>,
     /// Run as one rank of a data-parallel job through MPI even when no MPI launcher
     /// variable is seen (under `mpirun` this is automatic). Needs a build with
     /// `--features mpi`; docs/distributed.md.
@@ -116,6 +120,7 @@ fn build_config(a: &TrainArgs) -> Result<TrainConfig> {
         ),
         ("seed", a.seed.map(|v| Value::Integer(v as i64))),
         ("threads", a.threads.map(int)),
+        ("device", a.device.clone().map(Value::String)),
         ("loader.workers", a.workers.map(int)),
     ];
     for (key, value) in flags {
@@ -252,10 +257,12 @@ fn train_as(a: &TrainArgs, comm: Arc<dyn Communicator>) -> Result<()> {
                     );
                 }
             }
+            super::check_device(t.config().device)?;
             t
         }
         None => {
             let config = build_config(a)?;
+            super::check_device(config.device)?;
             brisk_dist::check_same_config(comm.as_ref(), &config.to_toml()?, &PER_RANK_FIELDS)?;
             Trainer::new_as(config, rank)?
         }
@@ -318,6 +325,10 @@ pub struct EvalArgs {
     /// Compute threads. By default, every core.
     #[arg(long)]
     threads: Option<usize>,
+    /// Where to compute: cpu, cuda or cuda:N. By default, the CPU. (GPU evaluation is
+    /// being built: today a GPU device is checked and refused with the reason.)
+    #[arg(long, value_name = "DEVICE", default_value = "cpu")]
+    device: brisk_schema::DeviceChoice,
     /// Also print the confusion matrix (rows: true class, columns: predicted).
     #[arg(long)]
     confusion: bool,
@@ -339,6 +350,7 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
     if a.batch == 0 {
         bail!("--batch must be at least 1");
     }
+    super::check_device(a.device)?;
     super::init_threads(a.threads)?;
     let (file, net) = super::load_model(&a.checkpoint)?;
     let data = Arc::new(Dataset::open(&a.data)?);
