@@ -24,29 +24,37 @@ pub const ROWS: usize = 256;
 pub const BATCH_NORM: Kernel = Kernel {
     name: "bn_sum_partials",
     source: r#"
+// This thread's cell i = k·c + ch of the [chunks, c] table: chunk k, channel ch, rows
+// [begin, end). False for the threads past the table.
+__device__ bool chunk_of(long long m, int c, int rows, long long* i, long long* k, int* ch,
+                         long long* begin, long long* end) {
+    long long chunks = (m + rows - 1) / rows;
+    *i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (*i >= chunks * c) return false;
+    *k = *i / c;
+    *ch = (int)(*i % c);
+    *begin = *k * rows;
+    *end = (*k + 1) * rows < m ? (*k + 1) * rows : m;
+    return true;
+}
+
 extern "C" __global__ void bn_sum_partials(const float* __restrict__ x, long long m, int c, int rows,
                                            float* __restrict__ part) {
-    long long chunks = (m + rows - 1) / rows;
-    long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= chunks * c) return;
-    long long k = i / c;
-    int ch = (int)(i % c);
-    long long end = (k + 1) * rows < m ? (k + 1) * rows : m;
+    long long i, k, begin, end;
+    int ch;
+    if (!chunk_of(m, c, rows, &i, &k, &ch, &begin, &end)) return;
     float s = 0.0f;
-    for (long long r = k * rows; r < end; ++r) s += x[r * c + ch];
+    for (long long r = begin; r < end; ++r) s += x[r * c + ch];
     part[i] = s;
 }
 
 extern "C" __global__ void bn_sq_partials(const float* __restrict__ x, const float* __restrict__ stats,
                                           long long m, int c, int rows, float* __restrict__ part) {
-    long long chunks = (m + rows - 1) / rows;
-    long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= chunks * c) return;
-    long long k = i / c;
-    int ch = (int)(i % c);
-    long long end = (k + 1) * rows < m ? (k + 1) * rows : m;
+    long long i, k, begin, end;
+    int ch;
+    if (!chunk_of(m, c, rows, &i, &k, &ch, &begin, &end)) return;
     float mean = stats[ch], s = 0.0f;
-    for (long long r = k * rows; r < end; ++r) {
+    for (long long r = begin; r < end; ++r) {
         float d = x[r * c + ch] - mean;
         s += d * d;
     }
@@ -56,16 +64,13 @@ extern "C" __global__ void bn_sq_partials(const float* __restrict__ x, const flo
 extern "C" __global__ void bn_grad_partials(const float* __restrict__ x, const float* __restrict__ dz,
                                             const float* __restrict__ stats, long long m, int c,
                                             int rows, double eps, float* __restrict__ part) {
-    long long chunks = (m + rows - 1) / rows;
-    long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    if (i >= chunks * c) return;
-    long long k = i / c;
-    int ch = (int)(i % c);
-    long long end = (k + 1) * rows < m ? (k + 1) * rows : m;
+    long long i, k, begin, end;
+    int ch;
+    if (!chunk_of(m, c, rows, &i, &k, &ch, &begin, &end)) return;
     float mean = stats[ch];
     float inv_std = (float)(1.0 / sqrt((double)stats[c + ch] + eps));
     float a = 0.0f, b = 0.0f;
-    for (long long r = k * rows; r < end; ++r) {
+    for (long long r = begin; r < end; ++r) {
         float g = dz[r * c + ch];
         a += g * (x[r * c + ch] - mean);
         b += g;
@@ -264,6 +269,28 @@ impl NhwcShape {
     }
 }
 
+/// What batch-norm's kernels read besides their data, as brisk-ops' `BnParams`: the
+/// shape, the statistics `[mean; var]` and the affine parameters `[γ; β]` on the device
+/// (each 2·c long), and ε.
+#[derive(Clone, Copy, Debug)]
+pub struct BnDevice<'a> {
+    pub shape: NhwcShape,
+    pub stats: &'a CudaSlice<f32>,
+    pub affine: &'a CudaSlice<f32>,
+    pub eps: f64,
+}
+
+impl BnDevice<'_> {
+    /// An error naming `kernel` unless the statistics and affine parameters hold 2·c
+    /// values and each `(name, length)` of `data` holds m·c.
+    fn check(&self, kernel: &str, data: &[(&str, usize)]) -> Result<()> {
+        let (t, c2) = (self.shape.total(), 2 * self.shape.c);
+        let mut buffers = vec![("stats", self.stats.len(), c2), ("affine", self.affine.len(), c2)];
+        buffers.extend(data.iter().map(|&(name, len)| (name, len, t)));
+        self.shape.check(kernel, &buffers)
+    }
+}
+
 impl DeviceKernels {
     /// A `[chunks, width]` table for a partial-sum kernel of shape `s` to fill.
     fn partials(&self, s: NhwcShape, width: usize, kernel: &str) -> Result<CudaSlice<f32>> {
@@ -341,49 +368,43 @@ impl DeviceKernels {
         self.reduce_into(&part, s, s.c, scale, stats, s.c)
     }
 
-    /// `y = relu?(γ (x − mean) / sqrt(var + ε) + β + residual?)` over `x` `[m, c]`.
-    #[allow(clippy::too_many_arguments)]
+    /// `y = relu?(γ (x − mean) / sqrt(var + ε) + β + residual?)` over `x`.
     pub fn bn_normalize(
         &self,
         x: &CudaSlice<f32>,
-        stats: &CudaSlice<f32>,
-        affine: &CudaSlice<f32>,
+        p: &BnDevice,
         residual: Option<&CudaSlice<f32>>,
         y: &mut CudaSlice<f32>,
-        s: NhwcShape,
-        eps: f64,
         relu: bool,
     ) -> Result<()> {
-        let t = s.total();
-        s.check(
+        let t = p.shape.total();
+        p.check(
             "bn_normalize_nhwc",
             &[
-                ("x", x.len(), t),
-                ("y", y.len(), t),
-                ("stats", stats.len(), 2 * s.c),
-                ("affine", affine.len(), 2 * s.c),
-                ("residual", residual.map_or(t, CudaSlice::len), t),
+                ("x", x.len()),
+                ("y", y.len()),
+                ("residual", residual.map_or(t, CudaSlice::len)),
             ],
         )?;
         let f = self.function(&BATCH_NORM, "bn_normalize_nhwc")?;
         let (has_residual, total, c, relu) = (
             i32::from(residual.is_some()),
             t as i64,
-            s.c as i32,
+            p.shape.c as i32,
             i32::from(relu),
         );
         let stream = self.stream();
         let mut launch = stream.launch_builder(&f);
         launch
             .arg(x)
-            .arg(stats)
-            .arg(affine)
+            .arg(p.stats)
+            .arg(p.affine)
             .arg(residual.unwrap_or(x))
             .arg(&has_residual)
             .arg(y)
             .arg(&total)
             .arg(&c)
-            .arg(&eps)
+            .arg(&p.eps)
             .arg(&relu);
         // SAFETY: the arguments of bn_normalize_nhwc in order and type, buffers checked
         // above (the residual is read only when has_residual); grid-stride below total.
@@ -391,26 +412,20 @@ impl DeviceKernels {
         Ok(())
     }
 
-    /// Batch-norm's gradient sums `[Σ dz·x̂; Σ dz]` (also `[dγ; dβ]`) into `sums`.
+    /// Batch-norm's gradient sums `[Σ dz·x̂; Σ dz]` (also `[dγ; dβ]`) into `sums`
+    /// (`p.affine` is not read).
     pub fn bn_grad_sums(
         &self,
         x: &CudaSlice<f32>,
         dz: &CudaSlice<f32>,
-        stats: &CudaSlice<f32>,
-        s: NhwcShape,
-        eps: f64,
+        p: &BnDevice,
         sums: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        let t = s.total();
-        s.check(
-            "bn_grad_sums",
-            &[
-                ("x", x.len(), t),
-                ("dz", dz.len(), t),
-                ("stats", stats.len(), 2 * s.c),
-                ("sums", sums.len(), 2 * s.c),
-            ],
-        )?;
+        let s = p.shape;
+        p.check("bn_grad_sums", &[("x", x.len()), ("dz", dz.len())])?;
+        check(sums.len() == 2 * s.c, "bn_grad_sums", || {
+            format!("sums holds {} values, not 2 × {} channels", sums.len(), s.c)
+        })?;
         let (m, c, rows) = (s.m as i64, s.c as i32, ROWS as i32);
         let stream = self.stream();
         let mut part = self.partials(s, 2 * s.c, "bn_grad_sums")?;
@@ -419,11 +434,11 @@ impl DeviceKernels {
         launch
             .arg(x)
             .arg(dz)
-            .arg(stats)
+            .arg(p.stats)
             .arg(&m)
             .arg(&c)
             .arg(&rows)
-            .arg(&eps)
+            .arg(&p.eps)
             .arg(&mut part);
         self.launch_partials(&mut launch, s, "bn_grad_partials")?;
         self.reduce_into(&part, s, 2 * s.c, 1.0, sums, 0)
@@ -431,45 +446,35 @@ impl DeviceKernels {
 
     /// Batch-norm's training input gradient, written over `g` (which holds dz), the
     /// means taken from `sums` ([`DeviceKernels::bn_grad_sums`], or every rank's).
-    #[allow(clippy::too_many_arguments)]
     pub fn bn_input_grad(
         &self,
         x: &CudaSlice<f32>,
         g: &mut CudaSlice<f32>,
-        stats: &CudaSlice<f32>,
-        affine: &CudaSlice<f32>,
+        p: &BnDevice,
         sums: &CudaSlice<f32>,
-        s: NhwcShape,
-        eps: f64,
     ) -> Result<()> {
-        let t = s.total();
-        s.check(
-            "bn_input_grad_nhwc",
-            &[
-                ("x", x.len(), t),
-                ("g", g.len(), t),
-                ("stats", stats.len(), 2 * s.c),
-                ("affine", affine.len(), 2 * s.c),
-                ("sums", sums.len(), 2 * s.c),
-            ],
-        )?;
+        let s = p.shape;
+        p.check("bn_input_grad_nhwc", &[("x", x.len()), ("g", g.len())])?;
+        check(sums.len() == 2 * s.c, "bn_input_grad_nhwc", || {
+            format!("sums holds {} values, not 2 × {} channels", sums.len(), s.c)
+        })?;
         let f = self.function(&BATCH_NORM, "bn_input_grad_nhwc")?;
-        let (total, c, count) = (t as i64, s.c as i32, s.m as f32);
+        let (total, c, count) = (s.total() as i64, s.c as i32, s.m as f32);
         let stream = self.stream();
         let mut launch = stream.launch_builder(&f);
         launch
             .arg(x)
             .arg(g)
-            .arg(stats)
-            .arg(affine)
+            .arg(p.stats)
+            .arg(p.affine)
             .arg(sums)
             .arg(&total)
             .arg(&c)
             .arg(&count)
-            .arg(&eps);
+            .arg(&p.eps);
         // SAFETY: the arguments of bn_input_grad_nhwc in order and type, buffers checked
         // above; grid-stride below total.
-        unsafe { launch.launch(grid(t)) }.map_err(|e| driver("bn_input_grad_nhwc", e))?;
+        unsafe { launch.launch(grid(s.total())) }.map_err(|e| driver("bn_input_grad_nhwc", e))?;
         Ok(())
     }
 }
@@ -600,12 +605,18 @@ mod tests {
             k.bn_stats(&xd, s, &mut stats)?;
             let stats_host = st.clone_dtoh(&stats)?;
             close(&stats_host, &twin::stats(&x, c), 1e-5, "stats");
+            let p = BnDevice {
+                shape: s,
+                stats: &stats,
+                affine: &ad,
+                eps,
+            };
             let mut y = st.alloc_zeros::<f32>(m * c)?;
-            k.bn_normalize(&xd, &stats, &ad, Some(&rd), &mut y, s, eps, true)?;
+            k.bn_normalize(&xd, &p, Some(&rd), &mut y, true)?;
             let want = twin::normalize(&x, &stats_host, &affine, Some(&res), c, eps, true);
             close(&st.clone_dtoh(&y)?, &want, 1e-5, "normalize");
             let mut sums = st.alloc_zeros::<f32>(2 * c)?;
-            k.bn_grad_sums(&xd, &dzd, &stats, s, eps, &mut sums)?;
+            k.bn_grad_sums(&xd, &dzd, &p, &mut sums)?;
             let sums_host = st.clone_dtoh(&sums)?;
             close(
                 &sums_host,
@@ -614,7 +625,7 @@ mod tests {
                 "grad sums",
             );
             let mut g = st.clone_htod(&dz)?;
-            k.bn_input_grad(&xd, &mut g, &stats, &ad, &sums, s, eps)?;
+            k.bn_input_grad(&xd, &mut g, &p, &sums)?;
             let mut want = dz.clone();
             twin::input_grad(&x, &mut want, &stats_host, &affine, &sums_host, c, eps);
             close(&st.clone_dtoh(&g)?, &want, 1e-4, "input grad");

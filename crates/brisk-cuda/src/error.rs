@@ -13,6 +13,9 @@ pub enum Error {
     /// A CUDA driver call failed.
     #[error("CUDA driver: {what}: {detail}")]
     Driver { what: String, detail: String },
+    /// A shape the GPU path cannot take (a convolution cuDNN cannot describe, say).
+    #[error("{0}")]
+    Shape(String),
     /// A kernel did not compile (NVRTC's log included).
     #[error("kernel {kernel} does not compile for {arch}: {log}")]
     Compile {

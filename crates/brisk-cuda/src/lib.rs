@@ -9,12 +9,13 @@
 //! see docs/gpu.md.
 
 pub mod batchnorm;
+pub mod conv_plan;
 mod device;
 mod error;
 pub mod kernels;
 mod launch;
 
-pub use batchnorm::NhwcShape;
+pub use batchnorm::{BnDevice, NhwcShape};
 pub use device::{driver_present, Gpu};
 pub use error::{Error, Result};
 pub use kernels::{compile, nvrtc_present, Kernel, KERNELS};
