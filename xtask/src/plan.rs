@@ -87,7 +87,7 @@ pub enum Kind {
 }
 
 /// One variant: a change to the baseline.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VariantSpec {
     pub name: String,
@@ -315,6 +315,14 @@ fn training_variant(v: &VariantSpec, base: &TrainConfig) -> Result<(Option<Strin
             v.name
         );
     }
+    let c = with_set(v, base)?;
+    let text = c.to_toml()?;
+    let hash = fnv64(&["train", &text, &v.ranks.to_string()]);
+    Ok((Some(text), hash, c.seed))
+}
+
+/// The baseline with the variant's `set` applied, checked.
+fn with_set(v: &VariantSpec, base: &TrainConfig) -> Result<TrainConfig> {
     let mut c = base.clone();
     for (key, value) in &v.set {
         if key == "data" || key == "out" {
@@ -324,9 +332,7 @@ fn training_variant(v: &VariantSpec, base: &TrainConfig) -> Result<(Option<Strin
             .with_context(|| format!("variant {}", v.name))?;
     }
     c.validate().with_context(|| format!("variant {}", v.name))?;
-    let text = c.to_toml()?;
-    let hash = fnv64(&["train", &text, &v.ranks.to_string()]);
-    Ok((Some(text), hash, c.seed))
+    Ok(c)
 }
 
 /// A compression variant: its hash joins the baseline's (its starting model), its args and,
@@ -362,14 +368,7 @@ fn compression_variant(
                     v.name
                 );
             }
-            training_variant(
-                &VariantSpec {
-                    args: Vec::new(),
-                    ..v.clone()
-                },
-                base,
-            )?
-            .0
+            Some(with_set(v, base)?.to_toml()?)
         }
         _ => None,
     };

@@ -1,8 +1,8 @@
 //! brisk's own CUDA kernels, as CUDA C compiled at run time by NVRTC (no toolkit at build
 //! time), each compiled once per process and architecture: the fused SGD update over one
 //! flat parameter buffer, softmax cross-entropy with label smoothing (loss, gradient,
-//! top-1/top-5), global average pooling and the squeeze-and-excitation gate (batch-norm's
-//! kernels are in batchnorm.rs, with their host twins).
+//! top-1/top-5), global average pooling, the squeeze-and-excitation gate and batch-norm
+//! over NHWC activations (its launchers and host twins are in batchnorm.rs).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -133,13 +133,119 @@ extern "C" __global__ void se_gate_bwd(const float* __restrict__ x, const float*
 "#,
 };
 
+/// Batch-norm over NHWC activations `[m, c]` (launchers and host twins: batchnorm.rs):
+/// partial sums over chunks of rows, one thread per (chunk, channel), reduced in double;
+/// the normalisation with residual add and ReLU fused; the input gradient in place.
+pub const BATCH_NORM: Kernel = Kernel {
+    name: "bn_sum_partials",
+    source: r#"
+// This thread's cell i = k·c + ch of the [chunks, c] table: chunk k, channel ch, rows
+// [begin, end). False for the threads past the table.
+__device__ bool chunk_of(long long m, int c, int rows, long long* i, long long* k, int* ch,
+                         long long* begin, long long* end) {
+    long long chunks = (m + rows - 1) / rows;
+    *i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if (*i >= chunks * c) return false;
+    *k = *i / c;
+    *ch = (int)(*i % c);
+    *begin = *k * rows;
+    *end = (*k + 1) * rows < m ? (*k + 1) * rows : m;
+    return true;
+}
+
+extern "C" __global__ void bn_sum_partials(const float* __restrict__ x, long long m, int c, int rows,
+                                           float* __restrict__ part) {
+    long long i, k, begin, end;
+    int ch;
+    if (!chunk_of(m, c, rows, &i, &k, &ch, &begin, &end)) return;
+    float s = 0.0f;
+    for (long long r = begin; r < end; ++r) s += x[r * c + ch];
+    part[i] = s;
+}
+
+extern "C" __global__ void bn_sq_partials(const float* __restrict__ x, const float* __restrict__ stats,
+                                          long long m, int c, int rows, float* __restrict__ part) {
+    long long i, k, begin, end;
+    int ch;
+    if (!chunk_of(m, c, rows, &i, &k, &ch, &begin, &end)) return;
+    float mean = stats[ch], s = 0.0f;
+    for (long long r = begin; r < end; ++r) {
+        float d = x[r * c + ch] - mean;
+        s += d * d;
+    }
+    part[i] = s;
+}
+
+extern "C" __global__ void bn_grad_partials(const float* __restrict__ x, const float* __restrict__ dz,
+                                            const float* __restrict__ stats, long long m, int c,
+                                            int rows, double eps, float* __restrict__ part) {
+    long long i, k, begin, end;
+    int ch;
+    if (!chunk_of(m, c, rows, &i, &k, &ch, &begin, &end)) return;
+    float mean = stats[ch];
+    float inv_std = (float)(1.0 / sqrt((double)stats[c + ch] + eps));
+    float a = 0.0f, b = 0.0f;
+    for (long long r = begin; r < end; ++r) {
+        float g = dz[r * c + ch];
+        a += g * (x[r * c + ch] - mean);
+        b += g;
+    }
+    part[k * 2 * c + ch] = a * inv_std;
+    part[k * 2 * c + c + ch] = b;
+}
+
+extern "C" __global__ void bn_reduce(const float* __restrict__ part, long long chunks, int width,
+                                     double scale, float* __restrict__ out, int offset) {
+    int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= width) return;
+    double s = 0.0;
+    for (long long k = 0; k < chunks; ++k) s += (double)part[k * width + j];
+    out[offset + j] = (float)(s * scale);
+}
+
+extern "C" __global__ void bn_normalize_nhwc(const float* __restrict__ x, const float* __restrict__ stats,
+                                             const float* __restrict__ affine,
+                                             const float* __restrict__ residual, int has_residual,
+                                             float* __restrict__ y, long long total, int c,
+                                             double eps, int relu) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+         i += (long long)gridDim.x * blockDim.x) {
+        int ch = (int)(i % c);
+        float inv_std = (float)(1.0 / sqrt((double)stats[c + ch] + eps));
+        float scale = affine[ch] * inv_std;
+        float shift = affine[c + ch] - stats[ch] * scale;
+        float v = x[i] * scale + shift;
+        if (has_residual) v += residual[i];
+        y[i] = relu ? fmaxf(v, 0.0f) : v;
+    }
+}
+
+extern "C" __global__ void bn_input_grad_nhwc(const float* __restrict__ x, float* __restrict__ g,
+                                              const float* __restrict__ stats,
+                                              const float* __restrict__ affine,
+                                              const float* __restrict__ sums, long long total,
+                                              int c, float count, double eps) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+         i += (long long)gridDim.x * blockDim.x) {
+        int ch = (int)(i % c);
+        float mean = stats[ch];
+        float inv_std = (float)(1.0 / sqrt((double)stats[c + ch] + eps));
+        float a = affine[ch] * inv_std;
+        float mean_dz = sums[c + ch] / count, mean_dzx = sums[ch] / count;
+        float xh = (x[i] - mean) * inv_std;
+        g[i] = a * (g[i] - mean_dz - xh * mean_dzx);
+    }
+}
+"#,
+};
+
 /// Every kernel source brisk compiles.
 pub const KERNELS: [&Kernel; 5] = [
     &SGD_UPDATE,
     &SOFTMAX_XENT,
     &GLOBAL_AVG_POOL,
     &SE_GATE,
-    &crate::batchnorm::BATCH_NORM,
+    &BATCH_NORM,
 ];
 
 /// Whether NVRTC (libnvrtc, from the CUDA toolkit or PyPI's `nvidia-cuda-nvrtc` wheel on
