@@ -7,10 +7,12 @@ use brisk_ops::conv2d;
 use candle_core::{DType, Device, Tensor, Var};
 use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
 
-/// (name, Cin, Cout, input size, kernel, stride). The last three are width-0.25 shapes of
-/// 8x8 images: small maps (im2col by a tap table) and a 1x1 map (a pointwise convolution;
-/// its throughput counts the nominal 3x3 FLOPs, padding products included).
-const SHAPES: [(&str, usize, usize, usize, usize, usize); 10] = [
+/// (name, Cin, Cout, input size, kernel, stride). Then width-0.25 shapes of 8x8 images:
+/// small maps (im2col by a tap table) and a 1x1 map (a pointwise convolution; its
+/// throughput counts the nominal 3x3 FLOPs, padding products included); and of 28x28
+/// images: narrow layers on direct convolutions whose output rows (28, 14) are computed
+/// as whole 16-lane vectors.
+const SHAPES: [(&str, usize, usize, usize, usize, usize); 12] = [
     ("layer1_64x32x32_k3", 64, 64, 32, 3, 1),
     ("layer2_128x16x16_k3", 128, 128, 16, 3, 1),
     ("layer3_256x8x8_k3", 256, 256, 8, 3, 1),
@@ -21,6 +23,8 @@ const SHAPES: [(&str, usize, usize, usize, usize, usize); 10] = [
     ("small_16x8x8_k3", 16, 16, 8, 3, 1),
     ("small_32x4x4_k3", 32, 32, 4, 3, 1),
     ("small_128x1x1_k3", 128, 128, 1, 3, 1),
+    ("narrow_16x28x28_k3", 16, 16, 28, 3, 1),
+    ("narrow_32x14x14_k3", 32, 32, 14, 3, 1),
 ];
 
 fn conv(c: &mut Criterion) {

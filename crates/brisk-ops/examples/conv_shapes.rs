@@ -1,27 +1,37 @@
 //! Times brisk's convolution (forward, input gradient, weight gradient) on every distinct
 //! CIFAR ResNet-18 conv shape, with GFLOP/s, to see where a training step's time goes.
 //!
-//! `cargo run --release -p brisk-ops --example conv_shapes -- [BATCH] [THREADS]`
+//! `cargo run --release -p brisk-ops --example conv_shapes -- [BATCH] [THREADS] [WIDTH] [IMAGE] [CHANNELS]`
+//! (defaults 32, 2, 1, 32, 3).
 
 use std::time::Instant;
 
 use anyhow::Result;
 use brisk_ops::{ConvShape, Products};
 
-/// (name, Cin, Cout, input size, kernel, stride, count in the network).
-const SHAPES: [(&str, usize, usize, usize, usize, usize, usize); 11] = [
-    ("stem", 3, 64, 32, 3, 1, 1),
-    ("layer1", 64, 64, 32, 3, 1, 4),
-    ("layer2.0.conv1", 64, 128, 32, 3, 2, 1),
-    ("layer2", 128, 128, 16, 3, 1, 3),
-    ("layer2.ds", 64, 128, 32, 1, 2, 1),
-    ("layer3.0.conv1", 128, 256, 16, 3, 2, 1),
-    ("layer3", 256, 256, 8, 3, 1, 3),
-    ("layer3.ds", 128, 256, 16, 1, 2, 1),
-    ("layer4.0.conv1", 256, 512, 8, 3, 2, 1),
-    ("layer4", 512, 512, 4, 3, 1, 3),
-    ("layer4.ds", 256, 512, 8, 1, 2, 1),
-];
+/// Every distinct convolution of a CIFAR ResNet-18 of `width` on `image`-pixel images of
+/// `channels` channels: (name, Cin, Cout, input size, kernel, stride, count in the network).
+fn shapes(
+    width: f64,
+    image: usize,
+    channels: usize,
+) -> Vec<(String, usize, usize, usize, usize, usize, usize)> {
+    let c = |base: f64| ((base * width).round() as usize).max(1);
+    let half = |hw: usize| (hw - 1) / 2 + 1;
+    let mut out = vec![
+        ("stem".to_string(), channels, c(64.0), image, 3, 1, 1),
+        ("layer1".into(), c(64.0), c(64.0), image, 3, 1, 4),
+    ];
+    let mut hw = image;
+    for (i, base) in [128.0, 256.0, 512.0].into_iter().enumerate() {
+        let (cin, cout, l) = (c(base / 2.0), c(base), i + 2);
+        out.push((format!("layer{l}.0.conv1"), cin, cout, hw, 3, 2, 1));
+        out.push((format!("layer{l}"), cout, cout, half(hw), 3, 1, 3));
+        out.push((format!("layer{l}.ds"), cin, cout, hw, 1, 2, 1));
+        hw = half(hw);
+    }
+    out
+}
 
 fn time<T>(mut f: impl FnMut() -> Result<T>) -> Result<f64> {
     f()?;
@@ -35,9 +45,11 @@ fn time<T>(mut f: impl FnMut() -> Result<T>) -> Result<f64> {
 }
 
 fn main() -> Result<()> {
-    let args: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
-    let batch = args.first().copied().unwrap_or(32);
-    brisk_ops::init_compute(args.get(1).copied().unwrap_or(2))?;
+    let args: Vec<f64> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
+    let arg = |i: usize, default: f64| args.get(i).copied().unwrap_or(default);
+    let batch = arg(0, 32.0) as usize;
+    brisk_ops::init_compute(arg(1, 2.0) as usize)?;
+    let (width, image, channels) = (arg(2, 1.0), arg(3, 32.0) as usize, arg(4, 3.0) as usize);
     brisk_ops::keep_freed_memory();
     println!(
         "{:<16} {:>9} {:>9} {:>9} {:>7} {:>7} {:>7}  (ms, best of 5; GFLOP/s)",
@@ -49,7 +61,7 @@ fn main() -> Result<()> {
             .map(|i| ((i * 7 + seed) % 23) as f32 * 0.1 - 1.1)
             .collect()
     };
-    for (name, cin, cout, hw, k, s, count) in SHAPES {
+    for (name, cin, cout, hw, k, s, count) in shapes(width, image, channels) {
         let g = ConvShape::new(&[batch, cin, hw, hw], &[cout, cin, k, k], s, k / 2)?;
         let x = values(batch * g.in_len(), 1);
         let w = values(cout * cin * k * k, 2);

@@ -361,7 +361,7 @@ fn conv_packed(
 ) -> Option<Vec<f32>> {
     let group = (packed::NC / g.out_hw().max(1)).clamp(1, g.n.max(1));
     let t = threads();
-    if !packed::available() || g.cout < packed::MIN_ROWS || (t > 1 && g.n.div_ceil(group) < t) {
+    if !packed::pays(g) || (t > 1 && g.n.div_ceil(group) < t) {
         return None;
     }
     let weight = match products {
@@ -869,7 +869,7 @@ mod tests {
     /// position counts off the 32-wide tiles and across the 256-position blocks,
     /// reductions longer than one 256-row block, images split between blocks, strides, 1x1
     /// and 7x7, rows packed by masked loads (wide or odd maps) and by gathers (small maps).
-    const EDGE_SHAPES: [Shape8; 14] = [
+    const EDGE_SHAPES: [Shape8; 18] = [
         (3, 5, 12, 12, 13, 3, 1, 1),
         (4, 6, 8, 8, 10, 3, 2, 1),
         (2, 40, 6, 6, 9, 3, 1, 1),
@@ -886,6 +886,12 @@ mod tests {
         (2, 4, 18, 17, 8, 3, 1, 0),
         (2, 6, 16, 16, 11, 5, 1, 2),
         (3, 9, 4, 16, 7, 1, 1, 0),
+        // Direct convolutions of output rows off whole vectors (28, 14, 13 and 12
+        // positions computed as 32 or 16).
+        (2, 3, 28, 28, 16, 3, 1, 1),
+        (3, 5, 14, 14, 9, 3, 1, 1),
+        (3, 4, 12, 13, 8, 3, 1, 1),
+        (2, 5, 9, 12, 10, 5, 1, 2),
     ];
 
     /// The packed kernels against im2col + `gemm`, forward and stride-1 input gradient, on

@@ -29,7 +29,14 @@ pub(crate) const NC: usize = 256;
 /// Output channels below which the packed kernels lose to im2col + `gemm`: each packed
 /// image value then feeds too few products to pay for its packing (measured at width
 /// 0.125, 8–64 channels: 10–20% slower).
-pub(crate) const MIN_ROWS: usize = 64;
+const MIN_ROWS: usize = 64;
+
+/// Whether the convolution `g` runs on the packed kernels: the CPU has them, and either
+/// it has [`MIN_ROWS`] output channels or it runs directly (nothing packed per block,
+/// see [`Direct`]) with at least one micro-kernel tile of them.
+pub(crate) fn pays(g: &ConvShape) -> bool {
+    available() && (g.cout >= MIN_ROWS || (g.cout >= MR && Direct::applies(g)))
+}
 
 /// Whether this CPU runs the packed kernels (x86-64 with AVX-512F).
 pub(crate) fn available() -> bool {
@@ -151,27 +158,34 @@ pub(crate) fn conv_images(
     out: &mut [f32],
     scratch: &mut [f32],
 ) {
-    let positions = count * g.out_hw();
     let (panel, rest) = scratch.split_at_mut(KC * NC);
     let (acc, padded) = rest.split_at_mut(g.cout.div_ceil(MR) * MR * NC);
     let direct = Direct::new(g, x, first, count, padded);
+    // Direct convolutions compute output rows rounded up to whole 16-lane vectors.
+    let row = match &direct {
+        Some(_) => Direct::row(g),
+        None => g.wo,
+    };
+    let positions = count * g.ho * row;
     for p0 in (0..positions).step_by(NC) {
         let np = NC.min(positions - p0);
         match &direct {
             Some(d) => d.conv_block(a, p0, np, acc),
             None => conv_block(g, x, a, first, p0, np, panel, acc),
         }
-        store(g, acc, p0, np, out);
+        store(g, row, acc, p0, np, out);
     }
 }
 
-/// Direct convolution, for stride-1 convolutions whose output rows hold whole 16-lane
-/// vectors (layers 1 and 2 of a CIFAR ResNet, and their input gradients): the group's
-/// images are copied once with their zero padding, and the micro-kernel loads each
-/// 16-position vector of the image operand straight from that copy (row `ki`, column `kj`
-/// of an output row's window is one contiguous run there) instead of packing an im2col
-/// panel for every reduction block: for 64-channel layers that packing cost a third of
-/// the products' time.
+/// Direct convolution, for stride-1 convolutions whose output rows fill 16-lane vectors
+/// (all but at most a quarter of their last one: layers 1 and 2 of a CIFAR ResNet on
+/// 32x32 or 28x28 images, and their input gradients): the group's images are copied once
+/// with their zero padding, and the micro-kernel loads each 16-position vector of the
+/// image operand straight from that copy (row `ki`, column `kj` of an output row's window
+/// is one contiguous run there) instead of packing an im2col panel for every reduction
+/// block: for 64-channel layers that packing cost a third of the products' time. Output
+/// rows are computed rounded up to whole vectors ([`Direct::row`]); the columns past a
+/// row's end read its padding and the next row, and are not stored.
 struct Direct<'a> {
     g: ConvShape,
     /// The images, each channel a `(h + 2 pad) x (w + 2 pad)` plane with zeros around.
@@ -179,21 +193,28 @@ struct Direct<'a> {
 }
 
 impl<'a> Direct<'a> {
-    /// Whether `g` runs directly: stride 1, output rows of a multiple of 16 positions,
-    /// on a CPU with the packed kernels.
+    /// Whether `g` runs directly: stride 1, at most a quarter of the computed output
+    /// row ([`Direct::row`]) past its end, on a CPU with the packed kernels.
     fn applies(g: &ConvShape) -> bool {
-        available() && g.stride == 1 && g.wo.is_multiple_of(16) && g.wo > 0
+        available() && g.stride == 1 && g.wo > 0 && 4 * g.wo >= 3 * Self::row(g)
+    }
+
+    /// The output positions computed per output row: its width rounded up to whole
+    /// 16-lane vectors.
+    fn row(g: &ConvShape) -> usize {
+        g.wo.next_multiple_of(16)
     }
 
     fn plane(g: &ConvShape) -> (usize, usize) {
         (g.h + 2 * g.pad, g.w + 2 * g.pad)
     }
 
-    /// Floats of the padded copy of `count` images (0 where `g` does not run directly).
+    /// Floats of the padded copy of `count` images (0 where `g` does not run directly),
+    /// with room after it for the last row's computed columns past its end.
     fn padded_len(g: &ConvShape, count: usize) -> usize {
         let (hp, wp) = Self::plane(g);
         if Self::applies(g) {
-            count * g.cin * hp * wp
+            count * g.cin * hp * wp + Self::row(g) + g.k
         } else {
             0
         }
@@ -207,9 +228,11 @@ impl<'a> Direct<'a> {
         }
         let (hp, wp) = Self::plane(g);
         let (pad, plane) = (g.pad, g.h * g.w);
-        let padded = &mut buf[..count * g.cin * hp * wp];
+        let padded = &mut buf[..Self::padded_len(g, count)];
+        let images = count * g.cin * hp * wp;
+        padded[images..].fill(0.0);
         let src = &x[first * g.cin * plane..][..count * g.cin * plane];
-        for (dst, src) in padded.chunks_mut(hp * wp).zip(src.chunks(plane)) {
+        for (dst, src) in padded[..images].chunks_mut(hp * wp).zip(src.chunks(plane)) {
             dst[..pad * wp].fill(0.0);
             dst[(pad + g.h) * wp..].fill(0.0);
             for (drow, srow) in dst[pad * wp..].chunks_mut(wp).zip(src.chunks(g.w)) {
@@ -225,11 +248,13 @@ impl<'a> Direct<'a> {
     fn conv_block(&self, a: &PackedWeight, p0: usize, np: usize, acc: &mut [f32]) {
         let g = &self.g;
         let (hp, wp) = Self::plane(g);
-        let (k, howo) = (g.k, g.out_hw());
-        // Where the 16 positions from `q` start in the padded copy: the window's corner.
+        let (k, row) = (g.k, Self::row(g));
+        let plane = g.ho * row;
+        // Where the 16 positions from `q` (computed positions: `row` per output row)
+        // start in the padded copy: the window's corner.
         let start = |q: usize| {
-            let (img, rem) = (q / howo, q % howo);
-            img * g.cin * hp * wp + rem / g.wo * wp + rem % g.wo
+            let (img, rem) = (q / plane, q % plane);
+            img * g.cin * hp * wp + rem / row * wp + rem % row
         };
         let mut offsets = [0usize; KC];
         for kc0 in (0..a.kdim).step_by(KC) {
@@ -564,19 +589,35 @@ unsafe fn gather16_avx512(base: *const f32, idx: &[i32; 16], mask: u16, dst: *mu
     }
 }
 
-/// Copies positions `p0..p0 + np` of `acc` (rows = output channels) to their images'
-/// places in `out` `[count, cout, ho, wo]`.
-fn store(g: &ConvShape, acc: &[f32], p0: usize, np: usize, out: &mut [f32]) {
+/// Copies positions `p0..p0 + np` of `acc` (rows = output channels; `row` positions
+/// computed per output row, its first `wo` stored) to their images' places in `out`
+/// `[count, cout, ho, wo]`.
+fn store(g: &ConvShape, row: usize, acc: &[f32], p0: usize, np: usize, out: &mut [f32]) {
     let howo = g.out_hw();
+    let mut copy = |img: usize, at: usize, j: usize, run: usize| {
+        for co in 0..g.cout {
+            out[(img * g.cout + co) * howo + at..][..run].copy_from_slice(&acc[co * NC + j..][..run]);
+        }
+    };
     let mut j = 0;
     while j < np {
         let p = p0 + j;
-        let (img, rem) = (p / howo, p % howo);
-        let run = (howo - rem).min(np - j);
-        for co in 0..g.cout {
-            out[(img * g.cout + co) * howo + rem..][..run].copy_from_slice(&acc[co * NC + j..][..run]);
+        if row == g.wo {
+            // Every position stored: runs reach to the image's end.
+            let (img, rem) = (p / howo, p % howo);
+            let run = (howo - rem).min(np - j);
+            copy(img, rem, j, run);
+            j += run;
+        } else {
+            let (img, rem) = (p / (g.ho * row), p % (g.ho * row));
+            let (oh, ow) = (rem / row, rem % row);
+            let computed = (row - ow).min(np - j);
+            let run = g.wo.saturating_sub(ow).min(computed);
+            if run > 0 {
+                copy(img, oh * g.wo + ow, j, run);
+            }
+            j += computed;
         }
-        j += run;
     }
 }
 
