@@ -338,10 +338,18 @@ fn host_triple() -> Result<String> {
 
 fn cargo_graph() -> Result<Graph> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    // This machine's platform only: other platforms' crates need not be downloaded.
+    // This machine's platform only: other platforms' crates need not be downloaded. Every
+    // feature on: the table names what any build can use (brisk-dist's NCCL, say).
     let host = host_triple()?;
     let out = std::process::Command::new(cargo)
-        .args(["metadata", "--format-version", "1", "--filter-platform", &host])
+        .args([
+            "metadata",
+            "--format-version",
+            "1",
+            "--all-features",
+            "--filter-platform",
+            &host,
+        ])
         .current_dir(root())
         .output()?;
     if !out.status.success() {

@@ -92,8 +92,9 @@ fn usage_errors_exit_2() -> Result<()> {
     Ok(())
 }
 
-/// `--device cuda` is checked before anything runs: here (no driver) the error names the
-/// missing library; on a GPU machine it says the CUDA backend is not built yet. Either way
+/// `--device cuda` (train, eval, bench step) is checked before anything runs: here (no
+/// driver) the error names the missing library; on a GPU machine it says the CUDA backend
+/// is not built yet. Either way
 /// exit 1 and no output folder; a device that is not a name is refused.
 #[test]
 fn a_gpu_device_is_refused_with_the_reason() -> Result<()> {
@@ -129,6 +130,7 @@ fn a_gpu_device_is_refused_with_the_reason() -> Result<()> {
             "--device",
             "cuda",
         ],
+        vec!["bench", "step", "--device", "cuda:0", "--steps", "1"],
     ] {
         let o = brisk(&args)?;
         let err = String::from_utf8_lossy(&o.stderr);

@@ -5,8 +5,8 @@
 //! cross-entropy with label smoothing and top-1/top-5 counts, global average pooling, the
 //! SE gate, batch-norm over NHWC activations with its residual-add and ReLU fused), CUDA C compiled at run time by NVRTC for the device's architecture and cached
 //! per process, and `DeviceKernels`, which loads them on a device and launches them on device
-//! buffers. Convolutions (cuDNN) and the training step that joins them are the next pieces;
-//! see docs/gpu.md.
+//! buffers; with feature `nccl`, NCCL on the same cudarc. Convolutions (cuDNN) and the
+//! training step that joins them are the next pieces; see docs/gpu.md.
 
 pub mod batchnorm;
 pub mod conv_plan;
@@ -14,6 +14,8 @@ mod device;
 mod error;
 pub mod kernels;
 mod launch;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 
 pub use batchnorm::{BnDevice, NhwcShape};
 pub use device::{driver_present, Gpu};

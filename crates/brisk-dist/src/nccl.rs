@@ -1,10 +1,10 @@
 //! `Nccl`: the `Communicator` over NVIDIA's NCCL, one GPU per rank, bootstrapped through
 //! MPI (rank 0 creates the NCCL unique id and broadcasts it with the `Mpi` communicator,
-//! which also serves barriers, byte broadcasts and aborts). Cargo feature `nccl` (CUDA).
+//! which also serves barriers, byte broadcasts and aborts). Cargo feature `nccl`: NCCL on
+//! brisk-cuda's cudarc, the driver and libnccl looked for before they are used.
 
-use candle_core::cuda_backend::cudarc::driver::{CudaContext, CudaSlice, CudaStream, DeviceRepr};
-use candle_core::cuda_backend::cudarc::nccl::result::NcclStatus;
-use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, Id, ReduceOp};
+use brisk_cuda::nccl::{Comm, CudaSlice, CudaStream, DeviceRepr, Id, NcclStatus, ReduceOp};
+use brisk_cuda::Gpu;
 use std::sync::Arc;
 
 use crate::comm::Communicator;
@@ -54,9 +54,14 @@ impl Nccl {
     pub fn init(mpi: Mpi) -> Result<Self> {
         let (rank, world) = (mpi.rank(), mpi.world());
         let gpu = mpi.local_rank();
-        let ctx =
-            CudaContext::new(gpu).map_err(|e| cuda_err(rank, world, &format!("cannot open GPU {gpu}"), e))?;
-        let stream = ctx.default_stream();
+        let unusable = |e: brisk_cuda::Error| Error::Collective {
+            rank,
+            world,
+            message: format!("NCCL cannot run on GPU {gpu}: {e}"),
+        };
+        brisk_cuda::nccl::check().map_err(unusable)?;
+        let device = Gpu::open(gpu).map_err(unusable)?;
+        let stream = device.context().default_stream();
         let mut id_bytes = vec![0u8; 128];
         if rank == 0 {
             let id = Id::new().map_err(|e| cuda_err(rank, world, "unique id", e))?;

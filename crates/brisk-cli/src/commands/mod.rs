@@ -27,8 +27,8 @@ pub fn check_device(device: brisk_schema::DeviceChoice) -> anyhow::Result<()> {
     };
     let gpu = brisk_cuda::Gpu::open(ordinal).map_err(|e| anyhow::anyhow!("device {device}: {e}"))?;
     anyhow::bail!(
-        "device {device} ({}): brisk cannot train or evaluate on a GPU yet: its CUDA backend is being built \
-         (docs/gpu.md); `brisk bench step --device cuda` measures a training step on candle's CUDA path",
+        "device {device} ({}): brisk cannot train, evaluate or time steps on a GPU yet: its CUDA backend \
+         is being built (docs/gpu.md)",
         gpu.name().unwrap_or_else(|_| "a CUDA device".into())
     )
 }
