@@ -37,18 +37,23 @@ for line in sys.stdin:
     echo "gpu-check: $BIN ($(du -h "$BIN" | cut -f1)); carry $DIR to the device and run: scripts/gpu-check.sh run OUT"
 }
 
-# The folder of libnvrtc.so.* in python3's NVIDIA wheels, or nothing.
-nvrtc_dir() {
+# The folders of cuDNN (first: its sub-libraries are loaded by name from there) and NVRTC
+# in python3's NVIDIA wheels, joined by ':', or nothing.
+cuda_lib_dirs() {
     python3 - <<'PY' 2>/dev/null || true
 import pathlib
 try:
     import nvidia
 except ImportError:
     raise SystemExit
-for root in nvidia.__path__:
-    for lib in sorted(pathlib.Path(root).rglob("libnvrtc.so.*")):
-        print(lib.parent)
-        raise SystemExit
+dirs = []
+for pattern in ["libcudnn.so.*", "libnvrtc.so.*"]:
+    for root in nvidia.__path__:
+        found = sorted(pathlib.Path(root).rglob(pattern))
+        if found and str(found[0].parent) not in dirs:
+            dirs.append(str(found[0].parent))
+            break
+print(":".join(dirs))
 PY
 }
 
@@ -83,11 +88,11 @@ run() {
     fi
     versions "$out/versions.json"
     local lib
-    lib=$(nvrtc_dir)
+    lib=$(cuda_lib_dirs)
     if [ -n "$lib" ]; then
         export LD_LIBRARY_PATH="$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
     else
-        echo "gpu-check: no libnvrtc in python3's NVIDIA wheels; relying on the library path" >&2
+        echo "gpu-check: no cuDNN or NVRTC in python3's NVIDIA wheels; relying on the library path" >&2
     fi
     local skips="$out/skips"
     rm -rf "$skips"

@@ -342,14 +342,8 @@ fn cargo_graph() -> Result<Graph> {
     // feature on: the table names what any build can use (brisk-dist's NCCL, say).
     let host = host_triple()?;
     let out = std::process::Command::new(cargo)
-        .args([
-            "metadata",
-            "--format-version",
-            "1",
-            "--all-features",
-            "--filter-platform",
-            &host,
-        ])
+        .args(["metadata", "--format-version=1", "--all-features"])
+        .args(["--filter-platform", &host])
         .current_dir(root())
         .output()?;
     if !out.status.success() {

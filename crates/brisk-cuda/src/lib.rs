@@ -10,6 +10,7 @@
 
 pub mod batchnorm;
 pub mod conv_plan;
+pub mod cudnn;
 mod device;
 mod error;
 pub mod kernels;
