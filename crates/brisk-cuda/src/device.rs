@@ -53,15 +53,56 @@ impl Gpu {
         })
     }
 
+    /// The device's architecture as NVRTC names it ("sm_90" for Hopper), the one brisk's
+    /// kernels are compiled for.
+    pub fn arch(&self) -> Result<&'static str> {
+        let (major, minor) = self.ctx.compute_capability().map_err(|e| Error::Driver {
+            what: "reading the compute capability".into(),
+            detail: e.to_string(),
+        })?;
+        arch_name(major, minor).ok_or_else(|| Error::Driver {
+            what: "choosing the kernels' architecture".into(),
+            detail: format!("compute capability {major}.{minor} is not one brisk compiles for (7.0 to 12.1)"),
+        })
+    }
+
     /// The cudarc context, for launching kernels.
     pub fn context(&self) -> &Arc<CudaContext> {
         &self.ctx
     }
 }
 
+/// NVRTC's name of compute capability `major.minor`, for the architectures CUDA 13
+/// compiles for.
+pub fn arch_name(major: i32, minor: i32) -> Option<&'static str> {
+    Some(match (major, minor) {
+        (7, 5) => "sm_75",
+        (8, 0) => "sm_80",
+        (8, 6) => "sm_86",
+        (8, 7) => "sm_87",
+        (8, 9) => "sm_89",
+        (9, 0) => "sm_90",
+        (10, 0) => "sm_100",
+        (10, 3) => "sm_103",
+        (11, 0) => "sm_110",
+        (12, 0) => "sm_120",
+        (12, 1) => "sm_121",
+        _ => return None,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn compute_capabilities_name_their_architecture() {
+        assert_eq!(arch_name(9, 0), Some("sm_90"));
+        assert_eq!(arch_name(8, 0), Some("sm_80"));
+        assert_eq!(arch_name(12, 1), Some("sm_121"));
+        assert_eq!(arch_name(6, 1), None); // Pascal: CUDA 13 dropped it
+        assert_eq!(arch_name(9, 5), None);
+    }
 
     #[test]
     fn a_machine_without_the_driver_gets_an_error_naming_it() {
@@ -70,7 +111,10 @@ mod tests {
                 let msg = e.to_string();
                 assert!(msg.contains("libcuda") && msg.contains("NVIDIA driver"), "{msg}");
             }
-            Ok(gpu) => assert!(gpu.name().is_ok_and(|n| !n.is_empty())),
+            Ok(gpu) => {
+                assert!(gpu.name().is_ok_and(|n| !n.is_empty()));
+                assert!(gpu.arch().is_ok_and(|a| a.starts_with("sm_")));
+            }
             // A driver without a GPU: an error from the driver, not a panic.
             Err(e) => assert!(matches!(e, Error::Driver { .. }), "{e}"),
         }

@@ -2,12 +2,17 @@
 //! time), each compiled once per process and architecture: the fused SGD update over one
 //! flat parameter buffer, softmax cross-entropy with label smoothing (loss, gradient,
 //! top-1/top-5), global average pooling, the squeeze-and-excitation gate and batch-norm
-//! over NHWC activations (its launchers and host twins are in batchnorm.rs).
+//! over NHWC activations (its launchers and host twins are in batchnorm.rs). Each is
+//! compiled for the device's exact architecture to PTX and to CUBIN; devices load the
+//! CUBIN, which the driver takes whatever CUDA version it JIT-compiles PTX up to (a PTX
+//! newer than the driver fails to load).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use cudarc::nvrtc::{compile_ptx_with_opts, CompileError, CompileOptions, Ptx};
+use std::ffi::{c_char, CStr, CString};
+
+use cudarc::nvrtc::{result, sys, Ptx};
 
 use crate::error::{Error, Result};
 
@@ -255,15 +260,31 @@ pub fn nvrtc_present() -> bool {
     unsafe { cudarc::nvrtc::sys::is_culib_present() }
 }
 
-type Cache = Mutex<HashMap<(&'static str, &'static str), Arc<Ptx>>>;
+/// A kernel compiled for one architecture.
+#[derive(Debug)]
+pub struct Compiled {
+    /// The PTX (readable; what a driver would JIT-compile).
+    pub ptx: String,
+    /// The architecture's machine code (an ELF image), what devices load.
+    pub cubin: Vec<u8>,
+}
 
-/// `kernel` compiled to PTX for `arch` ("sm_90" for Hopper), once per process.
-pub fn compile(kernel: &'static Kernel, arch: &'static str) -> Result<Arc<Ptx>> {
+impl Compiled {
+    /// The image a device loads: the CUBIN.
+    pub fn image(&self) -> Ptx {
+        Ptx::from_binary(self.cubin.clone())
+    }
+}
+
+type Cache = Mutex<HashMap<(&'static str, &'static str), Arc<Compiled>>>;
+
+/// `kernel` compiled for `arch` ("sm_90" for Hopper), once per process.
+pub fn compile(kernel: &'static Kernel, arch: &'static str) -> Result<Arc<Compiled>> {
     static CACHE: OnceLock<Cache> = OnceLock::new();
     let cache = CACHE.get_or_init(Default::default);
     let key = (kernel.name, arch);
-    if let Some(ptx) = cache.lock().ok().and_then(|c| c.get(&key).cloned()) {
-        return Ok(ptx);
+    if let Some(done) = cache.lock().ok().and_then(|c| c.get(&key).cloned()) {
+        return Ok(done);
     }
     if !nvrtc_present() {
         return Err(Error::Missing {
@@ -271,23 +292,63 @@ pub fn compile(kernel: &'static Kernel, arch: &'static str) -> Result<Arc<Ptx>> 
             hint: "install the CUDA toolkit, or `pip install nvidia-cuda-nvrtc` and put its lib folder on LD_LIBRARY_PATH",
         });
     }
-    let opts = CompileOptions {
-        arch: Some(arch),
-        ..Default::default()
-    };
-    let ptx = compile_ptx_with_opts(kernel.source, opts).map_err(|e| Error::Compile {
+    let done = Arc::new(nvrtc(kernel, arch)?);
+    if let Ok(mut c) = cache.lock() {
+        c.insert(key, done.clone());
+    }
+    Ok(done)
+}
+
+/// An NVRTC program, destroyed on drop.
+struct Program(sys::nvrtcProgram);
+
+impl Drop for Program {
+    fn drop(&mut self) {
+        // SAFETY: created by `create_program`, destroyed only here.
+        let _ = unsafe { result::destroy_program(self.0) };
+    }
+}
+
+/// Compiles `kernel` for `arch` with NVRTC: PTX and CUBIN, or its log on failure.
+fn nvrtc(kernel: &'static Kernel, arch: &'static str) -> Result<Compiled> {
+    let fail = |what: &str, detail: String| Error::Compile {
         kernel: kernel.name,
         arch,
-        log: match e {
-            CompileError::CompileError { log, .. } => log.to_string_lossy().into_owned(),
-            other => format!("{other:?}"),
-        },
-    })?;
-    let ptx = Arc::new(ptx);
-    if let Ok(mut c) = cache.lock() {
-        c.insert(key, ptx.clone());
+        log: format!("{what}: {detail}"),
+    };
+    let src = CString::new(kernel.source).map_err(|e| fail("source", e.to_string()))?;
+    let prog = Program(
+        result::create_program(&src, None).map_err(|e| fail("creating the program", format!("{e:?}")))?,
+    );
+    let options = [format!("--gpu-architecture={arch}")];
+    // SAFETY (every call on `prog`): the program is alive until `prog` drops, after them.
+    if let Err(e) = unsafe { result::compile_program(prog.0, &options) } {
+        let log = unsafe { result::get_program_log(prog.0) }.map_or_else(|_| format!("{e:?}"), c_text);
+        return Err(fail("NVRTC", log));
     }
-    Ok(ptx)
+    let ptx = unsafe { result::get_ptx(prog.0) }.map_err(|e| fail("reading the PTX", format!("{e:?}")))?;
+    let mut size = 0usize;
+    // SAFETY: as above; `size` is a valid place for the count.
+    unsafe { sys::nvrtcGetCUBINSize(prog.0, &mut size) }
+        .result()
+        .map_err(|e| fail("sizing the CUBIN", format!("{e:?}")))?;
+    let mut cubin = vec![0u8; size];
+    // SAFETY: as above; `cubin` holds the `size` bytes NVRTC writes.
+    unsafe { sys::nvrtcGetCUBIN(prog.0, cubin.as_mut_ptr().cast::<c_char>()) }
+        .result()
+        .map_err(|e| fail("reading the CUBIN", format!("{e:?}")))?;
+    Ok(Compiled {
+        ptx: c_text(ptx),
+        cubin,
+    })
+}
+
+/// NVRTC's NUL-terminated text as a string.
+fn c_text(chars: Vec<c_char>) -> String {
+    let bytes: Vec<u8> = chars.iter().map(|&c| c as u8).collect();
+    CStr::from_bytes_until_nul(&bytes)
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned())
 }
 
 #[cfg(test)]
@@ -329,17 +390,26 @@ mod tests {
         }
         for arch in ["sm_80", "sm_90"] {
             for k in KERNELS {
-                let ptx = compile(k, arch)?.to_src();
+                let done = compile(k, arch)?;
                 for entry in entries(k.source) {
                     assert!(
-                        ptx.contains(&format!(".entry {entry}")),
+                        done.ptx.contains(&format!(".entry {entry}")),
                         "{arch}: no {entry} in the PTX"
                     );
+                    // The CUBIN is an ELF image whose symbols name the entry points.
+                    assert!(
+                        done.cubin.windows(entry.len()).any(|w| w == entry.as_bytes()),
+                        "{arch}: no {entry} in the CUBIN"
+                    );
                 }
-                assert!(ptx.contains(&format!(".target {arch}")), "{arch}");
+                assert!(done.ptx.contains(&format!(".target {arch}")), "{arch}");
+                assert!(
+                    done.cubin.starts_with(b"\x7fELF"),
+                    "{arch}: the CUBIN is not an ELF image"
+                );
             }
         }
-        // A second request is the cached PTX, not a new compile.
+        // A second request is the cached result, not a new compile.
         assert!(Arc::ptr_eq(
             &compile(&SE_GATE, "sm_90")?,
             &compile(&SE_GATE, "sm_90")?

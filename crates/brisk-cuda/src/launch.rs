@@ -62,13 +62,14 @@ pub struct ScaledSgdStep {
 }
 
 impl DeviceKernels {
-    /// brisk's kernels for `gpu`, compiled for `arch` ("sm_90" for Hopper) on first use.
-    pub fn new(gpu: Arc<Gpu>, arch: &'static str) -> DeviceKernels {
-        DeviceKernels {
+    /// brisk's kernels for `gpu`, compiled for its architecture ([`Gpu::arch`]) on first
+    /// use.
+    pub fn new(gpu: Arc<Gpu>) -> Result<DeviceKernels> {
+        Ok(DeviceKernels {
+            arch: gpu.arch()?,
             gpu,
-            arch,
             loaded: Mutex::new(HashMap::new()),
-        }
+        })
     }
 
     /// The device's default stream, which every launch uses.
@@ -85,11 +86,11 @@ impl DeviceKernels {
         if let Some(f) = loaded.get(entry) {
             return Ok(f.clone());
         }
-        let ptx = compile(kernel, self.arch)?;
+        let compiled = compile(kernel, self.arch)?;
         let module = self
             .gpu
             .context()
-            .load_module((*ptx).clone())
+            .load_module(compiled.image())
             .map_err(|e| driver(&format!("loading {}", kernel.name), e))?;
         let f = module
             .load_function(entry)
@@ -291,7 +292,10 @@ pub(crate) fn test_kernels(test: &str) -> Option<(Arc<Gpu>, DeviceKernels)> {
         match Gpu::open(0) {
             Ok(gpu) => {
                 let gpu = Arc::new(gpu);
-                return Some((gpu.clone(), DeviceKernels::new(gpu, "sm_90")));
+                match DeviceKernels::new(gpu.clone()) {
+                    Ok(kernels) => return Some((gpu, kernels)),
+                    Err(_) => "a CUDA device of an architecture brisk does not compile for",
+                }
             }
             Err(_) => "no CUDA device",
         }
