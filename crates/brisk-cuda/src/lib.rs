@@ -11,6 +11,7 @@
 pub mod batchnorm;
 pub mod conv_plan;
 pub mod cudnn;
+pub mod dense;
 mod device;
 mod error;
 pub mod kernels;
