@@ -724,16 +724,9 @@ mod tests {
     #[test]
     fn convolutions_on_the_gpu_match_brisk_ops() -> Result<()> {
         const TEST: &str = "convolutions_on_the_gpu_match_brisk_ops";
-        let Some((gpu, _)) = crate::launch::test_kernels(TEST) else {
+        let Some(gpu) = crate::launch::test_gpu_with(TEST, "cuDNN (libcudnn)", cudnn_present()) else {
             return Ok(());
         };
-        if !cudnn_present() {
-            brisk_hosts::skipped(
-                &format!("brisk_cuda::{TEST}"),
-                "no cuDNN (libcudnn) on the library path",
-            );
-            return Ok(());
-        }
         let stream = gpu.context().default_stream();
         let cudnn = Cudnn::new(stream.clone())?;
         let dev = |e: cudarc::driver::DriverError| crate::launch::driver("copying", e);

@@ -254,26 +254,39 @@ mod tests {
         }
     }
 
+    /// Four host vectors.
+    type Four = [Vec<f32>; 4];
+
+    /// The layer's inputs `[x, w, b, dy]` for `g`, and `[y, dw, db, dx]` as the host twin
+    /// computes them with the five GEMMs (outputs first filled with a value no result has,
+    /// so a GEMM that does not write everything shows).
+    fn twin_layer(g: &DenseGemms) -> Result<(Four, Four)> {
+        let (n, fin, fout) = (g.n, g.fin, g.fout);
+        let inputs = [
+            values(n * fin, 1),
+            values(fout * fin, 2),
+            values(fout, 3),
+            values(n * fout, 4),
+        ];
+        let [x, w, b, dy] = &inputs;
+        let ones = vec![1f32; n];
+        let mut out = [n * fout, fout * fin, fout, n * fin].map(|len| vec![7f32; len]);
+        let [y, dw, db, dx] = &mut out;
+        sgemm_twin(&g.logits()?, w, x, y);
+        sgemm_twin(&g.add_bias()?, b, &ones, y);
+        sgemm_twin(&g.weight_grad()?, x, dy, dw);
+        sgemm_twin(&g.bias_grad()?, dy, &ones, db);
+        sgemm_twin(&g.input_grad()?, w, dy, dx);
+        Ok((inputs, out))
+    }
+
     /// The five GEMMs, run by the host twin, compute PyTorch's `Linear` forward and
     /// backward written out row-major in f64.
     #[test]
     fn the_gemms_compute_the_dense_layer() -> Result<()> {
         for (n, fin, fout) in [(3, 5, 2), (7, 16, 10), (1, 4, 4)] {
             let g = DenseGemms { n, fin, fout };
-            let (x, w, b, dy) = (
-                values(n * fin, 1),
-                values(fout * fin, 2),
-                values(fout, 3),
-                values(n * fout, 4),
-            );
-            let ones = vec![1f32; n];
-            let mut y = vec![7f32; n * fout]; // overwritten (β = 0), then the bias added
-            sgemm_twin(&g.logits()?, &w, &x, &mut y);
-            sgemm_twin(&g.add_bias()?, &b, &ones, &mut y);
-            let (mut dw, mut db, mut dx) = (vec![7f32; fout * fin], vec![7f32; fout], vec![7f32; n * fin]);
-            sgemm_twin(&g.weight_grad()?, &x, &dy, &mut dw);
-            sgemm_twin(&g.bias_grad()?, &dy, &ones, &mut db);
-            sgemm_twin(&g.input_grad()?, &w, &dy, &mut dx);
+            let ([x, w, b, dy], [y, dw, db, dx]) = twin_layer(&g)?;
             let f = |v: &[f32], i: usize| f64::from(v[i]);
             let want_y: Vec<f64> = (0..n * fout)
                 .map(|p| {
@@ -324,39 +337,18 @@ mod tests {
     #[test]
     fn the_classifier_on_the_gpu_matches_the_host_twin() -> Result<()> {
         const TEST: &str = "the_classifier_on_the_gpu_matches_the_host_twin";
-        let Some((gpu, _)) = crate::launch::test_kernels(TEST) else {
+        let Some(gpu) = crate::launch::test_gpu_with(TEST, "cuBLAS (libcublas)", cublas_present()) else {
             return Ok(());
         };
-        if !cublas_present() {
-            brisk_hosts::skipped(
-                &format!("brisk_cuda::{TEST}"),
-                "no cuBLAS (libcublas) on the library path",
-            );
-            return Ok(());
-        }
         let stream = gpu.context().default_stream();
         let dev = |e: cudarc::driver::DriverError| crate::launch::driver("copying", e);
         let mut classifier = Classifier::new(stream.clone(), F32Math::Strict)?;
-        let (n, fin, fout) = (33, 64, 10);
-        let g = DenseGemms { n, fin, fout };
-        let (x, w, b, dy) = (
-            values(n * fin, 1),
-            values(fout * fin, 2),
-            values(fout, 3),
-            values(n * fout, 4),
-        );
-        let ones = vec![1f32; n];
-        let mut want = [
-            vec![0f32; n * fout],
-            vec![0f32; fout * fin],
-            vec![0f32; fout],
-            vec![0f32; n * fin],
-        ];
-        sgemm_twin(&g.logits()?, &w, &x, &mut want[0]);
-        sgemm_twin(&g.add_bias()?, &b, &ones, &mut want[0]);
-        sgemm_twin(&g.weight_grad()?, &x, &dy, &mut want[1]);
-        sgemm_twin(&g.bias_grad()?, &dy, &ones, &mut want[2]);
-        sgemm_twin(&g.input_grad()?, &w, &dy, &mut want[3]);
+        let g = DenseGemms {
+            n: 33,
+            fin: 64,
+            fout: 10,
+        };
+        let ([x, w, b, dy], want) = twin_layer(&g)?;
         let up = |v: &[f32]| stream.clone_htod(v).map_err(dev);
         let (xd, wd, bd, dyd) = (up(&x)?, up(&w)?, up(&b)?, up(&dy)?);
         // Filled with a value no result has, so a GEMM that did not run shows.

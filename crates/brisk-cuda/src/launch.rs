@@ -304,6 +304,21 @@ pub(crate) fn test_kernels(test: &str) -> Option<(Arc<Gpu>, DeviceKernels)> {
     None
 }
 
+/// [`test_kernels`]'s GPU for a test that also needs `library` (`present`: whether it
+/// loads); `None`, the test recorded as SKIPPED with the reason, where either is missing.
+#[cfg(test)]
+pub(crate) fn test_gpu_with(test: &str, library: &str, present: bool) -> Option<Arc<Gpu>> {
+    let (gpu, _) = test_kernels(test)?;
+    if !present {
+        brisk_hosts::skipped(
+            &format!("brisk_cuda::{test}"),
+            &format!("no {library} on the library path"),
+        );
+        return None;
+    }
+    Some(gpu)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
