@@ -869,7 +869,7 @@ mod tests {
     /// position counts off the 32-wide tiles and across the 256-position blocks,
     /// reductions longer than one 256-row block, images split between blocks, strides, 1x1
     /// and 7x7, rows packed by masked loads (wide or odd maps) and by gathers (small maps).
-    const EDGE_SHAPES: [Shape8; 18] = [
+    const EDGE_SHAPES: [Shape8; 20] = [
         (3, 5, 12, 12, 13, 3, 1, 1),
         (4, 6, 8, 8, 10, 3, 2, 1),
         (2, 40, 6, 6, 9, 3, 1, 1),
@@ -887,11 +887,14 @@ mod tests {
         (2, 6, 16, 16, 11, 5, 1, 2),
         (3, 9, 4, 16, 7, 1, 1, 0),
         // Direct convolutions of output rows off whole vectors (28, 14, 13 and 12
-        // positions computed as 32 or 16).
+        // positions computed as 32, 30, 16 or 14) ...
         (2, 3, 28, 28, 16, 3, 1, 1),
         (3, 5, 14, 14, 9, 3, 1, 1),
         (3, 4, 12, 13, 8, 3, 1, 1),
         (2, 5, 9, 12, 10, 5, 1, 2),
+        // ... and on padded rows, vectors running on into the next row (7 and 8 wide).
+        (3, 6, 7, 7, 9, 3, 1, 1),
+        (2, 5, 8, 8, 12, 3, 1, 1),
     ];
 
     /// The packed kernels against im2col + `gemm`, forward and stride-1 input gradient, on

@@ -33,10 +33,17 @@ const MIN_ROWS: usize = 64;
 
 /// Whether the convolution `g` runs on the packed kernels: the CPU has them, and either
 /// it has [`MIN_ROWS`] output channels or it runs directly (nothing packed per block,
-/// see [`Direct`]) with at least one micro-kernel tile of them.
+/// see [`Direct`]) with at least one micro-kernel tile of them and a reduction of at
+/// least 64 rows (a 1-channel stem's 9 ran slower than im2col + `gemm`).
 pub(crate) fn pays(g: &ConvShape) -> bool {
-    available() && (g.cout >= MIN_ROWS || (g.cout >= MR && Direct::applies(g)))
+    available() && (g.cout >= MIN_ROWS || (g.cout >= MR && g.kdim() >= 64 && Direct::applies(g)))
 }
+
+/// Output channels from which a direct convolution computes on whole-vector rows only,
+/// never on padded rows: at 256 channels on 8x8 maps the packed path (every position
+/// useful, its packing spread over many channels) beat padded rows (80% useful) by 8%,
+/// while at 64 channels on 7x7 maps padded rows beat it by 1.27x.
+const PADDED_ROWS_BELOW: usize = 128;
 
 /// Whether this CPU runs the packed kernels (x86-64 with AVX-512F).
 pub(crate) fn available() -> bool {
@@ -161,31 +168,58 @@ pub(crate) fn conv_images(
     let (panel, rest) = scratch.split_at_mut(KC * NC);
     let (acc, padded) = rest.split_at_mut(g.cout.div_ceil(MR) * MR * NC);
     let direct = Direct::new(g, x, first, count, padded);
-    // Direct convolutions compute output rows rounded up to whole 16-lane vectors.
-    let row = match &direct {
-        Some(_) => Direct::row(g),
-        None => g.wo,
+    // Direct convolutions compute more positions than they store (see `Grid`).
+    let grid = match &direct {
+        Some(_) => Direct::grid(g),
+        None => Grid::dense(g),
     };
-    let positions = count * g.ho * row;
+    let positions = count * grid.per_image;
     for p0 in (0..positions).step_by(NC) {
         let np = NC.min(positions - p0);
         match &direct {
             Some(d) => d.conv_block(a, p0, np, acc),
             None => conv_block(g, x, a, first, p0, np, panel, acc),
         }
-        store(g, row, acc, p0, np, out);
+        store(g, grid, acc, p0, np, out);
     }
 }
 
-/// Direct convolution, for stride-1 convolutions whose output rows fill 16-lane vectors
-/// (all but at most a quarter of their last one: layers 1 and 2 of a CIFAR ResNet on
-/// 32x32 or 28x28 images, and their input gradients): the group's images are copied once
+/// Which positions a block of output computes and where they go: `row` positions per
+/// output row, of which the first `wo` are stored, and `per_image` positions per image,
+/// of which the first `ho` rows are stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Grid {
+    row: usize,
+    per_image: usize,
+}
+
+impl Grid {
+    /// Every position computed is an output position.
+    fn dense(g: &ConvShape) -> Grid {
+        Grid {
+            row: g.wo,
+            per_image: g.out_hw(),
+        }
+    }
+
+    /// Output positions among those computed.
+    fn useful(&self, g: &ConvShape) -> f64 {
+        g.out_hw() as f64 / self.per_image as f64
+    }
+}
+
+/// Direct convolution, for stride-1 convolutions: the group's images are copied once
 /// with their zero padding, and the micro-kernel loads each 16-position vector of the
-/// image operand straight from that copy (row `ki`, column `kj` of an output row's window
-/// is one contiguous run there) instead of packing an im2col panel for every reduction
-/// block: for 64-channel layers that packing cost a third of the products' time. Output
-/// rows are computed rounded up to whole vectors ([`Direct::row`]); the columns past a
-/// row's end read its padding and the next row, and are not stored.
+/// image operand straight from that copy (row `ki`, column `kj` of a run of output
+/// positions' windows is one contiguous run there) instead of packing an im2col panel
+/// for every reduction block: for 64-channel layers that packing cost a third of the
+/// products' time. A vector must be contiguous in the copy, so positions are computed on
+/// a grid ([`Direct::grid`]) wider than the output: either each output row rounded up
+/// to whole vectors (28 → 32), or the padded row itself (a 7-wide output row of a 3x3
+/// convolution computed as the 9 columns of its padded row, so vectors run on into the
+/// next row), each image's positions rounded up to whole vectors; the extra positions
+/// read padding or the next row and are not stored. It runs where at least three
+/// quarters of the computed positions are output ones.
 struct Direct<'a> {
     g: ConvShape,
     /// The images, each channel a `(h + 2 pad) x (w + 2 pad)` plane with zeros around.
@@ -193,16 +227,27 @@ struct Direct<'a> {
 }
 
 impl<'a> Direct<'a> {
-    /// Whether `g` runs directly: stride 1, at most a quarter of the computed output
-    /// row ([`Direct::row`]) past its end, on a CPU with the packed kernels.
+    /// Whether `g` runs directly: stride 1, at least three quarters of the computed
+    /// positions ([`Direct::grid`]) output ones, on a CPU with the packed kernels.
     fn applies(g: &ConvShape) -> bool {
-        available() && g.stride == 1 && g.wo > 0 && 4 * g.wo >= 3 * Self::row(g)
+        available() && g.stride == 1 && g.wo > 0 && Self::grid(g).useful(g) >= 0.75
     }
 
-    /// The output positions computed per output row: its width rounded up to whole
-    /// 16-lane vectors.
-    fn row(g: &ConvShape) -> usize {
-        g.wo.next_multiple_of(16)
+    /// The positions computed: output rows rounded up to whole vectors, or, under
+    /// [`PADDED_ROWS_BELOW`] output channels, the padded rows (`w + 2 pad` wide) where
+    /// they waste less; per image, rounded up to whole vectors (so no vector spans two
+    /// images).
+    fn grid(g: &ConvShape) -> Grid {
+        let on = |row: usize| Grid {
+            row,
+            per_image: (g.ho * row).next_multiple_of(16),
+        };
+        let (rounded, padded) = (on(g.wo.next_multiple_of(16)), on(Self::plane(g).1));
+        if g.cout < PADDED_ROWS_BELOW && padded.per_image < rounded.per_image {
+            padded
+        } else {
+            rounded
+        }
     }
 
     fn plane(g: &ConvShape) -> (usize, usize) {
@@ -210,11 +255,12 @@ impl<'a> Direct<'a> {
     }
 
     /// Floats of the padded copy of `count` images (0 where `g` does not run directly),
-    /// with room after it for the last row's computed columns past its end.
+    /// with room after it for the last image's computed positions past its end (at most
+    /// a vector and a kernel row past the copy, at any grid).
     fn padded_len(g: &ConvShape, count: usize) -> usize {
         let (hp, wp) = Self::plane(g);
         if Self::applies(g) {
-            count * g.cin * hp * wp + Self::row(g) + g.k
+            count * g.cin * hp * wp + Self::grid(g).row + 2 * g.k + 32
         } else {
             0
         }
@@ -248,13 +294,12 @@ impl<'a> Direct<'a> {
     fn conv_block(&self, a: &PackedWeight, p0: usize, np: usize, acc: &mut [f32]) {
         let g = &self.g;
         let (hp, wp) = Self::plane(g);
-        let (k, row) = (g.k, Self::row(g));
-        let plane = g.ho * row;
-        // Where the 16 positions from `q` (computed positions: `row` per output row)
-        // start in the padded copy: the window's corner.
+        let (k, grid) = (g.k, Self::grid(g));
+        // Where the 16 positions from `q` (on the grid) start in the padded copy: the
+        // window's corner.
         let start = |q: usize| {
-            let (img, rem) = (q / plane, q % plane);
-            img * g.cin * hp * wp + rem / row * wp + rem % row
+            let (img, rem) = (q / grid.per_image, q % grid.per_image);
+            img * g.cin * hp * wp + rem / grid.row * wp + rem % grid.row
         };
         let mut offsets = [0usize; KC];
         for kc0 in (0..a.kdim).step_by(KC) {
@@ -589,29 +634,32 @@ unsafe fn gather16_avx512(base: *const f32, idx: &[i32; 16], mask: u16, dst: *mu
     }
 }
 
-/// Copies positions `p0..p0 + np` of `acc` (rows = output channels; `row` positions
-/// computed per output row, its first `wo` stored) to their images' places in `out`
+/// Copies positions `p0..p0 + np` of `acc` (rows = output channels; positions on
+/// `grid`) that are output positions to their images' places in `out`
 /// `[count, cout, ho, wo]`.
-fn store(g: &ConvShape, row: usize, acc: &[f32], p0: usize, np: usize, out: &mut [f32]) {
+fn store(g: &ConvShape, grid: Grid, acc: &[f32], p0: usize, np: usize, out: &mut [f32]) {
     let howo = g.out_hw();
     let mut copy = |img: usize, at: usize, j: usize, run: usize| {
         for co in 0..g.cout {
             out[(img * g.cout + co) * howo + at..][..run].copy_from_slice(&acc[co * NC + j..][..run]);
         }
     };
+    let dense = grid == Grid::dense(g);
     let mut j = 0;
     while j < np {
         let p = p0 + j;
-        if row == g.wo {
+        let (img, rem) = (p / grid.per_image, p % grid.per_image);
+        if dense {
             // Every position stored: runs reach to the image's end.
-            let (img, rem) = (p / howo, p % howo);
             let run = (howo - rem).min(np - j);
             copy(img, rem, j, run);
             j += run;
+        } else if rem >= g.ho * grid.row {
+            // Past the image's last row.
+            j += (grid.per_image - rem).min(np - j);
         } else {
-            let (img, rem) = (p / (g.ho * row), p % (g.ho * row));
-            let (oh, ow) = (rem / row, rem % row);
-            let computed = (row - ow).min(np - j);
+            let (oh, ow) = (rem / grid.row, rem % grid.row);
+            let computed = (grid.row - ow).min(np - j);
             let run = g.wo.saturating_sub(ow).min(computed);
             if run > 0 {
                 copy(img, oh * g.wo + ow, j, run);
@@ -787,4 +835,37 @@ unsafe fn kernel_avx512(
         }
     }
     store_tile!(acc, c, ldc, accumulate);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The grid each CIFAR map size computes on: the one wasting less, or none where a
+    /// quarter or more would be waste.
+    #[test]
+    fn direct_grids_waste_under_a_quarter() {
+        let grid = |side: usize| {
+            let g = ConvShape::new(&[2, 16, side, side], &[16, 16, 3, 3], 1, 1).expect("shape");
+            (Direct::grid(&g), Direct::applies(&g))
+        };
+        // (side, computed per row, per image): 32 and 16 on whole vectors, 28, 12, 8 and 7
+        // on their padded rows (30, 14, 10, 9), 4x4 maps not at all (a third wasted).
+        for (side, row, per_image, runs) in [
+            (32, 32, 1024, true),
+            (28, 30, 848, true),
+            (16, 16, 256, true),
+            (14, 16, 224, true),
+            (12, 14, 176, true),
+            (8, 10, 80, true),
+            (7, 9, 64, true),
+            (4, 6, 32, false),
+        ] {
+            assert_eq!(
+                grid(side),
+                (Grid { row, per_image }, runs && available()),
+                "{side}x{side}"
+            );
+        }
+    }
 }
