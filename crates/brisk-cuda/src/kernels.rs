@@ -244,13 +244,61 @@ extern "C" __global__ void bn_input_grad_nhwc(const float* __restrict__ x, float
 "#,
 };
 
+/// Element-wise passes over a flat buffer, grid-stride: `ew_unary` in place (0 ReLU
+/// `max(0, v)`, 1 sigmoid, 2 rounding to the nearest bf16, 3 to the nearest f16 — by the
+/// `cvt.rn` instructions, ties to even, kept as f32) and `ew_binary` `dst op= src` (0 add,
+/// 1 add then ReLU — a block's residual sum —, 2 ReLU's backward: `dst` zeroed where
+/// `src`, the ReLU's output, is not positive). Launchers and host twins: elementwise.rs.
+pub const ELEMENTWISE: Kernel = Kernel {
+    name: "ew_unary",
+    source: r#"
+extern "C" __global__ void ew_unary(float* __restrict__ x, long long n, int op) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        float v = x[i];
+        if (op == 0) {
+            v = fmaxf(v, 0.0f);
+        } else if (op == 1) {
+            v = 1.0f / (1.0f + expf(-v));
+        } else if (op == 2) {
+            unsigned short b;
+            asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(b) : "f"(v));
+            v = __uint_as_float(((unsigned int)b) << 16);
+        } else {
+            unsigned short h;
+            asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
+            asm("cvt.f32.f16 %0, %1;" : "=f"(v) : "h"(h));
+        }
+        x[i] = v;
+    }
+}
+
+extern "C" __global__ void ew_binary(float* __restrict__ dst, const float* __restrict__ src,
+                                     long long n, int op) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x) {
+        float d = dst[i], s = src[i];
+        if (op == 0) {
+            d = d + s;
+        } else if (op == 1) {
+            d = fmaxf(d + s, 0.0f);
+        } else {
+            d = s > 0.0f ? d : 0.0f;
+        }
+        dst[i] = d;
+    }
+}
+"#,
+};
+
 /// Every kernel source brisk compiles.
-pub const KERNELS: [&Kernel; 5] = [
+pub const KERNELS: [&Kernel; 6] = [
     &SGD_UPDATE,
     &SOFTMAX_XENT,
     &GLOBAL_AVG_POOL,
     &SE_GATE,
     &BATCH_NORM,
+    &ELEMENTWISE,
 ];
 
 /// Whether NVRTC (libnvrtc, from the CUDA toolkit or PyPI's `nvidia-cuda-nvrtc` wheel on
@@ -370,7 +418,7 @@ mod tests {
             assert_eq!(entries(k.source).first(), Some(&k.name), "{}", k.name);
         }
         let names: Vec<&str> = KERNELS.iter().flat_map(|k| entries(k.source)).collect();
-        assert_eq!(names.len(), 12, "{names:?}");
+        assert_eq!(names.len(), 14, "{names:?}");
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod conv_plan;
 pub mod cudnn;
 pub mod dense;
 mod device;
+pub mod elementwise;
 mod error;
 pub mod kernels;
 mod launch;
