@@ -291,14 +291,79 @@ extern "C" __global__ void ew_binary(float* __restrict__ dst, const float* __res
 "#,
 };
 
+/// Max-pooling over NCHW planes with -inf padding (the ImageNet stem's 3x3/2, padding 1),
+/// the gradient going to each window's first maximum (NaN wins, as in PyTorch), as
+/// brisk-ops' `MaxPool`: forward one thread per output; backward one thread per input
+/// value, gathering the windows that cover it in window order — the CPU's order of
+/// addition, with no atomics. Launchers and the backward's host twin: pool.rs.
+pub const MAX_POOL: Kernel = Kernel {
+    name: "max_pool_fwd",
+    source: r#"
+__device__ int pool_argmax(const float* plane, int h, int w, int oh, int ow, int k, int s, int p) {
+    int r0 = max(oh * s - p, 0), r1 = min(oh * s + k - p, h);
+    int c0 = max(ow * s - p, 0), c1 = min(ow * s + k - p, w);
+    float best = -__int_as_float(0x7f800000);
+    int at = r0 * w + c0;
+    for (int ih = r0; ih < r1; ++ih) {
+        for (int iw = c0; iw < c1; ++iw) {
+            float v = plane[ih * w + iw];
+            if (v > best || (v != v && best == best)) {
+                best = v;
+                at = ih * w + iw;
+            }
+        }
+    }
+    return at;
+}
+
+extern "C" __global__ void max_pool_fwd(const float* __restrict__ x, float* __restrict__ y,
+                                        long long planes, int h, int w, int ho, int wo,
+                                        int k, int s, int p) {
+    long long total = planes * ho * wo;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+         i += (long long)gridDim.x * blockDim.x) {
+        long long pl = i / (ho * wo);
+        int r = (int)(i % (ho * wo));
+        const float* plane = x + pl * h * w;
+        y[i] = plane[pool_argmax(plane, h, w, r / wo, r % wo, k, s, p)];
+    }
+}
+
+extern "C" __global__ void max_pool_bwd(const float* __restrict__ x, const float* __restrict__ dy,
+                                        float* __restrict__ dx, long long planes, int h, int w,
+                                        int ho, int wo, int k, int s, int p) {
+    long long total = planes * h * w;
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
+         i += (long long)gridDim.x * blockDim.x) {
+        long long pl = i / (h * w);
+        int at = (int)(i % (h * w));
+        int ih = at / w, iw = at % w;
+        const float* plane = x + pl * h * w;
+        const float* g = dy + pl * ho * wo;
+        // Windows oh with oh*s - p <= ih < oh*s - p + k.
+        int oh0 = max((ih + p - k + s) / s, 0), oh1 = min((ih + p) / s, ho - 1);
+        int ow0 = max((iw + p - k + s) / s, 0), ow1 = min((iw + p) / s, wo - 1);
+        float acc = 0.0f;
+        for (int oh = oh0; oh <= oh1; ++oh) {
+            for (int ow = ow0; ow <= ow1; ++ow) {
+                if (pool_argmax(plane, h, w, oh, ow, k, s, p) == at) acc += g[oh * wo + ow];
+            }
+        }
+        dx[i] = acc;
+    }
+}
+"#,
+};
+
 /// Every kernel source brisk compiles.
-pub const KERNELS: [&Kernel; 6] = [
+pub const KERNELS: [&Kernel; 7] = [
     &SGD_UPDATE,
     &SOFTMAX_XENT,
     &GLOBAL_AVG_POOL,
     &SE_GATE,
     &BATCH_NORM,
     &ELEMENTWISE,
+    &MAX_POOL,
 ];
 
 /// Whether NVRTC (libnvrtc, from the CUDA toolkit or PyPI's `nvidia-cuda-nvrtc` wheel on
@@ -418,7 +483,7 @@ mod tests {
             assert_eq!(entries(k.source).first(), Some(&k.name), "{}", k.name);
         }
         let names: Vec<&str> = KERNELS.iter().flat_map(|k| entries(k.source)).collect();
-        assert_eq!(names.len(), 14, "{names:?}");
+        assert_eq!(names.len(), 16, "{names:?}");
     }
 
     #[test]

@@ -19,6 +19,7 @@ pub mod kernels;
 mod launch;
 #[cfg(feature = "nccl")]
 pub mod nccl;
+pub mod pool;
 
 pub use batchnorm::{BnDevice, NhwcShape};
 pub use device::{driver_present, Gpu};
