@@ -178,7 +178,13 @@ fn a_dead_host_ends_the_job_naming_it_and_resume_continues() -> Result<()> {
     while checkpointed(&out).is_none() {
         if Instant::now() > deadline || job.try_wait()?.is_some() {
             let _ = job.kill();
-            bail!("the 2-host job ended or stalled before its first checkpoint");
+            let o = job.wait_with_output()?;
+            bail!(
+                "the 2-host job ended or stalled before its first checkpoint ({}): {}{}",
+                o.status,
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            );
         }
         std::thread::sleep(Duration::from_millis(20));
     }
