@@ -138,15 +138,15 @@ impl Classifier {
         Ok(Classifier { blas, ones })
     }
 
-    /// Ones for a batch of `n`, grown when needed.
-    fn ones(&mut self, n: usize) -> Result<&CudaSlice<f32>> {
+    /// Grows the ones to a batch of `n` when needed (kept between calls).
+    fn grow_ones(&mut self, n: usize) -> Result<()> {
         if self.ones.len() < n {
             let stream = self.ones.stream().clone();
             self.ones = stream
                 .clone_htod(&vec![1f32; n])
                 .map_err(|e| blas_err("copying", e))?;
         }
-        Ok(&self.ones)
+        Ok(())
     }
 
     fn check(what: &str, got: [usize; 3], want: [usize; 3]) -> Result<()> {
@@ -176,9 +176,9 @@ impl Classifier {
         // SAFETY: every buffer holds what its GEMM's sizes and leading dimensions reach
         // (checked above against the layer's sizes, which the configs are made of).
         unsafe { self.blas.gemm(logits, w, x, y) }.map_err(|e| blas_err("logits", e))?;
-        let ones = self.ones(g.n)?.clone();
+        self.grow_ones(g.n)?;
         // SAFETY: as above; `ones` holds at least n values.
-        unsafe { self.blas.gemm(bias, b, &ones, y) }.map_err(|e| blas_err("bias", e))
+        unsafe { self.blas.gemm(bias, b, &self.ones, y) }.map_err(|e| blas_err("bias", e))
     }
 
     /// The gradients `dw` `[fout, fin]`, `db` `[fout]` and `dx` `[n, fin]` from the
@@ -196,7 +196,8 @@ impl Classifier {
             [dx.len(), dw.len(), db.len()],
             [want[0], want[1], g.fout],
         )?;
-        let ones = self.ones(g.n)?.clone();
+        self.grow_ones(g.n)?;
+        let ones = &self.ones;
         // SAFETY: as in `forward`: the buffers' lengths were checked against the sizes the
         // configs are made of.
         unsafe {
@@ -204,7 +205,7 @@ impl Classifier {
                 .gemm(g.weight_grad()?, x, dy, dw)
                 .map_err(|e| blas_err("weight gradient", e))?;
             self.blas
-                .gemm(g.bias_grad()?, dy, &ones, db)
+                .gemm(g.bias_grad()?, dy, ones, db)
                 .map_err(|e| blas_err("bias gradient", e))?;
             self.blas
                 .gemm(g.input_grad()?, w, dy, dx)
