@@ -140,6 +140,10 @@ impl StepCase {
 #[derive(Clone, Debug, Deserialize)]
 pub struct Figure {
     pub img_per_s: f64,
+    /// How brisk multiplied its bf16 layers' operands (`brisk_ops::half_products`: amx,
+    /// avx512-bf16 or avx512 for f32 products); absent from PyTorch's figures.
+    #[serde(default)]
+    pub half_products: Option<String>,
     pub peak_rss_mib: Option<f64>,
     /// The per-op table, when asked for (`--profile`, training steps).
     #[serde(default)]
@@ -305,8 +309,9 @@ pub fn run(a: &CompareArgs) -> Result<()> {
         "CIFAR-stem ResNet, {} threads, {} timed steps a run, {} rounds alternated (median of rounds)",
         a.threads, a.steps, a.rounds
     );
+    println!("machine: {}", crate::machine::Machine::read().cpu_and_isa());
     println!(
-        "{:<6} {:<11} {:>6} {:>8} {:<10} {:>5} {:>12} {:>16} {:>7} {:>11} {:>11}",
+        "{:<6} {:<11} {:>6} {:>8} {:<22} {:>5} {:>12} {:>16} {:>7} {:>11} {:>11}",
         "mode",
         "arch",
         "width",
@@ -328,8 +333,10 @@ pub fn run(a: &CompareArgs) -> Result<()> {
 fn print_row(case: &StepCase, brisk: &Path, root: &Path, rounds: usize) -> Result<()> {
     let (mut b, mut t, mut bm, mut tm) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut bops, mut tops) = (Vec::new(), Vec::new());
+    let mut products = None;
     for _ in 0..rounds {
         let fb = case.brisk(brisk)?;
+        products = fb.half_products.clone();
         let ft = case.torch(root)?;
         b.push(fb.img_per_s);
         t.push(ft.img_per_s);
@@ -339,13 +346,18 @@ fn print_row(case: &StepCase, brisk: &Path, root: &Path, rounds: usize) -> Resul
         tops.push(ft.ops);
     }
     let (b, t) = (median(b), median(t));
+    // A bf16 mode names the products its half layers ran on.
+    let precision = match products {
+        Some(p) if case.precision.contains("bf16") => format!("{}/{p}", case.precision),
+        _ => case.precision.to_string(),
+    };
     println!(
-        "{:<6} {:<11} {:>6} {:>8} {:<10} {:>5} {:>12.1} {:>16} {:>7.2} {:>11.0} {:>11.0}",
+        "{:<6} {:<11} {:>6} {:>8} {:<22} {:>5} {:>12.1} {:>16} {:>7.2} {:>11.0} {:>11.0}",
         if case.eval { "eval" } else { "train" },
         case.arch.name(),
         case.width,
         format!("{0}x{0}x{1}", case.image, case.channels),
-        case.precision,
+        precision,
         case.batch,
         b,
         format!("{t:.1} ({})", if case.eval { "f32" } else { case.torch_dtype() }),

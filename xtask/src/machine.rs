@@ -9,12 +9,28 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Machine {
     pub cpu: String,
+    /// The /proc/cpuinfo flags that decide brisk's kernel paths (avx512f, avx512_bf16,
+    /// avx512_fp16, amx_bf16, amx_tile), those present; empty in reports written before
+    /// they were recorded.
+    #[serde(default)]
+    pub isa: Vec<String>,
     pub cores: usize,
     pub memory_gib: f64,
     pub os: String,
 }
 
+/// The CPU flags a report names: the ones brisk's kernels choose between.
+const ISA_FLAGS: [&str; 5] = ["avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile"];
+
 impl Machine {
+    /// The CPU model and the flags that decide brisk's kernel paths, as one phrase.
+    pub fn cpu_and_isa(&self) -> String {
+        if self.isa.is_empty() {
+            return self.cpu.clone();
+        }
+        format!("{} ({})", self.cpu, self.isa.join(" "))
+    }
+
     pub fn read() -> Self {
         let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
         let cpu = cpuinfo
@@ -35,8 +51,18 @@ impl Machine {
                 || std::env::consts::OS.to_string(),
                 |s| s.trim_matches('"').to_string(),
             );
+        let flags: Vec<&str> = cpuinfo
+            .lines()
+            .find_map(|l| l.strip_prefix("flags").and_then(|r| r.split(':').nth(1)))
+            .map_or_else(Vec::new, |f| f.split_whitespace().collect());
+        let isa = ISA_FLAGS
+            .iter()
+            .filter(|f| flags.contains(f))
+            .map(|f| f.to_string())
+            .collect();
         Machine {
             cpu,
+            isa,
             cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
             memory_gib: kib / (1024.0 * 1024.0),
             os,

@@ -584,7 +584,10 @@ fn document(report: &Report) -> Document {
                     format!("brisk revision `{}`", report.git),
                     format!(
                         "machine: {}, {} cores, {:.1} GiB, {}",
-                        m.cpu, m.cores, m.memory_gib, m.os
+                        m.cpu_and_isa(),
+                        m.cores,
+                        m.memory_gib,
+                        m.os
                     ),
                     format!("data: `{}`", report.data),
                 ],

@@ -52,13 +52,8 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Ok(isa) = std::env::var("BRISK_ISA") {
-        if !brisk_ops::ISA_CHOICES.contains(&isa.as_str()) {
-            eprintln!(
-                "error: BRISK_ISA={isa:?} is not a kernel path brisk knows: set {:?} (f32 products \
-                 everywhere) or {:?} (bf16 dot products wherever the CPU has AVX512-BF16), or unset it",
-                brisk_ops::ISA_CHOICES[0],
-                brisk_ops::ISA_CHOICES[1],
-            );
+        if let Err(e) = check_isa(&isa) {
+            eprintln!("error: {e}");
             return ExitCode::from(2);
         }
     }
@@ -89,4 +84,27 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// Checks a `BRISK_ISA` value: one brisk knows ([`brisk_ops::ISA_CHOICES`]) and one this
+/// CPU has, so a comparison never measures another path than the one it names.
+fn check_isa(isa: &str) -> Result<(), String> {
+    let known = brisk_ops::ISA_CHOICES
+        .iter()
+        .map(|(name, what)| format!("{name:?} ({what})"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    if !brisk_ops::ISA_CHOICES.iter().any(|(name, _)| *name == isa) {
+        return Err(format!(
+            "BRISK_ISA={isa:?} is not a kernel path brisk knows: set one of {known}, or unset it"
+        ));
+    }
+    if !brisk_ops::isa_supported(isa) {
+        return Err(format!(
+            "BRISK_ISA={isa:?}: this CPU lacks that path (see /proc/cpuinfo: AMX needs amx_bf16 \
+             and amx_tile and a kernel that grants the tile state; avx512-bf16 needs avx512_bf16); \
+             unset it to let brisk choose"
+        ));
+    }
+    Ok(())
 }

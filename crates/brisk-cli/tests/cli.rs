@@ -86,9 +86,41 @@ fn usage_errors_exit_2() -> Result<()> {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("BRISK_ISA=\"avx2\"") && err.contains("avx512-bf16"),
+        err.contains("BRISK_ISA=\"avx2\"") && err.contains("avx512-bf16") && err.contains("amx"),
         "{err}"
     );
+    Ok(())
+}
+
+/// A kernel path this CPU lacks is refused rather than quietly replaced by f32 products
+/// (a comparison would measure another path than the one it names).
+#[test]
+fn a_kernel_path_the_cpu_lacks_is_refused() -> Result<()> {
+    let lacking: Vec<&str> = brisk_ops::ISA_CHOICES
+        .iter()
+        .map(|(name, _)| *name)
+        .filter(|name| !brisk_ops::isa_supported(name))
+        .collect();
+    if lacking.is_empty() {
+        brisk_hosts::skipped(
+            "cli::a_kernel_path_the_cpu_lacks_is_refused",
+            "this CPU has every kernel path brisk knows",
+        );
+    }
+    for isa in lacking {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_brisk"))
+            .arg("models")
+            .env("BRISK_ISA", isa)
+            .output()?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{isa}: {err}");
+        assert!(
+            err.contains(&format!("BRISK_ISA={isa:?}")) && err.contains("lacks"),
+            "{err}"
+        );
+    }
+    // f32 products run everywhere.
+    assert!(brisk_ops::isa_supported("avx512"));
     Ok(())
 }
 

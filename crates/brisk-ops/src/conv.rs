@@ -364,8 +364,8 @@ fn conv_packed(
     if !packed::pays(g) || (t > 1 && g.n.div_ceil(group) < t) {
         return None;
     }
-    let weight = match products {
-        Products::Bf16 if packed::bf16::available() => weight().in_bf16(),
+    let weight = match (products, packed::bf16::path()) {
+        (Products::Bf16, Some(path)) => weight().in_bf16(path),
         _ => weight(),
     };
     Some(run_packed(g, x, &weight, group))
@@ -446,12 +446,12 @@ fn conv_input_grad_col2im(g: &ConvShape, dy: &[f32], w: &[f32]) -> Vec<f32> {
 /// The weight gradient `[cout, cin, k, k]` of [`conv_forward`] from the output gradient
 /// `dy`; the summation order depends only on the thread count.
 pub fn conv_weight_grad(g: &ConvShape, x: &[f32], dy: &[f32], products: Products) -> Vec<f32> {
-    weight_grad(g, x, dy, products == Products::Bf16 && packed::bf16::available())
+    let bf16 = packed::bf16::path().filter(|_| products == Products::Bf16);
+    weight_grad(g, x, dy, bf16)
 }
 
-/// [`conv_weight_grad`], its products in bf16 (`packed::bf16::supported` must hold) or in
-/// f32.
-fn weight_grad(g: &ConvShape, x: &[f32], dy: &[f32], bf16: bool) -> Vec<f32> {
+/// [`conv_weight_grad`], its products in bf16 on a path the CPU has, or in f32 (`None`).
+fn weight_grad(g: &ConvShape, x: &[f32], dy: &[f32], bf16: Option<packed::bf16::Path>) -> Vec<f32> {
     if let Some(tap) = g.only_tap() {
         // The other taps multiply padding only: their gradient is zero.
         let kk = g.k * g.k;
@@ -482,7 +482,7 @@ fn weight_grad(g: &ConvShape, x: &[f32], dy: &[f32], bf16: bool) -> Vec<f32> {
     // reads the smaller dy transposed and measured 1.5-2.4x faster; for layer4's 512 x 4608
     // gradient dw = dy · col^T measured 1.4x faster.
     // bf16 products (`packed::bf16::weight_grad_t`) accumulate dw^T.
-    let transposed = bf16 || wlen <= 1 << 20;
+    let transposed = bf16.is_some() || wlen <= 1 << 20;
     let taps = Taps::new(g);
     let partials: Vec<Vec<f32>> = (0..chunks)
         .into_par_iter()
@@ -501,8 +501,8 @@ fn weight_grad(g: &ConvShape, x: &[f32], dy: &[f32], bf16: bool) -> Vec<f32> {
                         gather(dy, first, count, g.cout, g.out_hw(), dy_buf);
                         &dy_buf[..g.cout * ld]
                     };
-                    if bf16 {
-                        packed::bf16::weight_grad_t(col, dyg, ld, &mut acc);
+                    if let Some(path) = bf16 {
+                        packed::bf16::weight_grad_t(path, col, dyg, ld, &mut acc);
                     } else if transposed {
                         let (col, dyt) = (Mat::rows(col, ld), Mat::transposed(dyg, ld));
                         matmul((g.kdim(), g.cout, ld), &mut acc, col, dyt, true, par);
@@ -764,14 +764,14 @@ mod tests {
     /// A convolution on a bf16/f16 input is the f32 convolution of the rounded input and
     /// weight; its gradients are the f32 gradients for the rounded output gradient (the
     /// input's rounded to its dtype, the weight's in f32). Bit for bit where the products
-    /// run in f32; where bf16 ones run (`packed::bf16::available`) the sums differ in order
+    /// run in f32; where bf16 ones run (`packed::bf16::path`) the sums differ in order
     /// only: within 1e-5 of the largest value (f32 outputs) or one bf16 step (bf16 ones).
     #[test]
     fn half_inputs_compute_on_rounded_operands() -> Result<()> {
         let round = |t: &Tensor, d: DType| t.to_dtype(d).and_then(|t| t.to_dtype(DType::F32));
         let values = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
         for half in [DType::BF16, DType::F16] {
-            let exact = half == DType::F16 || !packed::bf16::available();
+            let exact = half == DType::F16 || packed::bf16::path().is_none();
             let agree = |what: &str, a: &Tensor, b: &Tensor, rel: f32| -> Result<()> {
                 let (a, b) = (values(a)?, values(b)?);
                 if exact {
@@ -940,10 +940,7 @@ mod tests {
         }
     }
 
-    /// bf16 pair products (`vdpbf16ps`) against f32 products of the same bf16 values,
-    /// forward, stride-1 input gradient and weight gradient, on the edge shapes and on a reduction of 9 x 57
-    /// rows (odd: a last pair half empty, and three 256-row blocks): the products are exact
-    /// in both, so only the summation order differs.
+    /// bf16 pair products (`vdpbf16ps`) against f32 products of the same bf16 values.
     #[test]
     fn bf16_products_match_f32_products_of_the_same_values() {
         if !packed::bf16::supported() {
@@ -953,6 +950,36 @@ mod tests {
             );
             return;
         }
+        bf16_path_matches_f32_products(packed::bf16::Path::Dot);
+    }
+
+    /// AMX tile products (`tdpbf16ps`) against f32 products of the same bf16 values.
+    #[test]
+    fn amx_tile_products_match_f32_products_of_the_same_values() {
+        if !packed::amx::supported() {
+            brisk_hosts::skipped(
+                "brisk_ops::amx_tile_products_match_f32_products_of_the_same_values",
+                "this CPU lacks AMX-BF16 (or Linux refused the tile state)",
+            );
+            return;
+        }
+        bf16_path_matches_f32_products(packed::bf16::Path::Tiles(packed::amx::Unit::Amx));
+    }
+
+    /// The AMX drivers (weight tiles, padded reductions, 32-row blocks, the weight
+    /// gradient's row operand) on the scalar model of the tile instruction: their layouts
+    /// checked on any CPU.
+    #[test]
+    fn amx_drivers_on_the_tile_model_match_f32_products() {
+        bf16_path_matches_f32_products(packed::bf16::Path::Tiles(packed::amx::Unit::Model));
+    }
+
+    /// `path`'s products against f32 products of the same bf16 values, forward, stride-1
+    /// input gradient and weight gradient, on the edge shapes and on a reduction of 9 x 57
+    /// rows (odd: a last pair half empty, and three 256-row blocks) with 70 output
+    /// channels (three 32-row tile blocks, the last partial): the products are exact in
+    /// both, so only the summation order differs.
+    fn bf16_path_matches_f32_products(path: packed::bf16::Path) {
         let bf16 = |v: Vec<f32>| -> Vec<f32> {
             let mut v = v;
             crate::half::round_to_bf16(&mut v);
@@ -971,29 +998,29 @@ mod tests {
                 let err = want.iter().zip(got).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
                 assert!(
                     err <= 1e-5 * scale(want) * (g.kdim() as f32).sqrt(),
-                    "{what} {:?}: {err} of {}",
+                    "{path:?} {what} {:?}: {err} of {}",
                     (n, cin, h, wd, cout, k, s, p),
                     scale(want)
                 );
             };
             let want = conv_forward_gemm(&g, &x, &w);
             for group in [1, n] {
-                let a = PackedWeight::rows(&w, cout, g.kdim()).in_bf16();
+                let a = PackedWeight::rows(&w, cout, g.kdim()).in_bf16(path);
                 check("forward", &want, &run_packed(&g, &x, &a, group));
             }
             if let Some(flipped) = g.input_grad_as_conv() {
                 let want = conv_input_grad_col2im(&g, &dy, &w);
-                let got = run_packed(&flipped, &dy, &flipped_weight(&g, &w).in_bf16(), 2);
+                let got = run_packed(&flipped, &dy, &flipped_weight(&g, &w).in_bf16(path), 2);
                 check("input grad", &want, &got);
             }
             // The weight gradient sums over every position of every image.
-            let want = weight_grad(&g, &x, &dy, false);
-            let got = weight_grad(&g, &x, &dy, true);
+            let want = weight_grad(&g, &x, &dy, None);
+            let got = weight_grad(&g, &x, &dy, Some(path));
             let err = want.iter().zip(&got).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
             let bound = 1e-5 * scale(&want) * ((g.n * g.out_hw()) as f32).sqrt();
             assert!(
                 err <= bound,
-                "weight grad {:?}: {err}",
+                "{path:?} weight grad {:?}: {err}",
                 (n, cin, h, wd, cout, k, s, p)
             );
         }

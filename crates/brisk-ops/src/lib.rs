@@ -30,7 +30,7 @@ pub use fill::par_build;
 pub use gemm::{matmul_f32, Mat};
 pub use half::{round_to_bf16, round_to_f16};
 pub use optim::{sgd_update, SgdStep};
-pub use packed::bf16::ISA_CHOICES;
+pub use packed::bf16::{half_products, isa_supported, ISA_CHOICES};
 pub use pool::{max_pool2d, MaxPool};
 
 /// Prepares the process for brisk's kernels: `threads` compute threads for brisk's

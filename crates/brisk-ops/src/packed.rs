@@ -14,6 +14,7 @@ use rayon::prelude::*;
 
 use crate::shape::ConvShape;
 
+pub(crate) mod amx;
 pub(crate) mod bf16;
 
 /// Output channels per micro-kernel tile (rows of the packed weight panels).
@@ -62,11 +63,20 @@ pub(crate) fn available() -> bool {
 /// block of positions multiplies is one stretch of memory.
 pub(crate) struct PackedWeight {
     data: Vec<f32>,
-    /// The same weight as bf16 pairs ([`bf16::weight_pairs`]) when the products run in
-    /// bf16 ([`PackedWeight::in_bf16`]); empty for f32 products.
-    pairs: Vec<u32>,
+    /// The same weight in bf16 when the products run in bf16 ([`PackedWeight::in_bf16`]).
+    half: HalfWeight,
     rows: usize,
     kdim: usize,
+}
+
+/// A packed weight's bf16 copy, in the layout its [`bf16::Path`] reads.
+enum HalfWeight {
+    /// f32 products: no copy.
+    None,
+    /// Pairs for `vdpbf16ps` ([`bf16::weight_pairs`]).
+    Pairs(Vec<u32>),
+    /// Rows of pairs for AMX tiles ([`amx::weight_tiles`]), and what multiplies them.
+    Tiles(Vec<u32>, amx::Unit),
 }
 
 thread_local! {
@@ -117,16 +127,21 @@ impl PackedWeight {
             });
         PackedWeight {
             data,
-            pairs: Vec::new(),
+            half: HalfWeight::None,
             rows,
             kdim,
         }
     }
 
-    /// This weight multiplied in bf16 ([`bf16::available`] must hold): each value rounded
-    /// to bf16, and the image operand rounded as it is paired.
-    pub(crate) fn in_bf16(mut self) -> Self {
-        self.pairs = bf16::weight_pairs(&self.data, self.blocks(), self.kdim);
+    /// This weight multiplied in bf16 on `path` (one the CPU has: [`bf16::path`]): each
+    /// value rounded to bf16, and the image operand rounded as it is paired.
+    pub(crate) fn in_bf16(mut self, path: bf16::Path) -> Self {
+        self.half = match path {
+            bf16::Path::Dot => HalfWeight::Pairs(bf16::weight_pairs(&self.data, self.blocks(), self.kdim)),
+            bf16::Path::Tiles(unit) => {
+                HalfWeight::Tiles(amx::weight_tiles(&self.data, self.rows, self.kdim), unit)
+            }
+        };
         self
     }
 
@@ -148,9 +163,16 @@ impl PackedWeight {
 }
 
 /// Scratch floats one call of [`conv_images`] needs for `count` images of `g`: the image
-/// panel, the accumulator (`g.cout` rows) and, for direct convolutions, the padded images.
+/// panel, the accumulator ([`acc_rows`] rows) and, for direct convolutions, the padded
+/// images.
 pub(crate) fn scratch_len(g: &ConvShape, count: usize) -> usize {
-    KC * NC + g.cout.div_ceil(MR) * MR * NC + Direct::padded_len(g, count)
+    KC * NC + acc_rows(g) * NC + Direct::padded_len(g, count)
+}
+
+/// Rows of the accumulator: `g.cout` rounded up to a whole block of the largest kernel
+/// (AMX's 32 rows; a multiple of the vector kernels' MR).
+fn acc_rows(g: &ConvShape) -> usize {
+    g.cout.next_multiple_of(amx::ROWS)
 }
 
 /// The convolution `g` of images `first..first + count` of `x` with the packed weight
@@ -166,7 +188,7 @@ pub(crate) fn conv_images(
     scratch: &mut [f32],
 ) {
     let (panel, rest) = scratch.split_at_mut(KC * NC);
-    let (acc, padded) = rest.split_at_mut(g.cout.div_ceil(MR) * MR * NC);
+    let (acc, padded) = rest.split_at_mut(acc_rows(g) * NC);
     let direct = Direct::new(g, x, first, count, padded);
     // Direct convolutions compute more positions than they store (see `Grid`).
     let grid = match &direct {
@@ -730,26 +752,47 @@ thread_local! {
 }
 
 /// Reduction rows `kc0..kc0 + kc` of every row block of `a` times the image micro-panel
-/// `b`, into columns `col..col + NR` of `acc` (`[blocks * MR, NC]`): added to what is there
+/// `b`, into columns `col..col + NR` of `acc` (`[acc_rows, NC]`): added to what is there
 /// unless `kc0` is 0. In bf16 where `a` is ([`PackedWeight::in_bf16`]), else in f32.
 fn products(a: &PackedWeight, (kc0, kc): (usize, usize), b: &impl ImagePanel, acc: &mut [f32], col: usize) {
-    if a.pairs.is_empty() {
-        for blk in 0..a.blocks() {
-            let c = &mut acc[blk * MR * NC + col..];
-            kernel(kc, a.panel(blk, kc0, kc), b, c, NC, kc0 > 0);
+    match &a.half {
+        HalfWeight::None => {
+            for blk in 0..a.blocks() {
+                let c = &mut acc[blk * MR * NC + col..];
+                kernel(kc, a.panel(blk, kc0, kc), b, c, NC, kc0 > 0);
+            }
         }
-        return;
+        HalfWeight::Pairs(w) => with_pairs(b, kc, kc.div_ceil(2), |pairs| {
+            for blk in 0..a.blocks() {
+                let c = &mut acc[blk * MR * NC + col..];
+                let w = bf16::weight_panel(w, a.blocks(), blk, kc0, kc);
+                bf16::kernel(kc.div_ceil(2), (w, bf16::PANEL), pairs, c, NC, kc0 > 0);
+            }
+        }),
+        HalfWeight::Tiles(w, unit) => {
+            let kcp = amx::pairs_of(kc);
+            with_pairs(b, kc, kcp, |pairs| {
+                for rb in 0..a.rows.div_ceil(amx::ROWS) {
+                    let c = &mut acc[rb * amx::ROWS * NC + col..];
+                    let w = amx::weight_panel(w, a.rows, rb, kc0, kc);
+                    amx::kernel(*unit, kcp, w, pairs, c, NC, kc0 > 0);
+                }
+            })
+        }
     }
+}
+
+/// `f` on the first `kc` rows of the image micro-panel `b` as bf16 pairs
+/// ([`bf16::image_pairs`]), followed by zero rows up to `rows` rows of pairs (AMX tiles
+/// read whole 16-pair steps).
+fn with_pairs(b: &impl ImagePanel, kc: usize, rows: usize, f: impl FnOnce(&[u32])) {
     PAIRS.with(|pairs| {
         let mut pairs = pairs.borrow_mut();
         pairs.resize(bf16::PANEL_PAIRS, 0);
         bf16::image_pairs(b, kc, &mut pairs);
-        for blk in 0..a.blocks() {
-            let c = &mut acc[blk * MR * NC + col..];
-            let w = bf16::weight_panel(&a.pairs, a.blocks(), blk, kc0, kc);
-            bf16::kernel(kc.div_ceil(2), (w, bf16::PANEL), &pairs, c, NC, kc0 > 0);
-        }
-    });
+        pairs[kc.div_ceil(2) * NR..rows * NR].fill(0);
+        f(&pairs)
+    })
 }
 
 /// Writes a micro-kernel's MR x NR accumulators `acc` (`[[__m512; 2]; MR]`) to `c` (rows

@@ -264,8 +264,11 @@ fn step(a: &StepArgs) -> Result<()> {
     };
     let mode = if a.eval { "eval" } else { "train" };
     eprintln!(
-        "brisk bench step: {arch} {stem} width {width} {image}x{image} batch {} threads {threads} ({mode}), {} warm-up + {} timed steps",
-        a.batch, a.warmup, a.steps
+        "brisk bench step: {arch} {stem} width {width} {image}x{image} batch {} threads {threads} ({mode}), {} warm-up + {} timed steps; bf16 layers multiply on {}",
+        a.batch,
+        a.warmup,
+        a.steps,
+        brisk_ops::half_products()
     );
     let r = bench.run()?;
     if a.json {
@@ -273,6 +276,7 @@ fn step(a: &StepArgs) -> Result<()> {
         v["batch"] = a.batch.into();
         v["threads"] = threads.into();
         v["dtype"] = a.dtype.name().into();
+        v["half_products"] = brisk_ops::half_products().into();
         v["arch"] = arch.name().into();
         v["width"] = width.into();
         v["image"] = image.into();

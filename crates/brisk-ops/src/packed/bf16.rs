@@ -1,7 +1,8 @@
 //! bf16 products for the packed convolution: AVX512-BF16's `vdpbf16ps`, which multiplies
 //! 16 pairs of bf16 values and adds each pair's two products to an f32 lane — twice the
 //! multiply-adds of an f32 FMA per instruction (2.0–2.3x the f32 FMA rate measured on an
-//! AMD EPYC; half of it on the Intel Xeons measured, which [`available`] leaves to f32).
+//! AMD EPYC; half of it on the Intel Xeons measured, which [`path`] leaves to f32 or to AMX
+//! tiles, [`super::amx`], which read the same pairs).
 //!
 //! Operands are stored as pairs of reduction rows: one `u32` holds row `2k`'s bf16 value
 //! in its low half and row `2k + 1`'s in its high half (0 past the last row). The weight
@@ -10,27 +11,74 @@
 
 use super::{ImagePanel, KC, MR, NR};
 
-/// Whether convolutions marked bf16 multiply in bf16 here: on AMD CPUs with the
-/// instructions ([`supported`]), where `vdpbf16ps` retires at twice the multiply-adds of
-/// f32 FMAs. On the Intel Xeons measured it ran at half their rate (docs/kernels.md), so
-/// Intel CPUs keep f32 products (AMX tiles are their way to bf16 speed). `BRISK_ISA=avx512`
-/// forces f32 products, `BRISK_ISA=avx512-bf16` bf16 ones wherever the instructions exist
-/// (to compare the two paths). Decided once per process, from CPUID alone, so a run and
-/// its resumption multiply alike.
-pub(crate) fn available() -> bool {
-    static CHOSEN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+/// How convolutions marked bf16 multiply their bf16 operands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Path {
+    /// AVX512-BF16's `vdpbf16ps` on an 8 x 32 block of vector registers ([`kernel`]).
+    Dot,
+    /// AMX tiles (`tdpbf16ps`) on a 32 x 32 block ([`super::amx`]).
+    Tiles(super::amx::Unit),
+}
+
+/// How convolutions marked bf16 multiply here, `None` for f32 products: on AMX tiles where
+/// the CPU has them; with `vdpbf16ps` on AMD CPUs with AVX512-BF16 ([`supported`]), where
+/// it retires at twice the multiply-adds of f32 FMAs (on the Intel Xeons measured it ran
+/// at half their rate, docs/kernels.md, so Intel CPUs without AMX keep f32 products).
+/// `BRISK_ISA` forces a path ([`ISA_CHOICES`]; f32 products where the CPU lacks the one
+/// forced: the brisk command refuses that case). Decided once per process, from CPUID
+/// alone, so a run and its resumption multiply alike.
+pub(crate) fn path() -> Option<Path> {
+    static CHOSEN: std::sync::OnceLock<Option<Path>> = std::sync::OnceLock::new();
     *CHOSEN.get_or_init(|| {
-        let [f32_products, bf16_products] = ISA_CHOICES;
-        match std::env::var("BRISK_ISA") {
-            Ok(isa) if isa == f32_products => false,
-            Ok(isa) if isa == bf16_products => supported(),
-            _ => supported() && is_amd(),
+        let amx = || super::amx::supported().then_some(Path::Tiles(super::amx::Unit::Amx));
+        let dot = || supported().then_some(Path::Dot);
+        match std::env::var("BRISK_ISA").ok().as_deref() {
+            Some(F32_PRODUCTS) => None,
+            Some(DOT_PRODUCTS) => dot(),
+            Some(TILES) => amx(),
+            _ => amx().or_else(|| dot().filter(|_| is_amd())),
         }
     })
 }
 
-/// Whether this CPU has the instructions the bf16 kernels use: AVX-512F, -BW, -VL and
-/// AVX512-BF16 (what their safety rests on; [`available`] decides whether they pay).
+const F32_PRODUCTS: &str = "avx512";
+const DOT_PRODUCTS: &str = "avx512-bf16";
+const TILES: &str = "amx";
+
+/// The values `BRISK_ISA` may take, each with what it forces; the brisk command refuses
+/// any other value.
+pub const ISA_CHOICES: [(&str, &str); 3] = [
+    (F32_PRODUCTS, "f32 products everywhere"),
+    (
+        DOT_PRODUCTS,
+        "bf16 dot products (vdpbf16ps) where the CPU has AVX512-BF16",
+    ),
+    (TILES, "bf16 tiles (tdpbf16ps) where the CPU has AMX"),
+];
+
+/// Whether this CPU has what the `BRISK_ISA` value `isa` forces (f32 products run
+/// everywhere); false for a value not in [`ISA_CHOICES`].
+pub fn isa_supported(isa: &str) -> bool {
+    match isa {
+        F32_PRODUCTS => true,
+        DOT_PRODUCTS => supported(),
+        TILES => super::amx::supported(),
+        _ => false,
+    }
+}
+
+/// The `BRISK_ISA` name of how this process multiplies bf16 convolution operands
+/// ([`path`]): what a benchmark should report beside its figures.
+pub fn half_products() -> &'static str {
+    match path() {
+        None => F32_PRODUCTS,
+        Some(Path::Dot) => DOT_PRODUCTS,
+        Some(Path::Tiles(_)) => TILES,
+    }
+}
+
+/// Whether this CPU has the instructions the `vdpbf16ps` kernels use: AVX-512F, -BW, -VL
+/// and AVX512-BF16 (what their safety rests on; [`path`] decides whether they pay).
 pub(crate) fn supported() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -45,10 +93,6 @@ pub(crate) fn supported() -> bool {
     #[cfg(not(target_arch = "x86_64"))]
     false
 }
-
-/// The values `BRISK_ISA` may take: f32 products everywhere, or bf16 dot products wherever
-/// the CPU has them ([`available`]). The brisk command refuses any other value.
-pub const ISA_CHOICES: [&str; 2] = ["avx512", "avx512-bf16"];
 
 /// Whether the CPU's vendor string (CPUID leaf 0) is AMD's.
 #[cfg(not(target_arch = "x86_64"))]
@@ -73,7 +117,7 @@ fn bits(v: f32) -> u32 {
 }
 
 /// Rows `2k` and `2k + 1` as one pair.
-fn pair(even: f32, odd: f32) -> u32 {
+pub(super) fn pair(even: f32, odd: f32) -> u32 {
     bits(even) | (bits(odd) << 16)
 }
 
@@ -326,51 +370,59 @@ thread_local! {
     static COLUMNS: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// A convolution's weight gradient, transposed, in bf16 products: `acc` `[rows, cols]` +=
-/// `col` `[rows, len]` · `dy` `[cols, len]`ᵀ (`col` the im2col matrix of `len` positions,
-/// `dy` the output gradient of those positions, both holding bf16 values). `col`'s pairs
-/// are read in place as the broadcast operand; `dy`'s are packed as the vector one.
-pub(crate) fn weight_grad_t(col: &[f32], dy: &[f32], len: usize, acc: &mut [f32]) {
+/// A convolution's weight gradient, transposed, in bf16 products on `path`: `acc` `[rows,
+/// cols]` += `col` `[rows, len]` · `dy` `[cols, len]`ᵀ (`col` the im2col matrix of `len`
+/// positions, `dy` the output gradient of those positions, both holding bf16 values).
+/// `col`'s rows are converted to pairs once and read in place as the row operand (a row
+/// `lda` pairs long: padded with zeros to whole tiles for AMX); `dy`'s are packed as the
+/// column one, NR columns and a reduction block at a time.
+pub(crate) fn weight_grad_t(path: Path, col: &[f32], dy: &[f32], len: usize, acc: &mut [f32]) {
     let (rows, cols) = (col.len() / len.max(1), dy.len() / len.max(1));
     assert!(rows * len == col.len() && cols * len == dy.len() && acc.len() == rows * cols);
     let kpt = len.div_ceil(2);
+    let (block, lda) = match path {
+        Path::Dot => (MR, kpt),
+        Path::Tiles(_) => (super::amx::ROWS, kpt.next_multiple_of(super::amx::PAIRS)),
+    };
     COLUMNS.with(|spare| {
         let mut pairs = spare.borrow_mut();
-        // Every row below `rows` is written next; those past it (to a whole block of MR)
-        // are zero.
-        pairs.resize(rows.div_ceil(MR) * MR * kpt, 0);
-        pairs[rows * kpt..].fill(0);
-        for (r, src) in col.chunks_exact(len).enumerate() {
-            row_pairs(src, &mut pairs[r * kpt..][..kpt]);
+        // Every row below `rows` is written next (its pairs, then zeros to `lda`); those
+        // past it (to a whole block) are zero.
+        pairs.resize(rows.div_ceil(block) * block * lda, 0);
+        pairs[rows * lda..].fill(0);
+        for (src, dst) in col.chunks_exact(len).zip(pairs.chunks_exact_mut(lda)) {
+            row_pairs(src, &mut dst[..kpt]);
+            dst[kpt..].fill(0);
         }
-        let strides = Strides { row: kpt, step: 1 };
         let mut panel = vec![0u32; KC / 2 * NR];
-        let mut dy_row = vec![0u32; kpt];
-        let mut tile = [0f32; MR * NR];
+        let mut dy_row = vec![0u32; KC / 2];
+        let mut tile = vec![0f32; block * NR];
         for j0 in (0..cols).step_by(NR) {
             let nj = NR.min(cols - j0);
-            for kc0 in (0..kpt).step_by(KC / 2) {
-                let kcp = (KC / 2).min(kpt - kc0);
-                // panel[kp][j] = dy's pair kc0 + kp of column j0 + j.
+            for kc0 in (0..lda).step_by(KC / 2) {
+                let kcp = (KC / 2).min(lda - kc0);
+                // panel[kp][j] = dy's pair kc0 + kp of column j0 + j (0 past the end).
                 panel[..kcp * NR].fill(0);
+                let (lo, hi) = (2 * kc0, (2 * (kc0 + kcp)).min(len));
+                let have = (hi - lo).div_ceil(2);
                 for j in 0..nj {
                     let src = &dy[(j0 + j) * len..][..len];
-                    let lo = 2 * kc0;
-                    let hi = (2 * (kc0 + kcp)).min(len);
-                    row_pairs(&src[lo..hi], &mut dy_row[..(hi - lo).div_ceil(2)]);
-                    for (kp, &v) in dy_row[..kcp].iter().enumerate() {
+                    row_pairs(&src[lo..hi], &mut dy_row[..have]);
+                    for (kp, &v) in dy_row[..have].iter().enumerate() {
                         panel[kp * NR + j] = v;
                     }
                 }
-                for i0 in (0..rows).step_by(MR) {
-                    kernel(
-                        kcp,
-                        (&pairs[i0 * kpt + kc0..], strides),
-                        &panel,
-                        &mut tile,
-                        NR,
-                        false,
-                    );
+                for i0 in (0..rows).step_by(block) {
+                    let a = &pairs[i0 * lda + kc0..];
+                    match path {
+                        Path::Dot => {
+                            let strides = Strides { row: lda, step: 1 };
+                            kernel(kcp, (a, strides), &panel, &mut tile, NR, false)
+                        }
+                        Path::Tiles(unit) => {
+                            super::amx::kernel(unit, kcp, (a, lda), &panel, &mut tile, NR, false)
+                        }
+                    }
                     for (i, trow) in tile.chunks_exact(NR).enumerate().take(rows - i0) {
                         let dst = &mut acc[(i0 + i) * cols + j0..][..nj];
                         dst.iter_mut().zip(trow).for_each(|(d, t)| *d += t);
