@@ -450,8 +450,22 @@ pub fn conv_weight_grad(g: &ConvShape, x: &[f32], dy: &[f32], products: Products
     weight_grad(g, x, dy, bf16)
 }
 
-/// [`conv_weight_grad`], its products in bf16 on a path the CPU has, or in f32 (`None`).
+/// [`conv_weight_grad`], its products in bf16 on a path the CPU has, or in f32 (`None`):
+/// directly where [`packed::wgrad::applies`] (narrow layers; in f32 products, exact for
+/// bf16 values too, and there faster than bf16 products on im2col), else by im2col and a
+/// GEMM.
 fn weight_grad(g: &ConvShape, x: &[f32], dy: &[f32], bf16: Option<packed::bf16::Path>) -> Vec<f32> {
+    weight_grad_on(g, x, dy, bf16, packed::wgrad::applies(g))
+}
+
+/// [`weight_grad`] on the path asked for (`direct`: [`packed::wgrad`], which must apply).
+fn weight_grad_on(
+    g: &ConvShape,
+    x: &[f32],
+    dy: &[f32],
+    bf16: Option<packed::bf16::Path>,
+    direct: bool,
+) -> Vec<f32> {
     if let Some(tap) = g.only_tap() {
         // The other taps multiply padding only: their gradient is zero.
         let kk = g.k * g.k;
@@ -465,6 +479,9 @@ fn weight_grad(g: &ConvShape, x: &[f32], dy: &[f32], bf16: Option<packed::bf16::
         return dw;
     }
     let wlen = g.cout * g.kdim();
+    if direct {
+        return weight_grad_direct(g, x, dy);
+    }
     let (group, cols, scratch) = group_plan(g);
     let groups = g.n.div_ceil(group);
     // A fixed split of the groups into one chunk per thread keeps the summation order,
@@ -489,10 +506,10 @@ fn weight_grad(g: &ConvShape, x: &[f32], dy: &[f32], bf16: Option<packed::bf16::
         .map(|c| {
             let mut acc = vec![0f32; wlen];
             with_scratch(scratch, |buf| {
-                let (col_buf, dy_buf) = buf.split_at_mut(g.kdim() * cols);
                 for grp in c * per_chunk..((c + 1) * per_chunk).min(groups) {
                     let first = grp * group;
                     let count = group.min(g.n - first);
+                    let (col_buf, dy_buf) = buf.split_at_mut(g.kdim() * cols);
                     let ld = count * g.out_hw();
                     let col = unfold(g, &taps, x, (first, count), col_buf);
                     let dyg: &[f32] = if count == 1 {
@@ -529,6 +546,23 @@ fn weight_grad(g: &ConvShape, x: &[f32], dy: &[f32], bf16: Option<packed::bf16::
             *d = total[r * g.cout + co];
         }
     })
+}
+
+/// [`packed::wgrad::weight_grad`] over the images split into one fixed range per thread
+/// (the order of addition independent of scheduling), the partial sums added in order.
+fn weight_grad_direct(g: &ConvShape, x: &[f32], dy: &[f32]) -> Vec<f32> {
+    let chunks = threads().min(g.n).max(1);
+    let per = g.n.div_ceil(chunks);
+    let partials: Vec<Vec<f32>> = (0..chunks)
+        .into_par_iter()
+        .map(|c| packed::wgrad::weight_grad(g, (x, dy), c * per..((c + 1) * per).min(g.n)))
+        .collect();
+    let mut iter = partials.into_iter();
+    let mut total = iter.next().unwrap_or_else(|| vec![0f32; g.cout * g.kdim()]);
+    for p in iter {
+        crate::add_assign(&mut total, &p);
+    }
+    total
 }
 
 /// The differentiable convolution: (input, weight) → output.
@@ -940,6 +974,51 @@ mod tests {
         }
     }
 
+    /// The direct weight gradient (`packed::wgrad`) against im2col + `gemm`, on every edge
+    /// shape it takes plus a 32x32 map (one image split into blocks), padding 0 and 2,
+    /// several image groups and channel counts off its 8-row blocks; some shape of each
+    /// kind must take it.
+    #[test]
+    fn direct_weight_grad_matches_the_gemm_path() {
+        if !packed::available() {
+            brisk_hosts::skipped(
+                "brisk_ops::direct_weight_grad_matches_the_gemm_path",
+                "this CPU lacks AVX-512F",
+            );
+            return;
+        }
+        let mut shapes = EDGE_SHAPES.to_vec();
+        shapes.extend([
+            (3, 5, 32, 32, 11, 3, 1, 1),
+            (9, 4, 8, 8, 21, 3, 1, 0),
+            (5, 3, 7, 9, 8, 3, 1, 2),
+        ]);
+        let mut taken = 0;
+        for (n, cin, h, wd, cout, k, s, p) in shapes {
+            let g = ConvShape::new(&[n, cin, h, wd], &[cout, cin, k, k], s, p).expect("shape");
+            if !packed::wgrad::applies(&g) {
+                continue;
+            }
+            taken += 1;
+            let x: Vec<f32> = (0..n * cin * h * wd)
+                .map(|i| ((i * 7 % 23) as f32 - 11.0) * 0.1)
+                .collect();
+            let dy: Vec<f32> = (0..n * g.out_len())
+                .map(|i| ((i * 3 % 13) as f32 - 6.0) * 0.1)
+                .collect();
+            let want = weight_grad_on(&g, &x, &dy, None, false);
+            let got = weight_grad_on(&g, &x, &dy, None, true);
+            let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));
+            let err = want.iter().zip(&got).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(
+                err <= 1e-5 * scale,
+                "{:?}: {err} of {scale}",
+                (n, cin, h, wd, cout, k, s, p)
+            );
+        }
+        assert!(taken >= 8, "only {taken} shapes ran directly");
+    }
+
     /// bf16 pair products (`vdpbf16ps`) against f32 products of the same bf16 values.
     #[test]
     fn bf16_products_match_f32_products_of_the_same_values() {
@@ -1014,8 +1093,8 @@ mod tests {
                 check("input grad", &want, &got);
             }
             // The weight gradient sums over every position of every image.
-            let want = weight_grad(&g, &x, &dy, None);
-            let got = weight_grad(&g, &x, &dy, Some(path));
+            let want = weight_grad_on(&g, &x, &dy, None, false);
+            let got = weight_grad_on(&g, &x, &dy, Some(path), false);
             let err = want.iter().zip(&got).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
             let bound = 1e-5 * scale(&want) * ((g.n * g.out_hw()) as f32).sqrt();
             assert!(

@@ -16,6 +16,7 @@ use crate::shape::ConvShape;
 
 pub(crate) mod amx;
 pub(crate) mod bf16;
+pub(crate) mod wgrad;
 
 /// Output channels per micro-kernel tile (rows of the packed weight panels).
 const MR: usize = 8;
@@ -295,20 +296,10 @@ impl<'a> Direct<'a> {
             return None;
         }
         let (hp, wp) = Self::plane(g);
-        let (pad, plane) = (g.pad, g.h * g.w);
         let padded = &mut buf[..Self::padded_len(g, count)];
         let images = count * g.cin * hp * wp;
         padded[images..].fill(0.0);
-        let src = &x[first * g.cin * plane..][..count * g.cin * plane];
-        for (dst, src) in padded[..images].chunks_mut(hp * wp).zip(src.chunks(plane)) {
-            dst[..pad * wp].fill(0.0);
-            dst[(pad + g.h) * wp..].fill(0.0);
-            for (drow, srow) in dst[pad * wp..].chunks_mut(wp).zip(src.chunks(g.w)) {
-                drow[..pad].fill(0.0);
-                drow[pad..pad + g.w].copy_from_slice(srow);
-                drow[pad + g.w..].fill(0.0);
-            }
-        }
+        pad_images(g, x, first, count, &mut padded[..images]);
         Some(Direct { g: *g, padded })
     }
 
@@ -344,6 +335,24 @@ impl<'a> Direct<'a> {
                     DirectPanel::new([&self.padded[start(q)..], &self.padded[second..]], &offsets[..kc]);
                 products(a, (kc0, kc), &src, acc, nb * NR);
             }
+        }
+    }
+}
+
+/// Copies images `first..first + count` of `x` (`[n, cin, h, w]`) into `dst`, each channel
+/// a `(h + 2 pad) x (w + 2 pad)` plane with zeros around; `dst` holds exactly those planes.
+fn pad_images(g: &ConvShape, x: &[f32], first: usize, count: usize, dst: &mut [f32]) {
+    let (pad, plane) = (g.pad, g.h * g.w);
+    let (hp, wp) = (g.h + 2 * pad, g.w + 2 * pad);
+    assert_eq!(dst.len(), count * g.cin * hp * wp);
+    let src = &x[first * g.cin * plane..][..count * g.cin * plane];
+    for (dst, src) in dst.chunks_mut(hp * wp).zip(src.chunks(plane)) {
+        dst[..pad * wp].fill(0.0);
+        dst[(pad + g.h) * wp..].fill(0.0);
+        for (drow, srow) in dst[pad * wp..].chunks_mut(wp).zip(src.chunks(g.w)) {
+            drow[..pad].fill(0.0);
+            drow[pad..pad + g.w].copy_from_slice(srow);
+            drow[pad + g.w..].fill(0.0);
         }
     }
 }
