@@ -480,7 +480,7 @@ fn weight_grad_on(
     }
     let wlen = g.cout * g.kdim();
     if direct {
-        return weight_grad_direct(g, x, dy);
+        return weight_grad_direct(g, x, dy, bf16 == Some(packed::bf16::Path::Dot));
     }
     let (group, cols, scratch) = group_plan(g);
     let groups = g.n.div_ceil(group);
@@ -550,12 +550,12 @@ fn weight_grad_on(
 
 /// [`packed::wgrad::weight_grad`] over the images split into one fixed range per thread
 /// (the order of addition independent of scheduling), the partial sums added in order.
-fn weight_grad_direct(g: &ConvShape, x: &[f32], dy: &[f32]) -> Vec<f32> {
+fn weight_grad_direct(g: &ConvShape, x: &[f32], dy: &[f32], bf16: bool) -> Vec<f32> {
     let chunks = threads().min(g.n).max(1);
     let per = g.n.div_ceil(chunks);
     let partials: Vec<Vec<f32>> = (0..chunks)
         .into_par_iter()
-        .map(|c| packed::wgrad::weight_grad(g, (x, dy), c * per..((c + 1) * per).min(g.n)))
+        .map(|c| packed::wgrad::weight_grad(g, (x, dy), c * per..((c + 1) * per).min(g.n), bf16))
         .collect();
     let mut iter = partials.into_iter();
     let mut total = iter.next().unwrap_or_else(|| vec![0f32; g.cout * g.kdim()]);
@@ -1000,23 +1000,46 @@ mod tests {
                 continue;
             }
             taken += 1;
-            let x: Vec<f32> = (0..n * cin * h * wd)
-                .map(|i| ((i * 7 % 23) as f32 - 11.0) * 0.1)
-                .collect();
-            let dy: Vec<f32> = (0..n * g.out_len())
-                .map(|i| ((i * 3 % 13) as f32 - 6.0) * 0.1)
-                .collect();
-            let want = weight_grad_on(&g, &x, &dy, None, false);
-            let got = weight_grad_on(&g, &x, &dy, None, true);
-            let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));
-            let err = want.iter().zip(&got).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-            assert!(
-                err <= 1e-5 * scale,
-                "{:?}: {err} of {scale}",
-                (n, cin, h, wd, cout, k, s, p)
+            // bf16 values, so that the bf16 pair products (where this CPU has them) are
+            // checked on the same operands.
+            let bf16 = |v: Vec<f32>| -> Vec<f32> {
+                let mut v = v;
+                crate::half::round_to_bf16(&mut v);
+                v
+            };
+            let x = bf16(
+                (0..n * cin * h * wd)
+                    .map(|i| ((i * 7 % 23) as f32 - 11.0) * 0.1)
+                    .collect(),
             );
+            let dy = bf16(
+                (0..n * g.out_len())
+                    .map(|i| ((i * 3 % 13) as f32 - 6.0) * 0.1)
+                    .collect(),
+            );
+            let want = weight_grad_on(&g, &x, &dy, None, false);
+            let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));
+            let mut paths = vec![None];
+            if packed::bf16::supported() {
+                paths.push(Some(packed::bf16::Path::Dot));
+            }
+            for path in paths {
+                let got = weight_grad_on(&g, &x, &dy, path, true);
+                let err = want.iter().zip(&got).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                assert!(
+                    err <= 1e-5 * scale,
+                    "{path:?} {:?}: {err} of {scale}",
+                    (n, cin, h, wd, cout, k, s, p)
+                );
+            }
         }
         assert!(taken >= 8, "only {taken} shapes ran directly");
+        if !packed::bf16::supported() {
+            brisk_hosts::skipped(
+                "brisk_ops::direct_weight_grad_matches_the_gemm_path (bf16 pairs)",
+                "this CPU lacks AVX512-BF16 (or AVX512-BW/VL)",
+            );
+        }
     }
 
     /// bf16 pair products (`vdpbf16ps`) against f32 products of the same bf16 values.

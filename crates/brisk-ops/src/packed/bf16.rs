@@ -331,7 +331,7 @@ unsafe fn kernel_avx512(
 
 /// `src` as bf16 pairs in order: `out[t]` = (src[2t], src[2t + 1]), 0 past the end of
 /// `src`; `out` holds `src.len().div_ceil(2)` values.
-fn row_pairs(src: &[f32], out: &mut [u32]) {
+pub(super) fn row_pairs(src: &[f32], out: &mut [u32]) {
     assert_eq!(out.len(), src.len().div_ceil(2));
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]

@@ -3,7 +3,9 @@
 //! output positions `p` of every image, with no im2col matrix. Positions run on the padded
 //! row (`wp = w + 2 pad` wide, the output gradient zero past each row's `wo` outputs), so
 //! each tap's input is one contiguous run of the zero-padded image and every product is a
-//! 16-lane FMA: 8 output channels x the 3 taps of a kernel row in 24 accumulators.
+//! 16-lane FMA: 8 output channels x the 3 taps of a kernel row in 24 accumulators. Where
+//! bf16 products run as `vdpbf16ps` ([`super::bf16::Path::Dot`]) the operands are copied
+//! to bf16 and each lane multiplies a pair of neighbouring positions: 32 positions a vector.
 //!
 //! im2col + GEMM computes the same sums as a `[cout, kdim] x [kdim, positions]ᵀ` product
 //! whose output is tiny for narrow layers (8 x 72 at 8 channels), so the GEMM's tiles were
@@ -37,40 +39,44 @@ pub(crate) fn applies(g: &ConvShape) -> bool {
         && g.k == TAPS
         && g.stride == 1
         && g.cout.next_multiple_of(CO) * g.kdim() <= MAX_WEIGHTS
-        && g.out_hw() as f64 >= 0.6 * positions(g) as f64
+        && g.out_hw() as f64 >= 0.6 * positions(g, 16) as f64
 }
 
 /// Positions computed per image: the output rows on the padded width, rounded up to whole
-/// vectors.
-fn positions(g: &ConvShape) -> usize {
-    (g.ho * (g.w + 2 * g.pad)).next_multiple_of(16)
+/// vectors of `per_vector` positions.
+fn positions(g: &ConvShape, per_vector: usize) -> usize {
+    (g.ho * (g.w + 2 * g.pad)).next_multiple_of(per_vector)
 }
 
-/// Floats past the last padded image that the last vector of taps may read (zeros): a
+/// Values past the last padded image that the last vector of taps may read (zeros): a
 /// vector and two taps past the end of the output rows, which lie inside the plane.
-const SLACK: usize = 32;
+const SLACK: usize = 64;
 
 thread_local! {
     /// [`weight_grad`]'s scratch, kept for the next call.
     static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// The bf16 copies of a group's operands, as pairs.
+    static HALVES: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// The weight gradient `[cout, cin, 3, 3]` over images `images` of `x` `[n, cin, h, w]`
-/// and `dy` `[n, cout, ho, wo]` ([`applies`] must hold). Images go in groups of about
-/// [`BLOCK_POSITIONS`] positions (or one image, split into blocks of that many); each
-/// block's products add to 16-lane sums per weight, summed across lanes once at the end.
-/// The order of addition depends only on the shape and the range.
+/// and `dy` `[n, cout, ho, wo]` ([`applies`] must hold), its products in bf16 pairs when
+/// `bf16` (the operands hold bf16 values; [`super::bf16::supported`] must hold). Images
+/// go in groups of at least [`BLOCK_POSITIONS`] positions (or one image, split into blocks
+/// of that many); each block's products add to 16-lane sums per weight, summed across
+/// lanes once at the end. The order of addition depends only on the shape and the range.
 pub(crate) fn weight_grad(
     g: &ConvShape,
     (x, dy): (&[f32], &[f32]),
     images: std::ops::Range<usize>,
+    bf16: bool,
 ) -> Vec<f32> {
-    assert!(applies(g));
-    let (p, rows) = (positions(g), g.cout.next_multiple_of(CO));
-    let group = BLOCK_POSITIONS.div_ceil(p);
-    let plane = (g.h + 2 * g.pad) * (g.w + 2 * g.pad);
-    let lanes = rows * g.kdim() * 16;
-    let len = lanes + group * g.cin * plane + SLACK + group * rows * p;
+    assert!(applies(g) && (!bf16 || super::bf16::supported()));
+    let per_vector = if bf16 { 32 } else { 16 };
+    let shape = Group::shape(g, per_vector);
+    let group = BLOCK_POSITIONS.div_ceil(shape.p);
+    let lanes = shape.rows * g.kdim() * 16;
+    let len = lanes + group * (shape.image + shape.rows * shape.p) + SLACK;
     SCRATCH.with(|cell| {
         let mut scratch = cell.borrow_mut();
         if scratch.len() < len {
@@ -80,7 +86,12 @@ pub(crate) fn weight_grad(
         sums.fill(0.0);
         for first in images.clone().step_by(group) {
             let count = group.min(images.end - first);
-            Group::new(g, (x, dy), (first, count), rest).add_to(sums);
+            let ready = Group::new(g, shape, (x, dy), (first, count), rest);
+            if bf16 {
+                HALVES.with(|h| ready.add_in_bf16(&mut h.borrow_mut(), sums));
+            } else {
+                add_products::<f32>(&ready, (ready.xs, ready.dys), sums);
+            }
         }
         let mut dw = vec![0f32; g.cout * g.kdim()];
         for (d, lane) in dw.iter_mut().zip(sums.chunks_exact(16)) {
@@ -90,29 +101,55 @@ pub(crate) fn weight_grad(
     })
 }
 
-/// A group of images made ready for the kernel: the images padded, their output
-/// gradient on the padded rows (zero past each row's outputs, past the rows and in the
-/// rows past `cout`).
+/// Sizes of a group's operands: `p` positions per image, `rows` gradient rows (cout
+/// rounded up to CO), `image` values of a padded image, `plane` of one channel of it,
+/// `wp` the padded row.
+#[derive(Clone, Copy)]
+struct Shape {
+    p: usize,
+    rows: usize,
+    image: usize,
+    plane: usize,
+    wp: usize,
+}
+
+/// A group of images made ready for the kernel: the images padded (`xs`, zeros after
+/// them), their output gradient on the padded rows (`dys`, `[count, rows, p]`: zero past
+/// each row's outputs, past the rows and in the rows past `cout`).
 struct Group<'a> {
     g: &'a ConvShape,
+    shape: Shape,
     xs: &'a [f32],
     dys: &'a [f32],
     count: usize,
 }
 
 impl<'a> Group<'a> {
+    fn shape(g: &ConvShape, per_vector: usize) -> Shape {
+        let (hp, wp) = (g.h + 2 * g.pad, g.w + 2 * g.pad);
+        Shape {
+            p: positions(g, per_vector),
+            rows: g.cout.next_multiple_of(CO),
+            image: g.cin * hp * wp,
+            plane: hp * wp,
+            wp,
+        }
+    }
+
     fn new(
         g: &'a ConvShape,
+        shape: Shape,
         (x, dy): (&[f32], &[f32]),
         (first, count): (usize, usize),
         buf: &'a mut [f32],
     ) -> Self {
-        let (p, rows, wp) = (positions(g), g.cout.next_multiple_of(CO), g.w + 2 * g.pad);
-        let images = count * g.cin * (g.h + 2 * g.pad) * wp;
-        let (xs, rest) = buf.split_at_mut(images + SLACK);
+        let Shape {
+            p, rows, image, wp, ..
+        } = shape;
+        let (xs, rest) = buf.split_at_mut(count * image + SLACK);
         let dys = &mut rest[..count * rows * p];
-        super::pad_images(g, x, first, count, &mut xs[..images]);
-        xs[images..].fill(0.0);
+        super::pad_images(g, x, first, count, &mut xs[..count * image]);
+        xs[count * image..].fill(0.0);
         dys.fill(0.0);
         for (img, rows_of) in dys.chunks_exact_mut(rows * p).enumerate() {
             let src = &dy[(first + img) * g.out_len()..][..g.out_len()];
@@ -122,85 +159,179 @@ impl<'a> Group<'a> {
                 }
             }
         }
-        Group { g, xs, dys, count }
+        Group {
+            g,
+            shape,
+            xs,
+            dys,
+            count,
+        }
     }
 
-    /// Adds the group's products to `sums` (`[rows, kdim, 16]`), block by block of
-    /// positions, each block's CO gradient rows meeting every channel and kernel row.
-    fn add_to(&self, sums: &mut [f32]) {
-        let g = self.g;
-        let (p, rows, wp) = (positions(g), g.cout.next_multiple_of(CO), g.w + 2 * g.pad);
-        let plane = (g.h + 2 * g.pad) * wp;
-        let step = (BLOCK_POSITIONS / 16).max(1);
-        for t0 in (0..p / 16).step_by(step) {
-            let vectors = step.min(p / 16 - t0);
-            for cb in 0..rows / CO {
-                for c in 0..g.cin {
-                    for ki in 0..TAPS {
-                        let call = Call {
-                            dy: &self.dys[cb * CO * p + 16 * t0..],
-                            dy_strides: (rows * p, p),
-                            x: &self.xs[c * plane + ki * wp + 16 * t0..],
-                            x_image: g.cin * plane,
-                            count: self.count,
-                            vectors,
-                        };
-                        let at = (cb * CO * g.kdim() + (c * TAPS + ki) * TAPS) * 16;
-                        call.run(&mut sums[at..], g.kdim() * 16);
-                    }
+    /// [`add_products`] on bf16 copies of the operands (made in `halves`, as pairs: the
+    /// same values in the same order, two to a `u32`).
+    fn add_in_bf16(&self, halves: &mut Vec<u32>, sums: &mut [f32]) {
+        let (nx, ny) = (self.xs.len().div_ceil(2), self.dys.len().div_ceil(2));
+        halves.resize(nx + ny, 0);
+        let (hx, hy) = halves.split_at_mut(nx);
+        super::bf16::row_pairs(self.xs, hx);
+        super::bf16::row_pairs(self.dys, hy);
+        // SAFETY: u16 has u32's size halved and no stricter alignment; each slice covers
+        // exactly the memory of its pairs, whose values in order are the bf16 values.
+        let (xs, dys) = unsafe {
+            (
+                std::slice::from_raw_parts(hx.as_ptr().cast::<u16>(), 2 * nx),
+                std::slice::from_raw_parts(hy.as_ptr().cast::<u16>(), 2 * ny),
+            )
+        };
+        add_products::<u16>(self, (xs, dys), sums);
+    }
+}
+
+/// Adds a group's products to `sums` (`[rows, kdim, 16]`) from its operands as `E`
+/// values, block by block of positions, each block's CO gradient rows meeting every
+/// channel and kernel row.
+fn add_products<E: Lane>(group: &Group, (xs, dys): (&[E], &[E]), sums: &mut [f32]) {
+    let (
+        g,
+        Shape {
+            p,
+            rows,
+            image,
+            plane,
+            wp,
+        },
+    ) = (group.g, group.shape);
+    let (vectors, step) = (p / E::PER_VECTOR, (BLOCK_POSITIONS / E::PER_VECTOR).max(1));
+    for t0 in (0..vectors).step_by(step) {
+        let at = E::PER_VECTOR * t0;
+        for cb in 0..rows / CO {
+            for c in 0..g.cin {
+                for ki in 0..TAPS {
+                    let call = Call {
+                        dy: &dys[cb * CO * p + at..],
+                        dy_strides: (rows * p, p),
+                        x: &xs[c * plane + ki * wp + at..],
+                        x_image: image,
+                        count: group.count,
+                        vectors: step.min(vectors - t0),
+                    };
+                    let to = (cb * CO * g.kdim() + (c * TAPS + ki) * TAPS) * 16;
+                    call.run(&mut sums[to..], g.kdim() * 16);
                 }
             }
         }
     }
 }
 
-/// One kernel call: the sums over `count` images of `vectors` 16-position vectors of CO
+/// One kernel call: the sums over `count` images of `vectors` vectors of positions of CO
 /// output-gradient rows times the TAPS shifted runs of one input row.
-struct Call<'a> {
+struct Call<'a, E> {
     /// Row `co` of image `i` at `i * dy_strides.0 + co * dy_strides.1`.
-    dy: &'a [f32],
+    dy: &'a [E],
     dy_strides: (usize, usize),
     /// Image `i`'s run at `i * x_image`; tap `kj` reads it from `kj` on.
-    x: &'a [f32],
+    x: &'a [E],
     x_image: usize,
     count: usize,
     vectors: usize,
 }
 
-impl Call<'_> {
+/// What a kernel lane multiplies: f32 values (16 positions a vector) or bf16 values (32:
+/// each lane a pair of neighbouring positions).
+trait Lane: Copy {
+    const PER_VECTOR: usize;
+    fn value(self) -> f32;
+    /// [`Call::run`] on vector instructions, `false` where the CPU lacks them.
+    fn run_vectors(call: &Call<Self>, sums: &mut [f32], co_stride: usize) -> bool;
+}
+
+impl Lane for f32 {
+    const PER_VECTOR: usize = 16;
+
+    fn value(self) -> f32 {
+        self
+    }
+
+    fn run_vectors(call: &Call<f32>, sums: &mut [f32], co_stride: usize) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if super::available() {
+            // SAFETY: AVX-512F was detected; `Call::run` asserted every bound.
+            unsafe { call.fma_avx512(sums.as_mut_ptr(), co_stride) };
+            return true;
+        }
+        false
+    }
+}
+
+impl Lane for u16 {
+    const PER_VECTOR: usize = 32;
+
+    fn value(self) -> f32 {
+        f32::from_bits(u32::from(self) << 16)
+    }
+
+    fn run_vectors(call: &Call<u16>, sums: &mut [f32], co_stride: usize) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if super::bf16::supported() {
+            // SAFETY: AVX512-BF16 was detected; `Call::run` asserted every bound.
+            unsafe { call.dot_avx512(sums.as_mut_ptr(), co_stride) };
+            return true;
+        }
+        false
+    }
+}
+
+impl<E: Lane> Call<'_, E> {
     /// Adds to `sums[co * co_stride + 16 kj ..][..16]` the 16-lane sums over images and
     /// positions of dy row `co` · the run shifted by `kj`.
     fn run(&self, sums: &mut [f32], co_stride: usize) {
-        let span = self.vectors * 16;
+        let span = self.vectors * E::PER_VECTOR;
         let last = self.count.saturating_sub(1);
         assert!(self.count > 0 && span > 0);
         assert!(self.dy.len() >= last * self.dy_strides.0 + (CO - 1) * self.dy_strides.1 + span);
         assert!(self.x.len() >= last * self.x_image + span + TAPS - 1);
         assert!(sums.len() >= (CO - 1) * co_stride + TAPS * 16);
-        #[cfg(target_arch = "x86_64")]
-        if super::available() {
-            // SAFETY: AVX-512F was detected; the asserts above bound every load and store.
-            unsafe { self.run_avx512(sums.as_mut_ptr(), co_stride) };
+        if E::run_vectors(self, sums, co_stride) {
             return;
         }
         for i in 0..self.count {
             for q in 0..span {
+                let lane = (q % E::PER_VECTOR) * 16 / E::PER_VECTOR;
                 for co in 0..CO {
-                    let d = self.dy[i * self.dy_strides.0 + co * self.dy_strides.1 + q];
+                    let d = self.dy[i * self.dy_strides.0 + co * self.dy_strides.1 + q].value();
                     for kj in 0..TAPS {
-                        sums[co * co_stride + 16 * kj + q % 16] += d * self.x[i * self.x_image + q + kj];
+                        let x = self.x[i * self.x_image + q + kj].value();
+                        sums[co * co_stride + 16 * kj + lane] += d * x;
                     }
                 }
             }
         }
     }
+}
 
+/// Adds a kernel's CO x TAPS accumulators to `sums` (rows `co_stride` floats apart, TAPS
+/// vectors of 16 in each). A macro so that each kernel, with its own target features,
+/// keeps its accumulators in registers; expanded in an `unsafe` block of an AVX-512 function
+/// whose contract covers the stores.
+macro_rules! add_sums {
+    ($acc:expr, $sums:expr, $co_stride:expr) => {
+        for (co, a) in $acc.iter().enumerate() {
+            for (kj, &a) in a.iter().enumerate() {
+                let at = $sums.add(co * $co_stride + 16 * kj);
+                _mm512_storeu_ps(at, _mm512_add_ps(_mm512_loadu_ps(at), a));
+            }
+        }
+    };
+}
+
+impl Call<'_, f32> {
     /// # Safety
     /// The CPU must have AVX-512F; the slices must hold what [`Call::run`] asserts, and
     /// `sums` point to CO rows of TAPS x 16 floats `co_stride` apart.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
-    unsafe fn run_avx512(&self, sums: *mut f32, co_stride: usize) {
+    unsafe fn fma_avx512(&self, sums: *mut f32, co_stride: usize) {
         use std::arch::x86_64::*;
         let mut acc = [[_mm512_setzero_ps(); TAPS]; CO];
         for i in 0..self.count {
@@ -221,14 +352,43 @@ impl Call<'_> {
                 }
             }
         }
-        for (co, a) in acc.iter().enumerate() {
-            for (kj, &a) in a.iter().enumerate() {
-                // SAFETY: inside the CO rows of TAPS x 16 floats (the caller's contract).
+        // SAFETY: the caller's contract for `sums`.
+        unsafe { add_sums!(acc, sums, co_stride) };
+    }
+}
+
+impl Call<'_, u16> {
+    /// # Safety
+    /// The CPU must have AVX512-BF16; the slices must hold what [`Call::run`] asserts, and
+    /// `sums` point to CO rows of TAPS x 16 floats `co_stride` apart.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    unsafe fn dot_avx512(&self, sums: *mut f32, co_stride: usize) {
+        use std::arch::x86_64::*;
+        let mut acc = [[_mm512_setzero_ps(); TAPS]; CO];
+        for i in 0..self.count {
+            let dy = self.dy.as_ptr().wrapping_add(i * self.dy_strides.0);
+            let x = self.x.as_ptr().wrapping_add(i * self.x_image);
+            for t in 0..self.vectors {
+                let q = 32 * t;
+                // SAFETY: q + 31 + TAPS - 1 lies inside image i's run and q + 31 inside
+                // each of its CO rows (the caller's contract); the transmutes read 512
+                // bits as 32 bf16 values.
                 unsafe {
-                    let at = sums.add(co * co_stride + 16 * kj);
-                    _mm512_storeu_ps(at, _mm512_add_ps(_mm512_loadu_ps(at), a));
+                    let xv: [__m512bh; TAPS] =
+                        [0, 1, 2].map(|kj| std::mem::transmute(_mm512_loadu_si512(x.add(q + kj).cast())));
+                    for (co, a) in acc.iter_mut().enumerate() {
+                        let d: __m512bh = std::mem::transmute(_mm512_loadu_si512(
+                            dy.add(co * self.dy_strides.1 + q).cast(),
+                        ));
+                        for (a, &xv) in a.iter_mut().zip(&xv) {
+                            *a = _mm512_dpbf16_ps(*a, d, xv);
+                        }
+                    }
                 }
             }
         }
+        // SAFETY: the caller's contract for `sums`.
+        unsafe { add_sums!(acc, sums, co_stride) };
     }
 }
