@@ -31,6 +31,17 @@ impl Machine {
         format!("{} ({})", self.cpu, self.isa.join(" "))
     }
 
+    /// The machine in one phrase: CPU (flags), cores, memory, OS.
+    pub fn describe(&self) -> String {
+        format!(
+            "{}, {} cores, {:.1} GiB, {}",
+            self.cpu_and_isa(),
+            self.cores,
+            self.memory_gib,
+            self.os
+        )
+    }
+
     pub fn read() -> Self {
         let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
         let cpu = cpuinfo

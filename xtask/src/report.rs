@@ -582,13 +582,7 @@ fn document(report: &Report) -> Document {
                         report.elapsed_s / 60.0
                     ),
                     format!("brisk revision `{}`", report.git),
-                    format!(
-                        "machine: {}, {} cores, {:.1} GiB, {}",
-                        m.cpu_and_isa(),
-                        m.cores,
-                        m.memory_gib,
-                        m.os
-                    ),
+                    format!("machine: {}", m.describe()),
                     format!("data: `{}`", report.data),
                 ],
             },

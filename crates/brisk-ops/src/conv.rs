@@ -451,21 +451,9 @@ pub fn conv_weight_grad(g: &ConvShape, x: &[f32], dy: &[f32], products: Products
 }
 
 /// [`conv_weight_grad`], its products in bf16 on a path the CPU has, or in f32 (`None`):
-/// directly where [`packed::wgrad::applies`] (narrow layers; in f32 products, exact for
-/// bf16 values too, and there faster than bf16 products on im2col), else by im2col and a
-/// GEMM.
+/// directly where [`packed::wgrad::applies`] (narrow layers; bf16 pairs where they run as
+/// `vdpbf16ps`, else f32 products, exact for bf16 values too), else by im2col and a GEMM.
 fn weight_grad(g: &ConvShape, x: &[f32], dy: &[f32], bf16: Option<packed::bf16::Path>) -> Vec<f32> {
-    weight_grad_on(g, x, dy, bf16, packed::wgrad::applies(g))
-}
-
-/// [`weight_grad`] on the path asked for (`direct`: [`packed::wgrad`], which must apply).
-fn weight_grad_on(
-    g: &ConvShape,
-    x: &[f32],
-    dy: &[f32],
-    bf16: Option<packed::bf16::Path>,
-    direct: bool,
-) -> Vec<f32> {
     if let Some(tap) = g.only_tap() {
         // The other taps multiply padding only: their gradient is zero.
         let kk = g.k * g.k;
@@ -478,6 +466,18 @@ fn weight_grad_on(
             .for_each(|(d, v)| *d = v);
         return dw;
     }
+    weight_grad_on(g, x, dy, bf16, packed::wgrad::applies(g))
+}
+
+/// [`weight_grad`] on the path asked for (`direct`: [`packed::wgrad`], which must apply;
+/// otherwise im2col and a GEMM).
+fn weight_grad_on(
+    g: &ConvShape,
+    x: &[f32],
+    dy: &[f32],
+    bf16: Option<packed::bf16::Path>,
+    direct: bool,
+) -> Vec<f32> {
     let wlen = g.cout * g.kdim();
     if direct {
         return weight_grad_direct(g, x, dy, bf16 == Some(packed::bf16::Path::Dot));
@@ -976,8 +976,8 @@ mod tests {
 
     /// The direct weight gradient (`packed::wgrad`) against im2col + `gemm`, on every edge
     /// shape it takes plus a 32x32 map (one image split into blocks), padding 0 and 2,
-    /// several image groups and channel counts off its 8-row blocks; some shape of each
-    /// kind must take it.
+    /// several image groups, channel counts off its 8-row blocks and stride 2; some shape
+    /// of each kind must take it.
     #[test]
     fn direct_weight_grad_matches_the_gemm_path() {
         if !packed::available() {
@@ -992,6 +992,10 @@ mod tests {
             (3, 5, 32, 32, 11, 3, 1, 1),
             (9, 4, 8, 8, 21, 3, 1, 0),
             (5, 3, 7, 9, 8, 3, 1, 2),
+            // Stride 2 on phase planes: even and odd sizes, paddings 0, 1 and 2.
+            (3, 5, 32, 32, 11, 3, 2, 1),
+            (2, 4, 17, 15, 9, 3, 2, 0),
+            (2, 6, 16, 16, 16, 3, 2, 2),
         ]);
         let mut taken = 0;
         for (n, cin, h, wd, cout, k, s, p) in shapes {
@@ -1033,7 +1037,7 @@ mod tests {
                 );
             }
         }
-        assert!(taken >= 8, "only {taken} shapes ran directly");
+        assert!(taken >= 11, "only {taken} shapes ran directly");
         if !packed::bf16::supported() {
             brisk_hosts::skipped(
                 "brisk_ops::direct_weight_grad_matches_the_gemm_path (bf16 pairs)",

@@ -7,6 +7,10 @@
 //! bf16 products run as `vdpbf16ps` ([`super::bf16::Path::Dot`]) the operands are copied
 //! to bf16 and each lane multiplies a pair of neighbouring positions: 32 positions a vector.
 //!
+//! Stride-2 convolutions run the same way on each channel's four phase planes (the padded
+//! plane's rows of one parity and columns of one parity), where every tap of a stride-2
+//! window is again a contiguous run ([`Shape`]).
+//!
 //! im2col + GEMM computes the same sums as a `[cout, kdim] x [kdim, positions]ᵀ` product
 //! whose output is tiny for narrow layers (8 x 72 at 8 channels), so the GEMM's tiles were
 //! mostly empty: 25–50 GFLOP/s there against the forward pass's 70–85.
@@ -31,21 +35,15 @@ const MAX_WEIGHTS: usize = 16 * 1024;
 /// row meets them.
 const BLOCK_POSITIONS: usize = 512;
 
-/// Whether the weight gradient of `g` runs here: a 3x3 stride-1 convolution of at most
-/// [`MAX_WEIGHTS`] weights, on a CPU with AVX-512, where at least 3/5 of the positions
-/// computed (padded rows, whole vectors) are output positions.
+/// Whether the weight gradient of `g` runs here: a 3x3 convolution of stride 1 or 2 and
+/// at most [`MAX_WEIGHTS`] weights, on a CPU with AVX-512, where at least 3/5 of the
+/// positions computed (grid rows, whole vectors) are output positions.
 pub(crate) fn applies(g: &ConvShape) -> bool {
     super::available()
         && g.k == TAPS
-        && g.stride == 1
+        && (g.stride == 1 || g.stride == 2)
         && g.cout.next_multiple_of(CO) * g.kdim() <= MAX_WEIGHTS
-        && g.out_hw() as f64 >= 0.6 * positions(g, 16) as f64
-}
-
-/// Positions computed per image: the output rows on the padded width, rounded up to whole
-/// vectors of `per_vector` positions.
-fn positions(g: &ConvShape, per_vector: usize) -> usize {
-    (g.ho * (g.w + 2 * g.pad)).next_multiple_of(per_vector)
+        && g.out_hw() as f64 >= 0.6 * Shape::of(g, 16).p as f64
 }
 
 /// Values past the last padded image that the last vector of taps may read (zeros): a
@@ -73,7 +71,7 @@ pub(crate) fn weight_grad(
 ) -> Vec<f32> {
     assert!(applies(g) && (!bf16 || super::bf16::supported()));
     let per_vector = if bf16 { 32 } else { 16 };
-    let shape = Group::shape(g, per_vector);
+    let shape = Shape::of(g, per_vector);
     let group = BLOCK_POSITIONS.div_ceil(shape.p);
     let lanes = shape.rows * g.kdim() * 16;
     let len = lanes + group * (shape.image + shape.rows * shape.p) + SLACK;
@@ -101,16 +99,60 @@ pub(crate) fn weight_grad(
     })
 }
 
-/// Sizes of a group's operands: `p` positions per image, `rows` gradient rows (cout
-/// rounded up to CO), `image` values of a padded image, `plane` of one channel of it,
-/// `wp` the padded row.
+/// Where a group's operands lie. Stride 1: each channel of an image is its zero-padded
+/// plane, and output positions run on its rows (`row` = the padded width). Stride 2: each
+/// channel is four phase planes (rows of one parity, columns of one parity of the padded
+/// plane, `row` = half the padded width, rounded up), so that every tap again reads a
+/// contiguous run: input (2 oh + ki, 2 ow + kj) is phase (ki % 2, kj % 2) at (oh + ki / 2,
+/// ow + kj / 2).
 #[derive(Clone, Copy)]
 struct Shape {
+    /// Positions per image: `ho` grid rows of `row`, rounded up to whole vectors.
     p: usize,
+    /// Gradient rows: cout rounded up to CO.
     rows: usize,
+    /// Values per image (every channel's planes).
     image: usize,
+    /// Values per plane (padded, or one phase).
     plane: usize,
-    wp: usize,
+    /// Planes per channel: 1 or 4.
+    phases: usize,
+    row: usize,
+}
+
+impl Shape {
+    fn of(g: &ConvShape, per_vector: usize) -> Shape {
+        let (hp, wp) = (g.h + 2 * g.pad, g.w + 2 * g.pad);
+        let (phases, rows_of, row) = match g.stride {
+            1 => (1, hp, wp),
+            _ => (4, hp.div_ceil(2), wp.div_ceil(2)),
+        };
+        Shape {
+            p: (g.ho * row).next_multiple_of(per_vector),
+            rows: g.cout.next_multiple_of(CO),
+            image: g.cin * phases * rows_of * row,
+            plane: rows_of * row,
+            phases,
+            row,
+        }
+    }
+
+    /// Kernel row `ki`'s three taps: their offsets from channel `c`'s first plane.
+    fn taps(&self, c: usize, ki: usize) -> [usize; TAPS] {
+        let start = c * self.phases * self.plane;
+        if self.phases == 1 {
+            let at = start + ki * self.row;
+            return [at, at + 1, at + 2];
+        }
+        let at =
+            |phase: usize, down: usize, right: usize| start + phase * self.plane + down * self.row + right;
+        let (parity, down) = (ki % 2, ki / 2);
+        [
+            at(2 * parity, down, 0),
+            at(2 * parity + 1, down, 0),
+            at(2 * parity, down, 1),
+        ]
+    }
 }
 
 /// A group of images made ready for the kernel: the images padded (`xs`, zeros after
@@ -125,17 +167,6 @@ struct Group<'a> {
 }
 
 impl<'a> Group<'a> {
-    fn shape(g: &ConvShape, per_vector: usize) -> Shape {
-        let (hp, wp) = (g.h + 2 * g.pad, g.w + 2 * g.pad);
-        Shape {
-            p: positions(g, per_vector),
-            rows: g.cout.next_multiple_of(CO),
-            image: g.cin * hp * wp,
-            plane: hp * wp,
-            wp,
-        }
-    }
-
     fn new(
         g: &'a ConvShape,
         shape: Shape,
@@ -144,17 +175,21 @@ impl<'a> Group<'a> {
         buf: &'a mut [f32],
     ) -> Self {
         let Shape {
-            p, rows, image, wp, ..
+            p, rows, image, row, ..
         } = shape;
         let (xs, rest) = buf.split_at_mut(count * image + SLACK);
         let dys = &mut rest[..count * rows * p];
-        super::pad_images(g, x, first, count, &mut xs[..count * image]);
+        if shape.phases == 1 {
+            super::pad_images(g, x, first, count, &mut xs[..count * image]);
+        } else {
+            phase_images(g, shape, x, first, &mut xs[..count * image]);
+        }
         xs[count * image..].fill(0.0);
         dys.fill(0.0);
         for (img, rows_of) in dys.chunks_exact_mut(rows * p).enumerate() {
             let src = &dy[(first + img) * g.out_len()..][..g.out_len()];
             for (dst, src) in rows_of.chunks_exact_mut(p).zip(src.chunks_exact(g.out_hw())) {
-                for (drow, srow) in dst.chunks_mut(wp).zip(src.chunks_exact(g.wo)) {
+                for (drow, srow) in dst.chunks_mut(row).zip(src.chunks_exact(g.wo)) {
                     drow[..g.wo].copy_from_slice(srow);
                 }
             }
@@ -188,30 +223,46 @@ impl<'a> Group<'a> {
     }
 }
 
+/// Images `first..` of `x` (as many as `dst` holds) as [`Shape`]'s phase planes: phase
+/// (a, b) of channel c holds the zero-padded plane's values at (2 i + a, 2 j + b).
+fn phase_images(g: &ConvShape, shape: Shape, x: &[f32], first: usize, dst: &mut [f32]) {
+    let (plane, row) = (shape.plane, shape.row);
+    for (ic, planes) in dst.chunks_exact_mut(shape.phases * plane).enumerate() {
+        let src = &x[(first * g.cin + ic) * g.h * g.w..][..g.h * g.w];
+        for (phase, out) in planes.chunks_exact_mut(plane).enumerate() {
+            let (a, b) = (phase / 2, phase % 2);
+            for (i, out_row) in out.chunks_exact_mut(row).enumerate() {
+                let ih = (2 * i + a).checked_sub(g.pad).filter(|&ih| ih < g.h);
+                for (j, o) in out_row.iter_mut().enumerate() {
+                    let iw = (2 * j + b).checked_sub(g.pad).filter(|&iw| iw < g.w);
+                    *o = match (ih, iw) {
+                        (Some(ih), Some(iw)) => src[ih * g.w + iw],
+                        _ => 0.0,
+                    };
+                }
+            }
+        }
+    }
+}
+
 /// Adds a group's products to `sums` (`[rows, kdim, 16]`) from its operands as `E`
 /// values, block by block of positions, each block's CO gradient rows meeting every
 /// channel and kernel row.
 fn add_products<E: Lane>(group: &Group, (xs, dys): (&[E], &[E]), sums: &mut [f32]) {
-    let (
-        g,
-        Shape {
-            p,
-            rows,
-            image,
-            plane,
-            wp,
-        },
-    ) = (group.g, group.shape);
+    let (g, shape) = (group.g, group.shape);
+    let Shape { p, rows, image, .. } = shape;
     let (vectors, step) = (p / E::PER_VECTOR, (BLOCK_POSITIONS / E::PER_VECTOR).max(1));
     for t0 in (0..vectors).step_by(step) {
         let at = E::PER_VECTOR * t0;
         for cb in 0..rows / CO {
             for c in 0..g.cin {
                 for ki in 0..TAPS {
+                    let taps = shape.taps(c, ki);
                     let call = Call {
                         dy: &dys[cb * CO * p + at..],
                         dy_strides: (rows * p, p),
-                        x: &xs[c * plane + ki * wp + at..],
+                        x: &xs[taps[0] + at..],
+                        taps: taps.map(|t| t - taps[0]),
                         x_image: image,
                         count: group.count,
                         vectors: step.min(vectors - t0),
@@ -230,8 +281,9 @@ struct Call<'a, E> {
     /// Row `co` of image `i` at `i * dy_strides.0 + co * dy_strides.1`.
     dy: &'a [E],
     dy_strides: (usize, usize),
-    /// Image `i`'s run at `i * x_image`; tap `kj` reads it from `kj` on.
+    /// Image `i`'s runs at `i * x_image`, tap `kj`'s from `taps[kj]` on.
     x: &'a [E],
+    taps: [usize; TAPS],
     x_image: usize,
     count: usize,
     vectors: usize,
@@ -290,7 +342,8 @@ impl<E: Lane> Call<'_, E> {
         let last = self.count.saturating_sub(1);
         assert!(self.count > 0 && span > 0);
         assert!(self.dy.len() >= last * self.dy_strides.0 + (CO - 1) * self.dy_strides.1 + span);
-        assert!(self.x.len() >= last * self.x_image + span + TAPS - 1);
+        let reach = self.taps.iter().max().copied().unwrap_or(0);
+        assert!(self.x.len() >= last * self.x_image + reach + span);
         assert!(sums.len() >= (CO - 1) * co_stride + TAPS * 16);
         if E::run_vectors(self, sums, co_stride) {
             return;
@@ -301,7 +354,7 @@ impl<E: Lane> Call<'_, E> {
                 for co in 0..CO {
                     let d = self.dy[i * self.dy_strides.0 + co * self.dy_strides.1 + q].value();
                     for kj in 0..TAPS {
-                        let x = self.x[i * self.x_image + q + kj].value();
+                        let x = self.x[i * self.x_image + self.taps[kj] + q].value();
                         sums[co * co_stride + 16 * kj + lane] += d * x;
                     }
                 }
@@ -339,10 +392,10 @@ impl Call<'_, f32> {
             let x = self.x.as_ptr().wrapping_add(i * self.x_image);
             for t in 0..self.vectors {
                 let q = 16 * t;
-                // SAFETY: q + 15 + TAPS - 1 lies inside image i's run and q + 15 inside
+                // SAFETY: each tap's q + 15 lies inside image i's runs and q + 15 inside
                 // each of its CO rows (the caller's contract).
                 unsafe {
-                    let xv = [0, 1, 2].map(|kj| _mm512_loadu_ps(x.add(q + kj)));
+                    let xv = self.taps.map(|t| _mm512_loadu_ps(x.add(t + q)));
                     for (co, a) in acc.iter_mut().enumerate() {
                         let d = _mm512_loadu_ps(dy.add(co * self.dy_strides.1 + q));
                         for (a, &xv) in a.iter_mut().zip(&xv) {
@@ -371,12 +424,13 @@ impl Call<'_, u16> {
             let x = self.x.as_ptr().wrapping_add(i * self.x_image);
             for t in 0..self.vectors {
                 let q = 32 * t;
-                // SAFETY: q + 31 + TAPS - 1 lies inside image i's run and q + 31 inside
+                // SAFETY: each tap's q + 31 lies inside image i's runs and q + 31 inside
                 // each of its CO rows (the caller's contract); the transmutes read 512
                 // bits as 32 bf16 values.
                 unsafe {
-                    let xv: [__m512bh; TAPS] =
-                        [0, 1, 2].map(|kj| std::mem::transmute(_mm512_loadu_si512(x.add(q + kj).cast())));
+                    let xv: [__m512bh; TAPS] = self
+                        .taps
+                        .map(|t| std::mem::transmute(_mm512_loadu_si512(x.add(t + q).cast())));
                     for (co, a) in acc.iter_mut().enumerate() {
                         let d: __m512bh = std::mem::transmute(_mm512_loadu_si512(
                             dy.add(co * self.dy_strides.1 + q).cast(),
