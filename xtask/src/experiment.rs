@@ -313,6 +313,7 @@ impl Runner {
             self.execute(plan, run, &dir, false, &mut result)?;
         }
         result.config.clone_from(&run.config);
+        result.revision = Some(machine::git_revision());
         write_entry(&dir, &entry(Some(result.clone())))?;
         Ok(result)
     }

@@ -567,6 +567,30 @@ const PLOTS: [(&str, &str); 4] = [
     ("accuracy.svg", "final test top-1, 95% intervals"),
 ];
 
+/// How many finished runs were measured at another revision than the report's (reused
+/// from the cache, or recorded before runs kept theirs), as a clause for the revision
+/// line; empty when none.
+fn other_revisions(report: &Report) -> String {
+    let done: Vec<&RunResult> = report
+        .variants
+        .iter()
+        .flat_map(|v| &v.runs)
+        .filter(|r| r.status == Status::Done)
+        .collect();
+    let other = done
+        .iter()
+        .filter(|r| r.revision.as_deref() != Some(report.git.as_str()))
+        .count();
+    if other == 0 {
+        return String::new();
+    }
+    format!(
+        "; {other} of {} finished runs were measured at another (or an unrecorded) revision and \
+         reused from the cache: their times are that code's (`--force` reruns them)",
+        done.len()
+    )
+}
+
 /// The whole report as one document: every format renders this.
 fn document(report: &Report) -> Document {
     let m = &report.machine;
@@ -581,7 +605,7 @@ fn document(report: &Report) -> Document {
                         report.started,
                         report.elapsed_s / 60.0
                     ),
-                    format!("brisk revision `{}`", report.git),
+                    format!("brisk revision `{}`{}", report.git, other_revisions(report)),
                     format!("machine: {}", m.describe()),
                     format!("data: `{}`", report.data),
                 ],
@@ -1129,6 +1153,13 @@ mod tests {
             why: "stated for the test".into(),
         });
         r.git = "0123abcd".into();
+        // Every run but one measured at the report's revision.
+        for v in &mut r.variants {
+            for run in &mut v.runs {
+                run.revision = Some("0123abcd".into());
+            }
+        }
+        r.variants[0].runs[0].revision = Some("fedc9876".into());
         let doc = document(&r);
         let headings: Vec<&str> = doc.sections.iter().map(|s| s.heading.as_str()).collect();
         assert_eq!(
@@ -1157,6 +1188,7 @@ mod tests {
         texts.extend(
             [
                 "0123abcd",
+                "1 of 9 finished runs were measured at another (or an unrecorded) revision",
                 "faster: 1.50x the baseline",
                 "1234.5",
                 "PyTorch img/s",

@@ -86,6 +86,11 @@ pub struct RunResult {
     pub curve: Vec<(f64, f64)>,
     /// The full training config (training variants).
     pub config: Option<String>,
+    /// The brisk revision the run was measured at (`git rev-parse HEAD`, `-dirty` with
+    /// changes): a cached run keeps its own, which the report names where it differs from
+    /// the report's. Absent in runs cached before it was recorded.
+    #[serde(default)]
+    pub revision: Option<String>,
 }
 
 impl RunResult {
@@ -112,6 +117,7 @@ impl RunResult {
             peak_rss_mib: None,
             curve: Vec::new(),
             config: None,
+            revision: None,
         }
     }
 
