@@ -903,7 +903,7 @@ mod tests {
     /// position counts off the 32-wide tiles and across the 256-position blocks,
     /// reductions longer than one 256-row block, images split between blocks, strides, 1x1
     /// and 7x7, rows packed by masked loads (wide or odd maps) and by gathers (small maps).
-    const EDGE_SHAPES: [Shape8; 20] = [
+    const EDGE_SHAPES: [Shape8; 23] = [
         (3, 5, 12, 12, 13, 3, 1, 1),
         (4, 6, 8, 8, 10, 3, 2, 1),
         (2, 40, 6, 6, 9, 3, 1, 1),
@@ -929,6 +929,10 @@ mod tests {
         // ... and on padded rows, vectors running on into the next row (7 and 8 wide).
         (3, 6, 7, 7, 9, 3, 1, 1),
         (2, 5, 8, 8, 12, 3, 1, 1),
+        // Stride 2 directly, on phase planes: 3x3 (even and odd sizes, padding 0) and 7x7.
+        (2, 5, 32, 32, 13, 3, 2, 1),
+        (3, 4, 35, 33, 9, 3, 2, 0),
+        (2, 3, 32, 32, 16, 7, 2, 3),
     ];
 
     /// The packed kernels against im2col + `gemm`, forward and stride-1 input gradient, on

@@ -9,12 +9,13 @@
 //!
 //! Stride-2 convolutions run the same way on each channel's four phase planes (the padded
 //! plane's rows of one parity and columns of one parity), where every tap of a stride-2
-//! window is again a contiguous run ([`Shape`]).
+//! window is again a contiguous run ([`Planes`], shared with the direct convolutions).
 //!
 //! im2col + GEMM computes the same sums as a `[cout, kdim] x [kdim, positions]ᵀ` product
 //! whose output is tiny for narrow layers (8 x 72 at 8 channels), so the GEMM's tiles were
 //! mostly empty: 25–50 GFLOP/s there against the forward pass's 70–85.
 
+use super::Planes;
 use crate::shape::ConvShape;
 
 /// Output channels per kernel call.
@@ -99,59 +100,40 @@ pub(crate) fn weight_grad(
     })
 }
 
-/// Where a group's operands lie. Stride 1: each channel of an image is its zero-padded
-/// plane, and output positions run on its rows (`row` = the padded width). Stride 2: each
-/// channel is four phase planes (rows of one parity, columns of one parity of the padded
-/// plane, `row` = half the padded width, rounded up), so that every tap again reads a
-/// contiguous run: input (2 oh + ki, 2 ow + kj) is phase (ki % 2, kj % 2) at (oh + ki / 2,
-/// ow + kj / 2).
+/// Where a group's operands lie: the images as [`Planes`] lays them out (stride 1, each
+/// channel's padded plane; stride 2, its four phase planes), so that every tap of a
+/// window is a contiguous run, and output positions on rows of the copy's width.
 #[derive(Clone, Copy)]
 struct Shape {
-    /// Positions per image: `ho` grid rows of `row`, rounded up to whole vectors.
+    /// Positions per image: `ho` rows of `planes.row`, rounded up to whole vectors.
     p: usize,
     /// Gradient rows: cout rounded up to CO.
     rows: usize,
-    /// Values per image (every channel's planes).
+    /// Values per image copy.
     image: usize,
-    /// Values per plane (padded, or one phase).
-    plane: usize,
-    /// Planes per channel: 1 or 4.
-    phases: usize,
-    row: usize,
+    planes: Planes,
 }
 
 impl Shape {
     fn of(g: &ConvShape, per_vector: usize) -> Shape {
-        let (hp, wp) = (g.h + 2 * g.pad, g.w + 2 * g.pad);
-        let (phases, rows_of, row) = match g.stride {
-            1 => (1, hp, wp),
-            _ => (4, hp.div_ceil(2), wp.div_ceil(2)),
-        };
+        // `applies` (stride 1 or 2, 3x3) guarantees the layout; a shape without one has
+        // no positions, and nothing runs.
+        let planes = Planes::of(g).unwrap_or(Planes {
+            phases: 1,
+            rows: 0,
+            row: 0,
+        });
         Shape {
-            p: (g.ho * row).next_multiple_of(per_vector),
+            p: (g.ho * planes.row).next_multiple_of(per_vector),
             rows: g.cout.next_multiple_of(CO),
-            image: g.cin * phases * rows_of * row,
-            plane: rows_of * row,
-            phases,
-            row,
+            image: planes.image(g),
+            planes,
         }
     }
 
-    /// Kernel row `ki`'s three taps: their offsets from channel `c`'s first plane.
+    /// Kernel row `ki`'s three taps: their offsets in an image's copy.
     fn taps(&self, c: usize, ki: usize) -> [usize; TAPS] {
-        let start = c * self.phases * self.plane;
-        if self.phases == 1 {
-            let at = start + ki * self.row;
-            return [at, at + 1, at + 2];
-        }
-        let at =
-            |phase: usize, down: usize, right: usize| start + phase * self.plane + down * self.row + right;
-        let (parity, down) = (ki % 2, ki / 2);
-        [
-            at(2 * parity, down, 0),
-            at(2 * parity + 1, down, 0),
-            at(2 * parity, down, 1),
-        ]
+        [0, 1, 2].map(|kj| self.planes.tap(c, ki, kj))
     }
 }
 
@@ -174,16 +156,10 @@ impl<'a> Group<'a> {
         (first, count): (usize, usize),
         buf: &'a mut [f32],
     ) -> Self {
-        let Shape {
-            p, rows, image, row, ..
-        } = shape;
+        let (Shape { p, rows, image, .. }, row) = (shape, shape.planes.row);
         let (xs, rest) = buf.split_at_mut(count * image + SLACK);
         let dys = &mut rest[..count * rows * p];
-        if shape.phases == 1 {
-            super::pad_images(g, x, first, count, &mut xs[..count * image]);
-        } else {
-            phase_images(g, shape, x, first, &mut xs[..count * image]);
-        }
+        shape.planes.copy(g, x, first, &mut xs[..count * image]);
         xs[count * image..].fill(0.0);
         dys.fill(0.0);
         for (img, rows_of) in dys.chunks_exact_mut(rows * p).enumerate() {
@@ -220,28 +196,6 @@ impl<'a> Group<'a> {
             )
         };
         add_products::<u16>(self, (xs, dys), sums);
-    }
-}
-
-/// Images `first..` of `x` (as many as `dst` holds) as [`Shape`]'s phase planes: phase
-/// (a, b) of channel c holds the zero-padded plane's values at (2 i + a, 2 j + b).
-fn phase_images(g: &ConvShape, shape: Shape, x: &[f32], first: usize, dst: &mut [f32]) {
-    let (plane, row) = (shape.plane, shape.row);
-    for (ic, planes) in dst.chunks_exact_mut(shape.phases * plane).enumerate() {
-        let src = &x[(first * g.cin + ic) * g.h * g.w..][..g.h * g.w];
-        for (phase, out) in planes.chunks_exact_mut(plane).enumerate() {
-            let (a, b) = (phase / 2, phase % 2);
-            for (i, out_row) in out.chunks_exact_mut(row).enumerate() {
-                let ih = (2 * i + a).checked_sub(g.pad).filter(|&ih| ih < g.h);
-                for (j, o) in out_row.iter_mut().enumerate() {
-                    let iw = (2 * j + b).checked_sub(g.pad).filter(|&iw| iw < g.w);
-                    *o = match (ih, iw) {
-                        (Some(ih), Some(iw)) => src[ih * g.w + iw],
-                        _ => 0.0,
-                    };
-                }
-            }
-        }
     }
 }
 
