@@ -66,6 +66,7 @@ pub fn run(base: &Plan, data: &Path, runs: &Path, seed: u64, force: bool) -> Res
         brisk_schema::TrainConfig::from_toml_str(plan.config.as_deref().unwrap_or_default(), NAME)
             .ok()
             .map(|c| c.epochs);
+    result.revision = Some(crate::machine::git_revision());
     write_entry(
         &dir,
         &CacheEntry {
