@@ -101,9 +101,9 @@ fn check_isa(isa: &str) -> Result<(), String> {
     }
     if !brisk_ops::isa_supported(isa) {
         return Err(format!(
-            "BRISK_ISA={isa:?}: this CPU lacks that path (see /proc/cpuinfo: AMX needs amx_bf16 \
-             and amx_tile and a kernel that grants the tile state; avx512-bf16 needs avx512_bf16); \
-             unset it to let brisk choose"
+            "BRISK_ISA={isa:?}: this CPU lacks that path (see /proc/cpuinfo: amx needs amx_bf16 \
+             and amx_tile and a kernel that grants the tile state; avx512-bf16 needs avx512_bf16; \
+             avx512 needs avx512f; avx2 needs avx2 and fma); unset it to let brisk choose"
         ));
     }
     Ok(())

@@ -309,8 +309,8 @@ pub enum Products {
     #[default]
     F32,
     /// The operands hold bf16 values (rounded already, as mixed precision stores them):
-    /// the packed kernels multiply them as bf16 pairs (`vdpbf16ps`) where the CPU has
-    /// AVX512-BF16 (and `BRISK_ISA=avx512` does not forbid it), elsewhere in f32. The
+    /// the packed kernels multiply them as bf16 pairs (`vdpbf16ps` or AMX tiles) where
+    /// the CPU has them and they pay (`packed::isa::bf16_path`), elsewhere in f32. The
     /// products are exact either way and summed in f32: the two differ only in summation
     /// order.
     Bf16,
@@ -318,7 +318,7 @@ pub enum Products {
 
 /// The convolution of f32 slices: `x` `[n, cin, h, w]`, `w` `[cout, cin, k, k]` → `[n,
 /// cout, ho, wo]` (what the custom op computes; brisk-models' engine calls it directly).
-/// On AVX-512 CPUs it runs brisk's packed kernels (`packed`), else im2col + `gemm`.
+/// On CPUs with AVX-512 or AVX2 it runs brisk's packed kernels (`packed`), else im2col + `gemm`.
 pub fn conv_forward(g: &ConvShape, x: &[f32], w: &[f32], products: Products) -> Vec<f32> {
     if let Some(tap) = g.only_tap() {
         return conv_forward(&g.pointwise(), x, &tap_weights(g, w, tap), products);
@@ -364,7 +364,7 @@ fn conv_packed(
     if !packed::pays(g) || (t > 1 && g.n.div_ceil(group) < t) {
         return None;
     }
-    let weight = match (products, packed::bf16::path()) {
+    let weight = match (products, packed::isa::bf16_path()) {
         (Products::Bf16, Some(path)) => weight().in_bf16(path),
         _ => weight(),
     };
@@ -385,8 +385,8 @@ fn run_packed(g: &ConvShape, x: &[f32], a: &PackedWeight, group: usize) -> Vec<f
 /// The input gradient `[n, cin, h, w]` of [`conv_forward`] from the output gradient `dy`.
 ///
 /// A stride-1 convolution's input gradient is itself a convolution: of `dy`, padded by
-/// `k - 1 - pad`, with the weight flipped in space and transposed in channels. On AVX-512
-/// CPUs that convolution runs on the packed kernels, the flipped weight packed straight
+/// `k - 1 - pad`, with the weight flipped in space and transposed in channels. On AVX-512 or
+/// AVX2 CPUs that convolution runs on the packed kernels, the flipped weight packed straight
 /// from `w`; otherwise (and for other strides) the column gradient `Wᵀ·dy` is computed and
 /// folded back with col2im.
 pub fn conv_input_grad(g: &ConvShape, dy: &[f32], w: &[f32], products: Products) -> Vec<f32> {
@@ -446,7 +446,7 @@ fn conv_input_grad_col2im(g: &ConvShape, dy: &[f32], w: &[f32]) -> Vec<f32> {
 /// The weight gradient `[cout, cin, k, k]` of [`conv_forward`] from the output gradient
 /// `dy`; the summation order depends only on the thread count.
 pub fn conv_weight_grad(g: &ConvShape, x: &[f32], dy: &[f32], products: Products) -> Vec<f32> {
-    let bf16 = packed::bf16::path().filter(|_| products == Products::Bf16);
+    let bf16 = packed::isa::bf16_path().filter(|_| products == Products::Bf16);
     weight_grad(g, x, dy, bf16)
 }
 
@@ -798,14 +798,14 @@ mod tests {
     /// A convolution on a bf16/f16 input is the f32 convolution of the rounded input and
     /// weight; its gradients are the f32 gradients for the rounded output gradient (the
     /// input's rounded to its dtype, the weight's in f32). Bit for bit where the products
-    /// run in f32; where bf16 ones run (`packed::bf16::path`) the sums differ in order
+    /// run in f32; where bf16 ones run (`packed::isa::bf16_path`) the sums differ in order
     /// only: within 1e-5 of the largest value (f32 outputs) or one bf16 step (bf16 ones).
     #[test]
     fn half_inputs_compute_on_rounded_operands() -> Result<()> {
         let round = |t: &Tensor, d: DType| t.to_dtype(d).and_then(|t| t.to_dtype(DType::F32));
         let values = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
         for half in [DType::BF16, DType::F16] {
-            let exact = half == DType::F16 || packed::bf16::path().is_none();
+            let exact = half == DType::F16 || packed::isa::bf16_path().is_none();
             let agree = |what: &str, a: &Tensor, b: &Tensor, rel: f32| -> Result<()> {
                 let (a, b) = (values(a)?, values(b)?);
                 if exact {
@@ -987,7 +987,7 @@ mod tests {
         if !packed::available() {
             brisk_hosts::skipped(
                 "brisk_ops::direct_weight_grad_matches_the_gemm_path",
-                "this CPU lacks AVX-512F",
+                "this CPU lacks AVX-512F and AVX2",
             );
             return;
         }

@@ -8,7 +8,8 @@
 //! (packed/bf16.rs, docs/kernels.md). The products of rounded values are exact in f32,
 //! so the results are those of a bf16 GEMM with f32 accumulation either way. The conversions
 //! use AVX512-BF16 (`vcvtneps2bf16`) and AVX-512 F16C (`vcvtps2ph`) when the CPU has
-//! them (detected at run time), scalar code otherwise.
+//! them (detected at run time), elsewhere branch-free bit arithmetic that the compiler
+//! vectorises (for AVX2 where the CPU has it).
 
 use std::borrow::Cow;
 
@@ -76,9 +77,58 @@ fn f32_to_bf16(src: &[f32], dst: &mut [bf16]) {
         unsafe { f32_to_bf16_avx512(src, dst) };
         return;
     }
-    for (d, &s) in dst.iter_mut().zip(src) {
-        *d = bf16::from_f32(s);
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 was detected on this CPU.
+        unsafe { f32_to_bf16_avx2(src, dst) };
+        return;
     }
+    f32_to_bf16_portable(src, dst);
+}
+
+/// `v` rounded to the nearest bf16 (ties to even; a NaN stays a quiet NaN) as f32 bits,
+/// the low 16 bits clear: what `half::bf16::from_f32` computes, without its branches, so
+/// that loops of it vectorise.
+#[inline(always)]
+fn bf16_rounded_bits(v: f32) -> u32 {
+    let b = v.to_bits();
+    let rounded = b.wrapping_add(0x7fff + ((b >> 16) & 1));
+    let nan = b & 0x7fff_ffff > 0x7f80_0000;
+    (if nan { b | 0x0040_0000 } else { rounded }) & 0xffff_0000
+}
+
+#[inline(always)]
+fn f32_to_bf16_portable(src: &[f32], dst: &mut [bf16]) {
+    for (d, &s) in dst.iter_mut().zip(src) {
+        *d = bf16::from_bits((bf16_rounded_bits(s) >> 16) as u16);
+    }
+}
+
+/// [`f32_to_bf16_portable`] compiled for AVX2 (the loop vectorises to 8 values at a time).
+///
+/// # Safety
+/// The CPU must have AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn f32_to_bf16_avx2(src: &[f32], dst: &mut [bf16]) {
+    f32_to_bf16_portable(src, dst);
+}
+
+#[inline(always)]
+fn round_bf16_portable(values: &mut [f32]) {
+    for v in values.iter_mut() {
+        *v = f32::from_bits(bf16_rounded_bits(*v));
+    }
+}
+
+/// [`round_bf16_portable`] compiled for AVX2.
+///
+/// # Safety
+/// The CPU must have AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn round_bf16_avx2(values: &mut [f32]) {
+    round_bf16_portable(values);
 }
 
 /// # Safety
@@ -116,8 +166,16 @@ pub fn round_to_f16(values: &mut [f32]) {
 }
 
 /// Rounds every value to the nearest `dtype` value (in place, kept as f32); F32 leaves
-/// them as they are.
+/// them as they are. In parallel, in chunks of 16K values.
 pub(crate) fn round_to(dtype: DType, values: &mut [f32]) {
+    use rayon::prelude::*;
+    values
+        .par_chunks_mut(1 << 14)
+        .for_each(|chunk| round_chunk(dtype, chunk));
+}
+
+/// [`round_to`] on one thread.
+fn round_chunk(dtype: DType, values: &mut [f32]) {
     match dtype {
         DType::BF16 => {
             #[cfg(target_arch = "x86_64")]
@@ -126,9 +184,13 @@ pub(crate) fn round_to(dtype: DType, values: &mut [f32]) {
                 unsafe { round_bf16_avx512(values) };
                 return;
             }
-            for v in values.iter_mut() {
-                *v = bf16::from_f32(*v).to_f32();
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx2") {
+                // SAFETY: AVX2 was detected on this CPU.
+                unsafe { round_bf16_avx2(values) };
+                return;
             }
+            round_bf16_portable(values);
         }
         DType::F16 => {
             #[cfg(target_arch = "x86_64")]
@@ -231,6 +293,57 @@ mod tests {
                     "{dtype:?}: {v} rounds to {g}, want {want}"
                 );
             }
+        }
+    }
+
+    /// Every bf16 rounding loop (the one `round_to` picks is checked above) against the
+    /// half crate, bit for bit, NaN payloads and signs included.
+    #[test]
+    fn every_bf16_rounding_loop_matches_the_half_crate() {
+        let mut values: Vec<f32> = (0..4099u32)
+            .map(|i| f32::from_bits(i.wrapping_mul(0x9e37_79b9)))
+            .collect();
+        values.extend([
+            0.0,
+            -0.0,
+            1.0 + 1.0 / 256.0,
+            -(1.0 + 3.0 / 256.0),
+            f32::MAX,
+            f32::MIN,
+        ]);
+        values.extend([0x7f80_0001u32, 0xffc0_1234, 0x7fff_ffff, 0xff80_0000].map(f32::from_bits));
+        let want: Vec<u16> = values.iter().map(|&v| bf16::from_f32(v).to_bits()).collect();
+        let check = |name: &str, got: Vec<u16>| {
+            for ((v, w), g) in values.iter().zip(&want).zip(&got) {
+                assert_eq!(w, g, "{name}: {v} ({:#x})", v.to_bits());
+            }
+        };
+        let mut rounded = values.clone();
+        round_bf16_portable(&mut rounded);
+        check(
+            "round, portable",
+            rounded.iter().map(|v| (v.to_bits() >> 16) as u16).collect(),
+        );
+        let mut stored = vec![bf16::ZERO; values.len()];
+        f32_to_bf16_portable(&values, &mut stored);
+        check("store, portable", stored.iter().map(|h| h.to_bits()).collect());
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            let mut rounded = values.clone();
+            // SAFETY: AVX2 was detected.
+            unsafe { round_bf16_avx2(&mut rounded) };
+            check(
+                "round, avx2",
+                rounded.iter().map(|v| (v.to_bits() >> 16) as u16).collect(),
+            );
+            // SAFETY: AVX2 was detected; equal lengths.
+            unsafe { f32_to_bf16_avx2(&values, &mut stored) };
+            check("store, avx2", stored.iter().map(|h| h.to_bits()).collect());
+        } else {
+            brisk_hosts::skipped(
+                "brisk_ops::every_bf16_rounding_loop_matches_the_half_crate (avx2)",
+                "this CPU lacks AVX2",
+            );
         }
     }
 

@@ -1,6 +1,7 @@
 //! Fast CPU kernels as candle custom ops with their own backward passes: 2-D convolution
-//! (im2col/col2im + AVX-512 GEMM, forward, input gradient and weight gradient), padded
-//! max-pooling, fused batch-norm (+ReLU) and the fused SGD update. Every op is checked against candle's reference op.
+//! (brisk's packed AVX-512 or AVX2 kernels, or im2col/col2im + GEMM; forward, input
+//! gradient and weight gradient), padded max-pooling, fused batch-norm (+ReLU) and the
+//! fused SGD update. Every op is checked against candle's reference op.
 //!
 //! Each op's arithmetic is also public on plain f32 slices (`conv_forward`,
 //! `conv_input_grad`, `conv_weight_grad`, `bn_stats`, `bn_normalize`, `bn_grad_sums`,
@@ -30,7 +31,7 @@ pub use fill::par_build;
 pub use gemm::{matmul_f32, Mat};
 pub use half::{round_to_bf16, round_to_f16};
 pub use optim::{sgd_update, SgdStep};
-pub use packed::bf16::{half_products, isa_supported, ISA_CHOICES};
+pub use packed::isa::{half_products, isa_supported, ISA_CHOICES};
 pub use pool::{max_pool2d, MaxPool};
 
 /// Prepares the process for brisk's kernels: `threads` compute threads for brisk's

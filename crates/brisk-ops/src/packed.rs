@@ -1,14 +1,16 @@
-//! Convolution as brisk's own blocked GEMM on AVX-512: the weights packed once per call
-//! into 8-row panels, the image operand either read in place from a zero-padded copy
-//! (stride 1, output rows of 16k positions: [`Direct`]) or packed straight from the image
-//! (im2col fused into the packing, so no im2col matrix is written and re-read: row runs
-//! by masked loads, small maps by gathers), and an 8 x 32 micro-kernel (8 output channels
-//! x 32 output positions).
+//! Convolution as brisk's own blocked GEMM on AVX-512 or AVX2: the weights packed once
+//! per call into 8-row panels, the image operand either read in place from a zero-padded
+//! copy (stride 1, output rows of 16k positions: [`Direct`]) or packed straight from the
+//! image (im2col fused into the packing, so no im2col matrix is written and re-read: row
+//! runs by masked loads, small maps by AVX-512 gathers), and an 8 x 32 micro-kernel (8
+//! output channels x 32 output positions: in registers at once on AVX-512, in four
+//! 4 x 16 passes on AVX2).
 //!
-//! `conv.rs` uses it, when the CPU has AVX-512, for the forward pass and for the input
-//! gradient of stride-1 convolutions (a convolution of the output gradient with the
-//! flipped, transposed weight, packed straight from the weight); elsewhere the `gemm`
-//! crate's path runs. Both are tested against each other and against candle.
+//! `conv.rs` uses it, when the CPU has AVX-512 or AVX2 ([`isa::simd`]), for the forward
+//! pass and for the input gradient of stride-1 convolutions (a convolution of the output
+//! gradient with the flipped, transposed weight, packed straight from the weight);
+//! elsewhere the `gemm` crate's path runs. Both are tested against each other and against
+//! candle.
 
 use rayon::prelude::*;
 
@@ -16,7 +18,10 @@ use crate::shape::ConvShape;
 
 pub(crate) mod amx;
 pub(crate) mod bf16;
+pub(crate) mod isa;
 pub(crate) mod wgrad;
+
+use isa::Simd;
 
 /// Output channels per micro-kernel tile (rows of the packed weight panels).
 const MR: usize = 8;
@@ -36,9 +41,14 @@ const MIN_ROWS: usize = 64;
 /// Whether the convolution `g` runs on the packed kernels: the CPU has them, and either
 /// it has [`MIN_ROWS`] output channels or it runs directly (nothing packed per block,
 /// see [`Direct`]) with at least one micro-kernel tile of them and a reduction of at
-/// least 64 rows (a 1-channel stem's 9 ran slower than im2col + `gemm`).
+/// least 64 rows (a 1-channel stem's 9 ran slower than im2col + `gemm`). On AVX2 a
+/// packed image panel must be packed from output rows of 16 positions or more: on
+/// smaller maps (gathers, short runs) the AVX2 kernel lost to im2col + `gemm` (AMD EPYC,
+/// width 1, batch 32: the 8x8 and 4x4 layers' forward 16.9–17.6 against 14.3–15.5 ms).
 pub(crate) fn pays(g: &ConvShape) -> bool {
-    available() && (g.cout >= MIN_ROWS || (g.cout >= MR && g.kdim() >= 64 && Direct::applies(g)))
+    let packs = g.cout >= MIN_ROWS && (isa::simd() == Some(Simd::Avx512) || g.wo >= 16);
+    let direct = g.cout >= MR && Direct::applies(g);
+    available() && (packs || (direct && (g.cout >= MIN_ROWS || g.kdim() >= 64)))
 }
 
 /// Output channels from which a direct convolution computes on whole-vector rows only,
@@ -47,15 +57,9 @@ pub(crate) fn pays(g: &ConvShape) -> bool {
 /// while at 64 channels on 7x7 maps padded rows beat it by 1.27x.
 const PADDED_ROWS_BELOW: usize = 128;
 
-/// Whether this CPU runs the packed kernels (x86-64 with AVX-512F).
+/// Whether this CPU runs the packed kernels (x86-64 with AVX-512F, or AVX2 and FMA).
 pub(crate) fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *HAS.get_or_init(|| std::arch::is_x86_feature_detected!("avx512f"))
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
+    isa::simd().is_some()
 }
 
 /// A weight matrix `[rows, kdim]` packed for the micro-kernel: for each block of KC
@@ -134,7 +138,7 @@ impl PackedWeight {
         }
     }
 
-    /// This weight multiplied in bf16 on `path` (one the CPU has: [`bf16::path`]): each
+    /// This weight multiplied in bf16 on `path` (one the CPU has: [`isa::bf16_path`]): each
     /// value rounded to bf16, and the image operand rounded as it is paired.
     pub(crate) fn in_bf16(mut self, path: bf16::Path) -> Self {
         self.half = match path {
@@ -570,12 +574,10 @@ fn pack_image(
 /// `seg[t]` = the input at column `(ow + t) * stride + kj - pad` of `row`, 0 outside;
 /// `(lo, hi)` are the output columns whose input lies inside the row.
 fn fill_row(g: &ConvShape, row: &[f32], (lo, hi): (usize, usize), kj: usize, ow: usize, seg: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if g.stride == 1 && seg.len() <= NR && available() {
-        let start = (ow + kj) as isize - g.pad as isize;
-        // SAFETY: AVX-512F was detected; the function reads only row[start + t] for t <
-        // seg.len() with 0 <= start + t < row.len(), and writes seg[..seg.len()].
-        unsafe { fill_run_avx512(row, start, seg) };
+    if g.stride == 1
+        && seg.len() <= NR
+        && fill_run(isa::simd(), row, (ow + kj) as isize - g.pad as isize, seg)
+    {
         return;
     }
     let (a, b) = (lo.max(ow), hi.min(ow + seg.len()));
@@ -597,7 +599,38 @@ fn fill_row(g: &ConvShape, row: &[f32], (lo, hi): (usize, usize), kj: usize, ow:
 }
 
 /// `seg[t] = row[start + t]` where that index lies in `row`, else 0, for `seg` of at
-/// most NR values: two masked 16-lane loads (lanes outside `row` are not read).
+/// most NR values, by masked loads on `simd` (lanes outside `row` are not read); false
+/// (nothing written) without vector instructions.
+fn fill_run(simd: Option<Simd>, row: &[f32], start: isize, seg: &mut [f32]) -> bool {
+    assert!(seg.len() <= NR);
+    #[cfg(target_arch = "x86_64")]
+    match simd.filter(|s| s.supported()) {
+        // SAFETY (both): the features were detected; the functions read only
+        // row[start + t] for t < seg.len() with 0 <= start + t < row.len(), and write
+        // seg[..seg.len()], at most 32 values.
+        Some(Simd::Avx512) => {
+            unsafe { fill_run_avx512(row, start, seg) };
+            return true;
+        }
+        Some(Simd::Avx2) => {
+            unsafe { fill_run_avx2(row, start, seg) };
+            return true;
+        }
+        None => {}
+    }
+    false
+}
+
+/// Lanes `t < lanes` of a vector of `n` lanes starting at `row[first]` that lie inside a
+/// row of `w` values: `t` in the returned `lo..hi`.
+#[cfg(target_arch = "x86_64")]
+fn lanes_inside(first: isize, lanes: usize, w: isize, n: isize) -> (u32, u32) {
+    let lo = (-first).clamp(0, n) as u32;
+    let hi = (w - first).clamp(0, lanes as isize) as u32;
+    (lo, hi.max(lo))
+}
+
+/// [`fill_run`] by two masked 16-lane loads.
 ///
 /// # Safety
 /// The CPU must have AVX-512F; `seg.len() <= 32`.
@@ -609,11 +642,9 @@ unsafe fn fill_run_avx512(row: &[f32], start: isize, seg: &mut [f32]) {
     for half in 0..len.div_ceil(16) {
         let first = start + 16 * half as isize;
         let lanes = (len - 16 * half).min(16);
-        // Lanes t < lanes with 0 <= first + t < w: t in [lo, hi).
-        let lo = (-first).clamp(0, 16) as u32;
-        let hi = (w - first).clamp(0, lanes as isize) as u32;
+        let (lo, hi) = lanes_inside(first, lanes, w, 16);
         let below = |n: u32| ((1u32 << n) - 1) as u16;
-        let mask = if hi > lo { below(hi) & !below(lo) } else { 0 };
+        let mask = below(hi) & !below(lo);
         // SAFETY: masked-off lanes are neither read nor faulted on; enabled lanes read
         // row[first + t], inside row; the pointer is only formed with wrapping arithmetic.
         // The store writes `lanes` values inside seg.
@@ -629,7 +660,37 @@ unsafe fn fill_run_avx512(row: &[f32], start: isize, seg: &mut [f32]) {
     }
 }
 
-/// Packing by AVX-512 gathers, for small output maps (rows of fewer than 16 positions,
+/// [`fill_run`] by masked 8-lane loads (`vmaskmovps`: lanes off the mask are neither
+/// read nor faulted on).
+///
+/// # Safety
+/// The CPU must have AVX2; `seg.len() <= 32`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn fill_run_avx2(row: &[f32], start: isize, seg: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let (w, len) = (row.len() as isize, seg.len());
+    let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    // Lanes t with lo <= t < hi: all bits set in the lanes a mask enables.
+    let between = |lo: u32, hi: u32| {
+        let above = _mm256_cmpgt_epi32(lane, _mm256_set1_epi32(lo as i32 - 1));
+        _mm256_and_si256(above, _mm256_cmpgt_epi32(_mm256_set1_epi32(hi as i32), lane))
+    };
+    for part in 0..len.div_ceil(8) {
+        let first = start + 8 * part as isize;
+        let lanes = (len - 8 * part).min(8);
+        let (lo, hi) = lanes_inside(first, lanes, w, 8);
+        // SAFETY: masked-off lanes are neither read nor faulted on; enabled lanes read
+        // row[first + t], inside row; the pointer is only formed with wrapping arithmetic.
+        // The store writes `lanes` values inside seg.
+        unsafe {
+            let v = _mm256_maskload_ps(row.as_ptr().wrapping_offset(first), between(lo, hi));
+            _mm256_maskstore_ps(seg.as_mut_ptr().add(8 * part), between(0, lanes as u32), v);
+        }
+    }
+}
+
+/// Packing by vector gathers, for small output maps (rows of fewer than 16 positions,
 /// where copying row runs costs more than the products) whose planes hold whole 16-lane
 /// vectors: for each vector of 16 positions and each kernel offset (ki, kj), the offsets of
 /// its input values in a channel plane and which of them lie inside it.
@@ -645,11 +706,11 @@ struct Gathers {
 }
 
 impl Gathers {
-    /// `None` unless this CPU gathers, rows are shorter than 16 positions and every
+    /// `None` unless this CPU gathers (AVX-512), rows are shorter than 16 positions and every
     /// 16-position vector lies in one image.
     fn new(g: &ConvShape, first: usize, p0: usize, np: usize) -> Option<Self> {
         let howo = g.out_hw();
-        if !available()
+        if isa::simd() != Some(Simd::Avx512)
             || g.wo >= 16
             || !howo.is_multiple_of(16)
             || !p0.is_multiple_of(16)
@@ -715,13 +776,25 @@ impl Gathers {
 /// Every lane enabled in `mask` must have `0 <= idx[t] < base.len()` (checked once, when
 /// the indices are built, instead of at each of the millions of calls).
 unsafe fn gather16(base: &[f32], idx: &[i32; 16], mask: u16, dst: &mut [f32]) {
+    // SAFETY: the caller's contract.
+    unsafe { gather16_on(isa::simd(), base, idx, mask, dst) }
+}
+
+/// [`gather16`] on `simd`'s gathers (scalar loads where `None` or AVX2).
+///
+/// # Safety
+/// As [`gather16`].
+unsafe fn gather16_on(simd: Option<Simd>, base: &[f32], idx: &[i32; 16], mask: u16, dst: &mut [f32]) {
     assert!(dst.len() >= 16);
     #[cfg(target_arch = "x86_64")]
-    if available() {
+    match simd.filter(|s| s.supported()) {
         // SAFETY: AVX-512F was detected; every lane the mask enables reads base[idx[t]],
         // inside `base` by the caller's contract; the store writes dst[..16].
-        unsafe { gather16_avx512(base.as_ptr(), idx, mask, dst.as_mut_ptr()) };
-        return;
+        Some(Simd::Avx512) => {
+            unsafe { gather16_avx512(base.as_ptr(), idx, mask, dst.as_mut_ptr()) };
+            return;
+        }
+        Some(Simd::Avx2) | None => {}
     }
     for t in 0..16 {
         dst[t] = if mask & (1 << t) != 0 {
@@ -914,14 +987,35 @@ pub(crate) use store_tile;
 /// `c[i][j] (+)= Σ_k a[k][i] · b[k][j]` for an MR x NR tile: `a` is `kc` groups of MR,
 /// `b` `kc` rows of NR, `c` MR rows `ldc` apart.
 fn kernel(kc: usize, a: &[f32], b: &impl ImagePanel, c: &mut [f32], ldc: usize, accumulate: bool) {
+    kernel_on(isa::simd(), kc, a, b, c, ldc, accumulate);
+}
+
+/// [`kernel`] on `simd`'s instructions (scalar code where `None` or where the CPU lacks
+/// them).
+fn kernel_on(
+    simd: Option<Simd>,
+    kc: usize,
+    a: &[f32],
+    b: &impl ImagePanel,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+) {
     assert!(a.len() >= kc * MR && b.holds(kc) && c.len() >= (MR - 1) * ldc + NR);
     #[cfg(target_arch = "x86_64")]
-    if available() {
-        // SAFETY: AVX-512F was detected on this CPU; the assert above bounds every access
-        // the kernel makes (kc groups of MR in `a`, kc rows of NR in `b`, MR rows of NR
-        // at stride ldc in `c`).
-        unsafe { kernel_avx512(kc, a.as_ptr(), b, c.as_mut_ptr(), ldc, accumulate) };
-        return;
+    match simd.filter(|s| s.supported()) {
+        // SAFETY (both): the features were detected on this CPU; the assert above bounds
+        // every access the kernels make (kc groups of MR in `a`, kc rows of NR in `b`, MR
+        // rows of NR at stride ldc in `c`).
+        Some(Simd::Avx512) => {
+            unsafe { kernel_avx512(kc, a.as_ptr(), b, c.as_mut_ptr(), ldc, accumulate) };
+            return;
+        }
+        Some(Simd::Avx2) => {
+            unsafe { kernel_avx2(kc, a.as_ptr(), b, c.as_mut_ptr(), ldc, accumulate) };
+            return;
+        }
+        None => {}
     }
     for i in 0..MR {
         for j in 0..NR {
@@ -969,6 +1063,65 @@ unsafe fn kernel_avx512(
         }
     }
     store_tile!(acc, c, ldc, accumulate);
+}
+
+/// Rows of the AVX2 micro-kernel's register tile: 4 rows x 16 positions in 8
+/// accumulators (of 16 registers), each step 2 loads of the image row, 4 broadcasts of
+/// the weights and 8 FMAs.
+const AVX2_ROWS: usize = 4;
+
+/// [`kernel_avx512`] on AVX2: the MR x NR tile in four passes of [`AVX2_ROWS`] rows x one
+/// 16-position half, the image half-panel (16 KiB at KC rows) and the weight panel (8 KiB)
+/// staying in L1 across them.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA; `a` must hold `kc * MR` floats, `b` must hold `kc`
+/// rows, and `c` MR rows of NR floats `ldc` apart.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn kernel_avx2(
+    kc: usize,
+    a: *const f32,
+    b: &impl ImagePanel,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+) {
+    use std::arch::x86_64::*;
+    for half in 0..2 {
+        for i0 in (0..MR).step_by(AVX2_ROWS) {
+            let mut acc = [[_mm256_setzero_ps(); 2]; AVX2_ROWS];
+            for k in 0..kc {
+                // SAFETY: k < kc: row k of b (its half `half`: 16 floats) and group k of
+                // a (rows i0..i0 + AVX2_ROWS of MR) are in bounds.
+                unsafe {
+                    let h = b.halves(k)[half];
+                    let b0 = _mm256_loadu_ps(h);
+                    let b1 = _mm256_loadu_ps(h.add(8));
+                    let ak = a.add(k * MR + i0);
+                    for (i, row) in acc.iter_mut().enumerate() {
+                        let ai = _mm256_broadcast_ss(&*ak.add(i));
+                        row[0] = _mm256_fmadd_ps(ai, b0, row[0]);
+                        row[1] = _mm256_fmadd_ps(ai, b1, row[1]);
+                    }
+                }
+            }
+            for (i, row) in acc.iter().enumerate() {
+                // SAFETY: row i0 + i of c, positions 16 half..16 half + 16, lie inside c
+                // by the contract.
+                unsafe {
+                    let ci = c.add((i0 + i) * ldc + 16 * half);
+                    let (mut v0, mut v1) = (row[0], row[1]);
+                    if accumulate {
+                        v0 = _mm256_add_ps(v0, _mm256_loadu_ps(ci));
+                        v1 = _mm256_add_ps(v1, _mm256_loadu_ps(ci.add(8)));
+                    }
+                    _mm256_storeu_ps(ci, v0);
+                    _mm256_storeu_ps(ci.add(8), v1);
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -1029,5 +1182,99 @@ mod tests {
             )
         );
         assert!(!strided(8, 3).1 && !strided(32, 1).1);
+    }
+
+    /// The vector instruction sets this CPU has, each test of one it lacks recorded as
+    /// SKIPPED under `test`.
+    pub(crate) fn simds_here(test: &str) -> Vec<Simd> {
+        [Simd::Avx2, Simd::Avx512]
+            .into_iter()
+            .filter(|s| {
+                if !s.supported() {
+                    brisk_hosts::skipped(&format!("{test} on {s:?}"), "this CPU lacks it");
+                }
+                s.supported()
+            })
+            .collect()
+    }
+
+    /// Values off a simple integer pattern, exactly representable: sums of their products
+    /// are exact in f32 whatever the order.
+    fn pattern(len: usize, mul: usize, modulus: usize) -> Vec<f32> {
+        (0..len)
+            .map(|i| ((i * mul % modulus) as f32 - (modulus / 2) as f32) * 0.25)
+            .collect()
+    }
+
+    /// The micro-kernel on each instruction set against the scalar code: reduction depths
+    /// of 1, an odd count and a whole block, written and added to, from a packed panel
+    /// and from rows read in place.
+    #[test]
+    fn micro_kernels_match_scalar_code() {
+        for simd in simds_here("brisk_ops::micro_kernels_match_scalar_code") {
+            for kc in [1, 7, KC] {
+                let a = pattern(kc * MR, 5, 17);
+                let b = pattern(kc * NR + 40, 7, 23);
+                let offsets: Vec<usize> = (0..kc).map(|k| (k * 13) % (kc * NR - 16)).collect();
+                let direct = DirectPanel::new([&b, &b[20..]], &offsets);
+                let packed = PackedPanel(&b);
+                for accumulate in [false, true] {
+                    let run = |simd, panel: &dyn Fn(Option<Simd>, &mut [f32])| {
+                        let mut c = pattern((MR - 1) * 40 + NR, 3, 11);
+                        panel(simd, &mut c);
+                        c
+                    };
+                    let on_packed = |s, c: &mut [f32]| kernel_on(s, kc, &a, &packed, c, 40, accumulate);
+                    let on_direct = |s, c: &mut [f32]| kernel_on(s, kc, &a, &direct, c, 40, accumulate);
+                    assert_eq!(
+                        run(Some(simd), &on_packed),
+                        run(None, &on_packed),
+                        "{simd:?} kc {kc}"
+                    );
+                    assert_eq!(
+                        run(Some(simd), &on_direct),
+                        run(None, &on_direct),
+                        "{simd:?} kc {kc}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Masked row runs on each instruction set, and AVX-512 gathers, against the scalar
+    /// code: runs at every start around both ends of the row and every length up to NR.
+    #[test]
+    fn masked_loads_and_gathers_match_scalar_code() {
+        let row = pattern(21, 7, 23);
+        for simd in simds_here("brisk_ops::masked_loads_and_gathers_match_scalar_code") {
+            for len in 0..=NR {
+                for start in -(NR as isize) - 2..row.len() as isize + 2 {
+                    let want: Vec<f32> = (0..len as isize)
+                        .map(|t| {
+                            usize::try_from(start + t)
+                                .ok()
+                                .and_then(|i| row.get(i))
+                                .map_or(0.0, |v| *v)
+                        })
+                        .collect();
+                    let mut got = vec![f32::NAN; len];
+                    assert!(fill_run(Some(simd), &row, start, &mut got));
+                    assert_eq!(got, want, "{simd:?} start {start} len {len}");
+                }
+            }
+            if simd != Simd::Avx512 {
+                continue; // gathers run on AVX-512 only
+            }
+            let idx: [i32; 16] = std::array::from_fn(|t| (t * 5 % 21) as i32);
+            for mask in [0u16, 1, 0x8001, 0x00ff, 0xff00, 0x5a5a, u16::MAX] {
+                let (mut got, mut want) = ([f32::NAN; 16], [f32::NAN; 16]);
+                // SAFETY: every index lies in `row` (21 values).
+                unsafe {
+                    gather16_on(Some(simd), &row, &idx, mask, &mut got);
+                    gather16_on(None, &row, &idx, mask, &mut want);
+                }
+                assert_eq!(got, want, "{simd:?} mask {mask:#x}");
+            }
+        }
     }
 }

@@ -1,8 +1,8 @@
 //! bf16 products for the packed convolution: AVX512-BF16's `vdpbf16ps`, which multiplies
 //! 16 pairs of bf16 values and adds each pair's two products to an f32 lane — twice the
 //! multiply-adds of an f32 FMA per instruction (2.0–2.3x the f32 FMA rate measured on an
-//! AMD EPYC; half of it on the Intel Xeons measured, which [`path`] leaves to f32 or to AMX
-//! tiles, [`super::amx`], which read the same pairs).
+//! AMD EPYC; half of it on the Intel Xeons measured, which [`super::isa::bf16_path`] leaves
+//! to f32 or to AMX tiles, [`super::amx`], which read the same pairs).
 //!
 //! Operands are stored as pairs of reduction rows: one `u32` holds row `2k`'s bf16 value
 //! in its low half and row `2k + 1`'s in its high half (0 past the last row). The weight
@@ -20,71 +20,15 @@ pub(crate) enum Path {
     Tiles(super::amx::Unit),
 }
 
-/// How convolutions marked bf16 multiply here, `None` for f32 products: on AMX tiles where
-/// the CPU has them; with `vdpbf16ps` on AMD CPUs with AVX512-BF16 ([`supported`]), where
-/// it retires at twice the multiply-adds of f32 FMAs (on the Intel Xeons measured it ran
-/// at half their rate, docs/kernels.md, so Intel CPUs without AMX keep f32 products).
-/// `BRISK_ISA` forces a path ([`ISA_CHOICES`]; f32 products where the CPU lacks the one
-/// forced: the brisk command refuses that case). Decided once per process, from CPUID
-/// alone, so a run and its resumption multiply alike.
-pub(crate) fn path() -> Option<Path> {
-    static CHOSEN: std::sync::OnceLock<Option<Path>> = std::sync::OnceLock::new();
-    *CHOSEN.get_or_init(|| {
-        let amx = || super::amx::supported().then_some(Path::Tiles(super::amx::Unit::Amx));
-        let dot = || supported().then_some(Path::Dot);
-        match std::env::var("BRISK_ISA").ok().as_deref() {
-            Some(F32_PRODUCTS) => None,
-            Some(DOT_PRODUCTS) => dot(),
-            Some(TILES) => amx(),
-            _ => amx().or_else(|| dot().filter(|_| is_amd())),
-        }
-    })
-}
-
-const F32_PRODUCTS: &str = "avx512";
-const DOT_PRODUCTS: &str = "avx512-bf16";
-const TILES: &str = "amx";
-
-/// The values `BRISK_ISA` may take, each with what it forces; the brisk command refuses
-/// any other value.
-pub const ISA_CHOICES: [(&str, &str); 3] = [
-    (F32_PRODUCTS, "f32 products everywhere"),
-    (
-        DOT_PRODUCTS,
-        "bf16 dot products (vdpbf16ps) where the CPU has AVX512-BF16",
-    ),
-    (TILES, "bf16 tiles (tdpbf16ps) where the CPU has AMX"),
-];
-
-/// Whether this CPU has what the `BRISK_ISA` value `isa` forces (f32 products run
-/// everywhere); false for a value not in [`ISA_CHOICES`].
-pub fn isa_supported(isa: &str) -> bool {
-    match isa {
-        F32_PRODUCTS => true,
-        DOT_PRODUCTS => supported(),
-        TILES => super::amx::supported(),
-        _ => false,
-    }
-}
-
-/// The `BRISK_ISA` name of how this process multiplies bf16 convolution operands
-/// ([`path`]): what a benchmark should report beside its figures.
-pub fn half_products() -> &'static str {
-    match path() {
-        None => F32_PRODUCTS,
-        Some(Path::Dot) => DOT_PRODUCTS,
-        Some(Path::Tiles(_)) => TILES,
-    }
-}
-
 /// Whether this CPU has the instructions the `vdpbf16ps` kernels use: AVX-512F, -BW, -VL
-/// and AVX512-BF16 (what their safety rests on; [`path`] decides whether they pay).
+/// and AVX512-BF16 (what their safety rests on; [`super::isa::bf16_path`] decides whether
+/// they pay).
 pub(crate) fn supported() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         static HAS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         *HAS.get_or_init(|| {
-            super::available()
+            std::arch::is_x86_feature_detected!("avx512f")
                 && std::arch::is_x86_feature_detected!("avx512bf16")
                 && std::arch::is_x86_feature_detected!("avx512bw")
                 && std::arch::is_x86_feature_detected!("avx512vl")
@@ -92,23 +36,6 @@ pub(crate) fn supported() -> bool {
     }
     #[cfg(not(target_arch = "x86_64"))]
     false
-}
-
-/// Whether the CPU's vendor string (CPUID leaf 0) is AMD's.
-#[cfg(not(target_arch = "x86_64"))]
-fn is_amd() -> bool {
-    false
-}
-
-/// Whether the CPU's vendor string (CPUID leaf 0) is AMD's.
-#[cfg(target_arch = "x86_64")]
-fn is_amd() -> bool {
-    let leaf = std::arch::x86_64::__cpuid(0);
-    let vendor: Vec<u8> = [leaf.ebx, leaf.edx, leaf.ecx]
-        .iter()
-        .flat_map(|r| r.to_le_bytes())
-        .collect();
-    vendor == b"AuthenticAMD"
 }
 
 /// The bits of `v` rounded to bf16 (to nearest, ties to even).

@@ -15,6 +15,7 @@
 //! whose output is tiny for narrow layers (8 x 72 at 8 channels), so the GEMM's tiles were
 //! mostly empty: 25–50 GFLOP/s there against the forward pass's 70–85.
 
+use super::isa::Simd;
 use super::Planes;
 use crate::shape::ConvShape;
 
@@ -37,7 +38,7 @@ const MAX_WEIGHTS: usize = 16 * 1024;
 const BLOCK_POSITIONS: usize = 512;
 
 /// Whether the weight gradient of `g` runs here: a 3x3 convolution of stride 1 or 2 and
-/// at most [`MAX_WEIGHTS`] weights, on a CPU with AVX-512, where at least 3/5 of the
+/// at most [`MAX_WEIGHTS`] weights, on a CPU with AVX-512 or AVX2, where at least 3/5 of the
 /// positions computed (grid rows, whole vectors) are output positions.
 pub(crate) fn applies(g: &ConvShape) -> bool {
     super::available()
@@ -220,6 +221,7 @@ fn add_products<E: Lane>(group: &Group, (xs, dys): (&[E], &[E]), sums: &mut [f32
                         x_image: image,
                         count: group.count,
                         vectors: step.min(vectors - t0),
+                        simd: super::isa::simd(),
                     };
                     let to = (cb * CO * g.kdim() + (c * TAPS + ki) * TAPS) * 16;
                     call.run(&mut sums[to..], g.kdim() * 16);
@@ -241,6 +243,8 @@ struct Call<'a, E> {
     x_image: usize,
     count: usize,
     vectors: usize,
+    /// The instructions f32 products run on.
+    simd: Option<Simd>,
 }
 
 /// What a kernel lane multiplies: f32 values (16 positions a vector) or bf16 values (32:
@@ -261,11 +265,15 @@ impl Lane for f32 {
 
     fn run_vectors(call: &Call<f32>, sums: &mut [f32], co_stride: usize) -> bool {
         #[cfg(target_arch = "x86_64")]
-        if super::available() {
-            // SAFETY: AVX-512F was detected; `Call::run` asserted every bound.
-            unsafe { call.fma_avx512(sums.as_mut_ptr(), co_stride) };
-            return true;
+        match call.simd.filter(|s| s.supported()) {
+            // SAFETY (both): the features were detected; `Call::run` asserted every bound.
+            Some(Simd::Avx512) => unsafe { call.fma_avx512(sums.as_mut_ptr(), co_stride) },
+            Some(Simd::Avx2) => unsafe { call.fma_avx2(sums.as_mut_ptr(), co_stride) },
+            None => return false,
         }
+        #[cfg(target_arch = "x86_64")]
+        return true;
+        #[cfg(not(target_arch = "x86_64"))]
         false
     }
 }
@@ -362,6 +370,53 @@ impl Call<'_, f32> {
         // SAFETY: the caller's contract for `sums`.
         unsafe { add_sums!(acc, sums, co_stride) };
     }
+
+    /// [`Call::fma_avx512`] on AVX2: each 16-lane sum as two 8-lane halves, in four
+    /// passes over the positions (two halves of the lanes x two halves of the CO rows:
+    /// 12 accumulators, 3 tap vectors and a row vector fill the 16 registers).
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA; the slices must hold what [`Call::run`] asserts,
+    /// and `sums` point to CO rows of TAPS x 16 floats `co_stride` apart.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn fma_avx2(&self, sums: *mut f32, co_stride: usize) {
+        use std::arch::x86_64::*;
+        const ROWS: usize = CO / 2;
+        for lanes in [0, 8] {
+            for co0 in [0, ROWS] {
+                let mut acc = [[_mm256_setzero_ps(); TAPS]; ROWS];
+                for i in 0..self.count {
+                    let dy = self.dy.as_ptr().wrapping_add(i * self.dy_strides.0);
+                    let x = self.x.as_ptr().wrapping_add(i * self.x_image);
+                    for t in 0..self.vectors {
+                        let q = 16 * t + lanes;
+                        // SAFETY: each tap's q + 7 lies inside image i's runs and q + 7
+                        // inside each of its CO rows (the caller's contract).
+                        unsafe {
+                            let xv = self.taps.map(|t| _mm256_loadu_ps(x.add(t + q)));
+                            for (co, a) in acc.iter_mut().enumerate() {
+                                let d = _mm256_loadu_ps(dy.add((co0 + co) * self.dy_strides.1 + q));
+                                for (a, &xv) in a.iter_mut().zip(&xv) {
+                                    *a = _mm256_fmadd_ps(d, xv, *a);
+                                }
+                            }
+                        }
+                    }
+                }
+                for (co, a) in acc.iter().enumerate() {
+                    for (kj, &a) in a.iter().enumerate() {
+                        // SAFETY: the caller's contract for `sums`: lanes `lanes..lanes +
+                        // 8` of row co0 + co's vector kj.
+                        unsafe {
+                            let at = sums.add((co0 + co) * co_stride + 16 * kj + lanes);
+                            _mm256_storeu_ps(at, _mm256_add_ps(_mm256_loadu_ps(at), a));
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 impl Call<'_, u16> {
@@ -398,5 +453,41 @@ impl Call<'_, u16> {
         }
         // SAFETY: the caller's contract for `sums`.
         unsafe { add_sums!(acc, sums, co_stride) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One kernel call on each instruction set against the scalar code, on values whose
+    /// sums are exact in f32 (so any order of addition gives the same bits): two images
+    /// of three vectors, taps one apart and a row apart.
+    #[test]
+    fn vector_sums_match_scalar_code() {
+        let values = |len: usize, mul: usize| -> Vec<f32> {
+            (0..len).map(|i| ((i * mul % 19) as f32 - 9.0) * 0.25).collect()
+        };
+        let (count, vectors, co_stride) = (2, 3, 3 * 16 + 5);
+        let dy = values(count * 200 + CO * 50, 7);
+        let x = values(count * 300 + 100, 5);
+        for simd in super::super::tests::simds_here("brisk_ops::vector_sums_match_scalar_code") {
+            let call = |simd| {
+                let call = Call {
+                    dy: &dy,
+                    dy_strides: (200, 50),
+                    x: &x,
+                    taps: [0, 1, 37],
+                    x_image: 300,
+                    count,
+                    vectors,
+                    simd,
+                };
+                let mut sums = values(CO * co_stride, 3);
+                call.run(&mut sums, co_stride);
+                sums
+            };
+            assert_eq!(call(Some(simd)), call(None), "{simd:?}");
+        }
     }
 }
