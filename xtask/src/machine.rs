@@ -9,9 +9,9 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Machine {
     pub cpu: String,
-    /// The /proc/cpuinfo flags that decide brisk's kernel paths (avx512f, avx512_bf16,
-    /// avx512_fp16, amx_bf16, amx_tile), those present; empty in reports written before
-    /// they were recorded.
+    /// The /proc/cpuinfo flags that decide brisk's kernel paths (avx2, fma, avx512f,
+    /// avx512_bf16, avx512_fp16, amx_bf16, amx_tile), those present; empty in reports
+    /// written before they were recorded.
     #[serde(default)]
     pub isa: Vec<String>,
     pub cores: usize,
@@ -20,7 +20,15 @@ pub struct Machine {
 }
 
 /// The CPU flags a report names: the ones brisk's kernels choose between.
-const ISA_FLAGS: [&str; 5] = ["avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile"];
+const ISA_FLAGS: [&str; 7] = [
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512_bf16",
+    "avx512_fp16",
+    "amx_bf16",
+    "amx_tile",
+];
 
 impl Machine {
     /// The CPU model and the flags that decide brisk's kernel paths, as one phrase.

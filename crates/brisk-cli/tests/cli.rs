@@ -125,6 +125,35 @@ fn a_kernel_path_the_cpu_lacks_is_refused() -> Result<()> {
     Ok(())
 }
 
+/// A `BRISK_ISA` path the CPU has is the one the step runs on: `bench step --json` names
+/// it (so a side-by-side comparison measures what it says), for every path this CPU has.
+#[test]
+fn a_forced_kernel_path_is_the_one_that_runs() -> Result<()> {
+    let here: Vec<&str> = brisk_ops::ISA_CHOICES
+        .iter()
+        .map(|(name, _)| *name)
+        .filter(|name| brisk_ops::isa_supported(name))
+        .collect();
+    if here.is_empty() {
+        brisk_hosts::skipped(
+            "cli::a_forced_kernel_path_is_the_one_that_runs",
+            "this CPU has none of brisk's kernel paths",
+        );
+    }
+    for isa in here {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_brisk"))
+            .args(["bench", "step", "--json", "--width", "0.0625", "--image", "8"])
+            .args(["--batch", "2", "--steps", "1", "--warmup", "0", "--threads", "1"])
+            .args(["--dtype", "mixed-bf16"])
+            .env("BRISK_ISA", isa)
+            .output()?;
+        assert!(out.status.success(), "{isa}: {}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        assert_eq!(v["half_products"], isa, "{v}");
+    }
+    Ok(())
+}
+
 /// `--device cuda` (train, eval, bench step) is checked before anything runs: here (no
 /// driver) the error names the missing library; on a GPU machine it says the CUDA backend
 /// is not built yet. Either way
