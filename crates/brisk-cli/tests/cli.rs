@@ -147,7 +147,11 @@ fn a_forced_kernel_path_is_the_one_that_runs() -> Result<()> {
             .args(["--dtype", "mixed-bf16"])
             .env("BRISK_ISA", isa)
             .output()?;
-        assert!(out.status.success(), "{isa}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{isa}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
         assert_eq!(v["half_products"], isa, "{v}");
     }
