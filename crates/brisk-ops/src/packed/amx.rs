@@ -320,18 +320,29 @@ mod tests {
             .collect()
     }
 
-    /// The kernel's sums in f64: `c0 + Σ a·b` over the pairs' halves.
-    fn reference(kcp: usize, (a, lda): (&[u32], usize), b: &[u32], c0: &[f32], ldc: usize) -> Vec<f64> {
+    /// The kernel's sums in f64, `c0 + Σ a·b` over the pairs' halves, each with the sum
+    /// of its terms' magnitudes (what bounds the error of f32 summation in any order).
+    fn reference(
+        kcp: usize,
+        (a, lda): (&[u32], usize),
+        b: &[u32],
+        c0: &[f32],
+        ldc: usize,
+    ) -> Vec<(f64, f64)> {
         let half = |bits: u32| f64::from(f32::from_bits(bits << 16));
-        let mut out = vec![0f64; ROWS * NR];
+        let mut out = vec![(0f64, 0f64); ROWS * NR];
         for i in 0..ROWS {
             for j in 0..NR {
-                let mut s = f64::from(c0[i * ldc + j]);
+                let c = f64::from(c0[i * ldc + j]);
+                let (mut s, mut m) = (c, c.abs());
                 for kp in 0..kcp {
                     let (x, y) = (a[i * lda + kp], b[kp * NR + j]);
-                    s += half(x & 0xffff) * half(y & 0xffff) + half(x >> 16) * half(y >> 16);
+                    for (p, q) in [(x & 0xffff, y & 0xffff), (x >> 16, y >> 16)] {
+                        s += half(p) * half(q);
+                        m += (half(p) * half(q)).abs();
+                    }
                 }
-                out[i * NR + j] = s;
+                out[i * NR + j] = (s, m);
             }
         }
         out
@@ -339,13 +350,16 @@ mod tests {
 
     /// Runs `unit`'s kernel on a 48-pair reduction (three tile steps) with a row stride
     /// wider than the reduction and an output stride wider than NR, fresh and
-    /// accumulating, against the f64 sums; returns the accumulated block.
-    fn check(unit: Unit) -> Vec<f32> {
+    /// accumulating, against the f64 sums. The products of bf16 values are exact in f32;
+    /// the sums may round at every addition, in whatever order the unit adds (Intel
+    /// documents the instruction's result, not its order of addition), so each is held to
+    /// the classic bound of f32 summation, n·2⁻²⁴·Σ|terms| for n terms, doubled: any
+    /// misplaced or dropped pair is off by a whole product, hundreds of times more.
+    fn check(unit: Unit) {
         let (kcp, lda, ldc) = (48, 53, 40);
         let a = pairs(ROWS * lda, 1);
         let b = pairs(kcp * NR, 2);
         let start: Vec<f32> = (0..ROWS * ldc).map(|i| (i % 13) as f32 - 6.0).collect();
-        let mut last = Vec::new();
         for accumulate in [false, true] {
             let mut c = start.clone();
             kernel(unit, kcp, (&a, lda), &b, &mut c, ldc, accumulate);
@@ -355,20 +369,20 @@ mod tests {
                 vec![0.0; start.len()]
             };
             let want = reference(kcp, (&a, lda), &b, &base, ldc);
+            let terms = (2 * kcp + 1) as f64;
             for i in 0..ROWS {
                 for j in 0..NR {
-                    let (got, want) = (f64::from(c[i * ldc + j]), want[i * NR + j]);
+                    let (got, (want, magnitude)) = (f64::from(c[i * ldc + j]), want[i * NR + j]);
+                    let bound = terms * f64::from(f32::EPSILON) * magnitude;
                     assert!(
-                        (got - want).abs() <= 1e-5 * want.abs().max(1.0),
-                        "{unit:?} ({i}, {j}): {got} vs {want}"
+                        (got - want).abs() <= bound,
+                        "{unit:?} ({i}, {j}): {got} vs {want} (bound {bound})"
                     );
                 }
                 // Columns past NR are not touched.
                 assert_eq!(c[i * ldc + NR..][..ldc - NR], start[i * ldc + NR..][..ldc - NR]);
             }
-            last = c;
         }
-        last
     }
 
     #[test]
@@ -376,21 +390,17 @@ mod tests {
         check(Unit::Model);
     }
 
-    /// The assembly against the f64 sums and against the model (the same products and
-    /// order of addition: equal to within a rounding of the accumulator per step).
+    /// The assembly against the f64 sums, held to the same bound as the model.
     #[test]
-    fn amx_tiles_match_the_model_and_f64_sums() {
+    fn amx_tiles_match_f64_sums() {
         if !supported() {
             brisk_hosts::skipped(
-                "brisk_ops::amx_tiles_match_the_model_and_f64_sums",
+                "brisk_ops::amx_tiles_match_f64_sums",
                 "this CPU lacks AMX-BF16 (or Linux refused the tile state)",
             );
             return;
         }
-        let (hardware, model) = (check(Unit::Amx), check(Unit::Model));
-        for (h, m) in hardware.iter().zip(&model) {
-            assert!((h - m).abs() <= 1e-6 * m.abs().max(1.0), "{h} vs {m}");
-        }
+        check(Unit::Amx);
     }
 
     /// Pairs of a packed weight land at row-major places, rows and pairs past the weight
