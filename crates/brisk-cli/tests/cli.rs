@@ -92,15 +92,20 @@ fn usage_errors_exit_2() -> Result<()> {
     Ok(())
 }
 
+/// The `BRISK_ISA` values this CPU has (`true`) or lacks (`false`).
+fn kernel_paths(on_this_cpu: bool) -> Vec<&'static str> {
+    brisk_ops::ISA_CHOICES
+        .iter()
+        .map(|(name, _)| *name)
+        .filter(|name| brisk_ops::isa_supported(name) == on_this_cpu)
+        .collect()
+}
+
 /// A kernel path this CPU lacks is refused rather than quietly replaced by f32 products
 /// (a comparison would measure another path than the one it names).
 #[test]
 fn a_kernel_path_the_cpu_lacks_is_refused() -> Result<()> {
-    let lacking: Vec<&str> = brisk_ops::ISA_CHOICES
-        .iter()
-        .map(|(name, _)| *name)
-        .filter(|name| !brisk_ops::isa_supported(name))
-        .collect();
+    let lacking = kernel_paths(false);
     if lacking.is_empty() {
         brisk_hosts::skipped(
             "cli::a_kernel_path_the_cpu_lacks_is_refused",
@@ -129,11 +134,7 @@ fn a_kernel_path_the_cpu_lacks_is_refused() -> Result<()> {
 /// it (so a side-by-side comparison measures what it says), for every path this CPU has.
 #[test]
 fn a_forced_kernel_path_is_the_one_that_runs() -> Result<()> {
-    let here: Vec<&str> = brisk_ops::ISA_CHOICES
-        .iter()
-        .map(|(name, _)| *name)
-        .filter(|name| brisk_ops::isa_supported(name))
-        .collect();
+    let here = kernel_paths(true);
     if here.is_empty() {
         brisk_hosts::skipped(
             "cli::a_forced_kernel_path_is_the_one_that_runs",

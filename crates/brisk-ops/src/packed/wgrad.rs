@@ -267,13 +267,16 @@ impl Lane for f32 {
         #[cfg(target_arch = "x86_64")]
         match call.simd.filter(|s| s.supported()) {
             // SAFETY (both): the features were detected; `Call::run` asserted every bound.
-            Some(Simd::Avx512) => unsafe { call.fma_avx512(sums.as_mut_ptr(), co_stride) },
-            Some(Simd::Avx2) => unsafe { call.fma_avx2(sums.as_mut_ptr(), co_stride) },
-            None => return false,
+            Some(Simd::Avx512) => {
+                unsafe { call.fma_avx512(sums.as_mut_ptr(), co_stride) };
+                return true;
+            }
+            Some(Simd::Avx2) => {
+                unsafe { call.fma_avx2(sums.as_mut_ptr(), co_stride) };
+                return true;
+            }
+            None => {}
         }
-        #[cfg(target_arch = "x86_64")]
-        return true;
-        #[cfg(not(target_arch = "x86_64"))]
         false
     }
 }
